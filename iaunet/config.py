@@ -1,0 +1,83 @@
+"""Config keys added by IAUNet on top of detectron2's defaults.
+
+Every key carries a one-line comment; defaults follow ``shared/iaunet-spec.md`` (thesis settings).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_iaunet_config(cfg: CN) -> None:
+    """Add IAUNet's keys (``MODEL.IAUNET``, ``MODEL.SWIN``, ``INPUT``, ``SOLVER``) to ``cfg`` in place."""
+    cfg.MODEL.IAUNET = CN()
+    m = cfg.MODEL.IAUNET
+    # --- sizes
+    m.NUM_CLASSES = 1  # K, foreground classes (a "no object" class is added internally)
+    m.NUM_QUERIES = 100  # N learnable instance queries
+    m.HIDDEN_DIM = 256  # D, channels of the pixel decoder and queries
+    m.MASK_DIM = 256  # channels of the pixel embedding E and of the mask embeddings
+    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs, strides 4..32
+    m.NORM = "BN"  # norm of the pixel decoder / mask head (detectron2 get_norm: BN, SyncBN, GN, ...)
+    # --- pixel decoder (U-Net), thesis §3.4
+    m.SKIP_FUSION = "concat"  # how the 1x1 skip joins the upsampled path: concat | add | full (no 1x1 reduction)
+    m.COORD_CONV = True  # concatenate (x, y) coordinate planes before each decoder stage
+    m.SE = True  # squeeze-and-excitation after each decoder stage
+    m.MASK_BRANCH = True  # mask branch X_m per level (off: queries attend to the decoder features)
+    m.MASK_BRANCH_CONVS = 2  # 3x3 conv+norm+ReLU per mask-branch level
+    m.LIGHT_MASK_HEAD = True  # E = M(F(res2) + up(X_m)) at 1/4; off: heavy head of 2 extra 3x3 convs at 1/4
+    # --- query decoder, thesis §3.5
+    m.NHEADS = 8  # attention heads
+    m.DIM_FEEDFORWARD = 1024  # FFN hidden size
+    m.DROPOUT = 0.1  # dropout in attention and FFN
+    m.PRE_NORM = False  # pre-norm blocks (thesis text) instead of post-norm (reference code, default)
+    m.BLOCKS_PER_LEVEL = 3  # decoder blocks per pixel-decoder level (3 levels -> 9 blocks)
+    m.DECODER_ORDER = "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin: cycle levels
+    m.DEEP_SUPERVISION = True  # losses on every block's prediction (fresh matching each)
+    # --- losses and matching, thesis §3.6
+    m.CLASS_WEIGHT = 1.0  # weight of the classification loss and cost
+    m.MASK_WEIGHT = 5.0  # weight of the sigmoid BCE mask loss and cost
+    m.DICE_WEIGHT = 2.0  # weight of the Dice loss and cost
+    m.NO_OBJECT_WEIGHT = 0.1  # CE weight of the "no object" class
+    m.TRAIN_NUM_POINTS = 12544  # points sampled for the matching costs (and for the losses when sampled)
+    m.LOSS_POINT_SAMPLING = False  # losses on sampled points (Mask2Former, saves memory) instead of full masks
+    m.OVERSAMPLE_RATIO = 3.0  # point sampling for the losses: oversampling of uncertain points
+    m.IMPORTANCE_SAMPLE_RATIO = 0.75  # point sampling for the losses: share of importance-sampled points
+    # --- inference, thesis §3.5.3 / §4.2
+    m.TEST = CN()
+    m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
+    m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
+    m.TEST.MASKNESS = "mask"  # mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image", eq. 17)
+    m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference cost)
+
+    # Swin backbone (timm-backed); keys follow Mask2Former's MODEL.SWIN.
+    cfg.MODEL.SWIN = CN()
+    s = cfg.MODEL.SWIN
+    s.PRETRAIN_IMG_SIZE = 224  # image size the pretrained weights were trained at
+    s.PATCH_SIZE = 4  # patch embedding stride
+    s.EMBED_DIM = 96  # channels of stage 1 (T/S 96, B 128)
+    s.DEPTHS = [2, 2, 6, 2]  # blocks per stage (T 2-2-6-2, S/B 2-2-18-2)
+    s.NUM_HEADS = [3, 6, 12, 24]  # heads per stage (B: 4-8-16-32)
+    s.WINDOW_SIZE = 7  # attention window (B at 384: 12)
+    s.MLP_RATIO = 4.0  # MLP expansion
+    s.QKV_BIAS = True  # bias on qkv projections
+    s.DROP_RATE = 0.0  # dropout
+    s.ATTN_DROP_RATE = 0.0  # attention dropout
+    s.DROP_PATH_RATE = 0.3  # stochastic depth
+    s.APE = False  # absolute position embedding
+    s.PATCH_NORM = True  # norm after patch embedding
+    s.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # outputs, strides 4..32
+    s.USE_CHECKPOINT = False  # activation checkpointing
+
+    # Input pipeline, thesis §3 (augmentation) and image reading (8/16-bit, gray/RGB).
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.DATASET_MAPPER_NAME = "iaunet_instance"  # mapper used by the train/test loaders
+    cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
+    cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
+    cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
+    cfg.INPUT.INTENSITY_NORM = "percentile"  # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range)
+    cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule
+    cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad images to a multiple of this
+    cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer mask pixels after augmentation are dropped
+
+    # Optimizer, thesis §3 / §4.2.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone lr = BASE_LR x this
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings

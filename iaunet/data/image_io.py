@@ -1,0 +1,89 @@
+"""Reading microscopy images (PNG/JPEG/TIFF; 8/16-bit, float; gray/RGB/RGBA) into the model's 0..255 range."""
+import os
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+TIFF_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + TIFF_EXTENSIONS
+INTENSITY_NORMS = ("percentile", "dtype")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file."""
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
+
+    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack (Z, H, W) is rejected: pick
+    a plane or project it first (the error says so).
+    """
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ImageReadError(f"image file is empty (0 bytes): {path}")
+    try:
+        if path.lower().endswith(TIFF_EXTENSIONS):
+            import tifffile
+
+            img = np.asarray(tifffile.imread(path))
+        else:
+            img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+            if img is not None and img.ndim == 3:
+                img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    except Exception as e:  # corrupt/truncated files raise many different exception types
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if img is None or img.size == 0:
+        raise ImageReadError(f"cannot read image {path}: not an image or unsupported/corrupt file")
+    img = np.squeeze(img) if img.ndim > 3 or (img.ndim == 3 and img.shape[0] == 1) else img
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4) and img.shape[0] in (1, 3, 4):
+        img = np.moveaxis(img, 0, -1)  # channel-first TIFF
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
+        raise ImageReadError(
+            f"{path}: shape {img.shape} looks like a 3-D stack; IAUNet takes 2-D images "
+            "(save one plane or a max-projection)"
+        )
+    if img.ndim not in (2, 3):
+        raise ImageReadError(f"{path}: unsupported image shape {img.shape}")
+    return img
+
+
+def to_model_range(
+    img: np.ndarray, rule: str = "percentile", percentiles: Sequence[float] = (0.5, 99.5), name: str = "image"
+) -> np.ndarray:
+    """Any (H, W) / (H, W, 1|3|4) array -> float32 (H, W, 3) RGB on the 0..255 scale.
+
+    uint8 is kept as is. Other dtypes are rescaled: "percentile" maps the per-image low/high
+    percentiles to 0/255 (clipped), "dtype" divides by the integer dtype's maximum (floats are assumed
+    to be in [0, 1]). Gray is replicated to 3 channels; alpha is dropped. Non-finite values are an error.
+    """
+    if rule not in INTENSITY_NORMS:
+        raise ValueError(f"INPUT.INTENSITY_NORM must be one of {INTENSITY_NORMS}, got {rule!r}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ImageReadError(f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise ImageReadError(f"{name}: empty image of shape {img.shape}")
+    if img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    if img.dtype == np.uint8:
+        return img.astype(np.float32)
+    if not np.issubdtype(img.dtype, np.number):
+        raise ImageReadError(f"{name}: unsupported dtype {img.dtype}")
+    x = img.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ImageReadError(f"{name}: contains NaN or infinite values")
+    if rule == "percentile":
+        lo, hi = np.percentile(x, percentiles)
+        x = (x - lo) / max(hi - lo, 1e-6) * 255.0
+    else:
+        scale = float(np.iinfo(img.dtype).max) if np.issubdtype(img.dtype, np.integer) else 1.0
+        x = x / scale * 255.0
+    return np.clip(x, 0, 255).astype(np.float32)

@@ -1,0 +1,196 @@
+"""The IAUNet meta-architecture: normalize/pad -> backbone -> U-Net pixel decoder -> query decoder."""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import BitMasks, ImageList, Instances
+from torch import nn
+
+from .modeling.criterion import SetCriterion
+from .modeling.matcher import HungarianMatcher
+from .modeling.pixel_decoder import UNetPixelDecoder
+from .modeling.transformer_decoder import QueryDecoder
+
+MASKNESS_MODES = ("mask", "image")
+
+
+@META_ARCH_REGISTRY.register()
+class IAUNet(nn.Module):
+    """Instance-Aware U-Net. Training returns a loss dict; inference returns ``[{"instances": Instances}]``."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        pixel_decoder: UNetPixelDecoder,
+        query_decoder: QueryDecoder,
+        criterion: SetCriterion,
+        num_classes: int,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        size_divisibility: int,
+        deep_supervision: bool,
+        detections_per_image: int,
+        score_thresh: float,
+        mask_thresh: float,
+        maskness: str,
+    ):
+        super().__init__()
+        if maskness not in MASKNESS_MODES:
+            raise ValueError(f"MODEL.IAUNET.TEST.MASKNESS must be one of {MASKNESS_MODES}, got {maskness!r}")
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.query_decoder = query_decoder
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        self.deep_supervision = deep_supervision
+        self.detections_per_image = detections_per_image
+        self.score_thresh = score_thresh
+        self.mask_thresh = mask_thresh
+        self.maskness = maskness
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MODEL.IAUNET
+        if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        backbone = build_backbone(cfg)
+        missing = [f for f in m.IN_FEATURES if f not in backbone.output_shape()]
+        if missing:
+            raise ValueError(
+                f"MODEL.IAUNET.IN_FEATURES {missing} are not outputs of backbone {cfg.MODEL.BACKBONE.NAME} "
+                f"(it has {list(backbone.output_shape())})"
+            )
+        pixel_decoder = UNetPixelDecoder(cfg, backbone.output_shape())
+        query_decoder = QueryDecoder(cfg, num_levels=3, memory_dim=pixel_decoder.memory_channels)
+        matcher = HungarianMatcher(m.CLASS_WEIGHT, m.MASK_WEIGHT, m.DICE_WEIGHT, m.TRAIN_NUM_POINTS)
+        criterion = SetCriterion(
+            m.NUM_CLASSES,
+            matcher,
+            class_weight=m.CLASS_WEIGHT,
+            mask_weight=m.MASK_WEIGHT,
+            dice_weight=m.DICE_WEIGHT,
+            no_object_weight=m.NO_OBJECT_WEIGHT,
+            point_sampling=m.LOSS_POINT_SAMPLING,
+            num_points=m.TRAIN_NUM_POINTS,
+            oversample_ratio=m.OVERSAMPLE_RATIO,
+            importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO,
+        )
+        return {
+            "backbone": backbone,
+            "pixel_decoder": pixel_decoder,
+            "query_decoder": query_decoder,
+            "criterion": criterion,
+            "num_classes": m.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "deep_supervision": m.DEEP_SUPERVISION,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "score_thresh": m.TEST.SCORE_THRESH,
+            "mask_thresh": m.TEST.MASK_THRESH,
+            "maskness": m.TEST.MASKNESS,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalize (C, H, W) images with pixel mean/std and pad the batch to ``size_divisibility``."""
+        images = []
+        for x in batched_inputs:
+            img = x["image"].to(self.device, non_blocking=True)
+            if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
+                raise ValueError(
+                    f"expected a ({self.pixel_mean.shape[0]}, H, W) image tensor, got shape {tuple(img.shape)} "
+                    f"for {x.get('file_name', 'an input')}"
+                )
+            images.append((img.float() - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 format: "image" (C, H, W) on the 0..255 scale; for training
+                "instances" with gt_masks (BitMasks) and gt_classes; optional "height"/"width" of the output.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        mask_features, memories = self.pixel_decoder(features)
+        outputs = self.query_decoder(memories, mask_features, deep_supervision=self.training and self.deep_supervision)
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("training inputs need 'instances' (use IAUNetDatasetMapper(cfg, is_train=True))")
+            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+            return self.criterion(outputs, targets)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            height = x.get("height", images.image_sizes[i][0])
+            width = x.get("width", images.image_sizes[i][1])
+            results.append({"instances": self.instance_inference(outputs["pred_logits"][i], outputs["pred_masks"][i], images.image_sizes[i], (height, width))})
+        return results
+
+    @staticmethod
+    def prepare_targets(instances: List[Instances], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+        """gt_masks (T, h, w) zero-padded to the batch's padded size (T, H, W)."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for inst in instances:
+            masks = inst.gt_masks.tensor if isinstance(inst.gt_masks, BitMasks) else inst.gt_masks
+            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            targets.append({"labels": inst.gt_classes.long(), "masks": padded})
+        return targets
+
+    @torch.no_grad()
+    def instance_inference(self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
+        """
+        Args:
+            logits: (Q, K+1); masks: (Q, h, w) logits at 1/4 of the padded input.
+            image_size: (H, W) of the input before padding; output_size: (H0, W0) to resize to.
+        Returns:
+            Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes.
+        """
+        logits, masks = logits.float(), masks.float()
+        q, k = logits.shape[0], self.num_classes
+        scores = logits.softmax(-1)[:, :k].flatten()  # (Q*K), query-major
+        topk = min(self.detections_per_image, scores.numel())
+        scores, idx = scores.topk(topk, sorted=False)
+        labels, query = idx % k, idx // k
+        # Padding removed at 1/4 resolution (stride of the mask logits).
+        h4, w4 = -(-image_size[0] // 4), -(-image_size[1] // 4)
+        prob = masks[query, :h4, :w4].sigmoid()
+        binary = prob > self.mask_thresh
+        if self.maskness == "mask":
+            maskness = (prob * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+        else:
+            maskness = prob.flatten(1).mean(1)
+        scores = scores * maskness
+        keep = scores > self.score_thresh
+        scores, labels, query = scores[keep], labels[keep], query[keep]
+        order = scores.argsort(descending=True)
+        scores, labels, query = scores[order], labels[order], query[order]
+
+        result = Instances(output_size)
+        result.pred_masks = self._full_res_masks(masks[query], image_size, output_size)
+        result.scores = scores
+        result.pred_classes = labels
+        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes()
+        return result
+
+    def _full_res_masks(self, masks: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int], chunk: int = 32) -> torch.Tensor:
+        """(M, h, w) logits at 1/4 of the padded input -> (M, H0, W0) bool, in chunks to bound memory."""
+        out = torch.zeros((masks.shape[0], *output_size), dtype=torch.bool, device=masks.device)
+        h, w = image_size
+        for s in range(0, masks.shape[0], chunk):
+            m = F.interpolate(masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False)
+            m = F.interpolate(m[:, :, :h, :w], size=output_size, mode="bilinear", align_corners=False)
+            out[s : s + chunk] = m[0].sigmoid() > self.mask_thresh
+        return out

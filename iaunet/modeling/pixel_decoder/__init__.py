@@ -1,0 +1,3 @@
+from .unet_decoder import UNetPixelDecoder
+
+__all__ = ["UNetPixelDecoder"]

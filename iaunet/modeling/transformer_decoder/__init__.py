@@ -1,0 +1,3 @@
+from .query_decoder import QueryDecoder
+
+__all__ = ["QueryDecoder"]

@@ -1,0 +1,124 @@
+"""Query decoder with per-block prediction heads (thesis §3.5)."""
+import math
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+from .layers import AttentionLayer, FFNLayer, sine_position_encoding
+
+DECODER_ORDERS = ("seq", "round_robin")
+
+
+class QueryDecoder(nn.Module):
+    """N learnable queries refined by cross-attention to the pixel decoder's X_m memories.
+
+    Each block is cross-attention -> self-attention -> FFN. With ``order="seq"`` all blocks of 1/32 run
+    first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A shared head
+    (LayerNorm -> class Linear / mask-embedding Linear) predicts after every block; the last block's
+    prediction is the output, the others are auxiliary outputs for deep supervision.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_levels: int,
+        memory_dim: int,
+        num_classes: int,
+        num_queries: int,
+        hidden_dim: int,
+        mask_dim: int,
+        nheads: int,
+        dim_feedforward: int,
+        dropout: float,
+        pre_norm: bool,
+        blocks_per_level: int,
+        order: str,
+        aux_predictions_at_test: bool,
+    ):
+        super().__init__()
+        if order not in DECODER_ORDERS:
+            raise ValueError(f"MODEL.IAUNET.DECODER_ORDER must be one of {DECODER_ORDERS}, got {order!r}")
+        if hidden_dim % nheads:
+            raise ValueError(f"MODEL.IAUNET.HIDDEN_DIM ({hidden_dim}) must be divisible by NHEADS ({nheads})")
+        if blocks_per_level < 1:
+            raise ValueError(f"MODEL.IAUNET.BLOCKS_PER_LEVEL must be >= 1, got {blocks_per_level}")
+        self.memory_proj = nn.Linear(memory_dim, hidden_dim) if memory_dim != hidden_dim else nn.Identity()
+        num_blocks = num_levels * blocks_per_level
+        if order == "seq":
+            self.block_levels = [lvl for lvl in range(num_levels) for _ in range(blocks_per_level)]
+        else:
+            self.block_levels = [lvl for _ in range(blocks_per_level) for lvl in range(num_levels)]
+        self.cross_attention = nn.ModuleList(
+            [AttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(num_blocks)]
+        )
+        self.self_attention = nn.ModuleList(
+            [AttentionLayer(hidden_dim, nheads, dropout, pre_norm) for _ in range(num_blocks)]
+        )
+        self.ffn = nn.ModuleList(
+            [FFNLayer(hidden_dim, dim_feedforward, dropout, pre_norm) for _ in range(num_blocks)]
+        )
+        self.queries = nn.Embedding(num_queries, hidden_dim)
+        self.query_pos = nn.Embedding(num_queries, hidden_dim)
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)  # "no object" is the last class
+        self.mask_embed = nn.Linear(hidden_dim, mask_dim)
+        prior = 0.01
+        nn.init.normal_(self.class_embed.weight, std=0.01)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior) / prior))
+        nn.init.normal_(self.mask_embed.weight, std=0.01)
+        nn.init.constant_(self.mask_embed.bias, 0.0)
+        self.aux_predictions_at_test = aux_predictions_at_test
+
+    @classmethod
+    def from_config(cls, cfg, num_levels: int, memory_dim: int):
+        m = cfg.MODEL.IAUNET
+        return {
+            "num_levels": num_levels,
+            "memory_dim": memory_dim,
+            "num_classes": m.NUM_CLASSES,
+            "num_queries": m.NUM_QUERIES,
+            "hidden_dim": m.HIDDEN_DIM,
+            "mask_dim": m.MASK_DIM,
+            "nheads": m.NHEADS,
+            "dim_feedforward": m.DIM_FEEDFORWARD,
+            "dropout": m.DROPOUT,
+            "pre_norm": m.PRE_NORM,
+            "blocks_per_level": m.BLOCKS_PER_LEVEL,
+            "order": m.DECODER_ORDER,
+            "aux_predictions_at_test": m.TEST.AUX_PREDICTIONS,
+        }
+
+    def predict(self, queries: torch.Tensor, mask_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, Q, D), E (B, C, H/4, W/4) -> logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)."""
+        q = self.decoder_norm(queries)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
+        return self.class_embed(q), masks
+
+    def forward(self, memories: List[torch.Tensor], mask_features: torch.Tensor, deep_supervision: bool = True) -> Dict:
+        """
+        Args:
+            memories: X_m per level, coarse to fine, each (B, C, H_l, W_l); never updated.
+            mask_features: E, (B, MASK_DIM, H/4, W/4).
+            deep_supervision: return every block's prediction as ``aux_outputs`` (training).
+        Returns:
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}.
+        """
+        b = mask_features.shape[0]
+        memory = [self.memory_proj(m.flatten(2).transpose(1, 2)) for m in memories]  # (B, H_l*W_l, D)
+        pos = [sine_position_encoding(m, x.shape[-1]) for m, x in zip(memories, memory)]  # (1, H_l*W_l, D)
+        query_pos = self.query_pos.weight.unsqueeze(0)
+        x = self.queries.weight.unsqueeze(0).expand(b, -1, -1)
+        all_aux = deep_supervision or (not self.training and self.aux_predictions_at_test)
+        predictions = []
+        for i, lvl in enumerate(self.block_levels):
+            x = self.cross_attention[i](x, memory[lvl], query_pos=query_pos, pos=pos[lvl])
+            x = self.self_attention[i](x, x, query_pos=query_pos, pos=query_pos)
+            x = self.ffn[i](x)
+            if all_aux or i == len(self.block_levels) - 1:
+                predictions.append(self.predict(x, mask_features))
+        logits, masks = predictions[-1]
+        aux = [{"pred_logits": lg, "pred_masks": mk} for lg, mk in predictions[:-1]] if deep_supervision else []
+        return {"pred_logits": logits, "pred_masks": masks, "aux_outputs": aux}

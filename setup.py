@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""IAUNet for detectron2. detectron2 itself is a prerequisite (not on PyPI): see README.md."""
+from setuptools import find_packages, setup
+
+setup(
+    name="iaunet",
+    version="0.1.0",
+    description="IAUNet (Instance-Aware U-Net): query-based instance segmentation for microscopy, on detectron2",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["iaunet", "iaunet.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "pycocotools>=2.0.2",
+        "scipy>=1.7",
+        "numpy",
+        "opencv-python-headless>=4.5",
+        "tifffile>=2021.1",
+        "timm>=0.9",
+        "matplotlib",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["iaunet-predict=iaunet.predict:main"]},
+)

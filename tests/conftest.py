@@ -1,0 +1,46 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_root(tmp_path_factory):
+    """Synthetic datasets are generated once per test session into a temporary root."""
+    if "IAUNET_TEST_DATASETS" in os.environ:
+        root = os.environ["IAUNET_TEST_DATASETS"]
+    else:
+        root = str(tmp_path_factory.mktemp("datasets"))
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = root
+    yield root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+def tiny_cfg(**overrides):
+    """A small IAUNet config (ResNet-18, D=32, 8 queries) for fast CPU tests."""
+    from detectron2.config import get_cfg
+
+    from iaunet import add_iaunet_config
+
+    cfg = get_cfg()
+    add_iaunet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-IAUNet.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu",
+        "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
+        "MODEL.IAUNET.HIDDEN_DIM", 32, "MODEL.IAUNET.MASK_DIM", 32, "MODEL.IAUNET.DIM_FEEDFORWARD", 64,
+        "MODEL.IAUNET.NHEADS", 4, "MODEL.IAUNET.NUM_QUERIES", 8, "MODEL.IAUNET.TRAIN_NUM_POINTS", 256,
+        "INPUT.IMAGE_SIZE", 64, "SOLVER.AMP.ENABLED", False,
+    ])
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""IAUNet training / evaluation script (detectron2 ``DefaultTrainer``).
+
+    python train_net.py --config-file configs/synthetic/iaunet_quick.yaml
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CFG --resume
+    python train_net.py --config-file CFG --num-gpus 8
+"""
+import copy
+import itertools
+import logging
+import os
+from typing import Any, Dict, List, Set
+
+import torch
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils.logger import setup_logger
+
+from iaunet import add_iaunet_config
+from iaunet.data import IAUNetDatasetMapper
+
+NORM_MODULE_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with IAUNet's data mapper, COCO evaluation, AdamW param groups and full-model clipping."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type != "coco":
+            raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
+        return DatasetEvaluators([
+            COCOEvaluator(
+                dataset_name,
+                tasks=("segm",),
+                distributed=True,
+                output_dir=output_folder,
+                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            )
+        ])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=IAUNetDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with the backbone lr multiplier, no weight decay on norms/embeddings, and clipping."""
+    defaults = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
+    params: List[Dict[str, Any]] = []
+    memo: Set[torch.nn.parameter.Parameter] = set()
+    for module_name, module in model.named_modules():
+        for name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in memo:
+                continue
+            memo.add(value)
+            hyper = copy.copy(defaults)
+            if module_name.startswith("backbone"):
+                hyper["lr"] = hyper["lr"] * cfg.SOLVER.BACKBONE_MULTIPLIER
+            if "relative_position_bias_table" in name or "absolute_pos_embed" in name:
+                hyper["weight_decay"] = 0.0
+            if isinstance(module, NORM_MODULE_TYPES):
+                hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM
+            if isinstance(module, torch.nn.Embedding):
+                hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            params.append({"params": [value], **hyper})
+
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    optimizer_type = cfg.SOLVER.OPTIMIZER
+    if optimizer_type == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {}
+    elif optimizer_type == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {optimizer_type!r}")
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+        return optim_cls(params, cfg.SOLVER.BASE_LR, **kwargs)
+    return maybe_add_gradient_clipping(cfg, optim_cls)(params, cfg.SOLVER.BASE_LR, **kwargs)
+
+
+def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
+    """An optimizer class whose ``step`` first clips the gradient norm of all parameters together."""
+
+    class FullModelGradientClippingOptimizer(optim_cls):
+        def step(self, closure=None):
+            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(all_params, clip_norm, norm_type)
+            return super().step(closure=closure)
+
+    return FullModelGradientClippingOptimizer
+
+
+def setup(args):
+    """Build the config from defaults + IAUNet keys + the config file + ``--opts``; set up logging."""
+    cfg = get_cfg()
+    add_iaunet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    notes = []
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        notes.append("CUDA is not available: running on CPU (MODEL.DEVICE cpu)")
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        cfg.SOLVER.AMP.ENABLED = False
+        notes.append("SOLVER.AMP.ENABLED turned off: detectron2's AMP training needs CUDA")
+    cfg.freeze()
+    default_setup(cfg, args)
+    logger = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
+    for note in notes:
+        logger.warning(note)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info(f"Command line arguments: {args}")
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
