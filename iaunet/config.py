@@ -81,3 +81,12 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone lr = BASE_LR x this
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings
+
+    # Distributed
+    cfg.MODEL.SYNC_BN = True  # with several workers, BatchNorm2d layers become synchronized BN (global batch statistics)
+
+    # Prediction (iaunet.predict): tiled inference of large images, see docs/predict.md.
+    cfg.TEST.TILE_SIZE = 0  # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
+    cfg.TEST.TILE_OVERLAP = 64  # pixels shared by neighbouring tiles; should exceed the largest object
+    cfg.TEST.TILE_SCALE = 1.0  # resize factor of each tile before the model (1.0 = native pixels)
+    cfg.TEST.AUTO_TILE_ABOVE = 2048  # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never

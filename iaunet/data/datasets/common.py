@@ -9,9 +9,9 @@ misplaced download fail with a message naming the file (or key) at fault:
 * duplicate image ids or annotation ids, an annotation whose ``category_id`` is not in ``categories``,
   or category ids that are not ``1..K`` for the K registered classes -> ``ValueError`` naming the json;
 * a polygon with fewer than 3 points (< 6 coordinates, or an odd count) is **dropped with a warning**
-  naming the json and the annotation ids (as detectron2 itself drops them, silently); an annotation left
-  without any valid polygon, or without a ``segmentation``, is dropped the same way. Dropping rather
-  than failing keeps official releases with a few degenerate outlines usable.
+  naming the json and the annotation ids (detectron2 drops them too, reporting only a count); an
+  annotation left without any valid polygon, or without a ``segmentation``, is dropped the same way.
+  Dropping rather than failing keeps official releases with a few degenerate outlines usable.
 
 Images without annotations stay in the list; ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` removes them
 for training (the standard detectron2 switch), evaluation keeps them.
@@ -137,6 +137,8 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
         )
     ann_ids, dropped, kept = set(), [], []
     for ann in data["annotations"]:
+        if "id" not in ann:
+            raise ValueError(f"{json_file}: an annotation of image {ann.get('image_id')} has no 'id'")
         if ann["id"] in ann_ids:
             raise ValueError(f"{json_file}: duplicate annotation id {ann['id']}")
         ann_ids.add(ann["id"])
@@ -309,8 +311,11 @@ def register_coco_dataset(
 
     def load() -> List[Dict]:
         check_dataset_dir(name, dataset_dir, hint)
+        path = resolve_path(json_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Dataset '{name}': annotation file not found: {path}; {hint}")
         return load_coco_instances(
-            resolve_path(json_file), resolve_path(image_root), name, transform=transform, resolve_image=resolve_image
+            path, resolve_path(image_root), name, transform=transform, resolve_image=resolve_image
         )
 
     register_lazy(name, load, metadata)

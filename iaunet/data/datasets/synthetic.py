@@ -17,6 +17,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from .common import datasets_root
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
@@ -157,8 +159,7 @@ def ensure_split(root: str, name: str) -> str:
 
 
 def load_synthetic(name: str) -> List[Dict]:
-    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    out_dir = ensure_split(root, name)
+    out_dir = ensure_split(datasets_root(), name)
     return load_coco_json(os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name)
 
 

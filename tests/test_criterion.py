@@ -1,0 +1,86 @@
+import torch
+
+from iaunet.modeling.criterion import SetCriterion
+from iaunet.modeling.matcher import HungarianMatcher
+
+
+def _targets():
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 4:20, 4:32] = True  # aligned to the 4-px grid of the 1/4-resolution logits
+    masks[1, 32:60, 8:24] = True
+    masks[2, 20:48, 36:60] = True
+    return [{"labels": torch.tensor([0, 1, 0]), "masks": masks}]
+
+
+def _perfect_outputs(targets, num_queries=5, num_classes=2, shuffle=False):
+    masks = targets[0]["masks"].float()
+    labels = targets[0]["labels"]
+    logits = torch.full((1, num_queries, num_classes + 1), -20.0)
+    logits[0, :, -1] = 20.0  # unmatched queries: confidently "no object"
+    pred = torch.full((1, num_queries, 16, 16), -20.0)
+    for i in range(3):
+        logits[0, i, -1] = -20.0
+        logits[0, i, labels[(i + 1) % 3] if shuffle else labels[i]] = 20.0
+        src = masks[(i + 1) % 3] if shuffle else masks[i]
+        # 1/4-resolution logits that upsample back to the exact target
+        pred[0, i] = torch.nn.functional.avg_pool2d(src[None, None], 4)[0, 0] * 100 - 50
+    return {"pred_logits": logits, "pred_masks": pred}
+
+
+def _criterion(**kw):
+    return SetCriterion(2, HungarianMatcher(num_points=1024), **kw)
+
+
+def test_perfect_prediction_has_near_zero_loss():
+    torch.manual_seed(0)
+    t = _targets()
+    losses = _criterion()(_perfect_outputs(t), t)
+    assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
+    assert losses["loss_ce"] < 1e-3 and losses["loss_dice"] < 0.02
+    assert losses["loss_mask"] < 0.1  # only the 4 corner pixels per mask: bilinear upsampling rounds them off
+
+
+def test_shuffled_prediction_has_larger_loss():
+    torch.manual_seed(0)
+    t = _targets()
+    good = sum(_criterion()(_perfect_outputs(t), t).values())
+    # Shuffled class labels with masks that follow them: the matcher pairs by mask, so the class is wrong.
+    bad_out = _perfect_outputs(t)
+    bad_out["pred_logits"] = _perfect_outputs(t, shuffle=True)["pred_logits"]
+    bad = sum(_criterion()(bad_out, t).values())
+    assert bad > good + 1.0
+
+
+def test_aux_losses_and_weights():
+    torch.manual_seed(0)
+    t = _targets()
+    out = _perfect_outputs(t)
+    out["pred_masks"] = out["pred_masks"] * 0  # uninformative masks: 0.5 everywhere
+    out["aux_outputs"] = [dict(out), dict(out)]
+    losses = _criterion(mask_weight=5.0, dice_weight=2.0)(out, t)
+    assert {"loss_ce_0", "loss_mask_1", "loss_dice_1"} <= set(losses)
+    assert torch.allclose(losses["loss_mask"], losses["loss_mask_0"])
+    raw = _criterion(mask_weight=1.0, dice_weight=1.0)(out, t)
+    assert torch.allclose(losses["loss_mask"], 5 * raw["loss_mask"])
+    assert torch.allclose(losses["loss_dice"], 2 * raw["loss_dice"])
+
+
+def test_no_object_weight_and_empty_targets():
+    out = {"pred_logits": torch.zeros(2, 4, 3, requires_grad=True), "pred_masks": torch.zeros(2, 4, 8, 8, requires_grad=True)}
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}] * 2
+    losses = _criterion()(out, empty)
+    assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
+    assert torch.isclose(losses["loss_ce"], torch.log(torch.tensor(3.0)))  # uniform over K+1 = 3 classes
+    sum(losses.values()).backward()  # zero-instance batches still give a (zero) gradient path
+
+
+def test_point_sampled_losses():
+    torch.manual_seed(0)
+    t = _targets()
+    good = _criterion(point_sampling=True, num_points=1024)(_perfect_outputs(t), t)
+    wrong = _perfect_outputs(t)
+    wrong["pred_masks"] = -wrong["pred_masks"]  # inverted masks
+    bad = _criterion(point_sampling=True, num_points=1024)(wrong, t)
+    # importance sampling concentrates points on the (rounded) mask corners, hence a looser bound
+    assert good["loss_mask"] < 1.0 and good["loss_dice"] < 0.2
+    assert bad["loss_mask"] > 20 * good["loss_mask"] and bad["loss_dice"] > 1

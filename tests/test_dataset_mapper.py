@@ -1,0 +1,96 @@
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from conftest import tiny_cfg
+
+from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_model_range
+
+
+def _scene(tmp_path, name="scene.png"):
+    """A 90x150 gray image with 3 bright rectangles in the upper-left part + matching polygon annotations."""
+    img = np.zeros((90, 150), np.uint8)
+    rects = [(5, 5, 40, 30), (50, 10, 80, 25), (20, 40, 35, 70)]  # x0, y0, x1, y1
+    annos = []
+    for i, (x0, y0, x1, y1) in enumerate(rects):
+        img[y0:y1, x0:x1] = 255
+        annos.append({"id": i, "category_id": 0, "iscrowd": 0, "bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1,
+                      "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    path = str(tmp_path / name)
+    cv2.imwrite(path, img)
+    return {"file_name": path, "height": 90, "width": 150, "image_id": 1, "annotations": annos}
+
+
+def test_masks_stay_aligned_under_train_augmentations(tmp_path):
+    cfg = tiny_cfg(**{"INPUT.IMAGE_SIZE": 96})
+    mapper = IAUNetDatasetMapper(cfg, is_train=True)
+    d = _scene(tmp_path)
+    centers = set()
+    for seed in range(12):
+        np.random.seed(seed)
+        out = mapper(d)
+        img = out["image"].numpy()
+        assert img.shape == (3, 96, 96)
+        inst = out["instances"]
+        masks = inst.gt_masks.tensor.numpy()
+        assert 1 <= len(masks) <= 3 and masks.shape[1:] == (96, 96)
+        bright = img[0] > 200
+        union = masks.any(0)
+        iou = (bright & union).sum() / (bright | union).sum()
+        assert iou > 0.9, f"seed {seed}: image and masks misaligned (IoU {iou:.2f})"
+        for m in masks:
+            assert img[0][m].mean() > 150  # every mask lies on a bright rectangle
+        ys, xs = np.nonzero(union)
+        centers.add((ys.mean() > 48, xs.mean() > 48))
+        assert inst.gt_boxes.tensor.shape == (len(masks), 4)
+    assert len(centers) >= 3  # flips moved the pattern to other quadrants
+
+
+def test_crop_drops_emptied_instances(tmp_path):
+    cfg = tiny_cfg(**{"INPUT.IMAGE_SIZE": 32, "INPUT.SCALE_RANGE": (1.5, 1.5), "INPUT.FLIPS": []})
+    mapper = IAUNetDatasetMapper(cfg, is_train=True)
+    counts = {len(mapper(_scene(tmp_path))["instances"]) for _ in range(10)}
+    assert min(counts) < 3  # a 32px crop of a 48x80 resize cannot hold all three rectangles
+
+
+def test_test_mapper_resizes_longest_side_and_drops_annotations(tmp_path):
+    cfg = tiny_cfg(**{"INPUT.IMAGE_SIZE": 64})
+    out = IAUNetDatasetMapper(cfg, is_train=False)(_scene(tmp_path))
+    assert out["image"].shape == (3, 38, 64) and "instances" not in out
+    assert (out["height"], out["width"]) == (90, 150)
+
+
+def test_16bit_and_gray_reading(tmp_path):
+    img16 = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 20 + 1000)
+    tifffile.imwrite(tmp_path / "a.tif", img16)
+    cv2.imwrite(str(tmp_path / "b.png"), img16)  # 16-bit PNG
+    for name in ("a.tif", "b.png"):
+        raw = read_image(str(tmp_path / name))
+        assert raw.dtype == np.uint16 and raw.shape == (40, 50)
+        x = to_model_range(raw, "percentile", (0, 100))
+        assert x.shape == (40, 50, 3) and x.dtype == np.float32
+        assert x.min() == 0 and x.max() == 255 and (x[..., 0] == x[..., 2]).all()
+        y = to_model_range(raw, "dtype")
+        assert y.max() == pytest.approx(img16.max() / 65535 * 255, rel=1e-5)
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    rgb[..., 0] = 200  # red in RGB order
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[..., ::-1])
+    assert (read_image(str(tmp_path / "c.png"))[..., 0] == 200).all()
+    assert to_model_range(np.full((4, 4), 7, np.uint8)).max() == 7  # 8-bit kept as is
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    cfg = tiny_cfg()
+    mapper = IAUNetDatasetMapper(cfg, is_train=True)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    d = {"file_name": str(bad), "height": 10, "width": 10, "annotations": []}
+    with pytest.raises(ImageReadError, match="broken.png"):
+        mapper(d)
+    with pytest.raises(ImageReadError, match="missing.tif"):
+        mapper(dict(d, file_name=str(tmp_path / "missing.tif")))
+    d2 = _scene(tmp_path)
+    with pytest.raises(ValueError, match="scene.png.*90x150.*annotation says 91x150"):
+        mapper(dict(d2, height=91))
+    with pytest.raises(ImageReadError, match="NaN"):
+        to_model_range(np.array([[np.nan, 1.0]], np.float32), name="f.tif")
