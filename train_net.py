@@ -5,24 +5,38 @@
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CFG --resume
     python train_net.py --config-file CFG --num-gpus 8
+    python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # CPU workers, gloo (docs/distributed.md)
 """
 import copy
 import itertools
 import logging
 import os
+import weakref
 from typing import Any, Dict, List, Set
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
+from detectron2.layers import NaiveSyncBatchNorm
+from detectron2.modeling import build_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
+from iaunet.checkpoint import AtomicCheckpointer
+from iaunet.evaluation import VisualizationHook, visualize_predictions
 from iaunet.data import IAUNetDatasetMapper
 
 NORM_MODULE_TYPES = (
@@ -33,7 +47,51 @@ NORM_MODULE_TYPES = (
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with IAUNet's data mapper, COCO evaluation, AdamW param groups and full-model clipping."""
+    """DefaultTrainer with IAUNet's data mapper, COCO evaluation, AdamW param groups and full-model clipping,
+    synchronized BN and a DDP wrapper that also works for CPU workers (gloo)."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, except that DDP comes from `build_ddp_model`: detectron2's
+        # create_ddp_model always passes device_ids=[local_rank], which DDP rejects for CPU modules.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_ddp_model(cfg, model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logger = logging.getLogger("iaunet.train_net")
+        if comm.get_world_size() > 1:
+            model = convert_sync_batchnorm(model, plain_bn=cfg.MODEL.SYNC_BN)
+            synced = sum(isinstance(m, (NaiveSyncBatchNorm, torch.nn.SyncBatchNorm)) for m in model.modules())
+            logger.info(f"{synced} BatchNorm layers synchronized across {comm.get_world_size()} workers")
+        logger.info(f"Model:\n{model}")
+        return model
+
+    @classmethod
+    def build_ddp_model(cls, cfg, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in DistributedDataParallel when there are several workers (unchanged otherwise).
+        Every parameter receives a gradient in every configuration, so find_unused_parameters stays off."""
+        device_ids = [comm.get_local_rank()] if next(model.parameters()).device.type == "cuda" else None
+        return create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # Before the PeriodicWriter (last on the main process), so that the images reach TensorBoard.
+        hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -100,6 +158,36 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     return maybe_add_gradient_clipping(cfg, optim_cls)(params, cfg.SOLVER.BASE_LR, **kwargs)
 
 
+def convert_sync_batchnorm(model: torch.nn.Module, plain_bn: bool = True) -> torch.nn.Module:
+    """Synchronized BN, whose batch statistics are those of the global batch, for a multi-worker run.
+
+    ``plain_bn``: convert the BatchNorm layers (``MODEL.SYNC_BN``); otherwise only the ``SyncBatchNorm``
+    layers of ``NORM: "SyncBN"`` are synchronized. On CUDA torch's ``SyncBatchNorm``; elsewhere detectron2's
+    ``NaiveSyncBatchNorm``, which all-reduces through gloo (torch's raises an error off CUDA), so that
+    "SyncBN" also works on CPU workers. Converted layers keep their parameters (same objects) and buffers.
+    """
+    if next(model.parameters()).device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if plain_bn else model
+    types = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm) if plain_bn else (torch.nn.SyncBatchNorm,)
+    return _to_naive_sync_bn(model, types)
+
+
+def _to_naive_sync_bn(module: torch.nn.Module, types: tuple) -> torch.nn.Module:
+    if type(module) in types:
+        sync = NaiveSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        if module.affine:
+            sync.weight, sync.bias = module.weight, module.bias
+        sync.running_mean, sync.running_var = module.running_mean, module.running_var
+        sync.num_batches_tracked = module.num_batches_tracked
+        sync.train(module.training)
+        return sync
+    for name, child in module.named_children():
+        module.add_module(name, _to_naive_sync_bn(child, types))
+    return module
+
+
 def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
     """An optimizer class whose ``step`` first clips the gradient norm of all parameters together."""
 
@@ -137,8 +225,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
+        visualize_predictions(cfg, model)  # prediction | ground truth images in OUTPUT_DIR/vis (main process)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res

@@ -13,14 +13,16 @@ from torch import nn
 from .matcher import HungarianMatcher
 
 
-def _global_mean_denominator(value: torch.Tensor) -> torch.Tensor:
-    """Sum ``value`` over all workers and divide by the world size, so that DDP's gradient averaging
-    yields exactly the gradient of (global sum / global count), whatever the per-worker split."""
+def _global_mean_denominator(value: torch.Tensor, min_total: float = 0.0) -> torch.Tensor:
+    """Sum ``value`` over all workers, clamp the sum to ``min_total`` and divide by the world size, so that
+    DDP's gradient averaging yields exactly the gradient of (global sum / global count), whatever the
+    per-worker split. The clamp applies to the global count (clamping the per-worker share instead would
+    change the loss scale when there are fewer targets than workers)."""
     value = value.detach().clone()
-    if get_world_size() > 1:
+    world_size = get_world_size()
+    if world_size > 1:
         torch.distributed.all_reduce(value)
-        value = value / get_world_size()
-    return value
+    return value.clamp(min=min_total) / world_size
 
 
 def dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,7 @@ class SetCriterion(nn.Module):
             weighted losses: loss_ce, loss_mask, loss_dice, and loss_{ce,mask,dice}_{i} per auxiliary output.
         """
         count = sum(len(t["labels"]) for t in targets)
-        num_masks = torch.clamp(_global_mean_denominator(torch.tensor(float(count), device=outputs["pred_logits"].device)), min=1)
+        num_masks = _global_mean_denominator(torch.tensor(float(count), device=outputs["pred_logits"].device), min_total=1.0)
         losses = self._losses(outputs, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._losses(aux, targets, num_masks).items()})

@@ -1,0 +1,244 @@
+"""IAUNetPredictor (whole image, tiled stitching) and the ``iaunet.predict`` CLI."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import tifffile
+import torch
+from detectron2.structures import Instances
+from pycocotools.coco import COCO
+
+from conftest import ROOT, tiny_cfg
+from iaunet.predict import label_image, main
+from iaunet.predictor import IAUNetPredictor, MaskCrops, tile_starts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised tiny model: config yaml + weights. Its scores are ~1/(K+1), so no threshold."""
+    from detectron2.modeling import build_model
+
+    d = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_cfg(**{"MODEL.IAUNET.TEST.SCORE_THRESH": 0.0})
+    torch.manual_seed(0)
+    torch.save({"model": build_model(cfg).state_dict()}, d / "model.pth")
+    (d / "config.yaml").write_text(cfg.dump())
+    return str(d / "config.yaml"), str(d / "model.pth")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    """The checkpoint's model; test images resized to 32 px (not 64) to keep the CPU tests fast."""
+    return IAUNetPredictor(tiny_cfg(**{
+        "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "MODEL.WEIGHTS": checkpoint[1], "INPUT.IMAGE_SIZE": 32,
+    }))
+
+
+def _write_inputs(d) -> dict:
+    """Good images (name -> (H, W)) and bad files in folder ``d``."""
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(d / "a16.tif", rng.integers(0, 4000, (40, 48), dtype=np.uint16))
+    cv2.imwrite(str(d / "rgb.png"), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    cv2.imwrite(str(d / "gray.png"), rng.integers(0, 255, (24, 36), dtype=np.uint8))
+    cv2.imwrite(str(d / "wide.png"), rng.integers(0, 255, (200, 300), dtype=np.uint8))
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.tif").write_text("not an image")
+    png = (d / "rgb.png").read_bytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    tifffile.imwrite(d / "stack.tif", rng.integers(0, 255, (5, 16, 16), dtype=np.uint8))
+    (d / "readme.txt").write_text("ignored: not an image extension")
+    return {"a16": (40, 48), "rgb": (32, 32), "gray": (24, 36), "wide": (200, 300)}
+
+
+def test_cli_end_to_end(checkpoint, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    good = _write_inputs(inp)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "iaunet.predict", "--config-file", checkpoint[0], "--weights", checkpoint[1],
+         "--input", str(inp), "--output", str(out), "--score-threshold", "0", "--device", "cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log
+    assert "Traceback" not in log
+    failures = [line for line in log.splitlines() if "failed: " in line]
+    for bad in ("empty.png", "notes.tif", "truncated.png", "stack.tif"):
+        assert any(bad in line for line in failures), log
+    assert "4 images processed, 4 failed" in log
+
+    for stem, (h, w) in good.items():
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        assert labels.shape == (h, w) and labels.dtype == np.uint16
+        overlay = cv2.imread(str(out / f"{stem}_overlay.png"))
+        assert overlay is not None and overlay.shape == (h, w, 3)
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+    gt = COCO(str(out / "images.json"))
+    dt = gt.loadRes(str(out / "predictions.json"))
+    by_name = {os.path.basename(img["file_name"]): img for img in gt.dataset["images"]}
+    assert sorted(by_name) == sorted(f"{s}.{'tif' if s == 'a16' else 'png'}" for s in good)
+    for img in gt.dataset["images"]:
+        anns = dt.loadAnns(dt.getAnnIds(imgIds=[img["id"]]))
+        assert anns, img
+        labels = tifffile.imread(out / img["labels"])
+        assert labels.max() <= len(anns)
+        for a in anns:
+            assert a["category_id"] == 1 and 0 <= a["score"] <= 1 and len(a["bbox"]) == 4
+            assert list(a["segmentation"]["size"]) == [img["height"], img["width"]]
+            assert isinstance(a["segmentation"]["counts"], str)
+
+
+def test_cli_tiled(checkpoint, tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    cv2.imwrite(str(inp / "big.png"), np.random.default_rng(1).integers(0, 255, (90, 64), dtype=np.uint8))
+    code = main(["--config-file", checkpoint[0], "--weights", checkpoint[1], "--input", str(inp / "*.png"),
+                 "--output", str(out), "--score-threshold", "0", "--tile", "64", "--tile-overlap", "16"])
+    assert code == 0, capsys.readouterr().err
+    assert tifffile.imread(out / "big_labels.tif").shape == (90, 64)
+    assert "1 images processed, 0 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no_match", "missing_weights", "unknown_opt"])
+def test_cli_usage_errors(checkpoint, tmp_path, capsys, case):
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((8, 8), np.uint8))
+    args = {"--config-file": checkpoint[0], "--weights": checkpoint[1], "--input": str(tmp_path / "*.png"),
+            "--output": str(tmp_path / "out")}
+    opts, expected = [], {"no_match": "no image files matched", "missing_weights": "weights file not found",
+                          "unknown_opt": "MODEL.NOT_A_KEY"}[case]
+    if case == "no_match":
+        args["--input"] = str(tmp_path / "*.tif")
+    elif case == "missing_weights":
+        args["--weights"] = str(tmp_path / "nope.pth")
+    else:
+        opts = ["--opts", "MODEL.NOT_A_KEY", "1"]
+    assert main([x for kv in args.items() for x in kv] + opts) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((37, 53), 200, np.uint8),
+        np.arange(37 * 53, dtype=np.uint16).reshape(37, 53),
+        np.random.default_rng(0).random((37, 53, 3), dtype=np.float32),
+        np.random.default_rng(0).integers(0, 255, (37, 53, 4), dtype=np.uint8),
+        np.zeros((37, 53, 1), np.uint16),
+    ],
+    ids=["uint8_gray", "uint16_gray", "float32_rgb", "uint8_rgba", "uint16_hw1"],
+)
+def test_predictor_shapes(predictor, image):
+    inst = predictor(image)
+    n = len(inst)
+    assert inst.image_size == (37, 53) and n > 0
+    assert inst.pred_masks.shape == (n, 37, 53) and inst.pred_masks.dtype == torch.bool
+    assert inst.scores.shape == (n,) and inst.pred_classes.shape == (n,) and inst.pred_boxes.tensor.shape == (n, 4)
+    assert torch.all(inst.scores[:-1] >= inst.scores[1:])
+
+
+def test_predictor_tiled_shapes(predictor, monkeypatch):
+    image = np.random.default_rng(0).integers(0, 60000, (90, 70), dtype=np.uint16)
+    monkeypatch.setattr(predictor, "tile_scale", 0.5)  # 64 px tiles -> the model sees 32 px
+    inst = predictor.predict_tiled(image, tile=64, overlap=16, full_masks=False)
+    assert inst.image_size == (90, 70) and isinstance(inst.pred_masks, MaskCrops)
+    assert inst.pred_masks.to_bitmasks().shape == (len(inst), 90, 70)
+    monkeypatch.setattr(predictor, "auto_tile_above", 80)  # longest side 90 > 80: __call__ tiles
+    monkeypatch.setattr(predictor, "tile_overlap", 16)
+    calls = []
+    monkeypatch.setattr(predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile))
+    assert predictor(image).pred_masks.shape[1:] == (90, 70)
+    assert calls and all(max(s[:2]) <= predictor.tile_size for s in calls)
+
+
+def test_tile_starts():
+    assert tile_starts(50, 64, 16) == [0]
+    for length, tile, overlap in [(300, 128, 32), (1000, 512, 64), (513, 512, 0), (4096, 512, 100)]:
+        s = tile_starts(length, tile, overlap)
+        assert s[0] == 0 and s[-1] + tile == length
+        assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))  # neighbours share >= overlap px
+        assert len(s) == 1 or (len(s) - 1) * (tile - overlap) < length - overlap  # no spare tile
+    with pytest.raises(ValueError):
+        tile_starts(100, 32, 32)
+
+
+# Discs (y, x, r) on a 300 x 260 image cut into 128 px tiles with >= 32 px overlap: tile starts are
+# y 0/86/172 and x 0/66/132, so the overlap bands are y 86-128, 172-214 and x 66-128, 132-194.
+DISCS = [
+    (40, 40, 15),  # inside one tile
+    (60, 128, 18),  # across the x=128 tile edge
+    (107, 97, 13),  # in the corner where four tiles overlap
+    (193, 163, 12),  # in another four-tile corner
+    (150, 64, 14),  # across the x=66 edge of the next tile
+    (240, 200, 45),  # larger than the overlap: no tile sees it whole
+    (285, 20, 14),  # cut by the image border (not a tile edge)
+    (10, 250, 9),  # image corner
+    (172, 20, 10),  # on a tile start
+]
+
+
+def _disc_image():
+    h, w = 300, 260
+    image, masks = np.zeros((h, w), np.uint8), []
+    for y, x, r in DISCS:
+        m = np.zeros((h, w), np.uint8)
+        cv2.circle(m, (x, y), r, 1, -1)
+        assert not (cv2.dilate(image, np.ones((5, 5), np.uint8)) & m).any(), "discs must not touch"
+        image[m > 0] = 255
+        masks.append(m.astype(bool))
+    return image, masks
+
+
+def _components(tile: np.ndarray) -> Instances:
+    """A deterministic stand-in for the model: each bright connected component of the tile is an instance,
+    scores depend on the tile content (so that duplicates of different tiles differ)."""
+    n, lab = cv2.connectedComponents((tile[..., 0] > 127).astype(np.uint8))
+    inst = Instances(tile.shape[:2])
+    inst.pred_masks = torch.from_numpy(np.stack([lab == k for k in range(1, n)]).reshape(n - 1, *tile.shape[:2]))
+    inst.scores = torch.tensor([0.5 + 0.4 * (lab == k).mean() for k in range(1, n)], dtype=torch.float32)
+    inst.pred_classes = torch.zeros(n - 1, dtype=torch.int64)
+    return inst
+
+
+@pytest.mark.parametrize("full_masks", [True, False])
+def test_tiled_stitching_keeps_each_object_once_and_whole(predictor, monkeypatch, full_masks):
+    image, gt = _disc_image()
+    calls = []
+    monkeypatch.setattr(predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile))
+    inst = predictor.predict_tiled(image, tile=128, overlap=32, full_masks=full_masks)
+    assert len(calls) == 9 and all(s[:2] == (128, 128) for s in calls)  # native tiles, no padding
+    masks = inst.pred_masks.numpy() if full_masks else inst.pred_masks.to_bitmasks().numpy()
+    assert masks.shape == (len(DISCS), 300, 260)
+    for disc, g in zip(DISCS, gt):
+        ious = [(g & m).sum() / (g | m).sum() for m in masks]
+        assert max(ious) > 0.95, (disc, max(ious))
+        assert sum(i > 0 for i in ious) == 1, disc  # exactly one instance covers it
+    boxes = inst.pred_boxes.tensor.numpy()
+    for m, b in zip(masks, boxes):
+        ys, xs = np.nonzero(m)
+        assert list(b) == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_mask_crops_rle_and_labels():
+    h, w = 23, 31
+    full = np.zeros((4, h, w), bool)
+    full[0, 0:5, 0:4] = True  # image corner
+    full[1, 10:23, 25:31] = True  # opposite corner
+    full[2, 3:12, 2:20] = True  # overlaps 0 and 3
+    full[3, 8:15, 15:28] = True
+    crops = MaskCrops.from_bitmasks(torch.from_numpy(full))
+    assert (crops.to_bitmasks().numpy() == full).all()
+    for rle, m in zip(crops.to_rles(), full):
+        assert rle["counts"] == mask_util.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+    assert len(crops[torch.tensor([True, False, True, False])]) == 2 and len(crops[1:]) == 3
+    labels = label_image(crops, h, w)  # crops in decreasing score order: lower index wins overlaps
+    assert labels.dtype == np.uint16 and labels[4, 3] == 1 and labels[10, 16] == 3 and labels[9, 16] == 3
+    assert labels[3, 16] == 3 and labels[12, 26] == 2 and labels[14, 20] == 4 and labels[20, 0] == 0
+    empty = MaskCrops.from_bitmasks(torch.zeros((1, h, w), dtype=torch.bool))
+    assert mask_util.area(empty.to_rles()[0]) == 0
