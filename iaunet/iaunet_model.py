@@ -1,11 +1,13 @@
 """The IAUNet meta-architecture: normalize/pad -> backbone -> U-Net pixel decoder -> query decoder."""
+import math
 from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .modeling.criterion import SetCriterion
@@ -60,6 +62,15 @@ class IAUNet(nn.Module):
         m = cfg.MODEL.IAUNET
         if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        for key in ("CLASS_WEIGHT", "MASK_WEIGHT", "DICE_WEIGHT", "NO_OBJECT_WEIGHT"):
+            # A NaN/inf weight would surface later as a "diverged training" error of the matcher.
+            if not (math.isfinite(m[key]) and m[key] >= 0):
+                raise ValueError(f"MODEL.IAUNET.{key} must be a finite number >= 0, got {m[key]}")
+        if cfg.MODEL.BACKBONE.NAME not in BACKBONE_REGISTRY:
+            raise KeyError(
+                f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} is not a registered backbone; "
+                f"registered: {sorted(name for name, _ in BACKBONE_REGISTRY)}"
+            )
         backbone = build_backbone(cfg)
         missing = [f for f in m.IN_FEATURES if f not in backbone.output_shape()]
         if missing:
@@ -129,7 +140,12 @@ class IAUNet(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("training inputs need 'instances' (use IAUNetDatasetMapper(cfg, is_train=True))")
             targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
-            return self.criterion(outputs, targets)
+            try:
+                losses = self.criterion(outputs, targets)
+            except FloatingPointError as e:  # from the matcher: add where it happened
+                raise FloatingPointError(f"{e} ({_batch_note(batched_inputs)})") from None
+            check_losses_finite(losses, batched_inputs)
+            return losses
         results = []
         for i, x in enumerate(batched_inputs):
             height = x.get("height", images.image_sizes[i][0])
@@ -194,3 +210,29 @@ class IAUNet(nn.Module):
             m = F.interpolate(m[:, :, :h, :w], size=output_size, mode="bilinear", align_corners=False)
             out[s : s + chunk] = m[0].sigmoid() > self.mask_thresh
         return out
+
+
+def _batch_note(batched_inputs: List[Dict]) -> str:
+    """Where a batch failed, for error messages: the iteration (inside a trainer) and the image files."""
+    files = ", ".join(str(x.get("file_name", "?")) for x in batched_inputs)
+    try:
+        return f"at iteration {get_event_storage().iter}, images {files}"
+    except AssertionError:  # no EventStorage: called outside a detectron2 trainer
+        return f"images {files}"
+
+
+def check_losses_finite(losses: Dict[str, torch.Tensor], batched_inputs: List[Dict]) -> None:
+    """Raise ``FloatingPointError`` naming the first NaN/inf loss term, the iteration and the images.
+
+    detectron2's trainer only reports the whole loss dict, after the backward pass. One device sync
+    per step: all terms are checked together.
+    """
+    finite = torch.stack([v.detach().float() for v in losses.values()]).isfinite()
+    if bool(finite.all()):
+        return
+    bad = [k for k, ok in zip(losses, finite.tolist()) if not ok]
+    raise FloatingPointError(
+        f"loss {bad[0]} = {losses[bad[0]].item()} is not finite ({_batch_note(batched_inputs)}); non-finite terms: "
+        f"{bad}. Training diverged or an input is broken: lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS, "
+        "or check these images."
+    )

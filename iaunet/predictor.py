@@ -27,12 +27,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
+from .checkpoint import AtomicCheckpointer
 from .data.dataset_mapper import build_augmentations
 from .data.image_io import to_model_range
 
@@ -289,7 +289,7 @@ class IAUNetPredictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
         self.resize = T.AugmentationList(build_augmentations(cfg, is_train=False))
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)

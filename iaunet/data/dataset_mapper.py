@@ -15,15 +15,34 @@ from .image_io import read_image, to_model_range
 logger = logging.getLogger(__name__)
 
 
+class _AtLeastOnePixel:
+    """Mixin for resize augmentations: no side shrinks to 0 px. Very elongated images (e.g. 8 x 2000 at
+    IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the interpolation."""
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        t = super().get_transform(image)
+        if isinstance(t, T.ResizeTransform) and min(t.new_h, t.new_w) < 1:
+            t = T.ResizeTransform(t.h, t.w, max(t.new_h, 1), max(t.new_w, 1), t.interp)
+        return t
+
+
+class ResizeShortestEdge(_AtLeastOnePixel, T.ResizeShortestEdge):
+    """detectron2's ``ResizeShortestEdge`` whose output sides stay >= 1 px."""
+
+
+class ResizeScale(_AtLeastOnePixel, T.ResizeScale):
+    """detectron2's ``ResizeScale`` whose output sides stay >= 1 px."""
+
+
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """Train: longest side IMAGE_SIZE x U(SCALE_RANGE) -> fixed IMAGE_SIZE crop (padded) -> flips.
     Test: longest side IMAGE_SIZE."""
     size = cfg.INPUT.IMAGE_SIZE
     if not is_train:
-        return [T.ResizeShortestEdge(size, max_size=size)]  # short side -> size, then long side capped: long == size
+        return [ResizeShortestEdge(size, max_size=size)]  # short side -> size, then long side capped: long == size
     lo, hi = cfg.INPUT.SCALE_RANGE
     augs = [
-        T.ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
+        ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
         # Pad with the mean so that padding normalizes to ~0, like the batch padding of the model.
         T.FixedSizeCrop((size, size), pad=True, pad_value=float(np.mean(cfg.MODEL.PIXEL_MEAN)), seg_pad_value=0),
     ]

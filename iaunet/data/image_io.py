@@ -17,8 +17,10 @@ class ImageReadError(ValueError):
 def read_image(path: str) -> np.ndarray:
     """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
 
-    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack (Z, H, W) is rejected: pick
-    a plane or project it first (the error says so).
+    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected: pick a plane or
+    project it first (the error says so). A stack is a TIFF whose metadata (ImageJ/OME) has a Z or T
+    axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long (e.g.
+    (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
     """
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")
@@ -28,11 +30,22 @@ def read_image(path: str) -> np.ndarray:
         if path.lower().endswith(TIFF_EXTENSIONS):
             import tifffile
 
-            img = np.asarray(tifffile.imread(path))
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                img = np.asarray(series.asarray())
+                axes = series.axes
+            stacked = [f"{a}={n}" for a, n in zip(axes, img.shape) if a in "ZT" and n > 1]
+            if stacked:
+                raise ImageReadError(
+                    f"{path}: shape {img.shape} (axes {axes}, {', '.join(stacked)}) is a 3-D stack; IAUNet takes "
+                    "2-D images (save one plane or a max-projection)"
+                )
         else:
             img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
             if img is not None and img.ndim == 3:
                 img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    except ImageReadError:
+        raise
     except Exception as e:  # corrupt/truncated files raise many different exception types
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if img is None or img.size == 0:

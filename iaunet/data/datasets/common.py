@@ -14,7 +14,8 @@ misplaced download fail with a message naming the file (or key) at fault:
   Dropping rather than failing keeps official releases with a few degenerate outlines usable.
 
 Images without annotations stay in the list; ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` removes them
-for training (the standard detectron2 switch), evaluation keeps them.
+for training (the standard detectron2 switch), evaluation keeps them. A json without any image is an
+error (``ValueError`` naming it); one without any annotation loads with a warning naming it.
 
 Files that are valid COCO are loaded as they are. Files that need normalizing first (annotations
 stored as a dict keyed by id, as in some LIVECell releases; missing ``bbox`` / ``area``, as in
@@ -175,9 +176,12 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
             f"{json_file}: dropped degenerate polygons (< 3 points) or missing segmentations of "
             f"{len(dropped)} annotation(s), ids {dropped[:10]}{' ...' if len(dropped) > 10 else ''}"
         )
-    orphans = sum(a.get("image_id") not in images for a in kept)
+    orphans = [a["id"] for a in kept if a.get("image_id") not in images]
     if orphans:
-        logger.warning(f"{json_file}: {orphans} annotation(s) refer to image ids not in 'images'; they are ignored")
+        logger.warning(
+            f"{json_file}: {len(orphans)} annotation(s) refer to image ids not in 'images'; they are ignored "
+            f"(annotation ids {orphans[:10]}{' ...' if len(orphans) > 10 else ''})"
+        )
     return changed
 
 
@@ -227,6 +231,13 @@ def load_coco_instances(
     meta = MetadataCatalog.get(dataset_name)
     registered = meta.get("thing_classes")
     data, changed = read_coco_json(json_file)
+    if not data["images"]:
+        raise ValueError(f"Dataset '{dataset_name}': {json_file} lists no images ('images' is empty)")
+    if not data["annotations"]:
+        logger.warning(
+            f"Dataset '{dataset_name}': {json_file} has no annotations at all; training on it finds no valid "
+            "data while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, and its AP is NaN"
+        )
     num_classes = num_classes or (len(registered) if registered else len(data["categories"]))
     cat_ids = {c["id"] for c in data["categories"]}
     for ann in data["annotations"]:
@@ -303,11 +314,11 @@ def register_coco_dataset(
         json_file, image_root: paths relative to the datasets root (or absolute).
         metadata: at least ``thing_classes``; see :func:`register_lazy`.
         dataset_dir: folder (relative to the root) checked first so that a missing download gets a
-            clear message; default: the first component of ``json_file``.
+            clear message; default: the first component of ``json_file`` (its folder if absolute).
         transform, resolve_image: see :func:`load_coco_instances`.
         hint: how to obtain the data, appended to the missing-folder message.
     """
-    dataset_dir = dataset_dir or json_file.split("/")[0]
+    dataset_dir = dataset_dir or (os.path.dirname(json_file) if os.path.isabs(json_file) else json_file.split("/")[0])
 
     def load() -> List[Dict]:
         check_dataset_dir(name, dataset_dir, hint)
