@@ -20,11 +20,11 @@ setup(
         "numpy",
         "opencv-python-headless>=4.5",
         "tifffile>=2021.1",
-        "timm>=0.9",
+        "timm>=1.0.8",  # Swin with always_partition / strict_img_size
         "matplotlib",
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "isbi": ["h5py"]},  # h5py: MATLAB v7.3 files in prepare_isbi2014.py
     entry_points={"console_scripts": ["iaunet-predict=iaunet.predict:main"]},
 )

@@ -10,7 +10,10 @@ analyze_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(analyze_model)
 
 
-@pytest.mark.parametrize("config, thesis_params", [("iaunet_R50.yaml", 39e6), ("iaunet_R101.yaml", 58e6)])
+@pytest.mark.parametrize(
+    "config, thesis_params",
+    [("iaunet_R50.yaml", 39e6), ("iaunet_R101.yaml", 58e6), ("iaunet_swin_s.yaml", 64e6), ("iaunet_swin_b.yaml", 102e6)],
+)
 def test_parameter_count_matches_thesis(config, thesis_params):
     cfg = analyze_model.setup_cfg(os.path.join(ROOT, "configs", "revvity25", config))
     params = analyze_model.count_parameters(cfg)
