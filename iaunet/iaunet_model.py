@@ -206,9 +206,11 @@ class IAUNet(nn.Module):
         out = torch.zeros((masks.shape[0], *output_size), dtype=torch.bool, device=masks.device)
         h, w = image_size
         for s in range(0, masks.shape[0], chunk):
-            m = F.interpolate(masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False)
-            m = F.interpolate(m[:, :, :h, :w], size=output_size, mode="bilinear", align_corners=False)
-            out[s : s + chunk] = m[0].sigmoid() > self.mask_thresh
+            m = F.interpolate(masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False)[:, :, :h, :w]
+            if (h, w) != tuple(output_size):  # a same-size bilinear resize is the identity: skip the pass
+                m = F.interpolate(m, size=output_size, mode="bilinear", align_corners=False)
+            # In place and straight into `out`: each pass over (chunk, H0, W0) floats is a good part of the cost.
+            torch.gt(m[0].sigmoid_(), self.mask_thresh, out=out[s : s + chunk])
         return out
 
 

@@ -44,3 +44,13 @@ def tiny_cfg(**overrides):
     for k, v in overrides.items():
         cfg.merge_from_list([k, v])
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _loggers_propagate():
+    """detectron2's setup_logger (run by in-process trainers) stops propagation; caplog needs it."""
+    import logging
+
+    for name in ("iaunet", "detectron2", "d2", "fvcore"):
+        logging.getLogger(name).propagate = True
+    yield

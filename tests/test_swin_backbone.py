@@ -17,7 +17,15 @@ from torch import nn
 from iaunet.config import add_iaunet_config
 from iaunet.modeling.backbone.swin import D2SwinTransformer
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on 1 thread; restored so that other test modules are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 _TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_pretrained.py"
 _spec = importlib.util.spec_from_file_location("convert_pretrained", _TOOL)

@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Equal-budget accuracy: IAUNet against detectron2's Mask R-CNN, trained from scratch on the same data.
+
+    python tools/compare_maskrcnn.py                                   # quick config, synthetic cells, CPU
+    python tools/compare_maskrcnn.py --iters 300 --batch 8 --output-dir output/compare_quick
+    python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813 --batch 8 \
+        --train revvity25_train --test revvity25_test --device cuda
+
+Both models are trained from random weights for ``--iters`` iterations of ``--batch`` images (the same number of
+images seen), from the same data loader (``IAUNetDatasetMapper``: same image reading, same augmentations, same
+sample order for the same ``--seed``), then evaluated by the same ``COCOEvaluator`` (segm, max detections =
+``TEST.DETECTIONS_PER_IMAGE``) on the same split. AP / AP50 / AP75 (and AP_S/M/L) are printed side by side and
+written to ``<output-dir>/compare_maskrcnn.json``.
+
+Mask R-CNN is detectron2's model-zoo R50-FPN (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``, its
+standard heads), trained with the repository's ``train_net.Trainer`` (a detectron2 ``DefaultTrainer``). What is
+matched to the IAUNet config, and why:
+
+* Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1 and FREEZE_AT
+  (a ResNet-18 FPN for the quick config, R50-FPN for the thesis configs; R50 for a Swin IAUNet). Same backbone,
+  so that the comparison is about the heads.
+* Input: IAUNet's mapper for both (longest side ``INPUT.IMAGE_SIZE``, scale jitter, fixed-size crop, flips; 8/16-bit
+  reading) and IAUNet's PIXEL_MEAN/STD. ``--maskrcnn-mapper detectron2`` uses detectron2's ``DatasetMapper``
+  instead (resize to ``INPUT.IMAGE_SIZE`` + horizontal flip; it reads 8-bit images such as the synthetic PNGs,
+  but not 16-bit TIFFs, whose intensity normalization only our mapper does).
+* Anchors (``--anchor-scale auto``): detectron2's anchor sizes (32..512 px) are meant for images resized to a
+  shortest side of 800; since both models see ``INPUT.IMAGE_SIZE`` images, they are scaled by IMAGE_SIZE / 800.
+* Solver (``--maskrcnn-solver iaunet``): the IAUNet config's solver (AdamW, lr, schedule, warm-up, clipping), so
+  that only the architecture differs. ``--maskrcnn-solver detectron2`` uses Mask R-CNN's own recipe instead:
+  SGD momentum 0.9, lr 0.02 x batch / 16, weight decay 1e-4, steps at 2/3 and 8/9 of the run.
+* Test: ``TEST.DETECTIONS_PER_IMAGE`` and the score threshold (``ROI_HEADS.SCORE_THRESH_TEST`` = IAUNet's
+  ``MODEL.IAUNET.TEST.SCORE_THRESH``) are the same.
+"""
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from detectron2 import model_zoo  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
+from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+import train_net  # noqa: E402
+from iaunet import add_iaunet_config  # noqa: E402
+
+MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
+D2_REFERENCE_SIZE = 800  # detectron2's default shortest side, for which its anchor sizes are chosen
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+logger = logging.getLogger("iaunet.compare_maskrcnn")
+
+
+class D2MapperTrainer(train_net.Trainer):
+    """train_net.Trainer with detectron2's DatasetMapper (resize to INPUT.IMAGE_SIZE, horizontal flip)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        size = cfg.INPUT.IMAGE_SIZE
+        augs = [T.ResizeShortestEdge(size, max_size=size), T.RandomFlip(horizontal=True, vertical=False)]
+        return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augs))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False))
+
+
+def subset_dataset(name: str, limit: int) -> str:
+    """Register ``<name>_first<limit>``: the first ``limit`` images of a registered dataset, same metadata."""
+    if not limit:
+        return name
+    new = f"{name}_first{limit}"
+    if new not in DatasetCatalog.list():
+        DatasetCatalog.register(new, lambda: DatasetCatalog.get(name)[:limit])
+        DatasetCatalog.get(name)  # loading fills the parent's metadata (class ids) before it is copied
+        meta = {k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k not in ("name", "json_file")}
+        MetadataCatalog.get(new).set(**meta)  # no json_file: the evaluator converts the subset itself
+    return new
+
+
+def iaunet_cfg(args) -> CfgNode:
+    cfg = get_cfg()
+    add_iaunet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(args.opts))
+    _common(cfg, args, "iaunet")
+    return cfg
+
+
+def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
+    """detectron2's model-zoo Mask R-CNN matched to the IAUNet config ``icfg`` as the module docstring says."""
+    cfg = get_cfg()
+    add_iaunet_config(cfg)  # train_net.Trainer and our mapper read IAUNet's INPUT/SOLVER keys
+    cfg.merge_from_file(model_zoo.get_config_file(args.maskrcnn_config))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = icfg.MODEL.IAUNET.NUM_CLASSES
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(icfg.MODEL.IAUNET.TEST.SCORE_THRESH, 0.0)
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = list(icfg.MODEL.PIXEL_MEAN), list(icfg.MODEL.PIXEL_STD)
+
+    depth = args.maskrcnn_backbone
+    if depth == "auto":
+        depth = icfg.MODEL.RESNETS.DEPTH if icfg.MODEL.BACKBONE.NAME == "build_resnet_backbone" else 50
+    depth = int(str(depth).lstrip("R"))
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth in (18, 34) else 256
+    if args.maskrcnn_backbone == "auto" and icfg.MODEL.BACKBONE.NAME == "build_resnet_backbone":
+        cfg.MODEL.RESNETS.NORM = icfg.MODEL.RESNETS.NORM
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = icfg.MODEL.RESNETS.STRIDE_IN_1X1
+        cfg.MODEL.BACKBONE.FREEZE_AT = icfg.MODEL.BACKBONE.FREEZE_AT
+    else:  # from scratch: nothing is pretrained, so nothing is frozen
+        cfg.MODEL.RESNETS.NORM = "BN"
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0
+
+    size = icfg.INPUT.IMAGE_SIZE
+    scale = size / D2_REFERENCE_SIZE if args.anchor_scale == "auto" else float(args.anchor_scale)
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[max(4, round(s[0] * scale))] for s in D2_ANCHOR_SIZES]
+
+    for key in ("FORMAT", "IMAGE_SIZE", "SCALE_RANGE", "FLIPS", "INTENSITY_NORM", "PERCENTILES",
+                "SIZE_DIVISIBILITY", "MIN_INSTANCE_AREA"):
+        cfg.INPUT[key] = copy.deepcopy(icfg.INPUT[key])
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (size,), size
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = size, size
+    cfg.DATALOADER = icfg.DATALOADER.clone()
+    cfg.TEST.DETECTIONS_PER_IMAGE = icfg.TEST.DETECTIONS_PER_IMAGE
+
+    if args.maskrcnn_solver == "iaunet":
+        cfg.SOLVER = icfg.SOLVER.clone()
+    elif args.maskrcnn_solver == "detectron2":
+        cfg.SOLVER.OPTIMIZER = "SGD"
+        cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+        cfg.SOLVER.BASE_LR = 0.02 * args_batch(args, icfg) / 16
+        iters = args_iters(args, icfg)
+        cfg.SOLVER.STEPS = (int(iters * 2 / 3), int(iters * 8 / 9))
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+    else:
+        raise ValueError(f"--maskrcnn-solver must be iaunet or detectron2, got {args.maskrcnn_solver!r}")
+    cfg.merge_from_list(list(args.maskrcnn_opts))
+    _common(cfg, args, "mask_rcnn", icfg)
+    return cfg
+
+
+def args_iters(args, icfg: CfgNode) -> int:
+    return args.iters or icfg.SOLVER.MAX_ITER
+
+
+def args_batch(args, icfg: CfgNode) -> int:
+    return args.batch or icfg.SOLVER.IMS_PER_BATCH
+
+
+def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> None:
+    """The settings both runs share: data, budget, device, seed, output folder, no periodic evaluation."""
+    ref = icfg if icfg is not None else cfg
+    if icfg is not None:  # the IAUNet run's data, already resolved
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(icfg.DATASETS.TRAIN), tuple(icfg.DATASETS.TEST)
+    else:
+        cfg.DATASETS.TRAIN = (args.train,) if args.train else tuple(cfg.DATASETS.TRAIN)
+        cfg.DATASETS.TEST = (subset_dataset(args.test or cfg.DATASETS.TEST[0], args.test_limit),)
+    cfg.SOLVER.IMS_PER_BATCH = args_batch(args, ref)
+    cfg.SOLVER.MAX_ITER = args_iters(args, ref)
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER)
+    cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.MAX_ITER + 1  # only model_final.pth
+    cfg.TEST.EVAL_PERIOD = 0  # evaluated once, after training
+    device = args.device or ref.MODEL.DEVICE
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    cfg.MODEL.DEVICE = device
+    if device == "cpu":
+        cfg.SOLVER.AMP.ENABLED = False  # detectron2's AMP training needs CUDA
+    if args.num_workers is not None:
+        cfg.DATALOADER.NUM_WORKERS = args.num_workers
+    cfg.SEED = args.seed
+    cfg.OUTPUT_DIR = os.path.join(args.output_dir, name)
+
+
+def train_and_evaluate(cfg: CfgNode, trainer_cls, seed: int) -> Dict:
+    """Train from scratch with ``trainer_cls(cfg)`` (its final EvalHook evaluates); returns segm metrics and timing."""
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    cfg.freeze()
+    seed_all_rng(seed)  # same seed -> same sample order and augmentations for both models
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=False)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    # DefaultTrainer.train() returns the results only with TEST.EXPECTED_RESULTS; its final EvalHook keeps them here.
+    results = getattr(trainer, "_last_eval_results", None)
+    if results and "segm" not in results:  # several test sets: {dataset: {"segm": ...}}
+        results = results[cfg.DATASETS.TEST[0]]
+    segm = dict(results.get("segm", {})) if results else {}
+    return {
+        "params": params,
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "batch": cfg.SOLVER.IMS_PER_BATCH,
+        "images_seen": cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH,
+        "train_and_eval_time_s": total,
+        "segm": segm,
+        "output_dir": cfg.OUTPUT_DIR,
+    }
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+
+def report(result: Dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"Equal budget: {s['iters']} iterations x {s['batch']} images, from scratch; train {s['train']}, test {s['test']} "
+        f"(COCOEvaluator segm, max {s['max_dets']} detections); device {s['device']}.",
+        "",
+        "| model | backbone | params | images seen | train+eval time (s) | " + " | ".join(METRICS) + " |",
+        "|" + "---|" * (5 + len(METRICS)),
+    ]
+    for key in ("iaunet", "mask_rcnn"):
+        r = result[key]
+        lines.append(
+            f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['images_seen']} | "
+            f"{r['train_and_eval_time_s']:.0f} | "
+            + " | ".join(_fmt(r["segm"].get(m)) for m in METRICS) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _backbone_name(cfg: CfgNode, fpn: bool) -> str:
+    if cfg.MODEL.BACKBONE.NAME in ("build_resnet_backbone", "build_resnet_fpn_backbone"):
+        return f"R{cfg.MODEL.RESNETS.DEPTH}" + ("-FPN" if fpn else "") + f" ({cfg.MODEL.RESNETS.NORM})"
+    return cfg.MODEL.BACKBONE.NAME
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml"), help="IAUNet config")
+    p.add_argument("--train", default="", help="registered training set (default: the config's DATASETS.TRAIN)")
+    p.add_argument("--test", default="", help="registered test set (default: the config's first DATASETS.TEST)")
+    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
+    p.add_argument("--iters", type=int, default=0, help="iterations for both models (default: the config's MAX_ITER)")
+    p.add_argument("--batch", type=int, default=0, help="images per iteration for both (default: the config's IMS_PER_BATCH)")
+    p.add_argument("--device", default="", help="cpu | cuda (default: the config's MODEL.DEVICE; cpu without CUDA)")
+    p.add_argument("--num-workers", type=int, default=None, help="DATALOADER.NUM_WORKERS for both")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default=os.path.join("output", "compare_maskrcnn"))
+    p.add_argument("--maskrcnn-config", default=MASK_RCNN_CONFIG, help="detectron2 model zoo config")
+    p.add_argument("--maskrcnn-backbone", default="auto", help="auto (the IAUNet config's ResNet) | R18 | R34 | R50 | R101")
+    p.add_argument("--maskrcnn-solver", default="iaunet", choices=("iaunet", "detectron2"))
+    p.add_argument("--maskrcnn-mapper", default="iaunet", choices=("iaunet", "detectron2"))
+    p.add_argument("--anchor-scale", default="auto",
+                   help="auto (INPUT.IMAGE_SIZE / 800) or a factor for detectron2's anchor sizes")
+    p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE overrides of the Mask R-CNN config")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the IAUNet config")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    setup_logger(name="detectron2")
+    setup_logger(name="iaunet")
+    icfg = iaunet_cfg(args)
+    mcfg = maskrcnn_cfg(args, icfg)
+    result = {
+        "settings": {
+            **vars(args),
+            "iters": icfg.SOLVER.MAX_ITER,
+            "batch": icfg.SOLVER.IMS_PER_BATCH,
+            "train": icfg.DATASETS.TRAIN[0],
+            "test": icfg.DATASETS.TEST[0],
+            "max_dets": icfg.TEST.DETECTIONS_PER_IMAGE,
+            "device": icfg.MODEL.DEVICE,
+            "anchor_sizes": [s[0] for s in mcfg.MODEL.ANCHOR_GENERATOR.SIZES],
+        }
+    }
+    logger.info(f"IAUNet: {args.config_file} -> {icfg.OUTPUT_DIR}")
+    result["iaunet"] = train_and_evaluate(icfg, train_net.Trainer, args.seed)
+    result["iaunet"].update(name="IAUNet", backbone=_backbone_name(icfg, fpn=False), config=args.config_file)
+    logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
+    trainer_cls = train_net.Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
+    result["mask_rcnn"] = train_and_evaluate(mcfg, trainer_cls, args.seed)
+    result["mask_rcnn"].update(name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config)
+
+    table = report(result)
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "compare_maskrcnn.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
