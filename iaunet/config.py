@@ -68,7 +68,6 @@ def add_iaunet_config(cfg: CN) -> None:
 
     # Input pipeline, thesis §3 (augmentation) and image reading (8/16-bit, gray/RGB).
     cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.DATASET_MAPPER_NAME = "iaunet_instance"  # mapper used by the train/test loaders
     cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time

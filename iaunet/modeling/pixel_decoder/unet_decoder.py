@@ -68,8 +68,6 @@ class UNetPixelDecoder(nn.Module):
                 c_stage = c_skip + ncoord
             else:
                 c_stage = hidden_dim + ncoord + c_skip
-            if skip_fusion == "add" and i > 0 and c_skip != hidden_dim:
-                raise ValueError("SKIP_FUSION 'add' needs the 1x1 skip projection")
             self.stages.append(
                 nn.Sequential(
                     SeparableDoubleConv(c_stage, hidden_dim, norm),
