@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from iaunet.modeling.criterion import SetCriterion
+from iaunet.modeling.criterion import SetCriterion, bce_loss, dice_loss, upsampled_mask_losses
 from iaunet.modeling.matcher import HungarianMatcher
 
 
@@ -84,3 +85,72 @@ def test_point_sampled_losses():
     # importance sampling concentrates points on the (rounded) mask corners, hence a looser bound
     assert good["loss_mask"] < 1.0 and good["loss_dice"] < 0.2
     assert bad["loss_mask"] > 20 * good["loss_mask"] and bad["loss_dice"] > 1
+
+
+def _reference_mask_losses(logits, targets):
+    """The plain formulation: upsample with F.interpolate, then bce_loss / dice_loss, autograd for the gradient."""
+    up = torch.nn.functional.interpolate(logits[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    up, t = up[:, 0].flatten(1), targets.float().flatten(1)
+    return bce_loss(up, t), dice_loss(up, t)
+
+
+@pytest.mark.parametrize(
+    "low, high, chunk_pixels",
+    [((16, 24), (64, 96), None), ((7, 5), (28, 20), 28 * 20), ((10, 10), (37, 23), 3 * 37 * 23), ((32, 32), (128, 128), 1)],
+)
+def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels, monkeypatch):
+    """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values and gradients
+    of the plain autograd formulation: factor 4 as in the model, odd sizes, non-integer factors, one mask per chunk
+    and several; targets gathered through the row index."""
+    import iaunet.modeling.criterion as crit
+
+    if chunk_pixels is not None:  # force small chunks so that several chunks (and a last partial one) are used
+        real_apply = crit._UpsampledMaskLosses.apply
+        monkeypatch.setattr(crit._UpsampledMaskLosses, "apply", lambda lg, tg, ix, _c: real_apply(lg, tg, ix, chunk_pixels))
+    torch.manual_seed(0)
+    logits = (torch.randn(5, *low) * 4).requires_grad_(True)
+    pool = torch.rand(8, *high) > 0.7
+    pool[3] = False  # an empty target
+    rows = torch.tensor([6, 3, 0, 6, 2])  # a target may be matched twice (different images/outputs)
+    bce, dice = upsampled_mask_losses(logits, pool, rows)
+    (3 * bce + 0.5 * dice).backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_bce, ref_dice = _reference_mask_losses(ref_logits, pool[rows])
+    (3 * ref_bce + 0.5 * ref_dice).backward()
+    assert torch.allclose(bce, ref_bce, rtol=1e-5) and torch.allclose(dice, ref_dice, rtol=1e-5)
+    assert torch.allclose(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-9)
+    # separate upstream gradients for the two losses (e.g. other loss weights) stay exact
+    logits.grad = ref_logits.grad = None
+    upsampled_mask_losses(logits, pool, rows)[1].backward()
+    _reference_mask_losses(ref_logits, pool[rows])[1].backward()
+    assert torch.allclose(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_upsampled_mask_losses_without_grad():
+    logits = torch.randn(3, 8, 8)
+    targets = torch.rand(3, 32, 32) > 0.5
+    with torch.no_grad():
+        bce, dice = upsampled_mask_losses(logits, targets)
+    ref_bce, ref_dice = _reference_mask_losses(logits, targets)
+    assert not bce.requires_grad and torch.allclose(bce, ref_bce, rtol=1e-5) and torch.allclose(dice, ref_dice, rtol=1e-5)
+
+
+def test_criterion_pairs_masks_across_images():
+    """Two images: each matched query's loss is taken against its own image's target (row offsets of the batch's
+    concatenated masks), as computed by hand from the matcher's indices."""
+    torch.manual_seed(0)
+    targets = []
+    for n in (3, 2):
+        masks = torch.rand(n, 32, 32) > 0.6
+        targets.append({"labels": torch.zeros(n, dtype=torch.long), "masks": masks})
+    outputs = {"pred_logits": torch.randn(2, 6, 3), "pred_masks": torch.randn(2, 6, 8, 8, requires_grad=True)}
+    crit = _criterion(class_weight=1.0, mask_weight=1.0, dice_weight=1.0)
+    torch.manual_seed(1)
+    losses = crit(outputs, targets)
+    torch.manual_seed(1)  # the same matcher points
+    indices = crit.matcher(outputs, targets)
+    src = torch.cat([outputs["pred_masks"][b, s] for b, (s, _) in enumerate(indices)])
+    tgt = torch.cat([targets[b]["masks"][t] for b, (_, t) in enumerate(indices)])
+    ref_bce, ref_dice = _reference_mask_losses(src, tgt)
+    assert torch.allclose(losses["loss_mask"], ref_bce / 5, rtol=1e-5)
+    assert torch.allclose(losses["loss_dice"], ref_dice / 5, rtol=1e-5)
