@@ -49,8 +49,11 @@ def test_empty_targets_and_nonfinite():
         m(out, [{"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 8, 8)}])
 
 
-def test_pairwise_costs_agree_with_elementwise():
-    x, y = torch.randn(3, 50), (torch.rand(2, 50) > 0.5).float()
+@pytest.mark.parametrize("binary", [True, False])  # point-sampled targets are fractional at mask borders
+def test_pairwise_costs_agree_with_elementwise(binary):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 50) * 10, torch.rand(2, 50)
+    y = (y > 0.5).float() if binary else y
     bce = batch_bce_cost(x, y)
     for i in range(3):
         for j in range(2):
