@@ -81,6 +81,10 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone lr = BASE_LR x this
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings
 
+    # Memory format: NHWC convolutions (faster with AMP on recent GPUs, ~5 % on AVX-512 CPUs at inference;
+    # results equal to rounding, not bit-identical). Weights stay loadable either way.
+    cfg.MODEL.CHANNELS_LAST = False
+
     # Distributed
     cfg.MODEL.SYNC_BN = True  # with several workers, BatchNorm2d layers become synchronized BN (global batch statistics)
 

@@ -39,6 +39,7 @@ class IAUNet(nn.Module):
         score_thresh: float,
         mask_thresh: float,
         maskness: str,
+        channels_last: bool = False,
     ):
         super().__init__()
         if maskness not in MASKNESS_MODES:
@@ -56,6 +57,9 @@ class IAUNet(nn.Module):
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
         self.maskness = maskness
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-D weights; checkpoints load into them unchanged
 
     @classmethod
     def from_config(cls, cfg):
@@ -107,6 +111,7 @@ class IAUNet(nn.Module):
             "score_thresh": m.TEST.SCORE_THRESH,
             "mask_thresh": m.TEST.MASK_THRESH,
             "maskness": m.TEST.MASKNESS,
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -124,7 +129,9 @@ class IAUNet(nn.Module):
                     f"for {x.get('file_name', 'an input')}"
                 )
             images.append((img.float() - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.size_divisibility)
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        images.tensor = images.tensor.contiguous(memory_format=self.memory_format)
+        return images
 
     def forward(self, batched_inputs: List[Dict]):
         """

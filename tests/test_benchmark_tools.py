@@ -35,9 +35,11 @@ def test_benchmark_json(tmp_path):
         "--throughput-runs", "1", "--train-batch", "1", "--instances", "4", "--output", str(out),
         # fewer sampled RoIs keep the Mask R-CNN training step fast; 20 detections fit a 64x64 image
         "--maskrcnn-opts", "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "--channels-last",  # NHWC path of both models (the NCHW default is what every other test runs)
         "--opts", *TINY_OPTS,
     ])
     result = json.loads(out.read_text())
+    assert result["settings"]["channels_last"]
     assert result["machine"]["load_before"] is not None and result["settings"]["threads"] >= 1
     assert len(result["models"]) == 2
     kinds = {m["kind"]: m for m in result["models"].values()}

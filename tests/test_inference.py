@@ -70,3 +70,44 @@ def test_forward_odd_sizes_returns_original_size(model):
 def test_bad_input_shape_is_named(model):
     with pytest.raises(ValueError, match=r"expected a \(3, H, W\) image tensor.*x.png"):
         model([{"image": torch.rand(1, 32, 32), "file_name": "x.png"}])
+
+
+@pytest.mark.parametrize("backbone", ["resnet", "swin"])
+def test_channels_last_matches_contiguous(backbone, tmp_path):
+    """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as the default
+    layout with the same weights; a checkpoint of either layout loads into the other."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    opts = {"TEST.DETECTIONS_PER_IMAGE": 4, "MODEL.IAUNET.TEST.SCORE_THRESH": -1.0}
+    if backbone == "swin":
+        opts.update({
+            "MODEL.BACKBONE.NAME": "D2SwinTransformer", "MODEL.SWIN.EMBED_DIM": 24, "MODEL.SWIN.DEPTHS": [1, 1, 1, 1],
+            "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1], "MODEL.SWIN.WINDOW_SIZE": 4,
+        })
+    torch.manual_seed(0)
+    ref = build_model(tiny_cfg(**opts)).eval()
+    DetectionCheckpointer(ref, save_dir=str(tmp_path)).save("ref")
+    nhwc = build_model(tiny_cfg(**opts, **{"MODEL.CHANNELS_LAST": True})).eval()
+    DetectionCheckpointer(nhwc).load(str(tmp_path / "ref.pth"))
+    conv_weights = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    inputs = [{"image": torch.rand(3, 64, 96) * 255}]
+    with torch.no_grad():
+        a, b = ref(inputs)[0]["instances"], nhwc(inputs)[0]["instances"]
+    assert torch.allclose(a.scores, b.scores, atol=1e-4)
+    assert (a.pred_masks != b.pred_masks).float().mean() < 0.01
+    # training: same losses, and every gradient flows
+    from detectron2.structures import BitMasks, Instances
+
+    inst = Instances((64, 96), gt_classes=torch.tensor([0]), gt_masks=BitMasks(torch.zeros(1, 64, 96, dtype=torch.bool)))
+    inst.gt_masks.tensor[0, 10:30, 20:50] = True
+    batch = [{"image": inputs[0]["image"], "instances": inst}]
+    ref.train(), nhwc.train()
+    torch.manual_seed(1)
+    la = ref(batch)
+    torch.manual_seed(1)
+    lb = nhwc(batch)
+    for k in la:
+        assert torch.allclose(la[k], lb[k], rtol=1e-3, atol=1e-5), k
+    sum(lb.values()).backward()
+    assert all(p.grad is not None for p in nhwc.parameters() if p.requires_grad)

@@ -579,7 +579,10 @@ def parse_args(argv=None):
                    help='also benchmark Mask R-CNN with these "KEY VALUE ..." overrides (repeatable)')
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA with a GradScaler for training, bf16 on CPU)")
-    p.add_argument("--channels-last", action="store_true", help="convert the models' 4-D weights to channels_last")
+    p.add_argument(
+        "--channels-last", action="store_true",
+        help="channels_last memory format: MODEL.CHANNELS_LAST True for IAUNet, 4-D weights converted for Mask R-CNN",
+    )
     p.add_argument("--runs", type=int, default=5, help="timed calls per model and measurement")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before each measurement")
     p.add_argument("--throughput-runs", type=int, default=2, help="timed calls for batch sizes > 1")
@@ -609,16 +612,18 @@ def run(args) -> Dict:
     for i, config in enumerate(args.config_file):
         for variant in [""] + args.variant:
             torch.manual_seed(args.seed + i)
-            models.append(build_iaunet(config, args.opts, args.device, not args.as_configured, variant))
+            opts = list(args.opts) + (["MODEL.CHANNELS_LAST", "True"] if args.channels_last else [])
+            models.append(build_iaunet(config, opts, args.device, not args.as_configured, variant))
     if "mask_rcnn" in args.compare:
         for variant in [""] + args.maskrcnn_variant:
             torch.manual_seed(args.seed)
             models.append(
                 build_mask_rcnn(args.maskrcnn_opts, args.device, not args.as_configured, args.maskrcnn_config, variant)
             )
-    if args.channels_last:
+    if args.channels_last:  # IAUNet: MODEL.CHANNELS_LAST (weights and input); Mask R-CNN: its 4-D weights
         for b in models:
-            b.model.to(memory_format=torch.channels_last)
+            if b.kind != "iaunet":
+                b.model.to(memory_format=torch.channels_last)
 
     result = {
         "machine": {
