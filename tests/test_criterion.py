@@ -154,3 +154,13 @@ def test_criterion_pairs_masks_across_images():
     ref_bce, ref_dice = _reference_mask_losses(src, tgt)
     assert torch.allclose(losses["loss_mask"], ref_bce / 5, rtol=1e-5)
     assert torch.allclose(losses["loss_dice"], ref_dice / 5, rtol=1e-5)
+
+
+def test_target_sizes_must_agree():
+    out = {"pred_logits": torch.zeros(2, 4, 3), "pred_masks": torch.zeros(2, 4, 8, 8)}
+    targets = [
+        {"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 32, 32, dtype=torch.bool)},
+        {"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 32, 28, dtype=torch.bool)},
+    ]
+    with pytest.raises(ValueError, match="padded batch size"):
+        _criterion()(out, targets)

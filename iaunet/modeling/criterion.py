@@ -189,6 +189,9 @@ class SetCriterion(nn.Module):
         """
         # One float copy of all gt masks of the batch, shared by the matcher and the losses of every decoder
         # output, instead of a conversion and a gather per output and image (~0.4 s of a 5 s CPU step at 512²).
+        sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
+        if len(sizes) != 1:
+            raise ValueError(f"target masks must all have the padded batch size, got sizes {sorted(sizes)}")
         all_masks = torch.cat([t["masks"] for t in targets]).float()
         targets, start = list(targets), 0
         for i, t in enumerate(targets):
