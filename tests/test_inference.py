@@ -74,8 +74,8 @@ def test_bad_input_shape_is_named(model):
 
 @pytest.mark.parametrize("backbone", ["resnet", "swin"])
 def test_channels_last_matches_contiguous(backbone, tmp_path):
-    """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as the default
-    layout with the same weights; a checkpoint of either layout loads into the other."""
+    """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as NCHW with the
+    same weights; a checkpoint of either layout loads into the other."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     opts = {"TEST.DETECTIONS_PER_IMAGE": 4, "MODEL.IAUNET.TEST.SCORE_THRESH": -1.0}
@@ -85,7 +85,7 @@ def test_channels_last_matches_contiguous(backbone, tmp_path):
             "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1], "MODEL.SWIN.WINDOW_SIZE": 4,
         })
     torch.manual_seed(0)
-    ref = build_model(tiny_cfg(**opts)).eval()
+    ref = build_model(tiny_cfg(**opts, **{"MODEL.CHANNELS_LAST": False})).eval()
     DetectionCheckpointer(ref, save_dir=str(tmp_path)).save("ref")
     nhwc = build_model(tiny_cfg(**opts, **{"MODEL.CHANNELS_LAST": True})).eval()
     DetectionCheckpointer(nhwc).load(str(tmp_path / "ref.pth"))

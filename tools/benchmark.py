@@ -581,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA with a GradScaler for training, bf16 on CPU)")
     p.add_argument(
         "--channels-last", action="store_true",
-        help="channels_last memory format: MODEL.CHANNELS_LAST True for IAUNet, 4-D weights converted for Mask R-CNN",
+        help="channels_last memory format for every model: MODEL.CHANNELS_LAST True for IAUNet (also possible as "
+        "a --variant), 4-D weights converted for Mask R-CNN",
     )
     p.add_argument("--runs", type=int, default=5, help="timed calls per model and measurement")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before each measurement")
