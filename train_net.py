@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Set
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (
     AMPTrainer,
@@ -35,6 +35,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
+from iaunet.config import exit_on_config_error, merge_config
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.evaluation import VisualizationHook, visualize_predictions
 from iaunet.data import IAUNetDatasetMapper
@@ -200,12 +201,16 @@ def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
     return FullModelGradientClippingOptimizer
 
 
-def setup(args):
-    """Build the config from defaults + IAUNet keys + the config file + ``--opts``; set up logging."""
+def load_config(args) -> CfgNode:
+    """Defaults + IAUNet keys + the config file + ``--opts``; ConfigError naming the file or key if invalid."""
     cfg = get_cfg()
     add_iaunet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    return merge_config(cfg, args.config_file, args.opts)
+
+
+def setup(args):
+    """Build the config (``load_config``), adapt it to the machine (CUDA, AMP) and set up logging."""
+    cfg = load_config(args)
     notes = []
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
@@ -239,5 +244,6 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     logging.getLogger(__name__).info(f"Command line arguments: {args}")
+    exit_on_config_error(lambda: load_config(args), "train_net.py")  # one line, before any worker starts
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

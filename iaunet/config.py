@@ -2,7 +2,48 @@
 
 Every key carries a one-line comment; defaults follow ``shared/iaunet-spec.md`` (thesis settings).
 """
+import os
+import sys
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A config file or KEY VALUE override that cannot be used; the message names the file or the key."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message, prefixed with its type unless it is a ValueError/OSError or one of
+    yacs' validation assertions ("Non-existent key: ...")."""
+    msg = str(e).strip().replace("\n", " ")
+    return msg if isinstance(e, (ValueError, OSError, AssertionError)) and msg else f"{type(e).__name__}: {msg}"
+
+
+def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
+    """``cfg.merge_from_file(config_file)`` (if given) then ``cfg.merge_from_list(opts)``, with a ConfigError
+    naming the file or the override instead of yacs' assertion traceback (unknown key, odd list, wrong type)."""
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except Exception as e:  # yaml syntax, unknown keys, bad _BASE_
+            raise ConfigError(f"cannot use config file {config_file}: {one_line(e)}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except Exception as e:
+        raise ConfigError(f"invalid config override {' '.join(map(str, opts))}: {one_line(e)}") from None
+    return cfg
+
+
+def exit_on_config_error(main, prog: str):
+    """Run ``main()`` for a command-line tool; a ConfigError ends it with one line on stderr and exit status 2."""
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_iaunet_config(cfg: CN) -> None:

@@ -31,7 +31,7 @@ from detectron2.config import CfgNode, get_cfg
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import add_iaunet_config
+from .config import ConfigError, add_iaunet_config, merge_config, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
 from .predictor import IAUNetPredictor, MaskCrops
 
@@ -68,16 +68,10 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """Defaults + IAUNet keys + the config file + ``--opts`` + the CLI flags; UsageError when invalid."""
     cfg = get_cfg()
     add_iaunet_config(cfg)
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"config file not found: {args.config_file}")
     try:
-        cfg.merge_from_file(args.config_file)
-    except Exception as e:  # yaml syntax, unknown keys, bad _BASE_
-        raise UsageError(f"cannot use config file {args.config_file}: {_one_line(e)}") from None
-    try:
-        cfg.merge_from_list(args.opts)
-    except Exception as e:  # unknown key, odd number of items, wrong type
-        raise UsageError(f"invalid --opts {' '.join(args.opts)}: {_one_line(e)}") from None
+        merge_config(cfg, args.config_file, args.opts)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     if "://" not in args.weights and not os.path.isfile(args.weights):
         raise UsageError(f"weights file not found: {args.weights}")
     cfg.MODEL.WEIGHTS = args.weights
@@ -233,11 +227,6 @@ def predict_file(predictor: IAUNetPredictor, path: str, image_id: int, stem: str
     return entry, results
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().replace("\n", " ")
-    return msg if isinstance(e, (ValueError, OSError)) and msg else f"{type(e).__name__}: {msg}"
-
-
 @contextlib.contextmanager
 def _log_to_stderr(level: int = logging.INFO):
     """Send the iaunet / detectron2 / fvcore logs to the current stderr for the duration of a CLI run."""
@@ -280,7 +269,7 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
     try:
         predictor = IAUNetPredictor(cfg)
     except Exception as e:  # a corrupt checkpoint or a config value the model/predictor rejects
-        raise UsageError(f"cannot set up the predictor ({args.config_file}, {args.weights}): {_one_line(e)}") from None
+        raise UsageError(f"cannot set up the predictor ({args.config_file}, {args.weights}): {one_line(e)}") from None
     cat_ids = category_ids(predictor.metadata, cfg.MODEL.IAUNET.NUM_CLASSES)
     class_names = list(getattr(predictor.metadata, "thing_classes", None) or [])
 
@@ -292,7 +281,7 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
                 entry, res = predict_file(predictor, path, image_id, stem, args.output, args.score_threshold,
                                           cat_ids, bool(args.tile))
             except Exception as e:  # one bad file must not stop the batch; the log names it
-                msg = _one_line(e)
+                msg = one_line(e)
                 logger.error(f"failed: {msg if path in msg else f'{path}: {msg}'}")
                 failed.append(path)
                 continue

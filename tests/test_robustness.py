@@ -32,7 +32,8 @@ from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_mode
 from iaunet.data.datasets.common import register_coco_dataset
 from iaunet.modeling.matcher import HungarianMatcher
 
-import train_net  # noqa: E402  (ROOT is on sys.path through conftest)
+import train_net  # noqa: E402
+from iaunet.config import ConfigError  # noqa: E402  (ROOT is on sys.path through conftest)
 
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
 # train_net.py options for a tiny CPU run (as in test_end_to_end.py), without the final evaluation.
@@ -298,10 +299,30 @@ def _args(*opts, config_file=QUICK_CONFIG):
 def test_unknown_config_key_is_named(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f"_BASE_: {QUICK_CONFIG}\nMODEL:\n  IAUNET:\n    NUM_QUERYS: 5\n")
-    with pytest.raises(KeyError, match="Non-existent config key: MODEL.IAUNET.NUM_QUERYS"):
+    with pytest.raises(ConfigError, match=f"cannot use config file {bad_yaml}: .*MODEL.IAUNET.NUM_QUERYS"):
         train_net.setup(_args(config_file=str(bad_yaml)))
-    with pytest.raises(AssertionError, match="Non-existent key: MODEL.IAUNET.NUM_QUERYS"):
+    with pytest.raises(ConfigError, match="invalid config override MODEL.IAUNET.NUM_QUERYS 5: Non-existent key"):
         train_net.setup(_args("MODEL.IAUNET.NUM_QUERYS", "5"))
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        train_net.setup(_args(config_file=str(tmp_path / "missing.yaml")))
+    with pytest.raises(ConfigError, match="odd length"):
+        train_net.setup(_args("SOLVER.BASE_LR"))
+
+
+@pytest.mark.parametrize("script", ["train_net.py", "tools/analyze_model.py", "tools/benchmark.py"])
+def test_command_line_config_errors_are_one_line(script):
+    """A bad key on the command line ends the script with exit status 2 and one line naming the key, before any
+    worker or model starts, and without a traceback."""
+    extra = ["--opts"] if script == "tools/benchmark.py" else []
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), "--config-file", QUICK_CONFIG, *extra, "MODEL.IAUNET.NUM_QUERYS", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [f"{os.path.basename(script)}: error: invalid config override MODEL.IAUNET.NUM_QUERYS 5: "
+                      "Non-existent key: MODEL.IAUNET.NUM_QUERYS"], proc.stderr
 
 
 def test_unknown_backbone_and_bad_loss_weight_are_named():

@@ -43,6 +43,7 @@ from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from iaunet import add_iaunet_config  # noqa: E402
+from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
 
 # Submodules of the pixel decoder and the query decoder that the breakdown rows are made of (see ``_groups``).
 MASK_HEAD_MODULES = ("lateral", "output")  # F (1x1 + norm) and M (3x3 + norm + ReLU) of eq. (16)
@@ -54,9 +55,7 @@ def setup_cfg(config_file: str = "", opts: Sequence[str] = (), thesis_count: boo
     """Config from a YAML file and ``KEY VALUE`` overrides, on the CPU; ``thesis_count`` adds the aux heads."""
     cfg = get_cfg()
     add_iaunet_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    merge_config(cfg, config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     if thesis_count:
@@ -274,4 +273,4 @@ def main(argv: Sequence[str] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main, "analyze_model.py")

@@ -56,6 +56,7 @@ from detectron2.structures import BitMasks, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from iaunet import add_iaunet_config  # noqa: E402
+from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 COMPARE_CHOICES = ("mask_rcnn",)
@@ -87,8 +88,7 @@ def build_iaunet(config_file: str, opts: Sequence[str], device: str, dense: bool
 
     cfg = get_cfg()
     add_iaunet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + variant.split())
+    merge_config(cfg, config_file, list(opts) + variant.split())
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     if dense:
@@ -114,7 +114,7 @@ def build_mask_rcnn(
     cfg.MODEL.WEIGHTS = ""
     if dense:
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.merge_from_list(list(opts) + variant.split())
+    merge_config(cfg, opts=list(opts) + variant.split())
     cfg.MODEL.DEVICE = device
     cfg.freeze()
     model = build_model(cfg)
@@ -699,4 +699,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main, "benchmark.py")

@@ -56,6 +56,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import train_net  # noqa: E402
 from iaunet import add_iaunet_config  # noqa: E402
+from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
@@ -94,8 +95,7 @@ def subset_dataset(name: str, limit: int) -> str:
 def iaunet_cfg(args) -> CfgNode:
     cfg = get_cfg()
     add_iaunet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    merge_config(cfg, args.config_file, args.opts)
     _common(cfg, args, "iaunet")
     return cfg
 
@@ -147,7 +147,7 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
     else:
         raise ValueError(f"--maskrcnn-solver must be iaunet or detectron2, got {args.maskrcnn_solver!r}")
-    cfg.merge_from_list(list(args.maskrcnn_opts))
+    merge_config(cfg, opts=args.maskrcnn_opts)
     _common(cfg, args, "mask_rcnn", icfg)
     return cfg
 
@@ -303,4 +303,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main, "compare_maskrcnn.py")
