@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Set
 
 import torch
 import detectron2.utils.comm as comm
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (
     AMPTrainer,
@@ -34,8 +34,8 @@ from detectron2.modeling import build_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
-from iaunet import add_iaunet_config
-from iaunet.config import exit_on_config_error, merge_config
+from iaunet.config import exit_on_config_error
+from iaunet.config import load_config as iaunet_load_config
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.evaluation import VisualizationHook, visualize_predictions
 from iaunet.data import IAUNetDatasetMapper
@@ -203,9 +203,7 @@ def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
 
 def load_config(args) -> CfgNode:
     """Defaults + IAUNet keys + the config file + ``--opts``; ConfigError naming the file or key if invalid."""
-    cfg = get_cfg()
-    add_iaunet_config(cfg)
-    return merge_config(cfg, args.config_file, args.opts)
+    return iaunet_load_config(args.config_file, args.opts)
 
 
 def setup(args):

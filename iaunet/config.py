@@ -37,6 +37,15 @@ def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
     return cfg
 
 
+def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
+    """detectron2's defaults + IAUNet's keys + ``config_file`` + ``opts`` (``merge_config``: ConfigError if bad)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_iaunet_config(cfg)
+    return merge_config(cfg, config_file, opts)
+
+
 def exit_on_config_error(main, prog: str):
     """Run ``main()`` for a command-line tool; a ConfigError ends it with one line on stderr and exit status 2."""
     try:

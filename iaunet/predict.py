@@ -27,11 +27,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import tifffile
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import ConfigError, add_iaunet_config, merge_config, one_line
+from .config import ConfigError, load_config, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
 from .predictor import IAUNetPredictor, MaskCrops
 
@@ -66,10 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     """Defaults + IAUNet keys + the config file + ``--opts`` + the CLI flags; UsageError when invalid."""
-    cfg = get_cfg()
-    add_iaunet_config(cfg)
     try:
-        merge_config(cfg, args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if "://" not in args.weights and not os.path.isfile(args.weights):

@@ -37,13 +37,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
-from iaunet import add_iaunet_config  # noqa: E402
-from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
+from iaunet.config import exit_on_config_error, load_config  # noqa: E402
 
 # Submodules of the pixel decoder and the query decoder that the breakdown rows are made of (see ``_groups``).
 MASK_HEAD_MODULES = ("lateral", "output")  # F (1x1 + norm) and M (3x3 + norm + ReLU) of eq. (16)
@@ -53,9 +52,7 @@ TASKS = ("parameter", "flop")
 
 def setup_cfg(config_file: str = "", opts: Sequence[str] = (), thesis_count: bool = False) -> CfgNode:
     """Config from a YAML file and ``KEY VALUE`` overrides, on the CPU; ``thesis_count`` adds the aux heads."""
-    cfg = get_cfg()
-    add_iaunet_config(cfg)
-    merge_config(cfg, config_file, opts)
+    cfg = load_config(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     if thesis_count:

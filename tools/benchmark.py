@@ -55,8 +55,7 @@ from detectron2.solver import build_optimizer as build_d2_optimizer  # noqa: E40
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from iaunet import add_iaunet_config  # noqa: E402
-from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
+from iaunet.config import exit_on_config_error, load_config, merge_config  # noqa: E402
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 COMPARE_CHOICES = ("mask_rcnn",)
@@ -86,9 +85,7 @@ class BenchModel:
 def build_iaunet(config_file: str, opts: Sequence[str], device: str, dense: bool, variant: str = "") -> BenchModel:
     import train_net  # the repository's train_net.py: IAUNet's optimizer (AdamW groups + clipping)
 
-    cfg = get_cfg()
-    add_iaunet_config(cfg)
-    merge_config(cfg, config_file, list(opts) + variant.split())
+    cfg = load_config(config_file, list(opts) + variant.split())
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     if dense:

@@ -56,7 +56,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import train_net  # noqa: E402
 from iaunet import add_iaunet_config  # noqa: E402
-from iaunet.config import exit_on_config_error, merge_config  # noqa: E402
+from iaunet.config import exit_on_config_error, load_config, merge_config  # noqa: E402
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
@@ -93,9 +93,7 @@ def subset_dataset(name: str, limit: int) -> str:
 
 
 def iaunet_cfg(args) -> CfgNode:
-    cfg = get_cfg()
-    add_iaunet_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     _common(cfg, args, "iaunet")
     return cfg
 

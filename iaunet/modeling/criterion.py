@@ -172,7 +172,7 @@ class SetCriterion(nn.Module):
             points = get_uncertain_point_coords_with_randomness(
                 src, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
             )
-            tgt = point_sample(tgt[:, None].float(), points, align_corners=False)[:, 0]
+            tgt = point_sample(tgt[:, None], points, align_corners=False)[:, 0]
         src = point_sample(src, points, align_corners=False)[:, 0]
         return bce_loss(src, tgt) / num_masks, dice_loss(src, tgt) / num_masks
 
