@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """IAUNet for detectron2. detectron2 itself is a prerequisite (not on PyPI): see README.md."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -25,6 +26,9 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"], "isbi": ["h5py"]},  # h5py: MATLAB v7.3 files in prepare_isbi2014.py
+    extras_require={
+        "test": ["pytest>=7"],
+        "isbi": ["h5py"],
+    },  # h5py: MATLAB v7.3 files in prepare_isbi2014.py
     entry_points={"console_scripts": ["iaunet-predict=iaunet.predict:main"]},
 )

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """IAUNet training / evaluation script (detectron2 ``DefaultTrainer``).
 
-    python train_net.py --config-file configs/synthetic/iaunet_quick.yaml
-    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
-    python train_net.py --config-file CFG --resume
-    python train_net.py --config-file CFG --num-gpus 8
-    python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # CPU workers, gloo (docs/distributed.md)
+python train_net.py --config-file configs/synthetic/iaunet_quick.yaml
+python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+python train_net.py --config-file CFG --resume
+python train_net.py --config-file CFG --num-gpus 8
+python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # CPU workers, gloo (docs/distributed.md)
 """
+
 import copy
 import itertools
 import logging
@@ -14,10 +15,14 @@ import os
 import weakref
 from typing import Any, Dict, List, Set
 
-import torch
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -34,16 +39,23 @@ from detectron2.modeling import build_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils.logger import setup_logger
 
+from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import exit_on_config_error
 from iaunet.config import load_config as iaunet_load_config
-from iaunet.checkpoint import AtomicCheckpointer
-from iaunet.evaluation import VisualizationHook, visualize_predictions
 from iaunet.data import IAUNetDatasetMapper
+from iaunet.evaluation import VisualizationHook, visualize_predictions
 
 NORM_MODULE_TYPES = (
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
 )
 
 
@@ -62,7 +74,9 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = self.build_ddp_model(cfg, model)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -76,8 +90,12 @@ class Trainer(DefaultTrainer):
         logger = logging.getLogger("iaunet.train_net")
         if comm.get_world_size() > 1:
             model = convert_sync_batchnorm(model, plain_bn=cfg.MODEL.SYNC_BN)
-            synced = sum(isinstance(m, (NaiveSyncBatchNorm, torch.nn.SyncBatchNorm)) for m in model.modules())
-            logger.info(f"{synced} BatchNorm layers synchronized across {comm.get_world_size()} workers")
+            synced = sum(
+                isinstance(m, (NaiveSyncBatchNorm, torch.nn.SyncBatchNorm)) for m in model.modules()
+            )
+            logger.info(
+                f"{synced} BatchNorm layers synchronized across {comm.get_world_size()} workers"
+            )
         logger.info(f"Model:\n{model}")
         return model
 
@@ -85,7 +103,9 @@ class Trainer(DefaultTrainer):
     def build_ddp_model(cls, cfg, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` in DistributedDataParallel when there are several workers (unchanged otherwise).
         Every parameter receives a gradient in every configuration, so find_unused_parameters stays off."""
-        device_ids = [comm.get_local_rank()] if next(model.parameters()).device.type == "cuda" else None
+        device_ids = (
+            [comm.get_local_rank()] if next(model.parameters()).device.type == "cuda" else None
+        )
         return create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
 
     def build_hooks(self):
@@ -101,15 +121,17 @@ class Trainer(DefaultTrainer):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
             raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
-        return DatasetEvaluators([
-            COCOEvaluator(
-                dataset_name,
-                tasks=("segm",),
-                distributed=True,
-                output_dir=output_folder,
-                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-            )
-        ])
+        return DatasetEvaluators(
+            [
+                COCOEvaluator(
+                    dataset_name,
+                    tasks=("segm",),
+                    distributed=True,
+                    output_dir=output_folder,
+                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                )
+            ]
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -117,7 +139,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=IAUNetDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=IAUNetDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -169,14 +193,20 @@ def convert_sync_batchnorm(model: torch.nn.Module, plain_bn: bool = True) -> tor
     """
     if next(model.parameters()).device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if plain_bn else model
-    types = (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm) if plain_bn else (torch.nn.SyncBatchNorm,)
+    types = (
+        (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm) if plain_bn else (torch.nn.SyncBatchNorm,)
+    )
     return _to_naive_sync_bn(model, types)
 
 
 def _to_naive_sync_bn(module: torch.nn.Module, types: tuple) -> torch.nn.Module:
     if type(module) in types:
         sync = NaiveSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
         )
         if module.affine:
             sync.weight, sync.bias = module.weight, module.bias
@@ -228,9 +258,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         res = Trainer.test(cfg, model)
-        visualize_predictions(cfg, model)  # prediction | ground truth images in OUTPUT_DIR/vis (main process)
+        visualize_predictions(
+            cfg, model
+        )  # prediction | ground truth images in OUTPUT_DIR/vis (main process)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
@@ -242,6 +276,14 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     logging.getLogger(__name__).info(f"Command line arguments: {args}")
-    exit_on_config_error(lambda: load_config(args), "train_net.py")  # one line, before any worker starts
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    exit_on_config_error(
+        lambda: load_config(args), "train_net.py"
+    )  # one line, before any worker starts
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -2,6 +2,7 @@
 
 Importing this package registers the ``IAUNet`` meta-architecture, the Swin backbone and the datasets.
 """
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without detectron2
@@ -13,8 +14,10 @@ except ImportError as e:  # pragma: no cover - exercised only without detectron2
         f"Original error: {e}"
     ) from e
 
-from . import data  # noqa: F401  (registers datasets and the dataset mapper)
-from . import modeling  # noqa: F401  (registers backbones)
+from . import (
+    data,  # noqa: F401  (registers datasets and the dataset mapper)
+    modeling,  # noqa: F401  (registers backbones)
+)
 from .config import add_iaunet_config
 from .iaunet_model import IAUNet
 

@@ -8,6 +8,7 @@ renamed over the target (``os.replace`` is atomic on POSIX), and the folder is f
 rename survives a power loss. The temporary file of an interrupted save is removed when the save fails
 with an exception; after a SIGKILL it stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
 """
+
 import contextlib
 import glob
 import logging
@@ -68,13 +69,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         logger.info(f"Saving checkpoint to {save_file}")
-        os.makedirs(self.save_dir, exist_ok=True)  # e.g. OUTPUT_DIR deleted during training: save anyway
+        os.makedirs(
+            self.save_dir, exist_ok=True
+        )  # e.g. OUTPUT_DIR deleted during training: save anyway
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``<save_dir>/last_checkpoint`` at a file that is already complete (atomically)."""
-        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+        atomic_write(
+            os.path.join(self.save_dir, "last_checkpoint"),
+            lambda f: f.write(last_filename_basename.encode()),
+        )
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         if resume and self.save_dir:
@@ -89,7 +95,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
             loaded = super()._load_file(filename)
-        except Exception as e:  # torch.load / pickle raise many types (UnpicklingError, KeyError, EOFError, ...)
+        except (
+            Exception
+        ) as e:  # torch.load / pickle raise many types (UnpicklingError, KeyError, EOFError, ...)
             raise CheckpointError(
                 f"cannot load checkpoint {filename}: {type(e).__name__}: {e}. Expected a .pth file saved by "
                 "detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or the file named in "

@@ -2,6 +2,7 @@
 
 Every key carries a one-line comment; defaults follow ``shared/iaunet-spec.md`` (thesis settings).
 """
+
 import os
 import sys
 from typing import Sequence
@@ -17,7 +18,11 @@ def one_line(e: BaseException) -> str:
     """An exception as one line: its message, prefixed with its type unless it is a ValueError/OSError or one of
     yacs' validation assertions ("Non-existent key: ...")."""
     msg = str(e).strip().replace("\n", " ")
-    return msg if isinstance(e, (ValueError, OSError, AssertionError)) and msg else f"{type(e).__name__}: {msg}"
+    return (
+        msg
+        if isinstance(e, (ValueError, OSError, AssertionError)) and msg
+        else f"{type(e).__name__}: {msg}"
+    )
 
 
 def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
@@ -33,7 +38,9 @@ def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
     try:
         cfg.merge_from_list(list(opts))
     except Exception as e:
-        raise ConfigError(f"invalid config override {' '.join(map(str, opts))}: {one_line(e)}") from None
+        raise ConfigError(
+            f"invalid config override {' '.join(map(str, opts))}: {one_line(e)}"
+        ) from None
     return cfg
 
 
@@ -65,37 +72,53 @@ def add_iaunet_config(cfg: CN) -> None:
     m.HIDDEN_DIM = 256  # D, channels of the pixel decoder and queries
     m.MASK_DIM = 256  # channels of the pixel embedding E and of the mask embeddings
     m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs, strides 4..32
-    m.NORM = "BN"  # norm of the pixel decoder / mask head (detectron2 get_norm: BN, SyncBN, GN, ...)
+    m.NORM = (
+        "BN"  # norm of the pixel decoder / mask head (detectron2 get_norm: BN, SyncBN, GN, ...)
+    )
     # --- pixel decoder (U-Net), thesis §3.4
     m.SKIP_FUSION = "concat"  # how the 1x1 skip joins the upsampled path: concat | add | full (no 1x1 reduction)
     m.COORD_CONV = True  # concatenate (x, y) coordinate planes before each decoder stage
     m.SE = True  # squeeze-and-excitation after each decoder stage
     m.MASK_BRANCH = True  # mask branch X_m per level (off: queries attend to the decoder features)
     m.MASK_BRANCH_CONVS = 2  # 3x3 conv+norm+ReLU per mask-branch level
-    m.LIGHT_MASK_HEAD = True  # E = M(F(res2) + up(X_m)) at 1/4; off: heavy head of 2 extra 3x3 convs at 1/4
+    m.LIGHT_MASK_HEAD = (
+        True  # E = M(F(res2) + up(X_m)) at 1/4; off: heavy head of 2 extra 3x3 convs at 1/4
+    )
     # --- query decoder, thesis §3.5
     m.NHEADS = 8  # attention heads
     m.DIM_FEEDFORWARD = 1024  # FFN hidden size
     m.DROPOUT = 0.1  # dropout in attention and FFN
-    m.PRE_NORM = False  # pre-norm blocks (thesis text) instead of post-norm (reference code, default)
+    m.PRE_NORM = (
+        False  # pre-norm blocks (thesis text) instead of post-norm (reference code, default)
+    )
     m.BLOCKS_PER_LEVEL = 3  # decoder blocks per pixel-decoder level (3 levels -> 9 blocks)
-    m.DECODER_ORDER = "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin: cycle levels
+    m.DECODER_ORDER = (
+        "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin: cycle levels
+    )
     m.DEEP_SUPERVISION = True  # losses on every block's prediction (fresh matching each)
     # --- losses and matching, thesis §3.6
     m.CLASS_WEIGHT = 1.0  # weight of the classification loss and cost
     m.MASK_WEIGHT = 5.0  # weight of the sigmoid BCE mask loss and cost
     m.DICE_WEIGHT = 2.0  # weight of the Dice loss and cost
     m.NO_OBJECT_WEIGHT = 0.1  # CE weight of the "no object" class
-    m.TRAIN_NUM_POINTS = 12544  # points sampled for the matching costs (and for the losses when sampled)
-    m.LOSS_POINT_SAMPLING = False  # losses on sampled points (Mask2Former, saves memory) instead of full masks
+    m.TRAIN_NUM_POINTS = (
+        12544  # points sampled for the matching costs (and for the losses when sampled)
+    )
+    m.LOSS_POINT_SAMPLING = (
+        False  # losses on sampled points (Mask2Former, saves memory) instead of full masks
+    )
     m.OVERSAMPLE_RATIO = 3.0  # point sampling for the losses: oversampling of uncertain points
-    m.IMPORTANCE_SAMPLE_RATIO = 0.75  # point sampling for the losses: share of importance-sampled points
+    m.IMPORTANCE_SAMPLE_RATIO = (
+        0.75  # point sampling for the losses: share of importance-sampled points
+    )
     # --- inference, thesis §3.5.3 / §4.2
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
     m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
     m.TEST.MASKNESS = "mask"  # mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image", eq. 17)
-    m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference cost)
+    m.TEST.AUX_PREDICTIONS = (
+        False  # also compute every block's prediction at inference (reference cost)
+    )
 
     # Swin backbone (timm-backed); keys follow Mask2Former's MODEL.SWIN.
     cfg.MODEL.SWIN = CN()
@@ -121,10 +144,14 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
-    cfg.INPUT.INTENSITY_NORM = "percentile"  # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range)
+    cfg.INPUT.INTENSITY_NORM = (
+        "percentile"  # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range)
+    )
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule
     cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad images to a multiple of this
-    cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer mask pixels after augmentation are dropped
+    cfg.INPUT.MIN_INSTANCE_AREA = (
+        1  # instances with fewer mask pixels after augmentation are dropped
+    )
 
     # Optimizer, thesis §3 / §4.2.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
@@ -142,6 +169,10 @@ def add_iaunet_config(cfg: CN) -> None:
 
     # Prediction (iaunet.predict): tiled inference of large images, see docs/predict.md.
     cfg.TEST.TILE_SIZE = 0  # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
-    cfg.TEST.TILE_OVERLAP = 64  # pixels shared by neighbouring tiles; should exceed the largest object
+    cfg.TEST.TILE_OVERLAP = (
+        64  # pixels shared by neighbouring tiles; should exceed the largest object
+    )
     cfg.TEST.TILE_SCALE = 1.0  # resize factor of each tile before the model (1.0 = native pixels)
-    cfg.TEST.AUTO_TILE_ABOVE = 2048  # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
+    cfg.TEST.AUTO_TILE_ABOVE = (
+        2048  # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
+    )

@@ -1,4 +1,5 @@
 """The IAUNet meta-architecture: normalize/pad -> backbone -> U-Net pixel decoder -> query decoder."""
+
 import math
 from typing import Dict, List, Tuple
 
@@ -43,7 +44,9 @@ class IAUNet(nn.Module):
     ):
         super().__init__()
         if maskness not in MASKNESS_MODES:
-            raise ValueError(f"MODEL.IAUNET.TEST.MASKNESS must be one of {MASKNESS_MODES}, got {maskness!r}")
+            raise ValueError(
+                f"MODEL.IAUNET.TEST.MASKNESS must be one of {MASKNESS_MODES}, got {maskness!r}"
+            )
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.query_decoder = query_decoder
@@ -59,7 +62,9 @@ class IAUNet(nn.Module):
         self.maskness = maskness
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
-            self.to(memory_format=torch.channels_last)  # 4-D weights; checkpoints load into them unchanged
+            self.to(
+                memory_format=torch.channels_last
+            )  # 4-D weights; checkpoints load into them unchanged
 
     @classmethod
     def from_config(cls, cfg):
@@ -142,11 +147,17 @@ class IAUNet(nn.Module):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         mask_features, memories = self.pixel_decoder(features)
-        outputs = self.query_decoder(memories, mask_features, deep_supervision=self.training and self.deep_supervision)
+        outputs = self.query_decoder(
+            memories, mask_features, deep_supervision=self.training and self.deep_supervision
+        )
         if self.training:
             if any("instances" not in x for x in batched_inputs):
-                raise ValueError("training inputs need 'instances' (use IAUNetDatasetMapper(cfg, is_train=True))")
-            targets = self.prepare_targets([x["instances"].to(self.device) for x in batched_inputs], images)
+                raise ValueError(
+                    "training inputs need 'instances' (use IAUNetDatasetMapper(cfg, is_train=True))"
+                )
+            targets = self.prepare_targets(
+                [x["instances"].to(self.device) for x in batched_inputs], images
+            )
             try:
                 losses = self.criterion(outputs, targets)
             except FloatingPointError as e:  # from the matcher: add where it happened
@@ -157,11 +168,22 @@ class IAUNet(nn.Module):
         for i, x in enumerate(batched_inputs):
             height = x.get("height", images.image_sizes[i][0])
             width = x.get("width", images.image_sizes[i][1])
-            results.append({"instances": self.instance_inference(outputs["pred_logits"][i], outputs["pred_masks"][i], images.image_sizes[i], (height, width))})
+            results.append(
+                {
+                    "instances": self.instance_inference(
+                        outputs["pred_logits"][i],
+                        outputs["pred_masks"][i],
+                        images.image_sizes[i],
+                        (height, width),
+                    )
+                }
+            )
         return results
 
     @staticmethod
-    def prepare_targets(instances: List[Instances], images: ImageList) -> List[Dict[str, torch.Tensor]]:
+    def prepare_targets(
+        instances: List[Instances], images: ImageList
+    ) -> List[Dict[str, torch.Tensor]]:
         """gt_masks (T, h, w) zero-padded to the batch's padded size (T, H, W)."""
         h_pad, w_pad = images.tensor.shape[-2:]
         targets = []
@@ -173,7 +195,13 @@ class IAUNet(nn.Module):
         return targets
 
     @torch.no_grad()
-    def instance_inference(self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int]) -> Instances:
+    def instance_inference(
+        self,
+        logits: torch.Tensor,
+        masks: torch.Tensor,
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> Instances:
         """
         Args:
             logits: (Q, K+1); masks: (Q, h, w) logits at 1/4 of the padded input.
@@ -208,13 +236,23 @@ class IAUNet(nn.Module):
         result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes()
         return result
 
-    def _full_res_masks(self, masks: torch.Tensor, image_size: Tuple[int, int], output_size: Tuple[int, int], chunk: int = 32) -> torch.Tensor:
+    def _full_res_masks(
+        self,
+        masks: torch.Tensor,
+        image_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+        chunk: int = 32,
+    ) -> torch.Tensor:
         """(M, h, w) logits at 1/4 of the padded input -> (M, H0, W0) bool, in chunks to bound memory."""
         out = torch.zeros((masks.shape[0], *output_size), dtype=torch.bool, device=masks.device)
         h, w = image_size
         for s in range(0, masks.shape[0], chunk):
-            m = F.interpolate(masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False)[:, :, :h, :w]
-            if (h, w) != tuple(output_size):  # a same-size bilinear resize is the identity: skip the pass
+            m = F.interpolate(
+                masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False
+            )[:, :, :h, :w]
+            if (h, w) != tuple(
+                output_size
+            ):  # a same-size bilinear resize is the identity: skip the pass
                 m = F.interpolate(m, size=output_size, mode="bilinear", align_corners=False)
             # In place and straight into `out`: each pass over (chunk, H0, W0) floats is a good part of the cost.
             torch.gt(m[0].sigmoid_(), self.mask_thresh, out=out[s : s + chunk])

@@ -11,6 +11,7 @@ higher score wins; id k is the image's k-th entry of predictions.json) and ``<st
 
 Exit status: 0 all images done, 1 some files failed (named in the log and the summary), 2 bad command line.
 """
+
 import argparse
 import colorsys
 import contextlib
@@ -46,21 +47,54 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="iaunet-predict", description="IAUNet instance segmentation of image files (see docs/predict.md)."
+        prog="iaunet-predict",
+        description="IAUNet instance segmentation of image files (see docs/predict.md).",
     )
-    p.add_argument("--config-file", required=True, metavar="CFG", help="config yaml the model was trained with")
-    p.add_argument("--weights", required=True, metavar="W", help="checkpoint, e.g. output/model_final.pth")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="image files, folders (non-recursive) or quoted globs; png, jpg, tif/tiff")
+    p.add_argument(
+        "--config-file", required=True, metavar="CFG", help="config yaml the model was trained with"
+    )
+    p.add_argument(
+        "--weights", required=True, metavar="W", help="checkpoint, e.g. output/model_final.pth"
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (non-recursive) or quoted globs; png, jpg, tif/tiff",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring at least this")
-    p.add_argument("--tile", type=int, default=0, metavar="SIZE",
-                   help="force tiled prediction with SIZE px tiles (default: TEST.TILE_SIZE, tiled automatically "
-                        "above TEST.AUTO_TILE_ABOVE)")
-    p.add_argument("--tile-overlap", type=int, default=None, metavar="PX", help="tile overlap (TEST.TILE_OVERLAP)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: MODEL.DEVICE of the config")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                   help="config overrides, e.g. --opts TEST.TILE_SCALE 0.5 (must come last)")
+    p.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep instances scoring at least this"
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="force tiled prediction with SIZE px tiles (default: TEST.TILE_SIZE, tiled automatically "
+        "above TEST.AUTO_TILE_ABOVE)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="tile overlap (TEST.TILE_OVERLAP)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: MODEL.DEVICE of the config",
+    )
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides, e.g. --opts TEST.TILE_SCALE 0.5 (must come last)",
+    )
     return p
 
 
@@ -76,7 +110,9 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     if args.device:
         cfg.MODEL.DEVICE = args.device
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu")
+        raise UsageError(
+            "--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu"
+        )
     if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
         raise UsageError("--tile and --tile-overlap must be >= 0")
     if args.tile_overlap is not None:
@@ -84,17 +120,24 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     if args.tile:
         cfg.TEST.TILE_SIZE = args.tile
         if cfg.TEST.TILE_OVERLAP >= args.tile:
-            raise UsageError(f"the tile overlap ({cfg.TEST.TILE_OVERLAP}) must be smaller than --tile ({args.tile})")
+            raise UsageError(
+                f"the tile overlap ({cfg.TEST.TILE_OVERLAP}) must be smaller than --tile ({args.tile})"
+            )
     # The model's own threshold must not hide instances the user asked for.
-    cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(cfg.MODEL.IAUNET.TEST.SCORE_THRESH, args.score_threshold)
+    cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(
+        cfg.MODEL.IAUNET.TEST.SCORE_THRESH, args.score_threshold
+    )
     cfg.freeze()
     return cfg
 
 
 def expand_inputs(paths: Sequence[str]) -> List[str]:
     """Files as given; folders (non-recursive) and globs filtered to image extensions; sorted, deduplicated."""
+
     def images(names):
-        return sorted(n for n in names if os.path.isfile(n) and n.lower().endswith(IMAGE_EXTENSIONS))
+        return sorted(
+            n for n in names if os.path.isfile(n) and n.lower().endswith(IMAGE_EXTENSIONS)
+        )
 
     files: List[str] = []
     for path in paths:
@@ -133,7 +176,11 @@ def output_stems(files: Sequence[str]) -> List[str]:
 
 def category_ids(metadata, num_classes: int) -> List[int]:
     """Contiguous class -> dataset category id (the metadata's mapping when present, else class + 1)."""
-    mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None) if metadata is not None else None
+    mapping = (
+        getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
+        if metadata is not None
+        else None
+    )
     if mapping:
         reverse = {v: k for k, v in mapping.items()}
         return [int(reverse.get(c, c + 1)) for c in range(num_classes)]
@@ -142,7 +189,9 @@ def category_ids(metadata, num_classes: int) -> List[int]:
 
 def label_image(masks: MaskCrops, height: int, width: int) -> np.ndarray:
     """Masks (``MaskCrops``, sorted by decreasing score) -> (H, W) ids 1..N; overlaps go to the higher score."""
-    labels = np.zeros((height, width), np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32)
+    labels = np.zeros(
+        (height, width), np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32
+    )
     items = list(masks)
     for i in range(len(items) - 1, -1, -1):  # lowest score first, so higher scores overwrite
         y0, x0, crop = items[i]
@@ -161,14 +210,25 @@ def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
             continue
         # Golden-ratio hues: neighbouring ids get clearly different, saturated colours.
         color = [round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.9, 1.0)]
-        contours, _ = cv2.findContours(crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x0, y0))
+        contours, _ = cv2.findContours(
+            crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x0, y0)
+        )
         cv2.drawContours(canvas, contours, -1, color, thickness)
         ys, xs = np.nonzero(crop)
         text = str(i + 1)
         (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
         org = (int(xs.mean()) + x0 - tw // 2, int(ys.mean()) + y0 + th // 2)
         for c, extra in (((0, 0, 0), 2), ((255, 255, 255), 0)):  # dark halo keeps ids legible
-            cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font_scale, c, thickness + extra, cv2.LINE_AA)
+            cv2.putText(
+                canvas,
+                text,
+                org,
+                cv2.FONT_HERSHEY_SIMPLEX,
+                font_scale,
+                c,
+                thickness + extra,
+                cv2.LINE_AA,
+            )
     return canvas
 
 
@@ -197,8 +257,16 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def predict_file(predictor: IAUNetPredictor, path: str, image_id: int, stem: str, out_dir: str, score_threshold: float,
-                 cat_ids: List[int], force_tile: bool) -> Tuple[Dict, List[Dict]]:
+def predict_file(
+    predictor: IAUNetPredictor,
+    path: str,
+    image_id: int,
+    stem: str,
+    out_dir: str,
+    score_threshold: float,
+    cat_ids: List[int],
+    force_tile: bool,
+) -> Tuple[Dict, List[Dict]]:
     """Predict one file and write its label TIFF and overlay PNG; returns (image entry, COCO results)."""
     raw = read_image(path)
     instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
@@ -208,20 +276,34 @@ def predict_file(predictor: IAUNetPredictor, path: str, image_id: int, stem: str
     h, w = masks.image_size
     label_name, overlay_name = f"{stem}_labels.tif", f"{stem}_overlay.png"
     write_atomic(os.path.join(out_dir, label_name), tiff_bytes(label_image(masks, h, w)))
-    image8 = to_model_range(raw, predictor.intensity_norm, predictor.percentiles).round().astype(np.uint8)
+    image8 = (
+        to_model_range(raw, predictor.intensity_norm, predictor.percentiles)
+        .round()
+        .astype(np.uint8)
+    )
     write_atomic(os.path.join(out_dir, overlay_name), png_bytes(render_overlay(image8, masks)))
 
     results = []
-    for rle, score, label in zip(masks.to_rles(), instances.scores.tolist(), instances.pred_classes.tolist()):
-        results.append({
-            "image_id": image_id,
-            "category_id": cat_ids[label],
-            "segmentation": rle,
-            "score": round(float(score), 5),
-            "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
-        })
-    entry = {"id": image_id, "file_name": os.path.abspath(path), "height": h, "width": w,
-             "labels": label_name, "overlay": overlay_name}
+    for rle, score, label in zip(
+        masks.to_rles(), instances.scores.tolist(), instances.pred_classes.tolist()
+    ):
+        results.append(
+            {
+                "image_id": image_id,
+                "category_id": cat_ids[label],
+                "segmentation": rle,
+                "score": round(float(score), 5),
+                "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
+            }
+        )
+    entry = {
+        "id": image_id,
+        "file_name": os.path.abspath(path),
+        "height": h,
+        "width": w,
+        "labels": label_name,
+        "overlay": overlay_name,
+    }
     return entry, results
 
 
@@ -229,7 +311,9 @@ def predict_file(predictor: IAUNetPredictor, path: str, image_id: int, stem: str
 def _log_to_stderr(level: int = logging.INFO):
     """Send the iaunet / detectron2 / fvcore logs to the current stderr for the duration of a CLI run."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s %(name)s] %(levelname)s: %(message)s", "%H:%M:%S")
+    )
     # fvcore repeats detectron2's checkpoint messages at INFO; its warnings (mismatched weights) matter.
     levels = {"iaunet": level, "detectron2": level, "fvcore": max(level, logging.WARNING)}
     loggers = [logging.getLogger(name) for name in levels]
@@ -267,17 +351,34 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
     try:
         predictor = IAUNetPredictor(cfg)
     except Exception as e:  # a corrupt checkpoint or a config value the model/predictor rejects
-        raise UsageError(f"cannot set up the predictor ({args.config_file}, {args.weights}): {one_line(e)}") from None
+        raise UsageError(
+            f"cannot set up the predictor ({args.config_file}, {args.weights}): {one_line(e)}"
+        ) from None
     cat_ids = category_ids(predictor.metadata, cfg.MODEL.IAUNET.NUM_CLASSES)
     class_names = list(getattr(predictor.metadata, "thing_classes", None) or [])
 
     images, results, failed = [], [], []
     with logging_redirect_tqdm(loggers=loggers):
-        for image_id, (path, stem) in enumerate(tqdm(list(zip(files, output_stems(files))), desc="iaunet-predict",
-                                                     unit="img", file=sys.stderr), start=1):
+        for image_id, (path, stem) in enumerate(
+            tqdm(
+                list(zip(files, output_stems(files))),
+                desc="iaunet-predict",
+                unit="img",
+                file=sys.stderr,
+            ),
+            start=1,
+        ):
             try:
-                entry, res = predict_file(predictor, path, image_id, stem, args.output, args.score_threshold,
-                                          cat_ids, bool(args.tile))
+                entry, res = predict_file(
+                    predictor,
+                    path,
+                    image_id,
+                    stem,
+                    args.output,
+                    args.score_threshold,
+                    cat_ids,
+                    bool(args.tile),
+                )
             except Exception as e:  # one bad file must not stop the batch; the log names it
                 msg = one_line(e)
                 logger.error(f"failed: {msg if path in msg else f'{path}: {msg}'}")
@@ -286,11 +387,17 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
             images.append(entry)
             results.extend(res)
 
-    categories = [{"id": cid, "name": class_names[c] if c < len(class_names) else f"class_{c}"}
-                  for c, cid in enumerate(cat_ids)]
+    categories = [
+        {"id": cid, "name": class_names[c] if c < len(class_names) else f"class_{c}"}
+        for c, cid in enumerate(cat_ids)
+    ]
     write_atomic(os.path.join(args.output, "predictions.json"), json.dumps(results).encode())
-    write_atomic(os.path.join(args.output, "images.json"),
-                 json.dumps({"images": images, "categories": categories, "annotations": []}, indent=1).encode())
+    write_atomic(
+        os.path.join(args.output, "images.json"),
+        json.dumps(
+            {"images": images, "categories": categories, "annotations": []}, indent=1
+        ).encode(),
+    )
     summary = f"{len(images)} images processed, {len(failed)} failed"
     if failed:
         logger.error(f"{summary}: {', '.join(failed)}")

@@ -20,6 +20,7 @@ no padding) and its masks come back at the tile's size. Stitching, in full-image
 Masks are kept as tight bool crops (:class:`MaskCrops`), so memory follows the objects' area rather
 than N x H x W; full-size masks are built only for the final instances, and only when asked.
 """
+
 import logging
 import math
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ from .data.image_io import to_model_range
 logger = logging.getLogger(__name__)
 
 TOUCH_MARGIN = 2  # px from an inner tile edge within which a mask counts as cut by the tile
-MATCH_THRESH = 0.5  # IoU (complete pairs) / overlap over smaller (pairs with a cut view) of duplicates
+MATCH_THRESH = (
+    0.5  # IoU (complete pairs) / overlap over smaller (pairs with a cut view) of duplicates
+)
 
 
 class MaskCrops:
@@ -78,7 +81,9 @@ class MaskCrops:
     @staticmethod
     def cat(items: List["MaskCrops"]) -> "MaskCrops":
         crops = [c for m in items for c in m.crops]
-        offsets = np.concatenate([m.offsets for m in items]) if items else np.zeros((0, 2), np.int64)
+        offsets = (
+            np.concatenate([m.offsets for m in items]) if items else np.zeros((0, 2), np.int64)
+        )
         return MaskCrops(crops, offsets, items[0].image_size)
 
     @classmethod
@@ -143,8 +148,10 @@ def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of the fewest tiles of size ``tile`` that cover ``[0, length)`` with neighbours
     sharing at least ``overlap`` px, spread evenly so that the last tile ends at the border (no padding)."""
     if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap (TEST.TILE_OVERLAP, --tile-overlap) must be in [0, tile size {tile}), "
-                         f"got {overlap}")
+        raise ValueError(
+            f"tile overlap (TEST.TILE_OVERLAP, --tile-overlap) must be in [0, tile size {tile}), "
+            f"got {overlap}"
+        )
     if length <= tile:
         return [0]
     n = math.ceil((length - overlap) / (tile - overlap))
@@ -204,7 +211,12 @@ def _box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
     """Indices of the (M, 4) y0, x0, y1, x1 ``boxes`` that intersect ``box``."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    hit = (boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) & (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])
+    hit = (
+        (boxes[:, 0] < box[2])
+        & (boxes[:, 2] > box[0])
+        & (boxes[:, 1] < box[3])
+        & (boxes[:, 3] > box[1])
+    )
     return np.flatnonzero(hit)
 
 
@@ -226,7 +238,9 @@ def stitch_detections(dets: List[_Detection]) -> List[_Detection]:
     partial = []
     for p in sorted((d for d in dets if d.partial), key=lambda d: -d.score):
         if not any(
-            kept[i].tile != p.tile and kept[i].label == p.label and _cut_overlap(kept[i], p) > MATCH_THRESH
+            kept[i].tile != p.tile
+            and kept[i].label == p.label
+            and _cut_overlap(kept[i], p) > MATCH_THRESH
             for i in _box_hits(kept_boxes, p.box)
         ):
             partial.append(p)
@@ -244,14 +258,21 @@ def stitch_detections(dets: List[_Detection]) -> List[_Detection]:
     for i, p in enumerate(partial):
         for j in _box_hits(boxes, p.box):
             q = partial[j]
-            if j > i and q.tile != p.tile and q.label == p.label and _cut_overlap(p, q) > MATCH_THRESH:
+            if (
+                j > i
+                and q.tile != p.tile
+                and q.label == p.label
+                and _cut_overlap(p, q) > MATCH_THRESH
+            ):
                 parent[root(j)] = root(i)
     groups = {}
     for i in range(len(partial)):
         groups.setdefault(root(i), []).append(partial[i])
     joined = sum(len(g) > 1 for g in groups.values())
     if joined:
-        logger.info(f"{joined} object(s) larger than the tile overlap were joined from pieces of several tiles")
+        logger.info(
+            f"{joined} object(s) larger than the tile overlap were joined from pieces of several tiles"
+        )
     return sorted(kept + [_join(g) for g in groups.values()], key=lambda d: -d.score)
 
 
@@ -288,8 +309,12 @@ class IAUNetPredictor:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
-        AtomicCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
+        self.metadata = (
+            MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
+        )
+        AtomicCheckpointer(self.model).load(
+            cfg.MODEL.WEIGHTS
+        )  # names the file when it is no checkpoint
         self.resize = T.AugmentationList(build_augmentations(cfg, is_train=False))
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
@@ -307,7 +332,9 @@ class IAUNetPredictor:
     def should_tile(self, image_size: Tuple[int, int]) -> bool:
         return self.auto_tile_above > 0 and max(image_size) > self.auto_tile_above
 
-    def predict(self, image: np.ndarray, tiled: Optional[bool] = None, full_masks: bool = True) -> Instances:
+    def predict(
+        self, image: np.ndarray, tiled: Optional[bool] = None, full_masks: bool = True
+    ) -> Instances:
         """``tiled`` None: automatic (:meth:`should_tile`). ``full_masks`` False: ``pred_masks`` are
         :class:`MaskCrops` (for images too large for N full-size masks)."""
         img = to_model_range(image, self.intensity_norm, self.percentiles)
@@ -321,7 +348,11 @@ class IAUNetPredictor:
         return result
 
     def predict_tiled(
-        self, image: np.ndarray, tile: Optional[int] = None, overlap: Optional[int] = None, full_masks: bool = True
+        self,
+        image: np.ndarray,
+        tile: Optional[int] = None,
+        overlap: Optional[int] = None,
+        full_masks: bool = True,
     ) -> Instances:
         """Tiled prediction (module doc). ``tile``/``overlap`` in input pixels; default ``TEST.TILE_SIZE``
         (0: ``INPUT.IMAGE_SIZE / TEST.TILE_SCALE``) and ``TEST.TILE_OVERLAP``."""
@@ -329,7 +360,9 @@ class IAUNetPredictor:
         overlap = self.tile_overlap if overlap is None else overlap
         return self._predict_tiled(img, tile or self.tile_size, overlap, full_masks)
 
-    def _predict_tiled(self, img: np.ndarray, tile: int, overlap: int, full_masks: bool) -> Instances:
+    def _predict_tiled(
+        self, img: np.ndarray, tile: int, overlap: int, full_masks: bool
+    ) -> Instances:
         h, w = img.shape[:2]
         ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
         dets: List[_Detection] = []
@@ -338,7 +371,9 @@ class IAUNetPredictor:
             th, tw = window[2] - ty, window[3] - tx
             inst = self._predict_tile(img[ty : window[2], tx : window[3]])
             crops = MaskCrops.from_bitmasks(inst.pred_masks)
-            for (cy, cx, crop), score, label in zip(crops, inst.scores.tolist(), inst.pred_classes.tolist()):
+            for (cy, cx, crop), score, label in zip(
+                crops, inst.scores.tolist(), inst.pred_classes.tolist()
+            ):
                 if crop.size == 0:
                     continue
                 partial = (
@@ -349,7 +384,9 @@ class IAUNetPredictor:
                 )
                 dets.append(_Detection(t, window, ty + cy, tx + cx, crop, score, label, partial))
         kept = stitch_detections(dets)
-        logger.debug(f"tiled {h}x{w}: {len(ys) * len(xs)} tiles, {len(dets)} detections, {len(kept)} kept")
+        logger.debug(
+            f"tiled {h}x{w}: {len(ys) * len(xs)} tiles, {len(dets)} detections, {len(kept)} kept"
+        )
 
         result = Instances((h, w))
         masks = MaskCrops([d.crop for d in kept], [(d.y0, d.x0) for d in kept], (h, w))
@@ -370,7 +407,11 @@ class IAUNetPredictor:
 
     def _run_model(self, image: np.ndarray, out_size: Tuple[int, int]) -> Instances:
         """(h, w, 3) float image on the 0..255 scale -> CPU Instances resized to ``out_size``."""
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+        tensor = torch.as_tensor(
+            np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
+        )
         with torch.inference_mode():
-            out = self.model([{"image": tensor, "height": out_size[0], "width": out_size[1]}])[0]["instances"]
+            out = self.model([{"image": tensor, "height": out_size[0], "width": out_size[1]}])[0][
+                "instances"
+            ]
         return out.to("cpu")

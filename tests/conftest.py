@@ -34,13 +34,34 @@ def tiny_cfg(**overrides):
     cfg = get_cfg()
     add_iaunet_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-IAUNet.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu",
-        "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
-        "MODEL.IAUNET.HIDDEN_DIM", 32, "MODEL.IAUNET.MASK_DIM", 32, "MODEL.IAUNET.DIM_FEEDFORWARD", 64,
-        "MODEL.IAUNET.NHEADS", 4, "MODEL.IAUNET.NUM_QUERIES", 8, "MODEL.IAUNET.TRAIN_NUM_POINTS", 256,
-        "INPUT.IMAGE_SIZE", 64, "SOLVER.AMP.ENABLED", False,
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.RESNETS.DEPTH",
+            18,
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            64,
+            "MODEL.RESNETS.NORM",
+            "BN",
+            "MODEL.IAUNET.HIDDEN_DIM",
+            32,
+            "MODEL.IAUNET.MASK_DIM",
+            32,
+            "MODEL.IAUNET.DIM_FEEDFORWARD",
+            64,
+            "MODEL.IAUNET.NHEADS",
+            4,
+            "MODEL.IAUNET.NUM_QUERIES",
+            8,
+            "MODEL.IAUNET.TRAIN_NUM_POINTS",
+            256,
+            "INPUT.IMAGE_SIZE",
+            64,
+            "SOLVER.AMP.ENABLED",
+            False,
+        ]
+    )
     for k, v in overrides.items():
         cfg.merge_from_list([k, v])
     return cfg

@@ -1,11 +1,11 @@
 """Smoke tests of tools/benchmark.py and tools/compare_maskrcnn.py on tiny models and inputs."""
+
 import json
 import math
 import os
 import sys
 
 import numpy as np
-
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -15,9 +15,24 @@ import compare_maskrcnn  # noqa: E402
 
 # tests/conftest.py tiny_cfg as command-line overrides
 TINY_OPTS = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN",
-    "MODEL.IAUNET.HIDDEN_DIM", "32", "MODEL.IAUNET.MASK_DIM", "32", "MODEL.IAUNET.DIM_FEEDFORWARD", "64",
-    "MODEL.IAUNET.NHEADS", "4", "MODEL.IAUNET.NUM_QUERIES", "8", "MODEL.IAUNET.TRAIN_NUM_POINTS", "256",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.RESNETS.NORM",
+    "BN",
+    "MODEL.IAUNET.HIDDEN_DIM",
+    "32",
+    "MODEL.IAUNET.MASK_DIM",
+    "32",
+    "MODEL.IAUNET.DIM_FEEDFORWARD",
+    "64",
+    "MODEL.IAUNET.NHEADS",
+    "4",
+    "MODEL.IAUNET.NUM_QUERIES",
+    "8",
+    "MODEL.IAUNET.TRAIN_NUM_POINTS",
+    "256",
 ]
 
 
@@ -29,15 +44,42 @@ def test_synthetic_sample_is_dense():
 
 def test_benchmark_json(tmp_path):
     out = tmp_path / "bench.json"
-    benchmark.main([
-        "--config-file", os.path.join(ROOT, "configs", "Base-IAUNet.yaml"), "--compare", "mask_rcnn",
-        "--device", "cpu", "--sizes", "64", "--batch-sizes", "1", "2", "--runs", "1", "--warmup", "0",
-        "--throughput-runs", "1", "--train-batch", "1", "--instances", "4", "--output", str(out),
-        # fewer sampled RoIs keep the Mask R-CNN training step fast; 20 detections fit a 64x64 image
-        "--maskrcnn-opts", "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "--channels-last",  # NHWC path of both models (the NCHW default is what every other test runs)
-        "--opts", *TINY_OPTS,
-    ])
+    benchmark.main(
+        [
+            "--config-file",
+            os.path.join(ROOT, "configs", "Base-IAUNet.yaml"),
+            "--compare",
+            "mask_rcnn",
+            "--device",
+            "cpu",
+            "--sizes",
+            "64",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--throughput-runs",
+            "1",
+            "--train-batch",
+            "1",
+            "--instances",
+            "4",
+            "--output",
+            str(out),
+            # fewer sampled RoIs keep the Mask R-CNN training step fast; 20 detections fit a 64x64 image
+            "--maskrcnn-opts",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "20",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "32",
+            "--channels-last",  # NHWC path of both models (the NCHW default is what every other test runs)
+            "--opts",
+            *TINY_OPTS,
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["settings"]["channels_last"]
     assert result["machine"]["load_before"] is not None and result["settings"]["threads"] >= 1
@@ -52,19 +94,39 @@ def test_benchmark_json(tmp_path):
         assert m["inference"]["64"]["detections"] == m["expected_detections"]
     rcnn = kinds["mask_rcnn"]
     assert rcnn["expected_detections"] == 20
-    assert rcnn["inference"]["64"]["mask_head_rois"] == 20  # every detection went through the mask head
+    assert (
+        rcnn["inference"]["64"]["mask_head_rois"] == 20
+    )  # every detection went through the mask head
     assert rcnn["inference"]["64"]["proposals"] > 20
     assert kinds["iaunet"]["expected_detections"] == 8  # min(100 detections, 8 queries x 1 class)
-    assert any("latency at 64" in k for k in result["ratios"]) and any("train step" in k for k in result["ratios"])
+    assert any("latency at 64" in k for k in result["ratios"]) and any(
+        "train step" in k for k in result["ratios"]
+    )
     assert not result["warnings"]
 
 
 def test_compare_maskrcnn_tiny(tmp_path):
-    result = compare_maskrcnn.main([
-        "--iters", "2", "--batch", "2", "--test-limit", "2", "--num-workers", "0", "--output-dir", str(tmp_path),
-        "--maskrcnn-opts", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "--opts", *TINY_OPTS, "TEST.DETECTIONS_PER_IMAGE", "8",
-    ])
+    result = compare_maskrcnn.main(
+        [
+            "--iters",
+            "2",
+            "--batch",
+            "2",
+            "--test-limit",
+            "2",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(tmp_path),
+            "--maskrcnn-opts",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+            "32",
+            "--opts",
+            *TINY_OPTS,
+            "TEST.DETECTIONS_PER_IMAGE",
+            "8",
+        ]
+    )
     saved = json.loads((tmp_path / "compare_maskrcnn.json").read_text())
     for key in ("iaunet", "mask_rcnn"):
         assert saved[key]["images_seen"] == 4
@@ -81,13 +143,14 @@ def test_full_res_masks_matches_reference():
     """The optimized post-processing (no same-size resize, in-place sigmoid) gives the reference masks exactly."""
     import torch
     import torch.nn.functional as F
-    from detectron2.modeling import build_model
-
     from conftest import tiny_cfg
+    from detectron2.modeling import build_model
 
     model = build_model(tiny_cfg()).eval()
     torch.manual_seed(0)
-    logits = torch.randn(40, 16, 16) * 3  # 1/4 of a padded 64x64 input; 40 masks -> two chunks of 32
+    logits = (
+        torch.randn(40, 16, 16) * 3
+    )  # 1/4 of a padded 64x64 input; 40 masks -> two chunks of 32
 
     def reference(image_size, output_size):
         h, w = image_size
@@ -95,5 +158,12 @@ def test_full_res_masks_matches_reference():
         m = F.interpolate(m[:, :, :h, :w], size=output_size, mode="bilinear", align_corners=False)
         return m[0].sigmoid() > model.mask_thresh
 
-    for image_size, output_size in (((64, 64), (64, 64)), ((60, 50), (60, 50)), ((60, 50), (97, 81))):
-        assert torch.equal(model._full_res_masks(logits, image_size, output_size), reference(image_size, output_size))
+    for image_size, output_size in (
+        ((64, 64), (64, 64)),
+        ((60, 50), (60, 50)),
+        ((60, 50), (97, 81)),
+    ):
+        assert torch.equal(
+            model._full_res_masks(logits, image_size, output_size),
+            reference(image_size, output_size),
+        )

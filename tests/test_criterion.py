@@ -38,7 +38,9 @@ def test_perfect_prediction_has_near_zero_loss():
     losses = _criterion()(_perfect_outputs(t), t)
     assert set(losses) == {"loss_ce", "loss_mask", "loss_dice"}
     assert losses["loss_ce"] < 1e-3 and losses["loss_dice"] < 0.02
-    assert losses["loss_mask"] < 0.1  # only the 4 corner pixels per mask: bilinear upsampling rounds them off
+    assert (
+        losses["loss_mask"] < 0.1
+    )  # only the 4 corner pixels per mask: bilinear upsampling rounds them off
 
 
 def test_shuffled_prediction_has_larger_loss():
@@ -67,11 +69,21 @@ def test_aux_losses_and_weights():
 
 
 def test_no_object_weight_and_empty_targets():
-    out = {"pred_logits": torch.zeros(2, 4, 3, requires_grad=True), "pred_masks": torch.zeros(2, 4, 8, 8, requires_grad=True)}
-    empty = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}] * 2
+    out = {
+        "pred_logits": torch.zeros(2, 4, 3, requires_grad=True),
+        "pred_masks": torch.zeros(2, 4, 8, 8, requires_grad=True),
+    }
+    empty = [
+        {
+            "labels": torch.zeros(0, dtype=torch.long),
+            "masks": torch.zeros(0, 32, 32, dtype=torch.bool),
+        }
+    ] * 2
     losses = _criterion()(out, empty)
     assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
-    assert torch.isclose(losses["loss_ce"], torch.log(torch.tensor(3.0)))  # uniform over K+1 = 3 classes
+    assert torch.isclose(
+        losses["loss_ce"], torch.log(torch.tensor(3.0))
+    )  # uniform over K+1 = 3 classes
     sum(losses.values()).backward()  # zero-instance batches still give a (zero) gradient path
 
 
@@ -89,14 +101,21 @@ def test_point_sampled_losses():
 
 def _reference_mask_losses(logits, targets):
     """The plain formulation: upsample with F.interpolate, then bce_loss / dice_loss, autograd for the gradient."""
-    up = torch.nn.functional.interpolate(logits[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(
+        logits[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False
+    )
     up, t = up[:, 0].flatten(1), targets.float().flatten(1)
     return bce_loss(up, t), dice_loss(up, t)
 
 
 @pytest.mark.parametrize(
     "low, high, chunk_pixels",
-    [((16, 24), (64, 96), None), ((7, 5), (28, 20), 28 * 20), ((10, 10), (37, 23), 3 * 37 * 23), ((32, 32), (128, 128), 1)],
+    [
+        ((16, 24), (64, 96), None),
+        ((7, 5), (28, 20), 28 * 20),
+        ((10, 10), (37, 23), 3 * 37 * 23),
+        ((32, 32), (128, 128), 1),
+    ],
 )
 def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels, monkeypatch):
     """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values and gradients
@@ -104,9 +123,15 @@ def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels, monkeypat
     and several; targets gathered through the row index."""
     import iaunet.modeling.criterion as crit
 
-    if chunk_pixels is not None:  # force small chunks so that several chunks (and a last partial one) are used
+    if (
+        chunk_pixels is not None
+    ):  # force small chunks so that several chunks (and a last partial one) are used
         real_apply = crit._UpsampledMaskLosses.apply
-        monkeypatch.setattr(crit._UpsampledMaskLosses, "apply", lambda lg, tg, ix, _c: real_apply(lg, tg, ix, chunk_pixels))
+        monkeypatch.setattr(
+            crit._UpsampledMaskLosses,
+            "apply",
+            lambda lg, tg, ix, _c: real_apply(lg, tg, ix, chunk_pixels),
+        )
     torch.manual_seed(0)
     logits = (torch.randn(5, *low) * 4).requires_grad_(True)
     pool = torch.rand(8, *high) > 0.7
@@ -132,7 +157,11 @@ def test_upsampled_mask_losses_without_grad():
     with torch.no_grad():
         bce, dice = upsampled_mask_losses(logits, targets)
     ref_bce, ref_dice = _reference_mask_losses(logits, targets)
-    assert not bce.requires_grad and torch.allclose(bce, ref_bce, rtol=1e-5) and torch.allclose(dice, ref_dice, rtol=1e-5)
+    assert (
+        not bce.requires_grad
+        and torch.allclose(bce, ref_bce, rtol=1e-5)
+        and torch.allclose(dice, ref_dice, rtol=1e-5)
+    )
 
 
 def test_criterion_pairs_masks_across_images():
@@ -143,7 +172,10 @@ def test_criterion_pairs_masks_across_images():
     for n in (3, 2):
         masks = torch.rand(n, 32, 32) > 0.6
         targets.append({"labels": torch.zeros(n, dtype=torch.long), "masks": masks})
-    outputs = {"pred_logits": torch.randn(2, 6, 3), "pred_masks": torch.randn(2, 6, 8, 8, requires_grad=True)}
+    outputs = {
+        "pred_logits": torch.randn(2, 6, 3),
+        "pred_masks": torch.randn(2, 6, 8, 8, requires_grad=True),
+    }
     crit = _criterion(class_weight=1.0, mask_weight=1.0, dice_weight=1.0)
     torch.manual_seed(1)
     losses = crit(outputs, targets)
@@ -159,8 +191,14 @@ def test_criterion_pairs_masks_across_images():
 def test_target_sizes_must_agree():
     out = {"pred_logits": torch.zeros(2, 4, 3), "pred_masks": torch.zeros(2, 4, 8, 8)}
     targets = [
-        {"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 32, 32, dtype=torch.bool)},
-        {"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 32, 28, dtype=torch.bool)},
+        {
+            "labels": torch.zeros(1, dtype=torch.long),
+            "masks": torch.ones(1, 32, 32, dtype=torch.bool),
+        },
+        {
+            "labels": torch.zeros(1, dtype=torch.long),
+            "masks": torch.ones(1, 32, 28, dtype=torch.bool),
+        },
     ]
     with pytest.raises(ValueError, match="padded batch size"):
         _criterion()(out, targets)

@@ -14,8 +14,16 @@ def _scene(tmp_path, name="scene.png"):
     annos = []
     for i, (x0, y0, x1, y1) in enumerate(rects):
         img[y0:y1, x0:x1] = 255
-        annos.append({"id": i, "category_id": 0, "iscrowd": 0, "bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1,
-                      "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+        annos.append(
+            {
+                "id": i,
+                "category_id": 0,
+                "iscrowd": 0,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "bbox_mode": 1,
+                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+            }
+        )
     path = str(tmp_path / name)
     cv2.imwrite(path, img)
     return {"file_name": path, "height": 90, "width": 150, "image_id": 1, "annotations": annos}
@@ -61,7 +69,7 @@ def test_test_mapper_resizes_longest_side_and_drops_annotations(tmp_path):
 
 
 def test_16bit_and_gray_reading(tmp_path):
-    img16 = (np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 20 + 1000)
+    img16 = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 20 + 1000
     tifffile.imwrite(tmp_path / "a.tif", img16)
     cv2.imwrite(str(tmp_path / "b.png"), img16)  # 16-bit PNG
     for name in ("a.tif", "b.png"):

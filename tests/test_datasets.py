@@ -1,4 +1,5 @@
 """Real-dataset registrations on tiny fake trees in each release layout (no download)."""
+
 import importlib.util
 import json
 import logging
@@ -18,7 +19,9 @@ PREFIXES = ("revvity25_", "livecell_", "evican2_", "isbi2014_")
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "datasets", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "datasets", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,9 +54,21 @@ def write_json(path, images, annotations, categories=("cell",)):
 
 
 def ann(ann_id, image_id, poly, category_id=1, **extra):
-    return dict(id=ann_id, image_id=image_id, category_id=category_id, segmentation=[poly], iscrowd=0,
-                bbox=[min(poly[0::2]), min(poly[1::2]), max(poly[0::2]) - min(poly[0::2]),
-                      max(poly[1::2]) - min(poly[1::2])], area=1.0, **extra)
+    return dict(
+        id=ann_id,
+        image_id=image_id,
+        category_id=category_id,
+        segmentation=[poly],
+        iscrowd=0,
+        bbox=[
+            min(poly[0::2]),
+            min(poly[1::2]),
+            max(poly[0::2]) - min(poly[0::2]),
+            max(poly[1::2]) - min(poly[1::2]),
+        ],
+        area=1.0,
+        **extra,
+    )
 
 
 def write_image(path, h=64, w=64, dtype=np.uint16):
@@ -72,12 +87,19 @@ def make_revvity(root, amodal_field=False):
     write_image(str(d / "images/empty.png"))
     write_image(str(d / "images/t.tif"))
     extra = {"amodal_segmentation": [square(5, 5, 40)]} if amodal_field else {}
-    write_json(str(d / "annotations/train.json"),
-               [{"id": 1, "file_name": "a.png", "height": 64, "width": 64},
-                {"id": 2, "file_name": "empty.png", "height": 64, "width": 64}],
-               [ann(1, 1, square(5, 5, 30), **extra), ann(2, 1, square(20, 20, 30))])
-    write_json(str(d / "annotations/valid.json"), [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
-               [ann(3, 7, square(2, 2, 10))])
+    write_json(
+        str(d / "annotations/train.json"),
+        [
+            {"id": 1, "file_name": "a.png", "height": 64, "width": 64},
+            {"id": 2, "file_name": "empty.png", "height": 64, "width": 64},
+        ],
+        [ann(1, 1, square(5, 5, 30), **extra), ann(2, 1, square(20, 20, 30))],
+    )
+    write_json(
+        str(d / "annotations/valid.json"),
+        [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
+        [ann(3, 7, square(2, 2, 10))],
+    )
     return d
 
 
@@ -90,9 +112,14 @@ def test_names_and_metadata_without_data():
     expected += [f"isbi2014_{s}" for s in ("train", "val", "test")]
     expected += [f"isbi2014_cyto_{s}" for s in ("train", "val", "test")]
     assert set(expected) <= set(DatasetCatalog.list())
-    classes = {"revvity25_train": ["cell"], "livecell_test": ["cell"], "evican2_val": ["cell", "nucleus"],
-               "evican2_cell_val": ["cell"], "isbi2014_test": ["cytoplasm", "nucleus"],
-               "isbi2014_cyto_test": ["cytoplasm"]}
+    classes = {
+        "revvity25_train": ["cell"],
+        "livecell_test": ["cell"],
+        "evican2_val": ["cell", "nucleus"],
+        "evican2_cell_val": ["cell"],
+        "isbi2014_test": ["cytoplasm", "nucleus"],
+        "isbi2014_cyto_test": ["cytoplasm"],
+    }
     for name, names in classes.items():
         meta = MetadataCatalog.get(name)
         assert meta.thing_classes == names and meta.evaluator_type == "coco"
@@ -114,24 +141,39 @@ def test_revvity25_modal(root):
     assert {a["category_id"] for a in train[0]["annotations"]} == {0}
     test = DatasetCatalog.get("revvity25_test")
     assert len(test) == 1 and test[0]["image_id"] == 7 and test[0]["file_name"].endswith("t.tif")
-    assert MetadataCatalog.get("revvity25_train").json_file == str(root / "revvity25/annotations/train.json")
+    assert MetadataCatalog.get("revvity25_train").json_file == str(
+        root / "revvity25/annotations/train.json"
+    )
 
 
 def test_revvity25_amodal_field(root):
     make_revvity(root, amodal_field=True)
-    modal, amodal = DatasetCatalog.get("revvity25_train"), DatasetCatalog.get("revvity25_amodal_train")
+    modal, amodal = (
+        DatasetCatalog.get("revvity25_train"),
+        DatasetCatalog.get("revvity25_amodal_train"),
+    )
     assert modal[0]["annotations"][0]["segmentation"] == [square(5, 5, 30)]
     assert amodal[0]["annotations"][0]["segmentation"] == [square(5, 5, 40)]
-    assert amodal[0]["annotations"][0]["bbox"] == [5.0, 5.0, 40.0, 40.0]  # recomputed from the amodal outline
-    assert amodal[0]["annotations"][1]["segmentation"] == [square(20, 20, 30)]  # no hidden part: modal outline
+    assert amodal[0]["annotations"][0]["bbox"] == [
+        5.0,
+        5.0,
+        40.0,
+        40.0,
+    ]  # recomputed from the amodal outline
+    assert amodal[0]["annotations"][1]["segmentation"] == [
+        square(20, 20, 30)
+    ]  # no hidden part: modal outline
     with pytest.raises(ValueError, match=r"valid\.json.*amodal"):
         DatasetCatalog.get("revvity25_amodal_test")  # neither the field nor a separate file
 
 
 def test_revvity25_amodal_separate_file(root):
     d = make_revvity(root)
-    write_json(str(d / "annotations/amodal/valid.json"), [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
-               [ann(3, 7, square(2, 2, 20)), ann(4, 7, square(10, 10, 20))])
+    write_json(
+        str(d / "annotations/amodal/valid.json"),
+        [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
+        [ann(3, 7, square(2, 2, 20)), ann(4, 7, square(10, 10, 20))],
+    )
     assert len(DatasetCatalog.get("revvity25_amodal_test")[0]["annotations"]) == 2
 
 
@@ -141,7 +183,11 @@ def test_bad_inputs_name_the_file(root, caplog):
     with pytest.raises(FileNotFoundError, match=r"valid\.json"):
         DatasetCatalog.get("revvity25_test")
 
-    write_json(str(d / "annotations/valid.json"), [{"id": 1, "file_name": "gone.png", "height": 64, "width": 64}], [])
+    write_json(
+        str(d / "annotations/valid.json"),
+        [{"id": 1, "file_name": "gone.png", "height": 64, "width": 64}],
+        [],
+    )
     with pytest.raises(FileNotFoundError, match=r"valid\.json.*gone\.png"):
         DatasetCatalog.get("revvity25_test")
 
@@ -154,23 +200,39 @@ def test_bad_inputs_name_the_file(root, caplog):
     with pytest.raises(ValueError, match=r"valid\.json.*duplicate image id 1"):
         DatasetCatalog.get("revvity25_test")
 
-    write_json(str(d / "annotations/valid.json"), imgs, [ann(1, 1, square(1, 1, 5)), ann(1, 1, square(9, 9, 5))])
+    write_json(
+        str(d / "annotations/valid.json"),
+        imgs,
+        [ann(1, 1, square(1, 1, 5)), ann(1, 1, square(9, 9, 5))],
+    )
     with pytest.raises(ValueError, match=r"valid\.json.*duplicate annotation id 1"):
         DatasetCatalog.get("revvity25_test")
 
-    write_json(str(d / "annotations/valid.json"), imgs, [ann(1, 1, square(1, 1, 5))], categories=("cell", "dust"))
+    write_json(
+        str(d / "annotations/valid.json"),
+        imgs,
+        [ann(1, 1, square(1, 1, 5))],
+        categories=("cell", "dust"),
+    )
     with pytest.raises(ValueError, match=r"valid\.json.*expected 1\.\.1"):
         DatasetCatalog.get("revvity25_test")
 
     bad = ann(8, 1, [1, 1, 5, 5])  # 2 points
-    two = dict(ann(9, 1, square(1, 1, 5)), segmentation=[square(1, 1, 5), [3, 3, 4, 4]])  # one bad part
+    two = dict(
+        ann(9, 1, square(1, 1, 5)), segmentation=[square(1, 1, 5), [3, 3, 4, 4]]
+    )  # one bad part
     write_json(str(d / "annotations/valid.json"), imgs, [bad, two])
     with caplog.at_level(logging.WARNING):
         dicts = DatasetCatalog.get("revvity25_test")
     assert [a["segmentation"] for a in dicts[0]["annotations"]] == [[square(1, 1, 5)]]
     assert "valid.json" in caplog.text and "[8, 9]" in caplog.text
-    meta_json = MetadataCatalog.get("revvity25_test").json_file  # the normalized copy, valid for COCOEvaluator
-    assert meta_json != str(d / "annotations/valid.json") and len(json.load(open(meta_json))["annotations"]) == 1
+    meta_json = MetadataCatalog.get(
+        "revvity25_test"
+    ).json_file  # the normalized copy, valid for COCOEvaluator
+    assert (
+        meta_json != str(d / "annotations/valid.json")
+        and len(json.load(open(meta_json))["annotations"]) == 1
+    )
 
 
 def make_livecell(root, n=2):
@@ -187,7 +249,10 @@ def make_livecell(root, n=2):
                 del a["bbox"], a["area"]
                 anns[str(a["id"])] = a
         with open(d / f"livecell_coco_{split}.json", "w") as f:
-            json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cell"}]}, f)
+            json.dump(
+                {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "cell"}]},
+                f,
+            )
     return d
 
 
@@ -197,9 +262,13 @@ def test_livecell_dict_annotations_nested_images(root):
     d = make_livecell(root)
     dicts = DatasetCatalog.get("livecell_train")
     assert len(dicts) == 2 and [len(x["annotations"]) for x in dicts] == [3, 3]
-    assert dicts[0]["file_name"] == str(d / "images/livecell_train_val_images/A172" / "A172_Phase_C7_1_00d00h00m_0.tif")
+    assert dicts[0]["file_name"] == str(
+        d / "images/livecell_train_val_images/A172" / "A172_Phase_C7_1_00d00h00m_0.tif"
+    )
     assert dicts[0]["annotations"][0]["bbox"] == [10.0, 10.0, 30.0, 30.0]
-    coco = COCO(MetadataCatalog.get("livecell_train").json_file)  # evaluable: list annotations with area
+    coco = COCO(
+        MetadataCatalog.get("livecell_train").json_file
+    )  # evaluable: list annotations with area
     assert len(coco.anns) == 6 and all(a["area"] > 0 for a in coco.anns.values())
 
 
@@ -218,10 +287,16 @@ def test_livecell_crops(root, tmp_path):
     info = {i["id"]: i for i in json.load(open(out["train"]))["images"]}
     for c in crops:
         x0, y0, w, h = info[c["image_id"]]["crop"]
-        src = next(d for d in full.values() if d["file_name"].endswith(info[c["image_id"]]["source_file_name"]))
-        full_masks = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 96, 128)))
-                      for a in src["annotations"]]
-        ref = [m[y0:y0 + h, x0:x0 + w] for m in full_masks]
+        src = next(
+            d
+            for d in full.values()
+            if d["file_name"].endswith(info[c["image_id"]]["source_file_name"])
+        )
+        full_masks = [
+            mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 96, 128)))
+            for a in src["annotations"]
+        ]
+        ref = [m[y0 : y0 + h, x0 : x0 + w] for m in full_masks]
         ref = [m for m in ref if m.any()]
         got = [mask_util.decode(a["segmentation"]) for a in c["annotations"]]
         assert len(got) == len(ref)
@@ -229,8 +304,12 @@ def test_livecell_crops(root, tmp_path):
             assert np.logical_xor(g, r).sum() <= 0.05 * r.sum() + 4
     image = cv2.imread(crops[0]["file_name"], cv2.IMREAD_UNCHANGED)
     assert image.shape == (64, 64) and image.dtype == np.uint8
-    grid = prep.main(["--splits", "test", "--size", "64", "--mode", "grid", "--out", str(tmp_path / "grid")])
-    assert len(json.load(open(grid["test"]))["images"]) == 2 * 2 * 2  # 96x128 -> 2 x 2 tiles per image
+    grid = prep.main(
+        ["--splits", "test", "--size", "64", "--mode", "grid", "--out", str(tmp_path / "grid")]
+    )
+    assert (
+        len(json.load(open(grid["test"]))["images"]) == 2 * 2 * 2
+    )  # 96x128 -> 2 x 2 tiles per image
 
 
 def make_evican(root):
@@ -243,15 +322,25 @@ def make_evican(root):
         for i, name in enumerate(image_names):
             write_image(str(d / "images" / folder / name), dtype=np.uint8)
             images.append({"id": i + 1, "file_name": name, "height": 64, "width": 64})
-            for a in (ann(2 * i + 1, i + 1, square(5, 5, 40)), ann(2 * i + 2, i + 1, square(20, 20, 8), category_id=2)):
+            for a in (
+                ann(2 * i + 1, i + 1, square(5, 5, 40)),
+                ann(2 * i + 2, i + 1, square(20, 20, 8), category_id=2),
+            ):
                 del a["bbox"], a["area"]
                 anns.append(a)
         write_json(str(d / json_name), images, anns, categories=cats)
 
-    write("instances_train2019_EVICAN2.json", "EVICAN_train2019", ["1_A549.jpg", "2_A549.jpg", "3_Caki.jpg"])
+    write(
+        "instances_train2019_EVICAN2.json",
+        "EVICAN_train2019",
+        ["1_A549.jpg", "2_A549.jpg", "3_Caki.jpg"],
+    )
     write("instances_val2019_EVICAN2.json", "EVICAN_val2019", ["4_A549.jpg"])
-    for level, names in (("easy", ["10_C2C12.jpg"]), ("medium", ["11_C2C12.jpg", "12_HeLa.jpg"]),
-                         ("difficult", ["2_769p.jpg"])):
+    for level, names in (
+        ("easy", ["10_C2C12.jpg"]),
+        ("medium", ["11_C2C12.jpg", "12_HeLa.jpg"]),
+        ("difficult", ["2_769p.jpg"]),
+    ):
         write(f"instances_eval2019_{level}_EVICAN2.json", "EVICAN_eval2019", names)
 
 
@@ -262,24 +351,31 @@ def test_evican2(root):
     assert train[0]["annotations"][1]["bbox"] == [20.0, 20.0, 8.0, 8.0]  # filled from the outline
     cell = DatasetCatalog.get("evican2_cell_train")
     assert [a["category_id"] for a in cell[0]["annotations"]] == [0]
-    assert [len(DatasetCatalog.get(f"evican2_eval_{s}")) for s in ("easy", "medium", "difficult")] == [1, 2, 1]
+    assert [
+        len(DatasetCatalog.get(f"evican2_eval_{s}")) for s in ("easy", "medium", "difficult")
+    ] == [1, 2, 1]
     medium = DatasetCatalog.get("evican2_cell_eval_medium")
     assert medium[1]["file_name"].endswith("images/EVICAN_eval2019/12_HeLa.jpg")
     cell_json = json.load(open(MetadataCatalog.get("evican2_cell_eval_medium").json_file))
-    assert cell_json["categories"] == [{"id": 1, "name": "Cell"}] and len(cell_json["annotations"]) == 2
+    assert (
+        cell_json["categories"] == [{"id": 1, "name": "Cell"}]
+        and len(cell_json["annotations"]) == 2
+    )
 
 
 def overlapping_cells(h, w, k):
     """Two overlapping cytoplasm masks and two separate nuclei (one mask), shifted by ``k``."""
     a, b, n = (np.zeros((h, w), bool) for _ in range(3))
-    a[5:25, 5 + k:30 + k] = True
-    b[15:35, 20 + k:45 + k] = True
-    n[10:13, 10 + k:13 + k] = n[25:28, 35 + k:38 + k] = True
+    a[5:25, 5 + k : 30 + k] = True
+    b[15:35, 20 + k : 45 + k] = True
+    n[10:13, 10 + k : 13 + k] = n[25:28, 35 + k : 38 + k] = True
     return [a, b], n
 
 
 def isbi_samples(count, h=40, w=60):
-    imgs = [np.random.default_rng(i).uniform(0, 1, (h, w)) for i in range(count)]  # double, as in MATLAB
+    imgs = [
+        np.random.default_rng(i).uniform(0, 1, (h, w)) for i in range(count)
+    ]  # double, as in MATLAB
     return imgs, [overlapping_cells(h, w, i % 5) for i in range(count)]
 
 
@@ -294,25 +390,37 @@ def write_v5(src, images_file, gt_file, var, prefix, imgs, gts):
     from scipy.io import savemat
 
     savemat(os.path.join(src, images_file), {var: cell_array(imgs)})
-    savemat(os.path.join(src, gt_file), {
-        f"{prefix}_Cytoplasm": cell_array([cell_array(c) for c, _ in gts]),
-        f"{prefix}_Nuclei": cell_array([n for _, n in gts]),
-        "CellNum": np.array([[len(c)] for c, _ in gts]),
-    })
+    savemat(
+        os.path.join(src, gt_file),
+        {
+            f"{prefix}_Cytoplasm": cell_array([cell_array(c) for c, _ in gts]),
+            f"{prefix}_Nuclei": cell_array([n for _, n in gts]),
+            "CellNum": np.array([[len(c)] for c, _ in gts]),
+        },
+    )
 
 
 def test_isbi2014_prepare_challenge_files(root, tmp_path):
     src = tmp_path / "isbi_src"
     src.mkdir()
-    write_v5(str(src), "isbi_train.mat", "isbi_train_GT.mat", "ISBI_Train", "train", *isbi_samples(3))
-    write_v5(str(src), "isbi_test90.mat", "isbi_test90_GT.mat", "ISBI_Test90", "test", *isbi_samples(2))
+    write_v5(
+        str(src), "isbi_train.mat", "isbi_train_GT.mat", "ISBI_Train", "train", *isbi_samples(3)
+    )
+    write_v5(
+        str(src), "isbi_test90.mat", "isbi_test90_GT.mat", "ISBI_Test90", "test", *isbi_samples(2)
+    )
     out = load_script("prepare_isbi2014").main(["--src", str(src)])
     assert set(out) == {"train", "val"}
     train = DatasetCatalog.get("isbi2014_train")
     assert len(train) == 3 and len(DatasetCatalog.get("isbi2014_val")) == 2
     cyto, nuclei = overlapping_cells(40, 60, 0)
     got = train[0]["annotations"]
-    assert [a["category_id"] for a in got] == [0, 0, 1, 1]  # 2 cytoplasms, nuclei split into 2 instances
+    assert [a["category_id"] for a in got] == [
+        0,
+        0,
+        1,
+        1,
+    ]  # 2 cytoplasms, nuclei split into 2 instances
     masks = [mask_util.decode(a["segmentation"]).astype(bool) for a in got]
     assert np.array_equal(masks[0], cyto[0]) and np.array_equal(masks[1], cyto[1])  # overlap kept
     assert (masks[0] & masks[1]).any()
@@ -331,7 +439,9 @@ def write_v73(path, variables):
 
         def store(group, name, value):
             if isinstance(value, list):
-                data = np.array([[store(refs, f"r{next(count)}", v) for v in value]], dtype=h5py.ref_dtype)
+                data = np.array(
+                    [[store(refs, f"r{next(count)}", v) for v in value]], dtype=h5py.ref_dtype
+                )
             else:
                 value = np.asarray(value)
                 data = (value.astype(np.uint8) if value.dtype == bool else value).T
@@ -339,7 +449,9 @@ def write_v73(path, variables):
 
         for name, value in variables.items():
             store(f, name, value)
-    with open(path, "r+b") as f:  # the MATLAB header in the userblock, which scipy reads as "version 7.3"
+    with open(
+        path, "r+b"
+    ) as f:  # the MATLAB header in the userblock, which scipy reads as "version 7.3"
         f.write(b"MATLAB 7.3 MAT-file, HDF5 schema 1.00 .".ljust(116) + b" " * 8 + b"\x00\x02IM")
 
 
@@ -351,36 +463,57 @@ def test_isbi2014_prepare_v73_files(root, tmp_path):
     src.mkdir()
     imgs, gts = isbi_samples(2)
     write_v73(str(src / "trainset.mat"), {"trainset": imgs})
-    savemat(str(src / "trainset_GT.mat"), {"train_Cytoplasm": cell_array([cell_array(c) for c, _ in gts]),
-                                          "train_Nuclei": cell_array([n for _, n in gts])})
+    savemat(
+        str(src / "trainset_GT.mat"),
+        {
+            "train_Cytoplasm": cell_array([cell_array(c) for c, _ in gts]),
+            "train_Nuclei": cell_array([n for _, n in gts]),
+        },
+    )
     imgs, gts = isbi_samples(92)  # 90 val + 2 test
     write_v73(str(src / "testset.mat"), {"testset": imgs})
-    write_v73(str(src / "testset_GT.mat"),
-              {"test_Cytoplasm": [list(c) for c, _ in gts], "test_Nuclei": [n for _, n in gts]})
+    write_v73(
+        str(src / "testset_GT.mat"),
+        {"test_Cytoplasm": [list(c) for c, _ in gts], "test_Nuclei": [n for _, n in gts]},
+    )
     load_script("prepare_isbi2014").main(["--src", str(src), "--out", str(root / "isbi2014")])
-    assert [len(DatasetCatalog.get(f"isbi2014_{s}")) for s in ("train", "val", "test")] == [2, 90, 2]
+    assert [len(DatasetCatalog.get(f"isbi2014_{s}")) for s in ("train", "val", "test")] == [
+        2,
+        90,
+        2,
+    ]
     test = DatasetCatalog.get("isbi2014_test")
-    cyto, _ = overlapping_cells(40, 60, 91 % 5)  # test image 1 = release test image 91: orientation kept
-    assert np.array_equal(mask_util.decode(test[1]["annotations"][1]["segmentation"]).astype(bool), cyto[1])
+    cyto, _ = overlapping_cells(
+        40, 60, 91 % 5
+    )  # test image 1 = release test image 91: orientation kept
+    assert np.array_equal(
+        mask_util.decode(test[1]["annotations"][1]["segmentation"]).astype(bool), cyto[1]
+    )
 
 
 def test_mapper_targets_match_annotations(root):
     from iaunet.data.dataset_mapper import IAUNetDatasetMapper
 
     make_revvity(root)
-    mapper = IAUNetDatasetMapper(True, augmentations=[])  # no augmentation: targets comparable pixel for pixel
+    mapper = IAUNetDatasetMapper(
+        True, augmentations=[]
+    )  # no augmentation: targets comparable pixel for pixel
     outputs = []
     for record in DatasetCatalog.get("revvity25_train"):
         out = mapper(record)
-        areas = [float(mask_util.area(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 64, 64))))
-                 for a in record["annotations"]]
+        areas = [
+            float(mask_util.area(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 64, 64))))
+            for a in record["annotations"]
+        ]
         inst = out["instances"]
         assert out["image"].shape == (3, 64, 64) and len(inst) == len(areas)
         assert inst.gt_masks.tensor.sum(dim=(1, 2)).tolist() == areas
         assert inst.gt_classes.tolist() == [0] * len(areas)
         outputs.append(inst)
     assert [len(i) for i in outputs] == [2, 0]
-    assert (outputs[0].gt_masks.tensor[0] & outputs[0].gt_masks.tensor[1]).any()  # overlapping cells stay whole
+    assert (
+        outputs[0].gt_masks.tensor[0] & outputs[0].gt_masks.tensor[1]
+    ).any()  # overlapping cells stay whole
 
 
 def test_coco_evaluator_on_registered_metadata(root, tmp_path):
@@ -392,11 +525,15 @@ def test_coco_evaluator_on_registered_metadata(root, tmp_path):
     make_evican(root)
     for name in ("evican2_eval_medium", "evican2_cell_eval_medium"):
         dicts = DatasetCatalog.get(name)
-        evaluator = COCOEvaluator(name, tasks=("segm",), distributed=False, output_dir=str(tmp_path / name))
+        evaluator = COCOEvaluator(
+            name, tasks=("segm",), distributed=False, output_dir=str(tmp_path / name)
+        )
         evaluator.reset()
         for d in dicts:
-            masks = [mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 64, 64)))
-                     for a in d["annotations"]]
+            masks = [
+                mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 64, 64)))
+                for a in d["annotations"]
+            ]
             inst = Instances((64, 64))
             inst.pred_masks = torch.from_numpy(np.stack(masks)).bool()
             inst.pred_boxes = BitMasks(inst.pred_masks).get_bounding_boxes()
@@ -425,8 +562,22 @@ def test_revvity25_config_starts_training(root, config):
     cfg = get_cfg()
     add_iaunet_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs", "revvity25", config))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", False, "SOLVER.IMS_PER_BATCH", 1,
-                         "INPUT.IMAGE_SIZE", 64, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", str(root / "out")])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "SOLVER.AMP.ENABLED",
+            False,
+            "SOLVER.IMS_PER_BATCH",
+            1,
+            "INPUT.IMAGE_SIZE",
+            64,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "OUTPUT_DIR",
+            str(root / "out"),
+        ]
+    )
     trainer = train_net.Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.query_decoder.state_dict().items()}
     with EventStorage(0):

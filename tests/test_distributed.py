@@ -7,6 +7,7 @@
 * ``train_net.py --eval-only --num-gpus 2`` evaluates every test image exactly once and gives the
   predictions and AP of a single process.
 """
+
 import itertools
 import math
 import os
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import ROOT, tiny_cfg
 
 WORLD_SIZE = 2
@@ -52,7 +52,9 @@ def _step(model, optimizer, batch):
     model.train()
     optimizer.zero_grad()
     sum(model(batch).values()).backward()
-    grads = {n.removeprefix("module."): p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {
+        n.removeprefix("module."): p.grad.detach().clone() for n, p in model.named_parameters()
+    }
     optimizer.step()
     return grads
 
@@ -71,7 +73,10 @@ def _criterion_case(part=None):
     target_mask[0, 4:20, 8:24] = True
     targets = [
         {"labels": torch.zeros(1, dtype=torch.int64), "masks": target_mask},
-        {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)},
+        {
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 32, 32, dtype=torch.bool),
+        },
     ]
     images = slice(None) if part is None else slice(part, part + 1)
     logits, masks = logits[images].clone().requires_grad_(), masks[images].clone().requires_grad_()
@@ -83,7 +88,10 @@ def _criterion_case(part=None):
 def _step_worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD_SIZE,
+        "gloo",
+        init_method=f"file://{tmp}/rendezvous",
+        rank=rank,
+        world_size=WORLD_SIZE,
         timeout=timedelta(seconds=TIMEOUT_S),
     )
     try:
@@ -105,21 +113,28 @@ def _step_worker(rank: int, tmp: str) -> None:
         _matcher_with_same_points(trainer.model.module.criterion)
         batch = torch.load(os.path.join(tmp, "batch.pth"), weights_only=False)
         per_worker = len(batch) // WORLD_SIZE
-        grads = _step(trainer.model, trainer.optimizer, batch[rank * per_worker : (rank + 1) * per_worker])
+        grads = _step(
+            trainer.model, trainer.optimizer, batch[rank * per_worker : (rank + 1) * per_worker]
+        )
 
         criterion, leaves, outputs, targets = _criterion_case(part=rank)
         losses = criterion(outputs, targets)
         sum(losses.values()).backward()
 
-        torch.save({
-            "grads": grads,
-            "state": trainer.model.module.state_dict(),
-            "sync_bn": sum("SyncBatchNorm" in type(m).__name__ for m in trainer.model.modules()),
-            "plain_bn": sum(type(m) is torch.nn.BatchNorm2d for m in trainer.model.modules()),
-            "criterion_losses": {k: v.detach() for k, v in losses.items()},
-            "criterion_grads": [x.grad for x in leaves],
-            "sampler": list(itertools.islice(iter(TrainingSampler(32)), 16)),
-        }, os.path.join(tmp, f"rank{rank}.pth"))
+        torch.save(
+            {
+                "grads": grads,
+                "state": trainer.model.module.state_dict(),
+                "sync_bn": sum(
+                    "SyncBatchNorm" in type(m).__name__ for m in trainer.model.modules()
+                ),
+                "plain_bn": sum(type(m) is torch.nn.BatchNorm2d for m in trainer.model.modules()),
+                "criterion_losses": {k: v.detach() for k, v in losses.items()},
+                "criterion_grads": [x.grad for x in leaves],
+                "sampler": list(itertools.islice(iter(TrainingSampler(32)), 16)),
+            },
+            os.path.join(tmp, f"rank{rank}.pth"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -148,11 +163,17 @@ def test_split_batch_step_matches_single_process(tmp_path):
     from train_net import Trainer
 
     tmp = str(tmp_path)
-    cfg = tiny_cfg(**{
-        "MODEL.IAUNET.DROPOUT": 0.0, "MODEL.IAUNET.BLOCKS_PER_LEVEL": 1, "SOLVER.IMS_PER_BATCH": 4,
-        "SOLVER.WARMUP_ITERS": 0,  # the first step at the full learning rate: weight changes well above fp noise
-        "DATASETS.TRAIN": ("synthetic_cells_val",), "DATALOADER.NUM_WORKERS": 0, "OUTPUT_DIR": os.path.join(tmp, "out"),
-    })
+    cfg = tiny_cfg(
+        **{
+            "MODEL.IAUNET.DROPOUT": 0.0,
+            "MODEL.IAUNET.BLOCKS_PER_LEVEL": 1,
+            "SOLVER.IMS_PER_BATCH": 4,
+            "SOLVER.WARMUP_ITERS": 0,  # the first step at the full learning rate: weight changes well above fp noise
+            "DATASETS.TRAIN": ("synthetic_cells_val",),
+            "DATALOADER.NUM_WORKERS": 0,
+            "OUTPUT_DIR": os.path.join(tmp, "out"),
+        }
+    )
     assert cfg.MODEL.SYNC_BN and cfg.MODEL.RESNETS.NORM == "BN" and cfg.MODEL.IAUNET.NORM == "BN"
     with open(os.path.join(tmp, "config.yaml"), "w") as f:
         f.write(cfg.dump())
@@ -162,7 +183,9 @@ def test_split_batch_step_matches_single_process(tmp_path):
     mapper = IAUNetDatasetMapper(cfg, is_train=True)
     batch = [mapper(d) for d in DatasetCatalog.get("synthetic_cells_val")[:4]]
     # Equal image sizes: the padded batch size (and so the result) does not depend on the split.
-    assert len({tuple(x["image"].shape) for x in batch}) == 1 and all(len(x["instances"]) for x in batch)
+    assert len({tuple(x["image"].shape) for x in batch}) == 1 and all(
+        len(x["instances"]) for x in batch
+    )
     torch.save(batch, os.path.join(tmp, "batch.pth"))
 
     model = Trainer.build_model(cfg)
@@ -176,7 +199,9 @@ def test_split_batch_step_matches_single_process(tmp_path):
     sum(ref_losses.values()).backward()
 
     _spawn(_step_worker, tmp)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pth"), weights_only=False) for r in range(WORLD_SIZE)]
+    ranks = [
+        torch.load(os.path.join(tmp, f"rank{r}.pth"), weights_only=False) for r in range(WORLD_SIZE)
+    ]
 
     # SyncBN: every BatchNorm of the model (backbone and pixel decoder) is synchronized.
     assert ranks[0]["sync_bn"] > 0 and ranks[0]["plain_bn"] == 0
@@ -195,10 +220,15 @@ def test_split_batch_step_matches_single_process(tmp_path):
     lr, g_max = cfg.SOLVER.BASE_LR, ref.abs().max()
     state = model.state_dict()
     init = torch.load(os.path.join(tmp, "init.pth"))
-    assert max((state[k] - init[k]).abs().max() for k in grads) > lr / 2  # the step did move the weights
+    assert (
+        max((state[k] - init[k]).abs().max() for k in grads) > lr / 2
+    )  # the step did move the weights
     for k, g in grads.items():
         change = (ranks[0]["state"][k] - state[k]).abs()
-        assert torch.where(g.abs() > 1e-4 * g_max, change, 0).max() <= 2e-3 * lr, (k, change.max().item())
+        assert torch.where(g.abs() > 1e-4 * g_max, change, 0).max() <= 2e-3 * lr, (
+            k,
+            change.max().item(),
+        )
         assert change.max() <= 2 * lr + 1e-7, k
     # BN running means follow the global batch; both workers hold the same model.
     for k, v in state.items():
@@ -211,9 +241,13 @@ def test_split_batch_step_matches_single_process(tmp_path):
     # and the mean of the logged worker losses are those of the whole batch.
     for r in range(WORLD_SIZE):
         for leaf, worker_grad in zip(leaves, ranks[r]["criterion_grads"]):
-            torch.testing.assert_close(worker_grad / WORLD_SIZE, leaf.grad[r : r + 1], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                worker_grad / WORLD_SIZE, leaf.grad[r : r + 1], rtol=1e-5, atol=1e-7
+            )
     for k, v in ref_losses.items():
-        torch.testing.assert_close(sum(w["criterion_losses"][k] for w in ranks) / WORLD_SIZE, v.detach())
+        torch.testing.assert_close(
+            sum(w["criterion_losses"][k] for w in ranks) / WORLD_SIZE, v.detach()
+        )
 
     # Training sampler: disjoint shards of one shared permutation.
     shards = [w["sampler"] for w in ranks]
@@ -223,8 +257,13 @@ def test_split_batch_step_matches_single_process(tmp_path):
 def _run_train_net(args, env, timeout=TIMEOUT_S) -> str:
     """Run train_net.py in its own process group (so that a hang kills its workers too); return its output."""
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train_net.py")] + args, cwd=ROOT, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, os.path.join(ROOT, "train_net.py")] + args,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -249,10 +288,15 @@ def test_two_process_eval_only_covers_every_image_once(tmp_path, _datasets_root)
     from train_net import Trainer
 
     name = "synthetic_cells_val"
-    cfg = tiny_cfg(**{
-        "MODEL.IAUNET.BLOCKS_PER_LEVEL": 1, "DATASETS.TEST": (name,), "TEST.DETECTIONS_PER_IMAGE": 8,
-        "DATALOADER.NUM_WORKERS": 0, "OUTPUT_DIR": str(tmp_path / "eval1"),
-    })
+    cfg = tiny_cfg(
+        **{
+            "MODEL.IAUNET.BLOCKS_PER_LEVEL": 1,
+            "DATASETS.TEST": (name,),
+            "TEST.DETECTIONS_PER_IMAGE": 8,
+            "DATALOADER.NUM_WORKERS": 0,
+            "OUTPUT_DIR": str(tmp_path / "eval1"),
+        }
+    )
     config_file = str(tmp_path / "config.yaml")
     with open(config_file, "w") as f:
         f.write(cfg.dump())
@@ -261,20 +305,38 @@ def test_two_process_eval_only_covers_every_image_once(tmp_path, _datasets_root)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
 
     env = dict(os.environ, DETECTRON2_DATASETS=_datasets_root, OMP_NUM_THREADS="1")
-    log = _run_train_net([
-        "--config-file", config_file, "--eval-only", "--num-gpus", str(WORLD_SIZE), "--dist-url", "auto",
-        "MODEL.WEIGHTS", str(tmp_path / "model.pth"), "OUTPUT_DIR", str(tmp_path / "eval2"),
-    ], env)
+    log = _run_train_net(
+        [
+            "--config-file",
+            config_file,
+            "--eval-only",
+            "--num-gpus",
+            str(WORLD_SIZE),
+            "--dist-url",
+            "auto",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "model.pth"),
+            "OUTPUT_DIR",
+            str(tmp_path / "eval2"),
+        ],
+        env,
+    )
     assert log.count("copypaste: Task: segm") == 1  # only rank 0 logs to the console
-    assert os.path.isfile(tmp_path / "eval2" / "log.txt") and os.path.isfile(tmp_path / "eval2" / "log.txt.rank1")
+    assert os.path.isfile(tmp_path / "eval2" / "log.txt") and os.path.isfile(
+        tmp_path / "eval2" / "log.txt.rank1"
+    )
 
-    res1 = Trainer.test(cfg, model.eval())["segm"]  # the single-process evaluation of the same weights
+    res1 = Trainer.test(cfg, model.eval())[
+        "segm"
+    ]  # the single-process evaluation of the same weights
     ap2 = _copypaste_ap(log)
     for k, v in ap2.items():
         assert (math.isnan(v) and math.isnan(res1[k])) or abs(v - res1[k]) < 1e-4, (k, v, res1[k])
 
     def predictions(run):
-        return torch.load(tmp_path / run / "inference" / name / "instances_predictions.pth", weights_only=False)
+        return torch.load(
+            tmp_path / run / "inference" / name / "instances_predictions.pth", weights_only=False
+        )
 
     ids = sorted(d["image_id"] for d in DatasetCatalog.get(name))
     one, two = predictions("eval1"), predictions("eval2")
@@ -282,5 +344,9 @@ def test_two_process_eval_only_covers_every_image_once(tmp_path, _datasets_root)
     one = {p["image_id"]: p["instances"] for p in one}
     for p in two:
         ref = one[p["image_id"]]
-        assert [i["segmentation"]["counts"] for i in p["instances"]] == [i["segmentation"]["counts"] for i in ref]
-        np.testing.assert_allclose([i["score"] for i in p["instances"]], [i["score"] for i in ref], rtol=1e-4)
+        assert [i["segmentation"]["counts"] for i in p["instances"]] == [
+            i["segmentation"]["counts"] for i in ref
+        ]
+        np.testing.assert_allclose(
+            [i["score"] for i in p["instances"]], [i["score"] for i in ref], rtol=1e-4
+        )

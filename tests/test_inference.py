@@ -50,13 +50,18 @@ def test_maskness_modes(model):
     model.maskness = "image"
     try:
         out = model.instance_inference(logits, masks, (64, 64), (64, 64))
-        assert out.scores.max() == pytest.approx(0.5 * 16 / 256, abs=1e-3)  # mean over the whole image
+        assert out.scores.max() == pytest.approx(
+            0.5 * 16 / 256, abs=1e-3
+        )  # mean over the whole image
     finally:
         model.maskness = "mask"
 
 
 def test_forward_odd_sizes_returns_original_size(model):
-    inputs = [{"image": torch.rand(3, 75, 50) * 255, "height": 150, "width": 100}, {"image": torch.rand(3, 33, 61) * 255}]
+    inputs = [
+        {"image": torch.rand(3, 75, 50) * 255, "height": 150, "width": 100},
+        {"image": torch.rand(3, 33, 61) * 255},
+    ]
     with torch.no_grad():
         outs = model(inputs)
     assert outs[0]["instances"].image_size == (150, 100)
@@ -80,17 +85,24 @@ def test_channels_last_matches_contiguous(backbone, tmp_path):
 
     opts = {"TEST.DETECTIONS_PER_IMAGE": 4, "MODEL.IAUNET.TEST.SCORE_THRESH": -1.0}
     if backbone == "swin":
-        opts.update({
-            "MODEL.BACKBONE.NAME": "D2SwinTransformer", "MODEL.SWIN.EMBED_DIM": 24, "MODEL.SWIN.DEPTHS": [1, 1, 1, 1],
-            "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1], "MODEL.SWIN.WINDOW_SIZE": 4,
-        })
+        opts.update(
+            {
+                "MODEL.BACKBONE.NAME": "D2SwinTransformer",
+                "MODEL.SWIN.EMBED_DIM": 24,
+                "MODEL.SWIN.DEPTHS": [1, 1, 1, 1],
+                "MODEL.SWIN.NUM_HEADS": [1, 1, 1, 1],
+                "MODEL.SWIN.WINDOW_SIZE": 4,
+            }
+        )
     torch.manual_seed(0)
     ref = build_model(tiny_cfg(**opts, **{"MODEL.CHANNELS_LAST": False})).eval()
     DetectionCheckpointer(ref, save_dir=str(tmp_path)).save("ref")
     nhwc = build_model(tiny_cfg(**opts, **{"MODEL.CHANNELS_LAST": True})).eval()
     DetectionCheckpointer(nhwc).load(str(tmp_path / "ref.pth"))
     conv_weights = [p for p in nhwc.parameters() if p.dim() == 4]
-    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    assert conv_weights and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights
+    )
     inputs = [{"image": torch.rand(3, 64, 96) * 255}]
     with torch.no_grad():
         a, b = ref(inputs)[0]["instances"], nhwc(inputs)[0]["instances"]
@@ -99,7 +111,11 @@ def test_channels_last_matches_contiguous(backbone, tmp_path):
     # training: same losses, and every gradient flows
     from detectron2.structures import BitMasks, Instances
 
-    inst = Instances((64, 96), gt_classes=torch.tensor([0]), gt_masks=BitMasks(torch.zeros(1, 64, 96, dtype=torch.bool)))
+    inst = Instances(
+        (64, 96),
+        gt_classes=torch.tensor([0]),
+        gt_masks=BitMasks(torch.zeros(1, 64, 96, dtype=torch.bool)),
+    )
     inst.gt_masks.tensor[0, 10:30, 20:50] = True
     batch = [{"image": inputs[0]["image"], "instances": inst}]
     ref.train(), nhwc.train()

@@ -1,4 +1,5 @@
 """IAUNetPredictor (whole image, tiled stitching) and the ``iaunet.predict`` CLI."""
+
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ import pycocotools.mask as mask_util
 import pytest
 import tifffile
 import torch
+from conftest import ROOT, tiny_cfg
 from detectron2.structures import Instances
 from pycocotools.coco import COCO
 
-from conftest import ROOT, tiny_cfg
 from iaunet.predict import label_image, main
 from iaunet.predictor import IAUNetPredictor, MaskCrops, tile_starts
 
@@ -33,9 +34,15 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
     """The checkpoint's model; test images resized to 32 px (not 64) to keep the CPU tests fast."""
-    return IAUNetPredictor(tiny_cfg(**{
-        "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "MODEL.WEIGHTS": checkpoint[1], "INPUT.IMAGE_SIZE": 32,
-    }))
+    return IAUNetPredictor(
+        tiny_cfg(
+            **{
+                "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0,
+                "MODEL.WEIGHTS": checkpoint[1],
+                "INPUT.IMAGE_SIZE": 32,
+            }
+        )
+    )
 
 
 def _write_inputs(d) -> dict:
@@ -60,9 +67,28 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     good = _write_inputs(inp)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "iaunet.predict", "--config-file", checkpoint[0], "--weights", checkpoint[1],
-         "--input", str(inp), "--output", str(out), "--score-threshold", "0", "--device", "cpu"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "iaunet.predict",
+            "--config-file",
+            checkpoint[0],
+            "--weights",
+            checkpoint[1],
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--score-threshold",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log
@@ -97,9 +123,27 @@ def test_cli_end_to_end(checkpoint, tmp_path):
 def test_cli_tiled(checkpoint, tmp_path, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
-    cv2.imwrite(str(inp / "big.png"), np.random.default_rng(1).integers(0, 255, (90, 64), dtype=np.uint8))
-    code = main(["--config-file", checkpoint[0], "--weights", checkpoint[1], "--input", str(inp / "*.png"),
-                 "--output", str(out), "--score-threshold", "0", "--tile", "64", "--tile-overlap", "16"])
+    cv2.imwrite(
+        str(inp / "big.png"), np.random.default_rng(1).integers(0, 255, (90, 64), dtype=np.uint8)
+    )
+    code = main(
+        [
+            "--config-file",
+            checkpoint[0],
+            "--weights",
+            checkpoint[1],
+            "--input",
+            str(inp / "*.png"),
+            "--output",
+            str(out),
+            "--score-threshold",
+            "0",
+            "--tile",
+            "64",
+            "--tile-overlap",
+            "16",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert tifffile.imread(out / "big_labels.tif").shape == (90, 64)
     assert "1 images processed, 0 failed" in capsys.readouterr().err
@@ -108,10 +152,20 @@ def test_cli_tiled(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["no_match", "missing_weights", "unknown_opt"])
 def test_cli_usage_errors(checkpoint, tmp_path, capsys, case):
     cv2.imwrite(str(tmp_path / "x.png"), np.zeros((8, 8), np.uint8))
-    args = {"--config-file": checkpoint[0], "--weights": checkpoint[1], "--input": str(tmp_path / "*.png"),
-            "--output": str(tmp_path / "out")}
-    opts, expected = [], {"no_match": "no image files matched", "missing_weights": "weights file not found",
-                          "unknown_opt": "MODEL.NOT_A_KEY"}[case]
+    args = {
+        "--config-file": checkpoint[0],
+        "--weights": checkpoint[1],
+        "--input": str(tmp_path / "*.png"),
+        "--output": str(tmp_path / "out"),
+    }
+    opts, expected = (
+        [],
+        {
+            "no_match": "no image files matched",
+            "missing_weights": "weights file not found",
+            "unknown_opt": "MODEL.NOT_A_KEY",
+        }[case],
+    )
     if case == "no_match":
         args["--input"] = str(tmp_path / "*.tif")
     elif case == "missing_weights":
@@ -139,7 +193,11 @@ def test_predictor_shapes(predictor, image):
     n = len(inst)
     assert inst.image_size == (37, 53) and n > 0
     assert inst.pred_masks.shape == (n, 37, 53) and inst.pred_masks.dtype == torch.bool
-    assert inst.scores.shape == (n,) and inst.pred_classes.shape == (n,) and inst.pred_boxes.tensor.shape == (n, 4)
+    assert (
+        inst.scores.shape == (n,)
+        and inst.pred_classes.shape == (n,)
+        and inst.pred_boxes.tensor.shape == (n, 4)
+    )
     assert torch.all(inst.scores[:-1] >= inst.scores[1:])
 
 
@@ -152,7 +210,9 @@ def test_predictor_tiled_shapes(predictor, monkeypatch):
     monkeypatch.setattr(predictor, "auto_tile_above", 80)  # longest side 90 > 80: __call__ tiles
     monkeypatch.setattr(predictor, "tile_overlap", 16)
     calls = []
-    monkeypatch.setattr(predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile))
+    monkeypatch.setattr(
+        predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile)
+    )
     assert predictor(image).pred_masks.shape[1:] == (90, 70)
     assert calls and all(max(s[:2]) <= predictor.tile_size for s in calls)
 
@@ -162,7 +222,9 @@ def test_tile_starts():
     for length, tile, overlap in [(300, 128, 32), (1000, 512, 64), (513, 512, 0), (4096, 512, 100)]:
         s = tile_starts(length, tile, overlap)
         assert s[0] == 0 and s[-1] + tile == length
-        assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))  # neighbours share >= overlap px
+        assert all(
+            b - a <= tile - overlap for a, b in zip(s, s[1:])
+        )  # neighbours share >= overlap px
         assert len(s) == 1 or (len(s) - 1) * (tile - overlap) < length - overlap  # no spare tile
     with pytest.raises(ValueError):
         tile_starts(100, 32, 32)
@@ -200,8 +262,12 @@ def _components(tile: np.ndarray) -> Instances:
     scores depend on the tile content (so that duplicates of different tiles differ)."""
     n, lab = cv2.connectedComponents((tile[..., 0] > 127).astype(np.uint8))
     inst = Instances(tile.shape[:2])
-    inst.pred_masks = torch.from_numpy(np.stack([lab == k for k in range(1, n)]).reshape(n - 1, *tile.shape[:2]))
-    inst.scores = torch.tensor([0.5 + 0.4 * (lab == k).mean() for k in range(1, n)], dtype=torch.float32)
+    inst.pred_masks = torch.from_numpy(
+        np.stack([lab == k for k in range(1, n)]).reshape(n - 1, *tile.shape[:2])
+    )
+    inst.scores = torch.tensor(
+        [0.5 + 0.4 * (lab == k).mean() for k in range(1, n)], dtype=torch.float32
+    )
     inst.pred_classes = torch.zeros(n - 1, dtype=torch.int64)
     return inst
 
@@ -210,7 +276,9 @@ def _components(tile: np.ndarray) -> Instances:
 def test_tiled_stitching_keeps_each_object_once_and_whole(predictor, monkeypatch, full_masks):
     image, gt = _disc_image()
     calls = []
-    monkeypatch.setattr(predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile))
+    monkeypatch.setattr(
+        predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile)
+    )
     inst = predictor.predict_tiled(image, tile=128, overlap=32, full_masks=full_masks)
     assert len(calls) == 9 and all(s[:2] == (128, 128) for s in calls)  # native tiles, no padding
     masks = inst.pred_masks.numpy() if full_masks else inst.pred_masks.to_bitmasks().numpy()
@@ -235,10 +303,18 @@ def test_mask_crops_rle_and_labels():
     crops = MaskCrops.from_bitmasks(torch.from_numpy(full))
     assert (crops.to_bitmasks().numpy() == full).all()
     for rle, m in zip(crops.to_rles(), full):
-        assert rle["counts"] == mask_util.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+        assert (
+            rle["counts"]
+            == mask_util.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode()
+        )
     assert len(crops[torch.tensor([True, False, True, False])]) == 2 and len(crops[1:]) == 3
     labels = label_image(crops, h, w)  # crops in decreasing score order: lower index wins overlaps
-    assert labels.dtype == np.uint16 and labels[4, 3] == 1 and labels[10, 16] == 3 and labels[9, 16] == 3
+    assert (
+        labels.dtype == np.uint16
+        and labels[4, 3] == 1
+        and labels[10, 16] == 3
+        and labels[9, 16] == 3
+    )
     assert labels[3, 16] == 3 and labels[12, 26] == 2 and labels[14, 20] == 4 and labels[20, 0] == 0
     empty = MaskCrops.from_bitmasks(torch.zeros((1, h, w), dtype=torch.bool))
     assert mask_util.area(empty.to_rles()[0]) == 0

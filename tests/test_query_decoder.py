@@ -45,7 +45,9 @@ def test_last_prediction_independent_of_aux_at_inference():
     a = dec(memories, e, deep_supervision=False)
     dec.aux_predictions_at_test = True
     b = dec(memories, e, deep_supervision=False)
-    assert torch.allclose(a["pred_masks"], b["pred_masks"]) and torch.allclose(a["pred_logits"], b["pred_logits"])
+    assert torch.allclose(a["pred_masks"], b["pred_masks"]) and torch.allclose(
+        a["pred_logits"], b["pred_logits"]
+    )
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])

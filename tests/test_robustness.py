@@ -2,6 +2,7 @@
 names the file or config key -- never a deep library stack trace, never a silent skip. The table of cases
 and the behaviour chosen for each is docs/robustness.md; the sections below follow its sections.
 """
+
 import contextlib
 import glob
 import itertools
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import ROOT, tiny_cfg
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.engine import HookBase, SimpleTrainer, default_argument_parser
 from detectron2.evaluation import COCOEvaluator
@@ -26,22 +28,40 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import ROOT, tiny_cfg
+import train_net  # noqa: E402
 from iaunet.checkpoint import AtomicCheckpointer, CheckpointError
+from iaunet.config import ConfigError  # noqa: E402  (ROOT is on sys.path through conftest)
 from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_model_range
 from iaunet.data.datasets.common import register_coco_dataset
 from iaunet.modeling.matcher import HungarianMatcher
 
-import train_net  # noqa: E402
-from iaunet.config import ConfigError  # noqa: E402  (ROOT is on sys.path through conftest)
-
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
 # train_net.py options for a tiny CPU run (as in test_end_to_end.py), without the final evaluation.
 TINY = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.IAUNET.HIDDEN_DIM", "32", "MODEL.IAUNET.MASK_DIM", "32",
-    "MODEL.IAUNET.DIM_FEEDFORWARD", "64", "MODEL.IAUNET.NHEADS", "4", "MODEL.IAUNET.NUM_QUERIES", "8",
-    "MODEL.IAUNET.TRAIN_NUM_POINTS", "256", "INPUT.IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "SEED", "42",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.IAUNET.HIDDEN_DIM",
+    "32",
+    "MODEL.IAUNET.MASK_DIM",
+    "32",
+    "MODEL.IAUNET.DIM_FEEDFORWARD",
+    "64",
+    "MODEL.IAUNET.NHEADS",
+    "4",
+    "MODEL.IAUNET.NUM_QUERIES",
+    "8",
+    "MODEL.IAUNET.TRAIN_NUM_POINTS",
+    "256",
+    "INPUT.IMAGE_SIZE",
+    "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "DATASETS.TEST",
+    "()",
+    "SEED",
+    "42",
 ]
 
 
@@ -93,7 +113,10 @@ def _square(x0: float, y0: float, size: float) -> list:
 
 
 def _record(path, h: int, w: int, polygons=()) -> dict:
-    anns = [{"category_id": 0, "segmentation": [p], "iscrowd": 0, "id": i + 1} for i, p in enumerate(polygons)]
+    anns = [
+        {"category_id": 0, "segmentation": [p], "iscrowd": 0, "id": i + 1}
+        for i, p in enumerate(polygons)
+    ]
     return {"file_name": str(path), "height": h, "width": w, "annotations": anns}
 
 
@@ -101,12 +124,14 @@ def _record(path, h: int, w: int, polygons=()) -> dict:
 # Image files: through read_image / IAUNetDatasetMapper
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _truncated(src_writer, ext):
     def write(path):
         full = path.with_name("full" + ext)
         src_writer(full)
         data = full.read_bytes()
         path.write_bytes(data[: len(data) // 2])
+
     return write
 
 
@@ -130,9 +155,16 @@ BAD_IMAGES = [
     ("truncated.tif", _truncated(_tif(_NOISE8.astype(np.uint16) * 200), ".tif"), r"truncated\.tif"),
     ("text.png", lambda p: p.write_text("not an image\n" * 20), r"text\.png: not an image"),
     ("text.tif", lambda p: p.write_text("not an image\n" * 20), r"text\.tif.*not a TIFF"),
-    ("zstack.tif", _tif(np.zeros((5, 16, 16), np.uint16)), r"zstack\.tif.*3-D stack.*max-projection"),
-    ("zstack_imagej.tif", _tif(np.zeros((3, 16, 16), np.float32), imagej=True, metadata={"axes": "ZYX"}),
-     r"zstack_imagej\.tif.*Z=3.*3-D stack.*max-projection"),
+    (
+        "zstack.tif",
+        _tif(np.zeros((5, 16, 16), np.uint16)),
+        r"zstack\.tif.*3-D stack.*max-projection",
+    ),
+    (
+        "zstack_imagej.tif",
+        _tif(np.zeros((3, 16, 16), np.float32), imagej=True, metadata={"axes": "ZYX"}),
+        r"zstack_imagej\.tif.*Z=3.*3-D stack.*max-projection",
+    ),
     ("nan.tif", _tif(_NAN), r"nan\.tif: contains NaN or infinite"),
     ("inf.tif", _tif(_INF), r"inf\.tif: contains NaN or infinite"),
 ]
@@ -184,12 +216,18 @@ def test_elongated_images_keep_at_least_one_pixel(tmp_path, mappers, model):
 def test_intensity_edge_cases_give_valid_images(tmp_path, mappers):
     tifffile.imwrite(tmp_path / "zeros16.tif", np.zeros((16, 16), np.uint16))
     tifffile.imwrite(tmp_path / "const16.tif", np.full((16, 16), 1234, np.uint16))
-    tifffile.imwrite(tmp_path / "float.tif", np.linspace(-3, 7, 256, dtype=np.float32).reshape(16, 16))
+    tifffile.imwrite(
+        tmp_path / "float.tif", np.linspace(-3, 7, 256, dtype=np.float32).reshape(16, 16)
+    )
     for name in ("zeros16.tif", "const16.tif", "float.tif"):
         for rule in ("percentile", "dtype"):
             x = to_model_range(read_image(str(tmp_path / name)), rule, name=name)
-            assert x.shape == (16, 16, 3) and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 255
-    assert to_model_range(np.zeros((16, 16), np.uint16)).max() == 0  # flat image: no division by zero
+            assert (
+                x.shape == (16, 16, 3) and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 255
+            )
+    assert (
+        to_model_range(np.zeros((16, 16), np.uint16)).max() == 0
+    )  # flat image: no division by zero
     out = mappers[0](_record(tmp_path / "zeros16.tif", 16, 16, [_square(2, 2, 8)]))
     assert torch.isfinite(out["image"]).all()
 
@@ -198,8 +236,10 @@ def test_bad_polygons_in_the_mapper(tmp_path, mappers):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32), np.uint8))
     out_of_bounds = [-10, -10, 100, -10, 100, 12, -10, 12]  # clipped to the image
     bowtie = [2, 2, 20, 20, 20, 2, 2, 20]  # self-intersecting: rasterized as drawn (two triangles)
-    mapper = IAUNetDatasetMapper(tiny_cfg(**{"INPUT.IMAGE_SIZE": 32, "INPUT.SCALE_RANGE": (1.0, 1.0),
-                                             "INPUT.FLIPS": []}), is_train=True)
+    mapper = IAUNetDatasetMapper(
+        tiny_cfg(**{"INPUT.IMAGE_SIZE": 32, "INPUT.SCALE_RANGE": (1.0, 1.0), "INPUT.FLIPS": []}),
+        is_train=True,
+    )
     inst = mapper(_record(tmp_path / "a.png", 32, 32, [out_of_bounds, bowtie]))["instances"]
     masks = inst.gt_masks.tensor
     assert len(inst) == 2 and masks[0, :12].all() and not masks[0, 13:].any()
@@ -222,18 +262,40 @@ def _coco_tree(tmp_path, images=None, annotations=None):
     if images is None:
         images = [{"id": i, "file_name": f"{i}.png", "height": 32, "width": 32} for i in (1, 2)]
     if annotations is None:
-        annotations = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [_square(2, 2, 8)], "iscrowd": 0}]
+        annotations = [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [_square(2, 2, 8)],
+                "iscrowd": 0,
+            }
+        ]
     json_file = tmp_path / "annotations.json"
-    json_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                     "categories": [{"id": 1, "name": "cell"}]}))
+    json_file.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "cell"}],
+            }
+        )
+    )
     name = f"robustness_{next(_DATASET_IDS)}"
-    register_coco_dataset(name, str(json_file), str(tmp_path / "images"), {"thing_classes": ["cell"]})
+    register_coco_dataset(
+        name, str(json_file), str(tmp_path / "images"), {"thing_classes": ["cell"]}
+    )
     return name, str(json_file)
 
 
 def _ann(ann_id, image_id=1, category_id=1, polygon=None):
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
-            "segmentation": [polygon or _square(2, 2, 8)]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
+        "segmentation": [polygon or _square(2, 2, 8)],
+    }
 
 
 def test_polygons_with_fewer_than_3_points_are_dropped_with_a_warning(tmp_path):
@@ -242,19 +304,39 @@ def test_polygons_with_fewer_than_3_points_are_dropped_with_a_warning(tmp_path):
     with captured_logs("iaunet.data.datasets.common") as logs:
         dicts = DatasetCatalog.get(name)
     assert [len(d["annotations"]) for d in dicts] == [1, 0]
-    assert f"{json_file}: dropped degenerate polygons" in _messages(logs) and "ids [1, 3]" in _messages(logs)
+    assert f"{json_file}: dropped degenerate polygons" in _messages(
+        logs
+    ) and "ids [1, 3]" in _messages(logs)
 
 
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(annotations=[_ann(1, category_id=7)]), ValueError, r"annotations\.json: annotation 1 has category_id=7"),
-        (dict(images=[{"id": 1, "file_name": "1.png", "height": 32, "width": 32},
-                      {"id": 1, "file_name": "2.png", "height": 32, "width": 32}]),
-         ValueError, r"annotations\.json: duplicate image id 1"),
-        (dict(images=[{"id": 1, "file_name": "gone.png", "height": 32, "width": 32}]),
-         FileNotFoundError, r"annotations\.json lists image .*gone\.png, which does not exist"),
-        (dict(images=[], annotations=[]), ValueError, r"robustness_\d+'?: .*annotations\.json lists no images"),
+        (
+            dict(annotations=[_ann(1, category_id=7)]),
+            ValueError,
+            r"annotations\.json: annotation 1 has category_id=7",
+        ),
+        (
+            dict(
+                images=[
+                    {"id": 1, "file_name": "1.png", "height": 32, "width": 32},
+                    {"id": 1, "file_name": "2.png", "height": 32, "width": 32},
+                ]
+            ),
+            ValueError,
+            r"annotations\.json: duplicate image id 1",
+        ),
+        (
+            dict(images=[{"id": 1, "file_name": "gone.png", "height": 32, "width": 32}]),
+            FileNotFoundError,
+            r"annotations\.json lists image .*gone\.png, which does not exist",
+        ),
+        (
+            dict(images=[], annotations=[]),
+            ValueError,
+            r"robustness_\d+'?: .*annotations\.json lists no images",
+        ),
     ],
     ids=["unknown_category", "duplicate_image_id", "image_file_missing", "no_images"],
 )
@@ -280,17 +362,22 @@ def test_dataset_without_annotations(tmp_path):
     with captured_logs("iaunet.data.datasets.common") as logs:
         assert len(DatasetCatalog.get(name)) == 2
     assert f"{json_file} has no annotations at all" in _messages(logs)
-    cfg = tiny_cfg(**{"DATASETS.TRAIN": (name,), "DATALOADER.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 2})
+    cfg = tiny_cfg(
+        **{"DATASETS.TRAIN": (name,), "DATALOADER.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 2}
+    )
     with pytest.raises(AssertionError, match=f"No valid data found in {name}"):
         build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
-    batch = next(iter(build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))))
+    batch = next(
+        iter(build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True)))
+    )
     assert [len(x["instances"]) for x in batch] == [0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Config, model building, weights, output folder: as train_net.py builds them
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _args(*opts, config_file=QUICK_CONFIG):
     return default_argument_parser().parse_args(["--config-file", config_file, *opts])
@@ -299,9 +386,13 @@ def _args(*opts, config_file=QUICK_CONFIG):
 def test_unknown_config_key_is_named(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(f"_BASE_: {QUICK_CONFIG}\nMODEL:\n  IAUNET:\n    NUM_QUERYS: 5\n")
-    with pytest.raises(ConfigError, match=f"cannot use config file {bad_yaml}: .*MODEL.IAUNET.NUM_QUERYS"):
+    with pytest.raises(
+        ConfigError, match=f"cannot use config file {bad_yaml}: .*MODEL.IAUNET.NUM_QUERYS"
+    ):
         train_net.setup(_args(config_file=str(bad_yaml)))
-    with pytest.raises(ConfigError, match="invalid config override MODEL.IAUNET.NUM_QUERYS 5: Non-existent key"):
+    with pytest.raises(
+        ConfigError, match="invalid config override MODEL.IAUNET.NUM_QUERYS 5: Non-existent key"
+    ):
         train_net.setup(_args("MODEL.IAUNET.NUM_QUERYS", "5"))
     with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
         train_net.setup(_args(config_file=str(tmp_path / "missing.yaml")))
@@ -315,21 +406,36 @@ def test_command_line_config_errors_are_one_line(script):
     worker or model starts, and without a traceback."""
     extra = ["--opts"] if script == "tools/benchmark.py" else []
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), "--config-file", QUICK_CONFIG, *extra, "MODEL.IAUNET.NUM_QUERYS", "5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(ROOT, script),
+            "--config-file",
+            QUICK_CONFIG,
+            *extra,
+            "MODEL.IAUNET.NUM_QUERYS",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert errors == [f"{os.path.basename(script)}: error: invalid config override MODEL.IAUNET.NUM_QUERYS 5: "
-                      "Non-existent key: MODEL.IAUNET.NUM_QUERYS"], proc.stderr
+    assert errors == [
+        f"{os.path.basename(script)}: error: invalid config override MODEL.IAUNET.NUM_QUERYS 5: "
+        "Non-existent key: MODEL.IAUNET.NUM_QUERYS"
+    ], proc.stderr
 
 
 def test_unknown_backbone_and_bad_loss_weight_are_named():
     message = r"MODEL.BACKBONE.NAME 'resnet50' is not a registered backbone.*build_resnet_backbone"
     with pytest.raises(KeyError, match=message):
         build_model(tiny_cfg(**{"MODEL.BACKBONE.NAME": "resnet50"}))
-    with pytest.raises(ValueError, match="MODEL.IAUNET.DICE_WEIGHT must be a finite number >= 0, got inf"):
+    with pytest.raises(
+        ValueError, match="MODEL.IAUNET.DICE_WEIGHT must be a finite number >= 0, got inf"
+    ):
         build_model(tiny_cfg(**{"MODEL.IAUNET.DICE_WEIGHT": "1e999"}))
 
 
@@ -355,9 +461,15 @@ def test_weights_that_are_not_a_checkpoint_are_named(tmp_path, model):
 
 def test_eval_only_with_weights_that_are_not_a_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "weights.pth").write_text("this is not a checkpoint\n")
-    cfg = tiny_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "weights.pth"), "OUTPUT_DIR": str(tmp_path / "out")})
-    monkeypatch.setattr(train_net, "setup", lambda args: cfg)  # train_net.main without default_setup's global effects
-    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {tmp_path / 'weights.pth'}: "):
+    cfg = tiny_cfg(
+        **{"MODEL.WEIGHTS": str(tmp_path / "weights.pth"), "OUTPUT_DIR": str(tmp_path / "out")}
+    )
+    monkeypatch.setattr(
+        train_net, "setup", lambda args: cfg
+    )  # train_net.main without default_setup's global effects
+    with pytest.raises(
+        CheckpointError, match=f"cannot load checkpoint {tmp_path / 'weights.pth'}: "
+    ):
         train_net.main(_args("--eval-only"))
 
 
@@ -371,17 +483,25 @@ def test_checkpoint_with_another_number_of_classes(tmp_path, model):
         AtomicCheckpointer(model3).load(str(tmp_path / "one_class.pth"))
     text = _messages(logs)
     skipped = {k for k, v in model.state_dict().items() if v.shape != fresh[k].shape}
-    assert skipped == {"query_decoder.class_embed.weight", "query_decoder.class_embed.bias", "criterion.empty_weight"}
+    assert skipped == {
+        "query_decoder.class_embed.weight",
+        "query_decoder.class_embed.bias",
+        "criterion.empty_weight",
+    }
     for key in skipped:
         assert f"Skip loading parameter '{key}'" in text
         assert torch.equal(model3.state_dict()[key], fresh[key])
     loaded = model3.state_dict()
-    assert torch.equal(loaded["query_decoder.mask_embed.weight"], model.state_dict()["query_decoder.mask_embed.weight"])
+    assert torch.equal(
+        loaded["query_decoder.mask_embed.weight"],
+        model.state_dict()["query_decoder.mask_embed.weight"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Atomic checkpoints; kill and resume
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, model, monkeypatch):
     ckpt = AtomicCheckpointer(model, str(tmp_path))
@@ -397,18 +517,32 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, model, monkeyp
     with pytest.raises(OSError, match="No space left"):
         ckpt.save("model_0000003", iteration=3)
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]  # no partial or temp file
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+    ]  # no partial or temp file
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert (tmp_path / "model_0000001.pth").read_bytes() == before
-    assert AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1
+    assert (
+        AtomicCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1
+    )
 
 
 def _train_command(opts, flags=()):
-    return [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", QUICK_CONFIG, *flags, *opts]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train_net.py"),
+        "--config-file",
+        QUICK_CONFIG,
+        *flags,
+        *opts,
+    ]
 
 
 def _env(datasets_root):
-    return dict(os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -427,13 +561,22 @@ def test_kill_and_resume(tmp_path, synthetic_ready):
     max_iter = 20
     opts = TINY + ["SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", out]
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(_train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "3"]), cwd=ROOT,
-                                env=_env(synthetic_ready), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "3"]),
+            cwd=ROOT,
+            env=_env(synthetic_ready),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:  # checkpoints after iterations 2, 5, 8, ...: kill while the third is being written
             deadline = time.time() + 300
-            while not (glob.glob(os.path.join(out, ".model_0000008.pth.tmp-*"))
-                       or os.path.exists(os.path.join(out, "model_0000008.pth"))):
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            while not (
+                glob.glob(os.path.join(out, ".model_0000008.pth.tmp-*"))
+                or os.path.exists(os.path.join(out, "model_0000008.pth"))
+            ):
+                assert proc.poll() is None and time.time() < deadline, (
+                    tmp_path / "killed.log"
+                ).read_text()[-3000:]
                 time.sleep(0.01)
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -441,23 +584,35 @@ def test_kill_and_resume(tmp_path, synthetic_ready):
     with open(os.path.join(out, "last_checkpoint")) as f:
         last = f.read().strip()
     assert last in ("model_0000005.pth", "model_0000008.pth")  # the last complete one
-    last_iter = int(last[len("model_"):-len(".pth")])
+    last_iter = int(last[len("model_") : -len(".pth")])
     partial = glob.glob(os.path.join(out, ".*.tmp-*"))
     for name in os.listdir(out):  # every visible checkpoint is complete and loadable
         if name.endswith(".pth"):
-            assert torch.load(os.path.join(out, name), weights_only=False)["iteration"] == int(name[6:13])
+            assert torch.load(os.path.join(out, name), weights_only=False)["iteration"] == int(
+                name[6:13]
+            )
 
-    proc = subprocess.run(_train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "100"], ["--resume"]), cwd=ROOT,
-                          env=_env(synthetic_ready), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "100"], ["--resume"]),
+        cwd=ROOT,
+        env=_env(synthetic_ready),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert "iaunet.checkpoint]: Saving checkpoint to" in log  # the atomic checkpointer is the one in use
+    assert (
+        "iaunet.checkpoint]: Saving checkpoint to" in log
+    )  # the atomic checkpointer is the one in use
     assert ("Partial files of interrupted checkpoint saves" in log) == bool(partial)
     assert f"Loading trainer from {os.path.join(out, last)}" in log
     assert f"Starting training from iteration {last_iter + 1}" in log
     final = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
     assert final["iteration"] == max_iter - 1
-    assert final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == max_iter  # schedule resumed, not restarted
+    assert (
+        final["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == max_iter
+    )  # schedule resumed, not restarted
     assert _last_metrics(out)["iteration"] == max_iter - 1
     with open(os.path.join(out, "last_checkpoint")) as f:
         assert f.read().strip() == "model_final.pth"
@@ -468,22 +623,41 @@ def test_training_is_deterministic_with_a_fixed_seed(tmp_path, synthetic_ready):
     iterations: PeriodicWriter writes every 20) and bit-identical final weights, i.e. every step equal."""
     procs = []
     for run in ("a", "b"):
-        opts = TINY + ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100", "OUTPUT_DIR", str(tmp_path / run)]
-        procs.append(subprocess.Popen(_train_command(opts), cwd=ROOT, env=_env(synthetic_ready),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        opts = TINY + [
+            "SOLVER.MAX_ITER",
+            "4",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+            "OUTPUT_DIR",
+            str(tmp_path / run),
+        ]
+        procs.append(
+            subprocess.Popen(
+                _train_command(opts),
+                cwd=ROOT,
+                env=_env(synthetic_ready),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log[-3000:]
     a, b = (_last_metrics(str(tmp_path / run)) for run in ("a", "b"))
     losses = {k for k in a if k.startswith("loss_") or k == "total_loss"}
     assert len(losses) > 3 and {k: a[k] for k in losses} == {k: b[k] for k in losses}
-    wa, wb = (torch.load(tmp_path / run / "model_final.pth", weights_only=False)["model"] for run in ("a", "b"))
+    wa, wb = (
+        torch.load(tmp_path / run / "model_final.pth", weights_only=False)["model"]
+        for run in ("a", "b")
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Non-finite losses, zero-instance images
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory, mappers):
@@ -493,8 +667,10 @@ def batch(tmp_path_factory, mappers):
     cv2.imwrite(str(folder / "empty.png"), np.full((48, 48), 60, np.uint8))
     torch.manual_seed(0)
     np.random.seed(0)
-    return [mappers[0](_record(folder / "cells.png", 48, 48, [_square(4, 4, 12), _square(24, 24, 16)])),
-            mappers[0](_record(folder / "empty.png", 48, 48))]
+    return [
+        mappers[0](_record(folder / "cells.png", 48, 48, [_square(4, 4, 12), _square(24, 24, 16)])),
+        mappers[0](_record(folder / "empty.png", 48, 48)),
+    ]
 
 
 def test_zero_instance_images_train(cfg, batch):
@@ -519,7 +695,9 @@ def test_non_finite_loss_stops_training_naming_term_and_iteration(cfg, batch):
             if self.trainer.iter == 2:
                 model.criterion.weights["loss_dice"] = float("nan")
 
-    trainer = SimpleTrainer(model, itertools.repeat(batch), torch.optim.SGD(model.parameters(), lr=0.0))
+    trainer = SimpleTrainer(
+        model, itertools.repeat(batch), torch.optim.SGD(model.parameters(), lr=0.0)
+    )
     trainer.register_hooks([BreakDiceAtIteration2()])
     message = r"loss loss_dice = nan is not finite \(at iteration 2, images .*cells.png"
     with pytest.raises(FloatingPointError, match=message):
@@ -532,7 +710,10 @@ def test_matcher_never_sees_nan(cfg, batch, monkeypatch):
         raise AssertionError("linear_sum_assignment called on a NaN cost")
 
     monkeypatch.setattr("iaunet.modeling.matcher.linear_sum_assignment", must_not_run)
-    outputs = {"pred_logits": torch.full((1, 4, 2), math.nan), "pred_masks": torch.zeros(1, 4, 8, 8)}
+    outputs = {
+        "pred_logits": torch.full((1, 4, 2), math.nan),
+        "pred_masks": torch.zeros(1, 4, 8, 8),
+    }
     targets = [{"labels": torch.zeros(1, dtype=torch.long), "masks": torch.ones(1, 32, 32)}]
     with pytest.raises(FloatingPointError, match="non-finite matching cost for image 0"):
         HungarianMatcher(num_points=16)(outputs, targets)
@@ -548,6 +729,7 @@ def test_matcher_never_sees_nan(cfg, batch, monkeypatch):
 # Evaluation edge cases (COCOEvaluator as train_net.Trainer.build_evaluator configures it)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _grid_dataset(tmp_path, n_rows=10, n_cols=15):
     """One 100 x 150 image with 150 separate 6x6 cells (polygons) and their masks."""
     h, w = n_rows * 10, n_cols * 10
@@ -556,7 +738,7 @@ def _grid_dataset(tmp_path, n_rows=10, n_cols=15):
         x0, y0 = c * 10 + 2, r * 10 + 2
         anns.append(_ann(len(anns) + 1, polygon=_square(x0, y0, 6)))
         mask = np.zeros((h, w), bool)
-        mask[y0:y0 + 6, x0:x0 + 6] = True
+        mask[y0 : y0 + 6, x0 : x0 + 6] = True
         masks.append(mask)
     (tmp_path / "images").mkdir()
     cv2.imwrite(str(tmp_path / "images" / "grid.png"), np.zeros((h, w), np.uint8))
@@ -589,7 +771,9 @@ def test_zero_predictions_and_zero_ground_truth(tmp_path):
     (tmp_path / "gt").mkdir()
     (tmp_path / "nogt").mkdir()
     name, masks = _grid_dataset(tmp_path / "gt", n_rows=1, n_cols=2)
-    assert all(math.isnan(v) for v in _evaluate(name, masks[:0], 100).values())  # no predictions: NaN + warning
+    assert all(
+        math.isnan(v) for v in _evaluate(name, masks[:0], 100).values()
+    )  # no predictions: NaN + warning
     empty_name, _ = _coco_tree(tmp_path / "nogt", annotations=[])
     DatasetCatalog.get(empty_name)
     pred = torch.zeros(1, 32, 32, dtype=torch.bool)

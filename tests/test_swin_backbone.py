@@ -1,4 +1,5 @@
 """Tests of the timm-backed Swin backbone and of tools/convert_pretrained.py (tiny models, no downloads)."""
+
 import importlib.util
 import re
 from pathlib import Path
@@ -18,7 +19,6 @@ from iaunet.config import add_iaunet_config
 from iaunet.modeling.backbone.swin import D2SwinTransformer
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run faster on 1 thread; restored so that other test modules are unaffected."""
@@ -26,6 +26,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 _TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_pretrained.py"
 _spec = importlib.util.spec_from_file_location("convert_pretrained", _TOOL)
@@ -53,8 +54,13 @@ def timm_tiny_swin(window_size: int = 7) -> SwinTransformer:
     """
     torch.manual_seed(1)
     return SwinTransformer(
-        embed_dim=TINY["EMBED_DIM"], depths=TINY["DEPTHS"], num_heads=TINY["NUM_HEADS"],
-        window_size=window_size, num_classes=10, drop_path_rate=0.0, always_partition=True,
+        embed_dim=TINY["EMBED_DIM"],
+        depths=TINY["DEPTHS"],
+        num_heads=TINY["NUM_HEADS"],
+        window_size=window_size,
+        num_classes=10,
+        drop_path_rate=0.0,
+        always_partition=True,
     ).eval()
 
 
@@ -64,7 +70,10 @@ def test_output_shapes(size):
     assert model.size_divisibility == 32
     shapes = model.output_shape()
     assert {k: (s.channels, s.stride) for k, s in shapes.items()} == {
-        "res2": (32, 4), "res3": (64, 8), "res4": (128, 16), "res5": (256, 32)
+        "res2": (32, 4),
+        "res3": (64, 8),
+        "res4": (128, 16),
+        "res5": (256, 32),
     }
     with torch.no_grad():
         out = model(torch.randn(2, 3, *size))
@@ -103,7 +112,9 @@ def test_padding_precedes_the_shift():
     x = torch.randn(2, 9, 13, block.dim)  # padded to 14 x 14
     with torch.no_grad():
         ours = block._attn(x)
-        padded = SwinTransformerBlock._attn(block, F.pad(x, (0, 0, 0, 1, 0, 5)))  # timm path, no padding needed
+        padded = SwinTransformerBlock._attn(
+            block, F.pad(x, (0, 0, 0, 1, 0, 5))
+        )  # timm path, no padding needed
     torch.testing.assert_close(ours, padded[:, :9, :13], rtol=0, atol=1e-6)
 
 
@@ -130,9 +141,13 @@ class _Wrapper(nn.Module):
 
 def _to_official_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """timm layout -> microsoft/Swin-Transformer layout (downsample at the end of the previous stage)."""
+
     def rename(key: str) -> str:
-        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        key = re.sub(
+            r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key
+        )
         return key.replace("head.fc.", "head.")
+
     return {rename(k): v for k, v in state.items()}
 
 
@@ -149,7 +164,9 @@ def test_swin_conversion_round_trip(tmp_path, layout, suffix):
     DetectionCheckpointer(model).load(path)
     ours = model.backbone.state_dict()
     expected = convert_pretrained.convert_swin(timm_tiny_swin().state_dict(), prefix="")
-    assert set(ours) - set(expected) == {f"norm{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    assert set(ours) - set(expected) == {
+        f"norm{i}.{p}" for i in range(3) for p in ("weight", "bias")
+    }
     for key, value in expected.items():
         assert torch.equal(ours[key], value), key
 
@@ -159,7 +176,9 @@ def test_swin_window_resize():
     state = convert_pretrained.convert_swin(source, window_size=12, prefix="")
     model = tiny_swin(WINDOW_SIZE=12)
     result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys and all(re.match(r"norm[012]\.", k) for k in result.missing_keys)
+    assert not result.unexpected_keys and all(
+        re.match(r"norm[012]\.", k) for k in result.missing_keys
+    )
     table = model.layers[0].blocks[0].attn.relative_position_bias_table
     assert table.shape == (23 * 23, 1)
     # bicubic resize keeps the centre (zero offset) of the table: entry (6, 6) of 13x13 -> (11, 11) of 23x23

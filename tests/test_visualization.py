@@ -1,20 +1,26 @@
 """Prediction / ground-truth images after evaluation (iaunet.evaluation.visualization)."""
+
 import os
 from types import SimpleNamespace
 
 import cv2
+from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from conftest import tiny_cfg
 from iaunet.evaluation import VisualizationHook, visualize_predictions
 
 
 def test_visualize_predictions_and_hook(tmp_path):
-    cfg = tiny_cfg(**{
-        "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "OUTPUT_DIR": str(tmp_path), "TEST.EVAL_PERIOD": 5,
-        "INPUT.IMAGE_SIZE": 32, "DATASETS.TEST": ("synthetic_cells_val",),
-    })
+    cfg = tiny_cfg(
+        **{
+            "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0,
+            "OUTPUT_DIR": str(tmp_path),
+            "TEST.EVAL_PERIOD": 5,
+            "INPUT.IMAGE_SIZE": 32,
+            "DATASETS.TEST": ("synthetic_cells_val",),
+        }
+    )
     model = build_model(cfg).train()
 
     # After --eval-only: no EventStorage, so a SummaryWriter on OUTPUT_DIR.

@@ -24,6 +24,7 @@ How things are counted:
 
 The module can be imported (``count_parameters``, ``count_flops``, ``setup_cfg``), e.g. by tests.
 """
+
 import argparse
 import os
 import sys
@@ -50,7 +51,9 @@ DECODER_BLOCK_MODULES = ("cross_attention", "self_attention", "ffn", "memory_pro
 TASKS = ("parameter", "flop")
 
 
-def setup_cfg(config_file: str = "", opts: Sequence[str] = (), thesis_count: bool = False) -> CfgNode:
+def setup_cfg(
+    config_file: str = "", opts: Sequence[str] = (), thesis_count: bool = False
+) -> CfgNode:
     """Config from a YAML file and ``KEY VALUE`` overrides, on the CPU; ``thesis_count`` adds the aux heads."""
     cfg = load_config(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
@@ -96,7 +99,9 @@ def _sum_groups(values: Dict[str, float], groups: List[Tuple[str, List[str]]]) -
     """Sum per-module values over each group; names prefixed with ``-`` are subtracted."""
     out = {}
     for label, names in groups:
-        out[label] = sum(-values.get(n[1:], 0) if n.startswith("-") else values.get(n, 0) for n in names)
+        out[label] = sum(
+            -values.get(n[1:], 0) if n.startswith("-") else values.get(n, 0) for n in names
+        )
     return out
 
 
@@ -175,11 +180,15 @@ def count_flops(cfg: CfgNode, size: int = 512, model: Optional[nn.Module] = None
     image = torch.zeros(1, 3, padded, padded)
     image[..., :size, :size] = torch.rand(1, 3, size, size) * 255
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about data-dependent shapes in post-processing
+        warnings.simplefilter(
+            "ignore"
+        )  # tracer warnings about data-dependent shapes in post-processing
         network = _Network(model).eval()
         net = _analysis(network, (image,))
         prefix = "model.model."  # TracingAdapter.model -> _Network.model
-        per_module = {k[len(prefix) :]: v for k, v in net.by_module().items() if k.startswith(prefix)}
+        per_module = {
+            k[len(prefix) :]: v for k, v in net.by_module().items() if k.startswith(prefix)
+        }
         per_module[""] = total = net.total()
         operators = net.by_operator()
         logits, masks = network(image)[:2]
@@ -199,8 +208,14 @@ def count_flops(cfg: CfgNode, size: int = 512, model: Optional[nn.Module] = None
 
 
 def _format(params: Dict[str, int], flops: Dict[str, Any]) -> str:
-    rows = [k for k in (params or flops) if k not in ("total", "postprocess", "kept", "operators", "unsupported")]
-    lines = [f"{'module':40s} {'params (M)' if params else '':>11s} {'GFLOPs' if flops else '':>9s}".rstrip()]
+    rows = [
+        k
+        for k in (params or flops)
+        if k not in ("total", "postprocess", "kept", "operators", "unsupported")
+    ]
+    lines = [
+        f"{'module':40s} {'params (M)' if params else '':>11s} {'GFLOPs' if flops else '':>9s}".rstrip()
+    ]
     for row in rows + ["total"]:
         p = f"{params[row] / 1e6:11.2f}" if params else f"{'':11s}"
         f = f"{flops[row] / 1e9:9.2f}" if flops else ""
@@ -212,7 +227,9 @@ def _format(params: Dict[str, int], flops: Dict[str, Any]) -> str:
         lines.append(f"Total GFLOPs by operator: {by_op}")
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(flops["unsupported"].items()))
         lines.append(f"Ops without a FLOP handle (not counted): {ops or 'none'}")
-        lines.append("Element-wise ops, softmax and sigmoid are not counted by design (detectron2's ignore list).")
+        lines.append(
+            "Element-wise ops, softmax and sigmoid are not counted by design (detectron2's ignore list)."
+        )
     return "\n".join(lines)
 
 
@@ -220,9 +237,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     parser.add_argument(
-        "--tasks", nargs="+", default=list(TASKS), metavar="{parameter,flop}", help="what to count (default: both)"
+        "--tasks",
+        nargs="+",
+        default=list(TASKS),
+        metavar="{parameter,flop}",
+        help="what to count (default: both)",
     )
-    parser.add_argument("--size", type=int, default=512, help="square input side for the FLOP count")
+    parser.add_argument(
+        "--size", type=int, default=512, help="square input side for the FLOP count"
+    )
     parser.add_argument(
         "--thesis-count",
         action="store_true",
@@ -236,7 +259,9 @@ def get_parser() -> argparse.ArgumentParser:
         nargs=argparse.REMAINDER,
         help="Modify config options at the end of the command, as 'KEY VALUE' pairs",
     )
-    parser.add_argument("--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], help="same as opts")
+    parser.add_argument(
+        "--opts", dest="more_opts", nargs=argparse.REMAINDER, default=[], help="same as opts"
+    )
     return parser
 
 
@@ -260,7 +285,11 @@ def main(argv: Sequence[str] = None) -> str:
     model = _build(cfg)
     params = count_parameters(cfg, model) if "parameter" in args.tasks else {}
     flops = count_flops(cfg, args.size, model) if "flop" in args.tasks else {}
-    heads = "all prediction heads" if cfg.MODEL.IAUNET.TEST.AUX_PREDICTIONS else "last prediction head only"
+    heads = (
+        "all prediction heads"
+        if cfg.MODEL.IAUNET.TEST.AUX_PREDICTIONS
+        else "last prediction head only"
+    )
     header = f"{args.config_file or '(defaults)'} {' '.join(opts)}".strip()
     if flops:
         header += f"\nFLOPs: 1 image 3x{args.size}x{args.size}, eval, fvcore (1 multiply-add = 1 FLOP), {heads}"

@@ -28,6 +28,7 @@ detections reach the mask head. Likewise a randomly initialised IAUNet scores ev
 threshold and would upsample no mask, so its ``TEST.SCORE_THRESH`` is set to -1: all ``DETECTIONS_PER_IMAGE``
 top-k masks are post-processed. The counts are checked and reported (``--as-configured`` turns both off).
 """
+
 import argparse
 import contextlib
 import ctypes
@@ -67,7 +68,15 @@ COMPARE_CHOICES = ("mask_rcnn",)
 class BenchModel:
     """A model under test with what the benchmark needs to drive it and to check its outputs."""
 
-    def __init__(self, name: str, kind: str, model: torch.nn.Module, cfg: CfgNode, optimizer_fn: Callable, config: str):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        model: torch.nn.Module,
+        cfg: CfgNode,
+        optimizer_fn: Callable,
+        config: str,
+    ):
         self.name, self.kind, self.model, self.cfg, self.config = name, kind, model, cfg, config
         self.optimizer_fn = optimizer_fn
         self.expected_detections = cfg.TEST.DETECTIONS_PER_IMAGE
@@ -82,20 +91,29 @@ class BenchModel:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def build_iaunet(config_file: str, opts: Sequence[str], device: str, dense: bool, variant: str = "") -> BenchModel:
+def build_iaunet(
+    config_file: str, opts: Sequence[str], device: str, dense: bool, variant: str = ""
+) -> BenchModel:
     import train_net  # the repository's train_net.py: IAUNet's optimizer (AdamW groups + clipping)
 
     cfg = load_config(config_file, list(opts) + variant.split())
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     if dense:
-        cfg.MODEL.IAUNET.TEST.SCORE_THRESH = -1.0  # keep all top-k detections (see module docstring)
+        cfg.MODEL.IAUNET.TEST.SCORE_THRESH = (
+            -1.0
+        )  # keep all top-k detections (see module docstring)
     cfg.freeze()
     model = build_model(cfg)
     rel = os.path.relpath(os.path.abspath(config_file), os.path.join(ROOT, "configs"))
-    name = "IAUNet " + os.path.splitext(rel if not rel.startswith("..") else os.path.basename(config_file))[0]
+    name = (
+        "IAUNet "
+        + os.path.splitext(rel if not rel.startswith("..") else os.path.basename(config_file))[0]
+    )
     name += f" [{variant}]" if variant else ""
-    bench = BenchModel(name, "iaunet", model, cfg, lambda m: train_net.build_optimizer(cfg, m), config_file)
+    bench = BenchModel(
+        name, "iaunet", model, cfg, lambda m: train_net.build_optimizer(cfg, m), config_file
+    )
     # top-k runs over queries x classes
     m = cfg.MODEL.IAUNET
     bench.expected_detections = min(cfg.TEST.DETECTIONS_PER_IMAGE, m.NUM_QUERIES * m.NUM_CLASSES)
@@ -103,7 +121,11 @@ def build_iaunet(config_file: str, opts: Sequence[str], device: str, dense: bool
 
 
 def build_mask_rcnn(
-    opts: Sequence[str], device: str, dense: bool, config_name: str = MASK_RCNN_CONFIG, variant: str = ""
+    opts: Sequence[str],
+    device: str,
+    dense: bool,
+    config_name: str = MASK_RCNN_CONFIG,
+    variant: str = "",
 ) -> BenchModel:
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(config_name))
@@ -117,17 +139,27 @@ def build_mask_rcnn(
     model = build_model(cfg)
     if dense:
         zero_dense_heads_(model)
-    name = "Mask R-CNN " + os.path.splitext(os.path.basename(config_name))[0].replace("mask_rcnn_", "")
+    name = "Mask R-CNN " + os.path.splitext(os.path.basename(config_name))[0].replace(
+        "mask_rcnn_", ""
+    )
     bench = BenchModel(
         name + (f" [{variant}]" if variant else ""),
-        "mask_rcnn", model, cfg, lambda m: build_d2_optimizer(cfg, m), config_name,
+        "mask_rcnn",
+        model,
+        cfg,
+        lambda m: build_d2_optimizer(cfg, m),
+        config_name,
     )
 
     def count_proposals(_module, args):
-        bench.counts["proposals"] = min(len(p) for p in args[2])  # ROIHeads.forward(images, features, proposals, ...)
+        bench.counts["proposals"] = min(
+            len(p) for p in args[2]
+        )  # ROIHeads.forward(images, features, proposals, ...)
 
     def count_mask_rois(_module, args):
-        bench.counts["mask_head_rois"] = int(args[0].shape[0])  # mask_head(pooled features (R, C, 14, 14), instances)
+        bench.counts["mask_head_rois"] = int(
+            args[0].shape[0]
+        )  # mask_head(pooled features (R, C, 14, 14), instances)
 
     model.roi_heads.register_forward_pre_hook(count_proposals)
     model.roi_heads.mask_head.register_forward_pre_hook(count_mask_rois)
@@ -144,7 +176,12 @@ def zero_dense_heads_(model: torch.nn.Module) -> None:
     """
     rpn_head = model.proposal_generator.rpn_head
     predictor = model.roi_heads.box_predictor
-    for layer in (rpn_head.objectness_logits, rpn_head.anchor_deltas, predictor.cls_score, predictor.bbox_pred):
+    for layer in (
+        rpn_head.objectness_logits,
+        rpn_head.anchor_deltas,
+        predictor.cls_score,
+        predictor.bbox_pred,
+    ):
         layer.weight.zero_()
         layer.bias.zero_()
 
@@ -152,7 +189,9 @@ def zero_dense_heads_(model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- inputs
 
 
-def synthetic_sample(size: int, num_instances: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def synthetic_sample(
+    size: int, num_instances: int, rng: np.random.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """A dense "cell" image: ``num_instances`` random filled ellipses (they may overlap) on a noisy background.
 
     Returns: image (3, S, S) float32 on the 0..255 scale (gray replicated), masks (N, S, S) bool (N may be less
@@ -173,7 +212,9 @@ def synthetic_sample(size: int, num_instances: int, rng: np.random.Generator) ->
     return torch.from_numpy(np.repeat(image[None], 3, 0)), torch.from_numpy(np.stack(masks))
 
 
-def make_batch(size: int, batch: int, num_instances: int, seed: int, with_targets: bool) -> List[Dict]:
+def make_batch(
+    size: int, batch: int, num_instances: int, seed: int, with_targets: bool
+) -> List[Dict]:
     """detectron2-format inputs; targets carry gt_masks, gt_boxes (Mask R-CNN) and gt_classes."""
     rng = np.random.default_rng(seed)
     inputs = []
@@ -234,7 +275,9 @@ class PeakMemory:
     def __enter__(self):
         gc.collect()
         if _LIBC is not None:
-            _LIBC.malloc_trim(0)  # give freed heap back, so the baseline RSS is what is really in use
+            _LIBC.malloc_trim(
+                0
+            )  # give freed heap back, so the baseline RSS is what is really in use
         self._base = _status_kb("VmRSS")
         self.per_call = self._base is not None and _reset_peak_rss()
         if self.cuda:
@@ -247,7 +290,10 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            self.cuda_peak_mb, self.cuda_increase_mb = peak / 2**20, (peak - self._cuda_base) / 2**20
+            self.cuda_peak_mb, self.cuda_increase_mb = (
+                peak / 2**20,
+                (peak - self._cuda_base) / 2**20,
+            )
         if self.per_call:
             peak_kb = _status_kb("VmHWM")
             self.rss_peak_mb, self.rss_increase_mb = peak_kb / 1024, (peak_kb - self._base) / 1024
@@ -287,7 +333,12 @@ def _summary(times: List[float], memory: List[PeakMemory]) -> Dict:
 
 
 def _interleaved(
-    models: List[BenchModel], call: Callable[[BenchModel], Dict], runs: int, warmup: int, device: str, on_call=None
+    models: List[BenchModel],
+    call: Callable[[BenchModel], Dict],
+    runs: int,
+    warmup: int,
+    device: str,
+    on_call=None,
 ) -> Dict[str, Dict]:
     """Warm each model up, then time ``call`` run by run, alternating the models (and their order) within each run."""
     for bench in models:
@@ -296,7 +347,7 @@ def _interleaved(
     times = {b.name: [] for b in models}
     memory = {b.name: [] for b in models}
     for r in range(runs):
-        for bench in (models if r % 2 == 0 else models[::-1]):
+        for bench in models if r % 2 == 0 else models[::-1]:
             with PeakMemory(device) as mem:
                 _sync(device)
                 start = time.perf_counter()
@@ -331,8 +382,12 @@ def benchmark_inference(models, size, batch, args, seed, runs=None, warmup=None)
     for bench in models:
         bench.model.eval()
     res = _interleaved(
-        models, lambda b: inference_call(b, inputs, args.amp, args.device),
-        args.runs if runs is None else runs, args.warmup if warmup is None else warmup, args.device, on_call,
+        models,
+        lambda b: inference_call(b, inputs, args.amp, args.device),
+        args.runs if runs is None else runs,
+        args.warmup if warmup is None else warmup,
+        args.device,
+        on_call,
     )
     for name, r in res.items():
         r["batch"], r["size"] = batch, size
@@ -342,7 +397,9 @@ def benchmark_inference(models, size, batch, args, seed, runs=None, warmup=None)
     return res
 
 
-def train_step(bench: BenchModel, optimizer, batch: List[Dict], scaler, amp: bool, device: str) -> Dict[str, float]:
+def train_step(
+    bench: BenchModel, optimizer, batch: List[Dict], scaler, amp: bool, device: str
+) -> Dict[str, float]:
     """One forward + backward + optimizer step; returns the seconds spent in each phase."""
     times = {}
     start = time.perf_counter()
@@ -381,13 +438,21 @@ def benchmark_training(models, args) -> Dict[str, Dict]:
             group["lr"] *= bench.cfg.SOLVER.WARMUP_FACTOR
     phases = {b.name: [] for b in models}
     res = _interleaved(
-        models, lambda b: train_step(b, optimizers[b.name], batch, scaler, args.amp, args.device),
-        args.runs, args.warmup, args.device, on_call=lambda b, times: phases[b.name].append(times),
+        models,
+        lambda b: train_step(b, optimizers[b.name], batch, scaler, args.amp, args.device),
+        args.runs,
+        args.warmup,
+        args.device,
+        on_call=lambda b, times: phases[b.name].append(times),
     )
     for bench in models:
         bench.model.eval()
         r = res[bench.name]
-        r.update(batch=args.train_batch, size=size, instances_per_image=min(len(x["instances"]) for x in batch))
+        r.update(
+            batch=args.train_batch,
+            size=size,
+            instances_per_image=min(len(x["instances"]) for x in batch),
+        )
         for key in ("forward_s", "backward_s", "optimizer_s"):
             r[key + "_median"] = statistics.median(t[key] for t in phases[bench.name])
     return res
@@ -435,17 +500,25 @@ def _postprocess_range(model):
 def _table(prof, top: int) -> Dict:
     events = prof.key_averages()
     ranges = [e for e in events if e.key.startswith(("module::", "train::"))]
-    ops = sorted((e for e in events if e not in ranges), key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = sorted(
+        (e for e in events if e not in ranges), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     ranges.sort(key=lambda e: e.cpu_time_total, reverse=True)
     return {
         "total_self_cpu_ms": total / 1e3,
         "top_ops": [
-            {"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-             "calls": e.count}
+            {
+                "op": e.key,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "share": e.self_cpu_time_total / total,
+                "calls": e.count,
+            }
             for e in ops[:top]
         ],
-        "ranges": [{"range": e.key, "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count} for e in ranges],
+        "ranges": [
+            {"range": e.key, "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count} for e in ranges
+        ],
     }
 
 
@@ -453,7 +526,9 @@ def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
     """torch.profiler (CPU activities) over one inference call and one training step, after a warm-up of each."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if args.device.startswith("cuda") else []
+    )
     size = args.sizes[0]
     result = {}
     inputs = make_batch(size, 1, args.instances, args.seed, with_targets=False)
@@ -465,7 +540,9 @@ def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
             inference_call(bench, inputs, args.amp, args.device)
         result["inference"] = _table(prof, top)
         if not args.no_train:
-            batch = make_batch(args.train_size or size, args.train_batch, args.instances, args.seed + 1, True)
+            batch = make_batch(
+                args.train_size or size, args.train_batch, args.instances, args.seed + 1, True
+            )
             bench.model.train()
             optimizer = bench.optimizer_fn(bench.model)
             for group in optimizer.param_groups:
@@ -511,7 +588,9 @@ def markdown_report(result: Dict) -> str:
     header = ["model", "params"] + [f"latency {z}² median / p90 (s)" for z in sizes]
     header += [f"img/s b{b} @{sizes[0]}²" for b in s["batch_sizes"]]
     if not s["no_train"]:
-        header += [f"train step b{s['train_batch']} @{s['train_size'] or sizes[0]}² median / p90 (s)"]
+        header += [
+            f"train step b{s['train_batch']} @{s['train_size'] or sizes[0]}² median / p90 (s)"
+        ]
     header += [f"peak RSS +MB infer @{sizes[0]}²", "detections"]
     if not s["no_train"]:
         header.insert(len(header) - 1, "peak RSS +MB train")
@@ -526,8 +605,10 @@ def markdown_report(result: Dict) -> str:
         first = inf[str(sizes[0])]
         if not s["no_train"]:
             t = m["train"]
-            row += [f"{_fmt(t['median_s'])} / {_fmt(t['p90_s'])} (fwd {_fmt(t['forward_s_median'], 2)}, "
-                    f"bwd {_fmt(t['backward_s_median'], 2)}, opt {_fmt(t['optimizer_s_median'], 2)})"]
+            row += [
+                f"{_fmt(t['median_s'])} / {_fmt(t['p90_s'])} (fwd {_fmt(t['forward_s_median'], 2)}, "
+                f"bwd {_fmt(t['backward_s_median'], 2)}, opt {_fmt(t['optimizer_s_median'], 2)})"
+            ]
         row += [_fmt(_rss(first), 0)]
         if not s["no_train"]:
             row += [_fmt(_rss(m["train"]), 0)]
@@ -550,13 +631,20 @@ def markdown_report(result: Dict) -> str:
 def profile_report(name: str, prof: Dict) -> str:
     lines = []
     for phase, t in prof.items():
-        lines.append(f"\n### {name}: {phase} (torch.profiler, total self CPU {t['total_self_cpu_ms']:.0f} ms)\n")
+        lines.append(
+            f"\n### {name}: {phase} (torch.profiler, total self CPU {t['total_self_cpu_ms']:.0f} ms)\n"
+        )
         if t["ranges"]:
-            lines.append("ranges (module:: = forward of a child module): "
-                         + ", ".join(f"{m['range']} {m['cpu_ms']:.0f} ms" for m in t["ranges"]))
+            lines.append(
+                "ranges (module:: = forward of a child module): "
+                + ", ".join(f"{m['range']} {m['cpu_ms']:.0f} ms" for m in t["ranges"])
+            )
             lines.append("")
         lines += ["| op | self CPU ms | share | calls |", "|---|---|---|---|"]
-        lines += [f"| {o['op']} | {o['self_cpu_ms']:.1f} | {100 * o['share']:.1f} % | {o['calls']} |" for o in t["top_ops"]]
+        lines += [
+            f"| {o['op']} | {o['self_cpu_ms']:.1f} | {100 * o['share']:.1f} % | {o['calls']} |"
+            for o in t["top_ops"]
+        ]
     return "\n".join(lines)
 
 
@@ -564,39 +652,101 @@ def profile_report(name: str, prof: Dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", nargs="+", default=[os.path.join(ROOT, "configs", "revvity25", "iaunet_R50.yaml")],
-                   help="IAUNet config(s)")
-    p.add_argument("--compare", nargs="*", default=[], choices=COMPARE_CHOICES, help="baselines to interleave")
-    p.add_argument("--maskrcnn-config", default=MASK_RCNN_CONFIG, help="detectron2 model zoo config of the baseline")
-    p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE overrides of the Mask R-CNN config")
-    p.add_argument("--variant", action="append", default=[],
-                   help='also benchmark each IAUNet config with these "KEY VALUE ..." overrides (repeatable)')
-    p.add_argument("--maskrcnn-variant", action="append", default=[],
-                   help='also benchmark Mask R-CNN with these "KEY VALUE ..." overrides (repeatable)')
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA with a GradScaler for training, bf16 on CPU)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
-        "--channels-last", action="store_true",
+        "--config-file",
+        nargs="+",
+        default=[os.path.join(ROOT, "configs", "revvity25", "iaunet_R50.yaml")],
+        help="IAUNet config(s)",
+    )
+    p.add_argument(
+        "--compare", nargs="*", default=[], choices=COMPARE_CHOICES, help="baselines to interleave"
+    )
+    p.add_argument(
+        "--maskrcnn-config",
+        default=MASK_RCNN_CONFIG,
+        help="detectron2 model zoo config of the baseline",
+    )
+    p.add_argument(
+        "--maskrcnn-opts",
+        nargs="*",
+        default=[],
+        help="KEY VALUE overrides of the Mask R-CNN config",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help='also benchmark each IAUNet config with these "KEY VALUE ..." overrides (repeatable)',
+    )
+    p.add_argument(
+        "--maskrcnn-variant",
+        action="append",
+        default=[],
+        help='also benchmark Mask R-CNN with these "KEY VALUE ..." overrides (repeatable)',
+    )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="autocast (fp16 on CUDA with a GradScaler for training, bf16 on CPU)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
         help="channels_last memory format for every model: MODEL.CHANNELS_LAST True for IAUNet (also possible as "
         "a --variant), 4-D weights converted for Mask R-CNN",
     )
     p.add_argument("--runs", type=int, default=5, help="timed calls per model and measurement")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before each measurement")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per model before each measurement"
+    )
     p.add_argument("--throughput-runs", type=int, default=2, help="timed calls for batch sizes > 1")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="square input sizes for latency")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes for images/s (first size)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
+    )
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[512, 1024], help="square input sizes for latency"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="batch sizes for images/s (first size)",
+    )
     p.add_argument("--train-batch", type=int, default=2, help="images per training step")
-    p.add_argument("--train-size", type=int, default=0, help="training image size (default: first of --sizes)")
-    p.add_argument("--instances", type=int, default=30, help="random ellipse instances per synthetic image")
+    p.add_argument(
+        "--train-size", type=int, default=0, help="training image size (default: first of --sizes)"
+    )
+    p.add_argument(
+        "--instances", type=int, default=30, help="random ellipse instances per synthetic image"
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--as-configured", action="store_true",
-                   help="keep both models' test thresholds (no dense-image conditions, see the docstring)")
-    p.add_argument("--profile", action="store_true", help="also torch.profiler the IAUNet model(s) and print top costs")
+    p.add_argument(
+        "--as-configured",
+        action="store_true",
+        help="keep both models' test thresholds (no dense-image conditions, see the docstring)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also torch.profiler the IAUNet model(s) and print top costs",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=os.path.join("output", "benchmark", "benchmark.json"), help="JSON results file")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the IAUNet config(s)")
+    p.add_argument(
+        "--output",
+        default=os.path.join("output", "benchmark", "benchmark.json"),
+        help="JSON results file",
+    )
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE overrides of the IAUNet config(s)",
+    )
     return p.parse_args(argv)
 
 
@@ -616,26 +766,45 @@ def run(args) -> Dict:
         for variant in [""] + args.maskrcnn_variant:
             torch.manual_seed(args.seed)
             models.append(
-                build_mask_rcnn(args.maskrcnn_opts, args.device, not args.as_configured, args.maskrcnn_config, variant)
+                build_mask_rcnn(
+                    args.maskrcnn_opts,
+                    args.device,
+                    not args.as_configured,
+                    args.maskrcnn_config,
+                    variant,
+                )
             )
-    if args.channels_last:  # IAUNet: MODEL.CHANNELS_LAST (weights and input); Mask R-CNN: its 4-D weights
+    if (
+        args.channels_last
+    ):  # IAUNet: MODEL.CHANNELS_LAST (weights and input); Mask R-CNN: its 4-D weights
         for b in models:
             if b.kind != "iaunet":
                 b.model.to(memory_format=torch.channels_last)
 
     result = {
         "machine": {
-            "device": torch.cuda.get_device_name() if args.device == "cuda"
+            "device": torch.cuda.get_device_name()
+            if args.device == "cuda"
             else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "load_before": load_before,
         },
-        "settings": {**{k: v for k, v in vars(args).items() if k != "output"}, "threads": torch.get_num_threads()},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "output"},
+            "threads": torch.get_num_threads(),
+        },
         "models": {
-            b.name: {"kind": b.kind, "config": b.config, "params": b.params, "trainable_params": b.trainable_params,
-                     "expected_detections": b.expected_detections, "inference": {}, "throughput": {}}
+            b.name: {
+                "kind": b.kind,
+                "config": b.config,
+                "params": b.params,
+                "trainable_params": b.trainable_params,
+                "expected_detections": b.expected_detections,
+                "inference": {},
+                "throughput": {},
+            }
             for b in models
         },
         "warnings": [],
@@ -645,14 +814,22 @@ def run(args) -> Dict:
             result["models"][name]["inference"][str(z)] = r
     for bs in args.batch_sizes:
         if bs == 1:
-            res = {b.name: result["models"][b.name]["inference"][str(args.sizes[0])] for b in models}
+            res = {
+                b.name: result["models"][b.name]["inference"][str(args.sizes[0])] for b in models
+            }
         else:
             # The models are warm from the latency runs at this size: no extra warm-up for the big batches.
-            res = benchmark_inference(models, args.sizes[0], bs, args, args.seed, runs=args.throughput_runs, warmup=0)
+            res = benchmark_inference(
+                models, args.sizes[0], bs, args, args.seed, runs=args.throughput_runs, warmup=0
+            )
         for name, r in res.items():
             result["models"][name]["throughput"][str(bs)] = {
-                "batch": bs, "size": args.sizes[0], "images_per_s": r["images_per_s"], "median_s": r["median_s"],
-                "peak_rss_increase_mb": r["peak_rss_increase_mb"], "cuda_max_allocated_mb": r["cuda_max_allocated_mb"],
+                "batch": bs,
+                "size": args.sizes[0],
+                "images_per_s": r["images_per_s"],
+                "median_s": r["median_s"],
+                "peak_rss_increase_mb": r["peak_rss_increase_mb"],
+                "cuda_max_allocated_mb": r["cuda_max_allocated_mb"],
             }
     if not args.no_train:
         for name, r in benchmark_training(models, args).items():
@@ -662,7 +839,9 @@ def run(args) -> Dict:
         m = result["models"][b.name]
         for z, r in m["inference"].items():
             if not args.as_configured and r["detections"] < b.expected_detections:
-                result["warnings"].append(f"{b.name} at {z}²: {r['detections']} detections, {b.expected_detections} expected")
+                result["warnings"].append(
+                    f"{b.name} at {z}²: {r['detections']} detections, {b.expected_detections} expected"
+                )
     iaunets = [b for b in models if b.kind == "iaunet"]
     result["ratios"] = {}
     for baseline in (b for b in models if b.kind == "mask_rcnn"):

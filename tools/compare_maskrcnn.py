@@ -31,6 +31,7 @@ matched to the IAUNet config, and why:
 * Test: ``TEST.DETECTIONS_PER_IMAGE`` and the score threshold (``ROI_HEADS.SCORE_THRESH_TEST`` = IAUNet's
   ``MODEL.IAUNET.TEST.SCORE_THRESH``) are the same.
 """
+
 import argparse
 import copy
 import json
@@ -48,8 +49,13 @@ sys.path.insert(0, ROOT)
 
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
-from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
+from detectron2.data import (  # noqa: E402  # noqa: E402
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -71,12 +77,19 @@ class D2MapperTrainer(train_net.Trainer):
     @classmethod
     def build_train_loader(cls, cfg):
         size = cfg.INPUT.IMAGE_SIZE
-        augs = [T.ResizeShortestEdge(size, max_size=size), T.RandomFlip(horizontal=True, vertical=False)]
-        return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augs))
+        augs = [
+            T.ResizeShortestEdge(size, max_size=size),
+            T.RandomFlip(horizontal=True, vertical=False),
+        ]
+        return build_detection_train_loader(
+            cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augs)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False)
+        )
 
 
 def subset_dataset(name: str, limit: int) -> str:
@@ -86,9 +99,17 @@ def subset_dataset(name: str, limit: int) -> str:
     new = f"{name}_first{limit}"
     if new not in DatasetCatalog.list():
         DatasetCatalog.register(new, lambda: DatasetCatalog.get(name)[:limit])
-        DatasetCatalog.get(name)  # loading fills the parent's metadata (class ids) before it is copied
-        meta = {k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k not in ("name", "json_file")}
-        MetadataCatalog.get(new).set(**meta)  # no json_file: the evaluator converts the subset itself
+        DatasetCatalog.get(
+            name
+        )  # loading fills the parent's metadata (class ids) before it is copied
+        meta = {
+            k: v
+            for k, v in MetadataCatalog.get(name).as_dict().items()
+            if k not in ("name", "json_file")
+        }
+        MetadataCatalog.get(new).set(
+            **meta
+        )  # no json_file: the evaluator converts the subset itself
     return new
 
 
@@ -106,11 +127,16 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = icfg.MODEL.IAUNET.NUM_CLASSES
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(icfg.MODEL.IAUNET.TEST.SCORE_THRESH, 0.0)
-    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = list(icfg.MODEL.PIXEL_MEAN), list(icfg.MODEL.PIXEL_STD)
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = (
+        list(icfg.MODEL.PIXEL_MEAN),
+        list(icfg.MODEL.PIXEL_STD),
+    )
 
     depth = args.maskrcnn_backbone
     if depth == "auto":
-        depth = icfg.MODEL.RESNETS.DEPTH if icfg.MODEL.BACKBONE.NAME == "build_resnet_backbone" else 50
+        depth = (
+            icfg.MODEL.RESNETS.DEPTH if icfg.MODEL.BACKBONE.NAME == "build_resnet_backbone" else 50
+        )
     depth = int(str(depth).lstrip("R"))
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth in (18, 34) else 256
@@ -126,8 +152,16 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
     scale = size / D2_REFERENCE_SIZE if args.anchor_scale == "auto" else float(args.anchor_scale)
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[max(4, round(s[0] * scale))] for s in D2_ANCHOR_SIZES]
 
-    for key in ("FORMAT", "IMAGE_SIZE", "SCALE_RANGE", "FLIPS", "INTENSITY_NORM", "PERCENTILES",
-                "SIZE_DIVISIBILITY", "MIN_INSTANCE_AREA"):
+    for key in (
+        "FORMAT",
+        "IMAGE_SIZE",
+        "SCALE_RANGE",
+        "FLIPS",
+        "INTENSITY_NORM",
+        "PERCENTILES",
+        "SIZE_DIVISIBILITY",
+        "MIN_INSTANCE_AREA",
+    ):
         cfg.INPUT[key] = copy.deepcopy(icfg.INPUT[key])
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (size,), size
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = size, size
@@ -144,7 +178,9 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
         cfg.SOLVER.STEPS = (int(iters * 2 / 3), int(iters * 8 / 9))
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
     else:
-        raise ValueError(f"--maskrcnn-solver must be iaunet or detectron2, got {args.maskrcnn_solver!r}")
+        raise ValueError(
+            f"--maskrcnn-solver must be iaunet or detectron2, got {args.maskrcnn_solver!r}"
+        )
     merge_config(cfg, opts=args.maskrcnn_opts)
     _common(cfg, args, "mask_rcnn", icfg)
     return cfg
@@ -162,7 +198,10 @@ def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> No
     """The settings both runs share: data, budget, device, seed, output folder, no periodic evaluation."""
     ref = icfg if icfg is not None else cfg
     if icfg is not None:  # the IAUNet run's data, already resolved
-        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(icfg.DATASETS.TRAIN), tuple(icfg.DATASETS.TEST)
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
+            tuple(icfg.DATASETS.TRAIN),
+            tuple(icfg.DATASETS.TEST),
+        )
     else:
         cfg.DATASETS.TRAIN = (args.train,) if args.train else tuple(cfg.DATASETS.TRAIN)
         cfg.DATASETS.TEST = (subset_dataset(args.test or cfg.DATASETS.TEST[0], args.test_limit),)
@@ -222,7 +261,9 @@ def report(result: Dict) -> str:
         f"Equal budget: {s['iters']} iterations x {s['batch']} images, from scratch; train {s['train']}, test {s['test']} "
         f"(COCOEvaluator segm, max {s['max_dets']} detections); device {s['device']}.",
         "",
-        "| model | backbone | params | images seen | train+eval time (s) | " + " | ".join(METRICS) + " |",
+        "| model | backbone | params | images seen | train+eval time (s) | "
+        + " | ".join(METRICS)
+        + " |",
         "|" + "---|" * (5 + len(METRICS)),
     ]
     for key in ("iaunet", "mask_rcnn"):
@@ -230,37 +271,88 @@ def report(result: Dict) -> str:
         lines.append(
             f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['images_seen']} | "
             f"{r['train_and_eval_time_s']:.0f} | "
-            + " | ".join(_fmt(r["segm"].get(m)) for m in METRICS) + " |"
+            + " | ".join(_fmt(r["segm"].get(m)) for m in METRICS)
+            + " |"
         )
     return "\n".join(lines)
 
 
 def _backbone_name(cfg: CfgNode, fpn: bool) -> str:
     if cfg.MODEL.BACKBONE.NAME in ("build_resnet_backbone", "build_resnet_fpn_backbone"):
-        return f"R{cfg.MODEL.RESNETS.DEPTH}" + ("-FPN" if fpn else "") + f" ({cfg.MODEL.RESNETS.NORM})"
+        return (
+            f"R{cfg.MODEL.RESNETS.DEPTH}" + ("-FPN" if fpn else "") + f" ({cfg.MODEL.RESNETS.NORM})"
+        )
     return cfg.MODEL.BACKBONE.NAME
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml"), help="IAUNet config")
-    p.add_argument("--train", default="", help="registered training set (default: the config's DATASETS.TRAIN)")
-    p.add_argument("--test", default="", help="registered test set (default: the config's first DATASETS.TEST)")
-    p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
-    p.add_argument("--iters", type=int, default=0, help="iterations for both models (default: the config's MAX_ITER)")
-    p.add_argument("--batch", type=int, default=0, help="images per iteration for both (default: the config's IMS_PER_BATCH)")
-    p.add_argument("--device", default="", help="cpu | cuda (default: the config's MODEL.DEVICE; cpu without CUDA)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config-file",
+        default=os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml"),
+        help="IAUNet config",
+    )
+    p.add_argument(
+        "--train", default="", help="registered training set (default: the config's DATASETS.TRAIN)"
+    )
+    p.add_argument(
+        "--test", default="", help="registered test set (default: the config's first DATASETS.TEST)"
+    )
+    p.add_argument(
+        "--test-limit",
+        type=int,
+        default=0,
+        help="evaluate on the first N test images only (0 = all)",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=0,
+        help="iterations for both models (default: the config's MAX_ITER)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="images per iteration for both (default: the config's IMS_PER_BATCH)",
+    )
+    p.add_argument(
+        "--device",
+        default="",
+        help="cpu | cuda (default: the config's MODEL.DEVICE; cpu without CUDA)",
+    )
     p.add_argument("--num-workers", type=int, default=None, help="DATALOADER.NUM_WORKERS for both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=os.path.join("output", "compare_maskrcnn"))
-    p.add_argument("--maskrcnn-config", default=MASK_RCNN_CONFIG, help="detectron2 model zoo config")
-    p.add_argument("--maskrcnn-backbone", default="auto", help="auto (the IAUNet config's ResNet) | R18 | R34 | R50 | R101")
+    p.add_argument(
+        "--maskrcnn-config", default=MASK_RCNN_CONFIG, help="detectron2 model zoo config"
+    )
+    p.add_argument(
+        "--maskrcnn-backbone",
+        default="auto",
+        help="auto (the IAUNet config's ResNet) | R18 | R34 | R50 | R101",
+    )
     p.add_argument("--maskrcnn-solver", default="iaunet", choices=("iaunet", "detectron2"))
     p.add_argument("--maskrcnn-mapper", default="iaunet", choices=("iaunet", "detectron2"))
-    p.add_argument("--anchor-scale", default="auto",
-                   help="auto (INPUT.IMAGE_SIZE / 800) or a factor for detectron2's anchor sizes")
-    p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE overrides of the Mask R-CNN config")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides of the IAUNet config")
+    p.add_argument(
+        "--anchor-scale",
+        default="auto",
+        help="auto (INPUT.IMAGE_SIZE / 800) or a factor for detectron2's anchor sizes",
+    )
+    p.add_argument(
+        "--maskrcnn-opts",
+        nargs="*",
+        default=[],
+        help="KEY VALUE overrides of the Mask R-CNN config",
+    )
+    p.add_argument(
+        "--opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="KEY VALUE overrides of the IAUNet config",
+    )
     return p.parse_args(argv)
 
 
@@ -284,11 +376,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     }
     logger.info(f"IAUNet: {args.config_file} -> {icfg.OUTPUT_DIR}")
     result["iaunet"] = train_and_evaluate(icfg, train_net.Trainer, args.seed)
-    result["iaunet"].update(name="IAUNet", backbone=_backbone_name(icfg, fpn=False), config=args.config_file)
+    result["iaunet"].update(
+        name="IAUNet", backbone=_backbone_name(icfg, fpn=False), config=args.config_file
+    )
     logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
     trainer_cls = train_net.Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
     result["mask_rcnn"] = train_and_evaluate(mcfg, trainer_cls, args.seed)
-    result["mask_rcnn"].update(name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config)
+    result["mask_rcnn"].update(
+        name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config
+    )
 
     table = report(result)
     print(table)

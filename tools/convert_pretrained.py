@@ -18,6 +18,7 @@ norms ``norm0..2`` keep their default init. With ``--window-size`` different fro
 ``relative_position_bias_table`` is resized by bicubic interpolation, as the official Swin code does when
 fine-tuning at another window.
 """
+
 import argparse
 import logging
 import math
@@ -60,7 +61,9 @@ def resize_rel_pos_bias_table(table: torch.Tensor, window_size: int) -> torch.Te
     return grid.reshape(table.shape[1], dst * dst).T.contiguous().to(table.dtype)
 
 
-def convert_swin(state: StateDict, window_size: Optional[int] = None, prefix: str = "backbone.") -> StateDict:
+def convert_swin(
+    state: StateDict, window_size: Optional[int] = None, prefix: str = "backbone."
+) -> StateDict:
     """Map an official or timm Swin ImageNet state dict onto ``D2SwinTransformer`` parameter names.
 
     Official checkpoints downsample at the end of stage i (``layers.{i}.downsample``), timm and our
@@ -114,15 +117,21 @@ def save(state: StateDict, path: str, author: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("kind", choices=["swin", "resnet"], help="checkpoint family")
     parser.add_argument("input", help="ImageNet checkpoint (.pth, .pt, .bin or .safetensors)")
     parser.add_argument("output", help="converted weights: .pkl (detectron2 format) or .pth")
     parser.add_argument(
-        "--window-size", type=int, default=None,
+        "--window-size",
+        type=int,
+        default=None,
         help="swin: resize relative position bias tables to this window (cfg MODEL.SWIN.WINDOW_SIZE)",
     )
-    parser.add_argument("--prefix", default="backbone.", help="name of the backbone inside the model")
+    parser.add_argument(
+        "--prefix", default="backbone.", help="name of the backbone inside the model"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -132,7 +141,9 @@ def main() -> None:
     else:
         converted = convert_torchvision_resnet(state, args.prefix)
     save(converted, args.output, author=f"{args.kind} ImageNet ({args.input})")
-    logger.info("wrote %d tensors (%d in the checkpoint) to %s", len(converted), len(state), args.output)
+    logger.info(
+        "wrote %d tensors (%d in the checkpoint) to %s", len(converted), len(state), args.output
+    )
 
 
 if __name__ == "__main__":

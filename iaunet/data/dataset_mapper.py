@@ -1,4 +1,5 @@
 """Dataset mapper: image reading (8/16-bit, gray/RGB), the thesis augmentations, instance targets (thesis §4.2)."""
+
 import copy
 import logging
 from typing import Dict, List
@@ -39,14 +40,21 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     Test: longest side IMAGE_SIZE."""
     size = cfg.INPUT.IMAGE_SIZE
     if not is_train:
-        return [ResizeShortestEdge(size, max_size=size)]  # short side -> size, then long side capped: long == size
+        return [
+            ResizeShortestEdge(size, max_size=size)
+        ]  # short side -> size, then long side capped: long == size
     lo, hi = cfg.INPUT.SCALE_RANGE
     augs = [
         ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
         # Pad with the mean so that padding normalizes to ~0, like the batch padding of the model.
-        T.FixedSizeCrop((size, size), pad=True, pad_value=float(np.mean(cfg.MODEL.PIXEL_MEAN)), seg_pad_value=0),
+        T.FixedSizeCrop(
+            (size, size), pad=True, pad_value=float(np.mean(cfg.MODEL.PIXEL_MEAN)), seg_pad_value=0
+        ),
     ]
-    flips = {"horizontal": dict(horizontal=True, vertical=False), "vertical": dict(horizontal=False, vertical=True)}
+    flips = {
+        "horizontal": dict(horizontal=True, vertical=False),
+        "vertical": dict(horizontal=False, vertical=True),
+    }
     for f in cfg.INPUT.FLIPS:
         if f not in flips:
             raise ValueError(f"INPUT.FLIPS entries must be in {sorted(flips)}, got {f!r}")
@@ -67,7 +75,9 @@ def annotation_to_mask(ann: Dict, height: int, width: int) -> np.ndarray:
             seg = mask_util.frPyObjects(seg, *seg["size"])
         mask = mask_util.decode(seg)
         if mask.shape != (height, width):
-            raise ValueError(f"RLE of size {mask.shape} does not match the image size {(height, width)}")
+            raise ValueError(
+                f"RLE of size {mask.shape} does not match the image size {(height, width)}"
+            )
         return mask
     if isinstance(seg, np.ndarray) and seg.ndim == 2:
         return seg.astype(np.uint8)
@@ -96,7 +106,9 @@ class IAUNetDatasetMapper:
         self.intensity_norm = intensity_norm
         self.percentiles = tuple(percentiles)
         self.min_instance_area = min_instance_area
-        logger.info(f"[IAUNetDatasetMapper] {'train' if is_train else 'test'} augmentations: {augmentations}")
+        logger.info(
+            f"[IAUNetDatasetMapper] {'train' if is_train else 'test'} augmentations: {augmentations}"
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -110,7 +122,9 @@ class IAUNetDatasetMapper:
 
     def load_image(self, file_name: str) -> np.ndarray:
         """File -> float32 (H, W, 3) on the 0..255 scale."""
-        return to_model_range(read_image(file_name), self.intensity_norm, self.percentiles, name=file_name)
+        return to_model_range(
+            read_image(file_name), self.intensity_norm, self.percentiles, name=file_name
+        )
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -119,13 +133,17 @@ class IAUNetDatasetMapper:
         h, w = image.shape[:2]
         expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
         if expected != (h, w):
-            raise ValueError(f"{file_name}: image is {h}x{w} but its annotation says {expected[0]}x{expected[1]}")
+            raise ValueError(
+                f"{file_name}: image is {h}x{w} but its annotation says {expected[0]}x{expected[1]}"
+            )
         dataset_dict["height"], dataset_dict["width"] = h, w
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+        dataset_dict["image"] = torch.as_tensor(
+            np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
+        )
 
         annos = [a for a in dataset_dict.pop("annotations", []) if not a.get("iscrowd", 0)]
         if not self.is_train:
@@ -144,7 +162,9 @@ class IAUNetDatasetMapper:
         instances = Instances((out_h, out_w))
         instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
         if masks:
-            instances.gt_masks = BitMasks(torch.from_numpy(np.ascontiguousarray(np.stack(masks))).bool())
+            instances.gt_masks = BitMasks(
+                torch.from_numpy(np.ascontiguousarray(np.stack(masks))).bool()
+            )
         else:
             instances.gt_masks = BitMasks(torch.zeros((0, out_h, out_w), dtype=torch.bool))
         instances.gt_boxes = instances.gt_masks.get_bounding_boxes()

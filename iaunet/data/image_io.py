@@ -1,4 +1,5 @@
 """Reading microscopy images (PNG/JPEG/TIFF; 8/16-bit, float; gray/RGB/RGBA) into the model's 0..255 range."""
+
 import os
 from typing import Sequence
 
@@ -43,7 +44,9 @@ def read_image(path: str) -> np.ndarray:
         else:
             img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
             if img is not None and img.ndim == 3:
-                img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+                img = cv2.cvtColor(
+                    img, cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGB
+                )
     except ImageReadError:
         raise
     except Exception as e:  # corrupt/truncated files raise many different exception types
@@ -64,7 +67,10 @@ def read_image(path: str) -> np.ndarray:
 
 
 def to_model_range(
-    img: np.ndarray, rule: str = "percentile", percentiles: Sequence[float] = (0.5, 99.5), name: str = "image"
+    img: np.ndarray,
+    rule: str = "percentile",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    name: str = "image",
 ) -> np.ndarray:
     """Any (H, W) / (H, W, 1|3|4) array -> float32 (H, W, 3) RGB on the 0..255 scale.
 
@@ -81,7 +87,9 @@ def to_model_range(
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ImageReadError(f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+        raise ImageReadError(
+            f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {img.shape}"
+        )
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ImageReadError(f"{name}: empty image of shape {img.shape}")
     if img.dtype == np.bool_:

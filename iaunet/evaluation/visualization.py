@@ -4,6 +4,7 @@ Images go to ``OUTPUT_DIR/vis/<dataset>_<k>_<iterNNNNNNN|eval>.png`` and to Tens
 active detectron2 ``EventStorage`` during training (written by the trainer's TensorBoard writer), or a
 ``SummaryWriter`` on ``OUTPUT_DIR`` otherwise (``--eval-only``).
 """
+
 import logging
 import os
 from typing import List, Optional
@@ -24,7 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 def render_prediction_and_gt(
-    model: torch.nn.Module, dataset_dict: dict, mapper: IAUNetDatasetMapper, metadata, score_thresh: float = 0.5
+    model: torch.nn.Module,
+    dataset_dict: dict,
+    mapper: IAUNetDatasetMapper,
+    metadata,
+    score_thresh: float = 0.5,
 ) -> np.ndarray:
     """(H', 2W', 3) uint8 RGB: predictions scoring at least ``score_thresh`` (left), ground truth (right).
     Small images are drawn enlarged (longest side up to 512) so that outlines and labels stay legible."""
@@ -34,13 +39,19 @@ def render_prediction_and_gt(
     instances = instances[instances.scores >= score_thresh]
     image = mapper.load_image(dataset_dict["file_name"]).round().astype(np.uint8)
     scale = min(4.0, max(1.0, 512 / max(image.shape[:2])))
-    pred = Visualizer(image, metadata, scale=scale, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
+    pred = Visualizer(
+        image, metadata, scale=scale, instance_mode=ColorMode.IMAGE
+    ).draw_instance_predictions(instances)
     gt = Visualizer(image, metadata, scale=scale).draw_dataset_dict(dataset_dict)
     return np.concatenate([pred.get_image(), gt.get_image()], axis=1)
 
 
 def visualize_predictions(
-    cfg, model: torch.nn.Module, num_images: int = 4, score_thresh: float = 0.5, iteration: Optional[int] = None
+    cfg,
+    model: torch.nn.Module,
+    num_images: int = 4,
+    score_thresh: float = 0.5,
+    iteration: Optional[int] = None,
 ) -> List[str]:
     """Draw the first ``num_images`` images of every ``cfg.DATASETS.TEST`` dataset (main process only).
 
@@ -72,7 +83,10 @@ def visualize_predictions(
                 path = os.path.join(out_dir, f"{name}_{k}_{suffix}.png")
                 cv2.imwrite(path, cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
                 paths.append(path)
-                tag, chw = f"vis/{name}/{k}", torch.from_numpy(np.ascontiguousarray(vis.transpose(2, 0, 1)))
+                tag, chw = (
+                    f"vis/{name}/{k}",
+                    torch.from_numpy(np.ascontiguousarray(vis.transpose(2, 0, 1))),
+                )
                 if storage is not None:
                     storage.put_image(tag, chw)
                 else:
@@ -102,7 +116,13 @@ class VisualizationHook(HookBase):
 
     def _visualize(self, iteration: int) -> None:
         try:
-            visualize_predictions(self.cfg, self.trainer.model, self.num_images, self.score_thresh, iteration=iteration)
+            visualize_predictions(
+                self.cfg,
+                self.trainer.model,
+                self.num_images,
+                self.score_thresh,
+                iteration=iteration,
+            )
         except Exception:  # pictures are a convenience: never stop a training run for them
             logger.warning("Visualization of validation predictions failed", exc_info=True)
 

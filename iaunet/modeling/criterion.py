@@ -1,4 +1,5 @@
 """Set criterion: CE over K+1 classes, sigmoid BCE and Dice on matched masks, deep supervision (thesis §3.6)."""
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -64,7 +65,9 @@ class _UpsampledMaskLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, chunk_elems: int):
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, chunk_elems: int
+    ):
         m, h, w = logits.shape
         H, W = targets.shape[-2:]
         n_pix = H * W
@@ -75,7 +78,9 @@ class _UpsampledMaskLosses(torch.autograd.Function):
         step = max(1, chunk_elems // n_pix)
         for s in range(0, m, step):
             e = min(s + step, m)
-            u = F.interpolate(logits[s:e, None], size=(H, W), mode="bilinear", align_corners=False).view(e - s, n_pix)
+            u = F.interpolate(
+                logits[s:e, None], size=(H, W), mode="bilinear", align_corners=False
+            ).view(e - s, n_pix)
             t = targets[index[s:e]].view(e - s, n_pix).to(u.dtype)
             # BCE with logits = softplus(u) - u * t
             bce[s:e] = (F.softplus(u).sum(1) - (u * t).sum(1)) / n_pix
@@ -85,7 +90,9 @@ class _UpsampledMaskLosses(torch.autograd.Function):
             dice[s:e] = 1 - num / den
             if need_grad:
                 g = u.new_empty((2, e - s, n_pix))
-                torch.sub(p, t, out=g[0])  # n_pix * d BCE / du (the 1 / n_pix is applied at mask resolution)
+                torch.sub(
+                    p, t, out=g[0]
+                )  # n_pix * d BCE / du (the 1 / n_pix is applied at mask resolution)
                 # d Dice / du = p (1 - p) * (num / den^2 - 2 t / den)
                 torch.mul(t, (-2 / den)[:, None], out=g[1]).add_((num / den**2)[:, None]).mul_(p)
                 g[1].addcmul_(g[1], p, value=-1)
@@ -146,7 +153,9 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, logits: torch.Tensor, targets: List[Dict], indices) -> torch.Tensor:
         """Weighted CE over all B*Q queries, normalized by the global sum of class weights."""
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )
         for b, (src, tgt) in enumerate(indices):
             target_classes[b, src.to(logits.device)] = targets[b]["labels"][tgt]
         ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, reduction="none")
@@ -154,12 +163,19 @@ class SetCriterion(nn.Module):
         return (ce * w).sum() / _global_mean_denominator(w.sum())
 
     def loss_masks(
-        self, masks: torch.Tensor, targets: List[Dict], all_masks: torch.Tensor, indices, num_masks: torch.Tensor
+        self,
+        masks: torch.Tensor,
+        targets: List[Dict],
+        all_masks: torch.Tensor,
+        indices,
+        num_masks: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """BCE and Dice of matched masks; predictions (B, Q, h, w) upsampled to the target size."""
         src = torch.cat([masks[b, s.to(masks.device)] for b, (s, _) in enumerate(indices)])
         # rows of the batch's concatenated gt masks (see forward), gathered chunk by chunk by the loss
-        rows = torch.cat([targets[b]["mask_rows"][t.to(masks.device)] for b, (_, t) in enumerate(indices)])
+        rows = torch.cat(
+            [targets[b]["mask_rows"][t.to(masks.device)] for b, (_, t) in enumerate(indices)]
+        )
         if src.shape[0] == 0:
             zero = masks.sum() * 0.0
             return zero, zero
@@ -170,16 +186,28 @@ class SetCriterion(nn.Module):
         src = src[:, None].float()
         with torch.no_grad():
             points = get_uncertain_point_coords_with_randomness(
-                src, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                src,
+                _uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
             )
             tgt = point_sample(tgt[:, None], points, align_corners=False)[:, 0]
         src = point_sample(src, points, align_corners=False)[:, 0]
         return bce_loss(src, tgt) / num_masks, dice_loss(src, tgt) / num_masks
 
-    def _losses(self, outputs: Dict, targets: List[Dict], all_masks: torch.Tensor, num_masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _losses(
+        self, outputs: Dict, targets: List[Dict], all_masks: torch.Tensor, num_masks: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         indices = self.matcher(outputs, targets)
-        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, all_masks, indices, num_masks)
-        raw = {"loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices), "loss_mask": loss_mask, "loss_dice": loss_dice}
+        loss_mask, loss_dice = self.loss_masks(
+            outputs["pred_masks"], targets, all_masks, indices, num_masks
+        )
+        raw = {
+            "loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices),
+            "loss_mask": loss_mask,
+            "loss_dice": loss_dice,
+        }
         return {k: v * self.weights[k] for k, v in raw.items()}
 
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -194,7 +222,9 @@ class SetCriterion(nn.Module):
         # output, instead of a conversion and a gather per output and image (~0.4 s of a 5 s CPU step at 512²).
         sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
         if len(sizes) != 1:
-            raise ValueError(f"target masks must all have the padded batch size, got sizes {sorted(sizes)}")
+            raise ValueError(
+                f"target masks must all have the padded batch size, got sizes {sorted(sizes)}"
+            )
         all_masks = torch.cat([t["masks"] for t in targets]).float()
         targets, start = list(targets), 0
         for i, t in enumerate(targets):
@@ -203,8 +233,12 @@ class SetCriterion(nn.Module):
             targets[i] = {**t, "masks": all_masks[start : start + n], "mask_rows": rows}
             start += n
         count = sum(len(t["labels"]) for t in targets)
-        num_masks = _global_mean_denominator(torch.tensor(float(count), device=outputs["pred_logits"].device), min_total=1.0)
+        num_masks = _global_mean_denominator(
+            torch.tensor(float(count), device=outputs["pred_logits"].device), min_total=1.0
+        )
         losses = self._losses(outputs, targets, all_masks, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"{k}_{i}": v for k, v in self._losses(aux, targets, all_masks, num_masks).items()})
+            losses.update(
+                {f"{k}_{i}": v for k, v in self._losses(aux, targets, all_masks, num_masks).items()}
+            )
         return losses

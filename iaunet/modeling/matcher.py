@@ -1,4 +1,5 @@
 """Hungarian matching between predicted and ground-truth instances (thesis §3.6)."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -31,20 +32,38 @@ class HungarianMatcher(nn.Module):
     and targets, in fp32. Pure: no state, no side effects.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_mask: float = 5.0, cost_dice: float = 2.0, num_points: int = 12544):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 2.0,
+        num_points: int = 12544,
+    ):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("all matching costs are 0")
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
         self.num_points = num_points
 
-    def cost_matrix(self, logits: torch.Tensor, masks: torch.Tensor, tgt_labels: torch.Tensor, tgt_masks: torch.Tensor) -> torch.Tensor:
+    def cost_matrix(
+        self,
+        logits: torch.Tensor,
+        masks: torch.Tensor,
+        tgt_labels: torch.Tensor,
+        tgt_masks: torch.Tensor,
+    ) -> torch.Tensor:
         """logits (Q, K+1), masks (Q, h, w), tgt_labels (T,), tgt_masks (T, H, W) -> cost (Q, T)."""
         prob = logits.float().softmax(-1)
         cost_class = -prob[:, tgt_labels]
         points = torch.rand(1, self.num_points, 2, device=masks.device)
-        tgt = point_sample(tgt_masks[:, None].float(), points.expand(tgt_masks.shape[0], -1, -1), align_corners=False)
-        pred = point_sample(masks[:, None].float(), points.expand(masks.shape[0], -1, -1), align_corners=False)
+        tgt = point_sample(
+            tgt_masks[:, None].float(),
+            points.expand(tgt_masks.shape[0], -1, -1),
+            align_corners=False,
+        )
+        pred = point_sample(
+            masks[:, None].float(), points.expand(masks.shape[0], -1, -1), align_corners=False
+        )
         tgt, pred = tgt[:, 0], pred[:, 0]
         return (
             self.cost_class * cost_class
@@ -53,7 +72,9 @@ class HungarianMatcher(nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w).
@@ -68,7 +89,9 @@ class HungarianMatcher(nn.Module):
                     empty = torch.zeros(0, dtype=torch.int64)
                     indices.append((empty, empty))
                     continue
-                cost = self.cost_matrix(outputs["pred_logits"][b], outputs["pred_masks"][b], tgt["labels"], tgt["masks"])
+                cost = self.cost_matrix(
+                    outputs["pred_logits"][b], outputs["pred_masks"][b], tgt["labels"], tgt["masks"]
+                )
                 cost = cost.cpu()
                 if not torch.isfinite(cost).all():
                     raise FloatingPointError(
@@ -76,6 +99,7 @@ class HungarianMatcher(nn.Module):
                         "(diverged training; lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)"
                     )
                 q, t = linear_sum_assignment(cost.numpy())
-                indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)))
+                indices.append(
+                    (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64))
+                )
         return indices
-

@@ -24,6 +24,7 @@ cache file (``$IAUNET_DATASET_CACHE``, default ``<tmp>/iaunet_dataset_cache``) t
 and that file is what detectron2 loads and what ``COCOEvaluator`` evaluates against
 (metadata ``json_file``), so evaluation and training see the same annotations.
 """
+
 import copy
 import hashlib
 import json
@@ -103,7 +104,9 @@ def keep_classes(names: Sequence[str]) -> Transform:
         new_id = {by_name[n]["id"]: i + 1 for i, n in enumerate(wanted)}
         data["categories"] = [dict(by_name[n], id=i + 1) for i, n in enumerate(wanted)]
         data["annotations"] = [
-            dict(a, category_id=new_id[a["category_id"]]) for a in data["annotations"] if a["category_id"] in new_id
+            dict(a, category_id=new_id[a["category_id"]])
+            for a in data["annotations"]
+            if a["category_id"] in new_id
         ]
         return data
 
@@ -127,8 +130,10 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     images = {}
     for img in data["images"]:
         if img["id"] in images:
-            raise ValueError(f"{json_file}: duplicate image id {img['id']} ({images[img['id']]['file_name']} "
-                             f"and {img['file_name']})")
+            raise ValueError(
+                f"{json_file}: duplicate image id {img['id']} ({images[img['id']]['file_name']} "
+                f"and {img['file_name']})"
+            )
         images[img["id"]] = img
     cat_ids = sorted(c["id"] for c in data["categories"])
     if cat_ids != list(range(1, num_classes + 1)):
@@ -139,7 +144,9 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     ann_ids, dropped, kept = set(), [], []
     for ann in data["annotations"]:
         if "id" not in ann:
-            raise ValueError(f"{json_file}: an annotation of image {ann.get('image_id')} has no 'id'")
+            raise ValueError(
+                f"{json_file}: an annotation of image {ann.get('image_id')} has no 'id'"
+            )
         if ann["id"] in ann_ids:
             raise ValueError(f"{json_file}: duplicate annotation id {ann['id']}")
         ann_ids.add(ann["id"])
@@ -160,8 +167,10 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
                 ann["segmentation"] = seg = good
         elif isinstance(seg, dict):
             if img is not None and list(seg.get("size", [])) != [img["height"], img["width"]]:
-                raise ValueError(f"{json_file}: annotation {ann['id']}: RLE size {seg.get('size')} differs from "
-                                 f"its image size {[img['height'], img['width']]}")
+                raise ValueError(
+                    f"{json_file}: annotation {ann['id']}: RLE size {seg.get('size')} differs from "
+                    f"its image size {[img['height'], img['width']]}"
+                )
         else:
             dropped.append(ann["id"])
             changed = True
@@ -188,9 +197,13 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
 def _cache_file(json_file: str, dataset_name: str) -> str:
     st = os.stat(json_file)
     key = f"{_CACHE_VERSION}|{os.path.abspath(json_file)}|{st.st_size}|{st.st_mtime_ns}|{dataset_name}"
-    cache_dir = os.environ.get(ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache"))
+    cache_dir = os.environ.get(
+        ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache")
+    )
     os.makedirs(cache_dir, exist_ok=True)
-    return os.path.join(cache_dir, f"{dataset_name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json")
+    return os.path.join(
+        cache_dir, f"{dataset_name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    )
 
 
 def _write_atomic(data: CocoDict, path: str) -> None:
@@ -232,7 +245,9 @@ def load_coco_instances(
     registered = meta.get("thing_classes")
     data, changed = read_coco_json(json_file)
     if not data["images"]:
-        raise ValueError(f"Dataset '{dataset_name}': {json_file} lists no images ('images' is empty)")
+        raise ValueError(
+            f"Dataset '{dataset_name}': {json_file} lists no images ('images' is empty)"
+        )
     if not data["annotations"]:
         logger.warning(
             f"Dataset '{dataset_name}': {json_file} has no annotations at all; training on it finds no valid "
@@ -253,7 +268,9 @@ def load_coco_instances(
 
     names = [c["name"].lower() for c in sorted(data["categories"], key=lambda c: c["id"])]
     if registered and names != [n.lower() for n in registered]:
-        logger.warning(f"{json_file}: category names {names} differ from the registered {registered}")
+        logger.warning(
+            f"{json_file}: category names {names} differ from the registered {registered}"
+        )
 
     paths, missing = {}, []
     for img in data["images"]:
@@ -280,7 +297,9 @@ def load_coco_instances(
         if not hasattr(meta, key):
             meta.set(**{key: value})
         elif getattr(meta, key) != value:
-            logger.warning(f"{dataset_name}: metadata {key} stays {getattr(meta, key)} (first load), not {value}")
+            logger.warning(
+                f"{dataset_name}: metadata {key} stays {getattr(meta, key)} (first load), not {value}"
+            )
     return dicts
 
 
@@ -318,7 +337,9 @@ def register_coco_dataset(
         transform, resolve_image: see :func:`load_coco_instances`.
         hint: how to obtain the data, appended to the missing-folder message.
     """
-    dataset_dir = dataset_dir or (os.path.dirname(json_file) if os.path.isabs(json_file) else json_file.split("/")[0])
+    dataset_dir = dataset_dir or (
+        os.path.dirname(json_file) if os.path.isabs(json_file) else json_file.split("/")[0]
+    )
 
     def load() -> List[Dict]:
         check_dataset_dir(name, dataset_dir, hint)

@@ -16,6 +16,7 @@ Registered: ``evican2_{train,val,eval_easy,eval_medium,eval_difficult}`` (2 clas
 over both) and ``evican2_cell_*`` for the same splits (nucleus outlines dropped, 1 class: the
 reference code's setting; use with ``MODEL.IAUNET.NUM_CLASSES 1``).
 """
+
 from .common import keep_classes, register_coco_dataset
 
 SPLITS = {
@@ -32,7 +33,9 @@ def register_all_evican2(root: str = "evican2") -> None:
     """Register ``evican2_<split>`` (cell + nucleus) and ``evican2_cell_<split>`` (cell only)."""
     for split, (json_name, image_dir) in SPLITS.items():
         json_file, image_root = f"{root}/{json_name}", f"{root}/images/{image_dir}"
-        register_coco_dataset(f"evican2_{split}", json_file, image_root, {"thing_classes": CLASSES}, dataset_dir=root)
+        register_coco_dataset(
+            f"evican2_{split}", json_file, image_root, {"thing_classes": CLASSES}, dataset_dir=root
+        )
         register_coco_dataset(
             f"evican2_cell_{split}",
             json_file,

@@ -9,6 +9,7 @@ The challenge release is MATLAB files; ``datasets/prepare_isbi2014.py`` converts
 Registered: ``isbi2014_{train,val,test}`` (2 classes, as the thesis reports) and
 ``isbi2014_cyto_{train,val,test}`` (cytoplasm only, 1 class: the reference code's single-class setting).
 """
+
 from .common import keep_classes, register_coco_dataset
 
 SPLITS = ("train", "val", "test")
@@ -22,7 +23,12 @@ def register_all_isbi2014(root: str = "isbi2014") -> None:
         json_file = f"{root}/isbi_{split}/annotations/isbi_{split}.json"
         image_root = f"{root}/isbi_{split}/images"
         register_coco_dataset(
-            f"isbi2014_{split}", json_file, image_root, {"thing_classes": CLASSES}, dataset_dir=root, hint=HINT
+            f"isbi2014_{split}",
+            json_file,
+            image_root,
+            {"thing_classes": CLASSES},
+            dataset_dir=root,
+            hint=HINT,
         )
         register_coco_dataset(
             f"isbi2014_cyto_{split}",

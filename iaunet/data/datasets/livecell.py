@@ -15,11 +15,16 @@ The thesis trains on 256x256 crops: ``datasets/prepare_livecell_crops.py`` write
 ``livecell_crops/{train,val,test}/`` + ``livecell_crops/{train,val,test}.json``, registered as
 ``livecell_crops_{train,val,test}`` (loading fails with a pointer to the script until it has run).
 """
+
 import os
 
 from .common import register_coco_dataset
 
-SPLITS = {"train": "livecell_train_val_images", "val": "livecell_train_val_images", "test": "livecell_test_images"}
+SPLITS = {
+    "train": "livecell_train_val_images",
+    "val": "livecell_train_val_images",
+    "test": "livecell_test_images",
+}
 METADATA = {"thing_classes": ["cell"]}
 CROPS_HINT = "run `python datasets/prepare_livecell_crops.py` to create it (see datasets/README.md)"
 

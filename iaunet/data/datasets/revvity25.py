@@ -16,6 +16,7 @@ here, so the amodal sets accept either layout:
 2. a per-annotation field ``amodal_segmentation`` (polygons or RLE) in ``annotations/{train,valid}.json``;
    an annotation without it is a cell with no hidden part, whose amodal outline is its modal one.
 """
+
 import os
 from typing import Dict, List
 
@@ -61,7 +62,11 @@ def register_all_revvity25(root: str = DATASET_DIR) -> None:
     """Register the modal and amodal Revvity-25 splits (``root`` is relative to ``$DETECTRON2_DATASETS``)."""
     for split, stem in SPLITS.items():
         register_coco_dataset(
-            f"revvity25_{split}", f"{root}/annotations/{stem}.json", f"{root}/images", METADATA, dataset_dir=root
+            f"revvity25_{split}",
+            f"{root}/annotations/{stem}.json",
+            f"{root}/images",
+            METADATA,
+            dataset_dir=root,
         )
         name = f"revvity25_amodal_{split}"
         register_lazy(name, lambda name=name, stem=stem: load_amodal(name, stem), METADATA)

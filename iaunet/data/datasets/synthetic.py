@@ -5,6 +5,7 @@ touching and some overlapping (overlaps add up, as in brightfield/cytology image
 Annotations are full (overlapping) cell polygons in COCO JSON. Written once under
 ``$DETECTRON2_DATASETS/synthetic_cells[16]/<split>/`` (default root ``./datasets``).
 """
+
 import json
 import logging
 import os
@@ -32,7 +33,9 @@ SPLITS = {
 IMAGE_SIZE = (128, 128)
 
 
-def _blob_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float, n: int = 32) -> np.ndarray:
+def _blob_polygon(
+    rng: np.random.Generator, cx: float, cy: float, radius: float, n: int = 32
+) -> np.ndarray:
     """Closed irregular blob around (cx, cy): an ellipse whose radius is modulated by low harmonics."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     aspect = rng.uniform(0.6, 1.0)
@@ -51,20 +54,29 @@ def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float
     return n / (n.std() + 1e-6)
 
 
-def render_scene(seed: int, size: Tuple[int, int] = IMAGE_SIZE) -> Tuple[np.ndarray, List[np.ndarray]]:
+def render_scene(
+    seed: int, size: Tuple[int, int] = IMAGE_SIZE
+) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons (P, 2) in x, y."""
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     gx, gy = rng.uniform(-1, 1, 2)
-    illumination = 1.0 + 0.25 * (gx * (xx / w - 0.5) + gy * (yy / h - 0.5)) + 0.05 * _smooth_noise(rng, (h, w), 16)
+    illumination = (
+        1.0
+        + 0.25 * (gx * (xx / w - 0.5) + gy * (yy / h - 0.5))
+        + 0.05 * _smooth_noise(rng, (h, w), 16)
+    )
     image = 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
     polygons: List[np.ndarray] = []
     centers: List[Tuple[float, float, float]] = []
     for _ in range(rng.integers(4, 13)):
         radius = rng.uniform(6, 16)
         for _attempt in range(20):
-            cx, cy = rng.uniform(radius * 0.5, w - radius * 0.5), rng.uniform(radius * 0.5, h - radius * 0.5)
+            cx, cy = (
+                rng.uniform(radius * 0.5, w - radius * 0.5),
+                rng.uniform(radius * 0.5, h - radius * 0.5),
+            )
             # Allow touching and moderate overlap, not cells hidden inside others.
             if all(np.hypot(cx - ox, cy - oy) > 0.6 * (radius + orad) for ox, oy, orad in centers):
                 break
@@ -78,11 +90,21 @@ def render_scene(seed: int, size: Tuple[int, int] = IMAGE_SIZE) -> Tuple[np.ndar
             continue
         texture = 1.0 + 0.15 * _smooth_noise(rng, (h, w), 1.5)
         cell = mask.astype(np.float32) * rng.uniform(0.25, 0.45) * texture
-        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(np.float32)
+        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(
+            np.float32
+        )
         nucleus = np.zeros((h, w), np.uint8)
         ncx, ncy = cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius
-        cv2.ellipse(nucleus, (int(ncx), int(ncy)), (max(2, int(radius * 0.35)), max(2, int(radius * 0.28))),
-                    rng.uniform(0, 180), 0, 360, 1, -1)
+        cv2.ellipse(
+            nucleus,
+            (int(ncx), int(ncy)),
+            (max(2, int(radius * 0.35)), max(2, int(radius * 0.28))),
+            rng.uniform(0, 180),
+            0,
+            360,
+            1,
+            -1,
+        )
         image += cell + 0.15 * edge + 0.2 * (nucleus & mask)
         polygons.append(poly)
     image = cv2.GaussianBlur(image * illumination, (0, 0), rng.uniform(0.5, 1.2))
@@ -112,17 +134,23 @@ def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> No
             poly = np.clip(poly, 0, [w, h])
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": i + 1,
-                "category_id": 1,
-                "segmentation": [poly.round(2).flatten().tolist()],
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "area": float(cv2.contourArea(poly.astype(np.float32))),
-                "iscrowd": 0,
-            })
-    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cell"}],
-            "info": {"generator_version": GENERATOR_VERSION, "seed": seed, "bit_depth": bit_depth}}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "segmentation": [poly.round(2).flatten().tolist()],
+                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "area": float(cv2.contourArea(poly.astype(np.float32))),
+                    "iscrowd": 0,
+                }
+            )
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "cell"}],
+        "info": {"generator_version": GENERATOR_VERSION, "seed": seed, "bit_depth": bit_depth},
+    }
     with open(os.path.join(out_dir, "annotations.json"), "w") as f:
         json.dump(coco, f)
 
@@ -160,7 +188,9 @@ def ensure_split(root: str, name: str) -> str:
 
 def load_synthetic(name: str) -> List[Dict]:
     out_dir = ensure_split(datasets_root(), name)
-    return load_coco_json(os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name)
+    return load_coco_json(
+        os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name
+    )
 
 
 def register_all_synthetic() -> None:

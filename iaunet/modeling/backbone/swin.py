@@ -5,6 +5,7 @@ The layers are timm's ``SwinTransformer`` modules, so parameter names are timm's
 output (``norm{i}``, as in Mask2Former's ``D2SwinTransformer``); ``tools/convert_pretrained.py`` maps
 official and timm ImageNet checkpoints onto them.
 """
+
 import logging
 from functools import partial
 from typing import Dict, Optional
@@ -48,7 +49,9 @@ class PadFirstSwinBlock(SwinTransformerBlock):
         mask: Optional[torch.Tensor] = None
         if shifted:
             x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
-            mask = self.get_attn_mask(x)  # (num_windows, win_h*win_w, win_h*win_w) for the padded map
+            mask = self.get_attn_mask(
+                x
+            )  # (num_windows, win_h*win_w, win_h*win_w) for the padded map
         windows = window_partition(x, self.window_size).view(-1, win_h * win_w, C)
         windows = self.attn(windows, mask=mask).view(-1, win_h, win_w, C)
         x = window_reverse(windows, self.window_size, Hp, Wp)
@@ -71,7 +74,9 @@ class D2SwinTransformer(Backbone):
         super().__init__()
         s = cfg.MODEL.SWIN
         if s.APE:
-            raise ValueError("MODEL.SWIN.APE (absolute position embedding) is not supported by timm's Swin")
+            raise ValueError(
+                "MODEL.SWIN.APE (absolute position embedding) is not supported by timm's Swin"
+            )
         swin = SwinTransformer(
             img_size=s.PRETRAIN_IMG_SIZE,
             patch_size=s.PATCH_SIZE,
@@ -103,7 +108,9 @@ class D2SwinTransformer(Backbone):
         self._out_features = list(s.OUT_FEATURES)
         unknown = set(self._out_features) - set(_STAGE_NAMES)
         if unknown:
-            raise ValueError(f"MODEL.SWIN.OUT_FEATURES: unknown {sorted(unknown)}, choose from {_STAGE_NAMES}")
+            raise ValueError(
+                f"MODEL.SWIN.OUT_FEATURES: unknown {sorted(unknown)}, choose from {_STAGE_NAMES}"
+            )
         self._out_feature_strides: Dict[str, int] = {}
         self._out_feature_channels: Dict[str, int] = {}
         for i, name in enumerate(_STAGE_NAMES[: len(self.layers)]):
@@ -114,13 +121,19 @@ class D2SwinTransformer(Backbone):
                 self.add_module(f"norm{i}", nn.LayerNorm(s.EMBED_DIM * 2**i))
         logger.info(
             "Swin backbone: embed %d, depths %s, heads %s, window %d, drop path %.2f",
-            s.EMBED_DIM, list(s.DEPTHS), list(s.NUM_HEADS), s.WINDOW_SIZE, s.DROP_PATH_RATE,
+            s.EMBED_DIM,
+            list(s.DEPTHS),
+            list(s.NUM_HEADS),
+            s.WINDOW_SIZE,
+            s.DROP_PATH_RATE,
         )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: (B, C, H, W) -> {"res{i+2}": (B, EMBED_DIM * 2**i, ceil(H / stride), ceil(W / stride))}."""
         if x.dim() != 4:
-            raise ValueError(f"D2SwinTransformer takes (B, C, H, W) inputs, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"D2SwinTransformer takes (B, C, H, W) inputs, got shape {tuple(x.shape)}"
+            )
         x = self.patch_embed(x)  # (B, H/4, W/4, EMBED_DIM), channels last
         outputs: Dict[str, torch.Tensor] = {}
         for i, stage in enumerate(self.layers):
@@ -133,7 +146,9 @@ class D2SwinTransformer(Backbone):
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """Channels and stride of each output feature."""
         return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            name: ShapeSpec(
+                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
+            )
             for name in self._out_features
         }
 

@@ -1,4 +1,5 @@
 """Building blocks of the U-Net pixel decoder (thesis §3.4): CoordConv, SE, depthwise-separable double conv."""
+
 from typing import List
 
 import fvcore.nn.weight_init as weight_init
@@ -53,13 +54,19 @@ class SeparableDoubleConv(nn.Module):
             ]
             c = out_channels
         self.body = nn.Sequential(*layers)
-        self.projection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.projection = (
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + self.projection(x)
 
 
-def conv_stack(in_channels: int, out_channels: int, num_convs: int, norm: str = "BN") -> nn.Sequential:
+def conv_stack(
+    in_channels: int, out_channels: int, num_convs: int, norm: str = "BN"
+) -> nn.Sequential:
     """``num_convs`` x [Conv3x3 -> norm -> ReLU] with MSRA init (the mask branch G_m)."""
     layers = []
     for i in range(num_convs):

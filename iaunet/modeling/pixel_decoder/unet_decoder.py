@@ -1,4 +1,5 @@
 """The U-Net pixel decoder and the light mask head (thesis §3.4, eq. 4-6, and §3.5.3, eq. 16)."""
+
 from typing import Dict, List
 
 import torch
@@ -42,14 +43,22 @@ class UNetPixelDecoder(nn.Module):
     ):
         super().__init__()
         if skip_fusion not in SKIP_FUSIONS:
-            raise ValueError(f"MODEL.IAUNET.SKIP_FUSION must be one of {SKIP_FUSIONS}, got {skip_fusion!r}")
+            raise ValueError(
+                f"MODEL.IAUNET.SKIP_FUSION must be one of {SKIP_FUSIONS}, got {skip_fusion!r}"
+            )
         if len(input_shape) != 4:
-            raise ValueError(f"MODEL.IAUNET.IN_FEATURES must name 4 backbone outputs (1/4..1/32), got {list(input_shape)}")
+            raise ValueError(
+                f"MODEL.IAUNET.IN_FEATURES must name 4 backbone outputs (1/4..1/32), got {list(input_shape)}"
+            )
         names = sorted(input_shape, key=lambda k: input_shape[k].stride)  # fine -> coarse
         self.res2_name = names[0]
         # The heavy mask head runs res2 through one more U-Net level instead of the 1x1 + 3x3 head.
         self.level_names = names[::-1] if not light_mask_head else names[:0:-1]
-        self.skip_fusion, self.coord_conv, self.use_mask_branch = skip_fusion, coord_conv, mask_branch
+        self.skip_fusion, self.coord_conv, self.use_mask_branch = (
+            skip_fusion,
+            coord_conv,
+            mask_branch,
+        )
         self.light_mask_head = light_mask_head
         ncoord = 2 if coord_conv else 0
 
@@ -87,7 +96,11 @@ class UNetPixelDecoder(nn.Module):
         self.memory_channels = c_feat
         if light_mask_head:  # F: Conv1x1 -> norm
             self.lateral = Conv2d(
-                input_shape[self.res2_name].channels, c_feat, 1, bias=not norm, norm=get_norm(norm, c_feat)
+                input_shape[self.res2_name].channels,
+                c_feat,
+                1,
+                bias=not norm,
+                norm=get_norm(norm, c_feat),
             )
         self.output = conv_stack(c_feat, mask_dim, 1, norm)  # M: Conv3x3 -> norm -> ReLU
 

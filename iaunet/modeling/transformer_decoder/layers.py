@@ -1,4 +1,5 @@
 """Attention blocks of the query decoder and the 2-D sine positional encoding (thesis §3.5)."""
+
 import math
 from typing import Optional
 
@@ -70,7 +71,9 @@ class AttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """Linear(D, F) -> ReLU -> dropout -> Linear(F, D), residual, post-/pre-norm."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0, pre_norm: bool = False):
+    def __init__(
+        self, d_model: int, dim_feedforward: int, dropout: float = 0.0, pre_norm: bool = False
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)

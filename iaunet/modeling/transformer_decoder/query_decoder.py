@@ -1,4 +1,5 @@
 """Query decoder with per-block prediction heads (thesis §3.5)."""
+
 import math
 from typing import Dict, List, Tuple
 
@@ -40,12 +41,18 @@ class QueryDecoder(nn.Module):
     ):
         super().__init__()
         if order not in DECODER_ORDERS:
-            raise ValueError(f"MODEL.IAUNET.DECODER_ORDER must be one of {DECODER_ORDERS}, got {order!r}")
+            raise ValueError(
+                f"MODEL.IAUNET.DECODER_ORDER must be one of {DECODER_ORDERS}, got {order!r}"
+            )
         if hidden_dim % nheads:
-            raise ValueError(f"MODEL.IAUNET.HIDDEN_DIM ({hidden_dim}) must be divisible by NHEADS ({nheads})")
+            raise ValueError(
+                f"MODEL.IAUNET.HIDDEN_DIM ({hidden_dim}) must be divisible by NHEADS ({nheads})"
+            )
         if blocks_per_level < 1:
             raise ValueError(f"MODEL.IAUNET.BLOCKS_PER_LEVEL must be >= 1, got {blocks_per_level}")
-        self.memory_proj = nn.Linear(memory_dim, hidden_dim) if memory_dim != hidden_dim else nn.Identity()
+        self.memory_proj = (
+            nn.Linear(memory_dim, hidden_dim) if memory_dim != hidden_dim else nn.Identity()
+        )
         num_blocks = num_levels * blocks_per_level
         if order == "seq":
             self.block_levels = [lvl for lvl in range(num_levels) for _ in range(blocks_per_level)]
@@ -91,13 +98,20 @@ class QueryDecoder(nn.Module):
             "aux_predictions_at_test": m.TEST.AUX_PREDICTIONS,
         }
 
-    def predict(self, queries: torch.Tensor, mask_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def predict(
+        self, queries: torch.Tensor, mask_features: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """queries (B, Q, D), E (B, C, H/4, W/4) -> logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)."""
         q = self.decoder_norm(queries)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
         return self.class_embed(q), masks
 
-    def forward(self, memories: List[torch.Tensor], mask_features: torch.Tensor, deep_supervision: bool = True) -> Dict:
+    def forward(
+        self,
+        memories: List[torch.Tensor],
+        mask_features: torch.Tensor,
+        deep_supervision: bool = True,
+    ) -> Dict:
         """
         Args:
             memories: X_m per level, coarse to fine, each (B, C, H_l, W_l); never updated.
@@ -107,8 +121,12 @@ class QueryDecoder(nn.Module):
             {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}.
         """
         b = mask_features.shape[0]
-        memory = [self.memory_proj(m.flatten(2).transpose(1, 2)) for m in memories]  # (B, H_l*W_l, D)
-        pos = [sine_position_encoding(m, x.shape[-1]) for m, x in zip(memories, memory)]  # (1, H_l*W_l, D)
+        memory = [
+            self.memory_proj(m.flatten(2).transpose(1, 2)) for m in memories
+        ]  # (B, H_l*W_l, D)
+        pos = [
+            sine_position_encoding(m, x.shape[-1]) for m, x in zip(memories, memory)
+        ]  # (1, H_l*W_l, D)
         query_pos = self.query_pos.weight.unsqueeze(0)
         x = self.queries.weight.unsqueeze(0).expand(b, -1, -1)
         all_aux = deep_supervision or (not self.training and self.aux_predictions_at_test)
@@ -120,5 +138,9 @@ class QueryDecoder(nn.Module):
             if all_aux or i == len(self.block_levels) - 1:
                 predictions.append(self.predict(x, mask_features))
         logits, masks = predictions[-1]
-        aux = [{"pred_logits": lg, "pred_masks": mk} for lg, mk in predictions[:-1]] if deep_supervision else []
+        aux = (
+            [{"pred_logits": lg, "pred_masks": mk} for lg, mk in predictions[:-1]]
+            if deep_supervision
+            else []
+        )
         return {"pred_logits": logits, "pred_masks": masks, "aux_outputs": aux}
