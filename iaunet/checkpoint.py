@@ -3,52 +3,52 @@ complete file, and a file that is not a checkpoint fails with an error naming it
 
 detectron2 (fvcore) writes ``model_XXXXXXX.pth`` in place and then ``last_checkpoint``: a job killed
 during the write (preemption, OOM killer, Ctrl-C) leaves a truncated file that ``--resume`` then fails
-to load. Here both are written to a temporary file in the same folder, flushed and fsynced, then
-renamed over the target (``os.replace`` is atomic on POSIX), and the folder is fsynced so that the
-rename survives a power loss. The temporary file of an interrupted save is removed when the save fails
-with an exception; after a SIGKILL it stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
+to load. Here both go through :func:`iaunet.utils.atomic.atomic_write`; the temporary file of a save
+killed by SIGKILL stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
+
+State-dict keys renamed since the first release are mapped when a checkpoint is loaded
+(``LEGACY_KEY_RENAMES``), so that older checkpoints keep loading.
 """
 
-import contextlib
 import glob
 import logging
 import os
+import re
 from collections.abc import Mapping
-from typing import IO, Any, Callable, Dict
+from typing import Any, Dict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .utils.atomic import TMP_MARK, atomic_write
+
 logger = logging.getLogger(__name__)
 
-_TMP_SUFFIX = ".tmp-"
+# (pattern, replacement) of state-dict keys renamed in version 0.2 (thesis names, shared/style):
+# the light mask head is its own module, the U-Net stages name their conv (G_x) and SE.
+LEGACY_KEY_RENAMES = (
+    (r"^pixel_decoder\.lateral\.", "pixel_decoder.mask_head.lateral."),
+    (r"^pixel_decoder\.output\.", "pixel_decoder.mask_head.output."),
+    (r"^pixel_decoder\.stages\.(\d+)\.0\.", r"pixel_decoder.stages.\1.conv."),
+    (r"^pixel_decoder\.stages\.(\d+)\.1\.", r"pixel_decoder.stages.\1.se."),
+)
+
+
+def rename_legacy_keys(state_dict: Dict[str, Any]) -> int:
+    """Rename keys of older IAUNet checkpoints in place (``LEGACY_KEY_RENAMES``); returns how many."""
+    renamed = 0
+    for key in list(state_dict):
+        new = key
+        for pattern, repl in LEGACY_KEY_RENAMES:
+            new = re.sub(pattern, repl, new)
+        if new != key and new not in state_dict:
+            state_dict[new] = state_dict.pop(key)
+            renamed += 1
+    return renamed
 
 
 class CheckpointError(RuntimeError):
     """A file that cannot be loaded as a checkpoint; the message names it."""
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
-    """Create or replace ``path`` with what ``write(f)`` writes to a binary file object ``f``:
-    either the old content or the complete new one is there at any moment, never a partial file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}{_TMP_SUFFIX}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # not every file system lets a folder be opened/fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -77,14 +77,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``<save_dir>/last_checkpoint`` at a file that is already complete (atomically)."""
-        atomic_write(
-            os.path.join(self.save_dir, "last_checkpoint"),
-            lambda f: f.write(last_filename_basename.encode()),
-        )
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         if resume and self.save_dir:
-            stale = sorted(glob.glob(os.path.join(self.save_dir, f".*{_TMP_SUFFIX}[0-9]*")))
+            stale = sorted(glob.glob(os.path.join(self.save_dir, f".*{TMP_MARK}[0-9]*")))
             if stale:
                 logger.warning(
                     f"Partial files of interrupted checkpoint saves in {self.save_dir} (never loaded; safe to "
@@ -110,3 +107,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "(a mapping of parameter names to tensors)"
             )
         return loaded
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics"):
+            renamed = rename_legacy_keys(checkpoint["model"])
+            if renamed:
+                logger.info(f"Renamed {renamed} state-dict keys of an older IAUNet checkpoint")
+        return super()._load_model(checkpoint)

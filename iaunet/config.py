@@ -1,6 +1,7 @@
 """Config keys added by IAUNet on top of detectron2's defaults.
 
-Every key carries a one-line comment; defaults follow ``shared/iaunet-spec.md`` (thesis settings).
+Every key carries a one-line comment; defaults follow the thesis (Prytula 2025, §3-§4) and the authors'
+reference code where the thesis is silent.
 """
 
 import os
@@ -63,7 +64,7 @@ def exit_on_config_error(main, prog: str):
 
 
 def add_iaunet_config(cfg: CN) -> None:
-    """Add IAUNet's keys (``MODEL.IAUNET``, ``MODEL.SWIN``, ``INPUT``, ``SOLVER``) to ``cfg`` in place."""
+    """Add IAUNet's keys (``MODEL.IAUNET``, ``MODEL.SWIN``, ``INPUT``, ``SOLVER``, ``TEST``) to ``cfg``."""
     cfg.MODEL.IAUNET = CN()
     m = cfg.MODEL.IAUNET
     # --- sizes
@@ -72,53 +73,43 @@ def add_iaunet_config(cfg: CN) -> None:
     m.HIDDEN_DIM = 256  # D, channels of the pixel decoder and queries
     m.MASK_DIM = 256  # channels of the pixel embedding E and of the mask embeddings
     m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs, strides 4..32
-    m.NORM = (
-        "BN"  # norm of the pixel decoder / mask head (detectron2 get_norm: BN, SyncBN, GN, ...)
-    )
+    # norm of the pixel decoder and mask head (detectron2 get_norm: BN, SyncBN, naiveSyncBN, GN, ...)
+    m.NORM = "BN"
     # --- pixel decoder (U-Net), thesis §3.4
-    m.SKIP_FUSION = "concat"  # how the 1x1 skip joins the upsampled path: concat | add | full (no 1x1 reduction)
+    # how the 1x1 skip joins the upsampled path: concat | add | full (no 1x1 channel reduction)
+    m.SKIP_FUSION = "concat"
     m.COORD_CONV = True  # concatenate (x, y) coordinate planes before each decoder stage
     m.SE = True  # squeeze-and-excitation after each decoder stage
     m.MASK_BRANCH = True  # mask branch X_m per level (off: queries attend to the decoder features)
     m.MASK_BRANCH_CONVS = 2  # 3x3 conv+norm+ReLU per mask-branch level
-    m.LIGHT_MASK_HEAD = (
-        True  # E = M(F(res2) + up(X_m)) at 1/4; off: heavy head of 2 extra 3x3 convs at 1/4
-    )
+    # E = M(F(res2) + up(X_m)) at 1/4 (eq. 16); off: a full U-Net level at 1/4 feeds M
+    m.LIGHT_MASK_HEAD = True
+    # bilinear x2 upsampling of the U-Net with align_corners (the reference's nn.UpsamplingBilinear2d)
+    m.ALIGN_CORNERS = False
     # --- query decoder, thesis §3.5
     m.NHEADS = 8  # attention heads
     m.DIM_FEEDFORWARD = 1024  # FFN hidden size
     m.DROPOUT = 0.1  # dropout in attention and FFN
-    m.PRE_NORM = (
-        False  # pre-norm blocks (thesis text) instead of post-norm (reference code, default)
-    )
+    m.PRE_NORM = False  # pre-norm blocks (thesis text) instead of post-norm (reference code)
     m.BLOCKS_PER_LEVEL = 3  # decoder blocks per pixel-decoder level (3 levels -> 9 blocks)
-    m.DECODER_ORDER = (
-        "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin: cycle levels
-    )
+    m.DECODER_ORDER = "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin
     m.DEEP_SUPERVISION = True  # losses on every block's prediction (fresh matching each)
     # --- losses and matching, thesis §3.6
     m.CLASS_WEIGHT = 1.0  # weight of the classification loss and cost
     m.MASK_WEIGHT = 5.0  # weight of the sigmoid BCE mask loss and cost
     m.DICE_WEIGHT = 2.0  # weight of the Dice loss and cost
     m.NO_OBJECT_WEIGHT = 0.1  # CE weight of the "no object" class
-    m.TRAIN_NUM_POINTS = (
-        12544  # points sampled for the matching costs (and for the losses when sampled)
-    )
-    m.LOSS_POINT_SAMPLING = (
-        False  # losses on sampled points (Mask2Former, saves memory) instead of full masks
-    )
-    m.OVERSAMPLE_RATIO = 3.0  # point sampling for the losses: oversampling of uncertain points
-    m.IMPORTANCE_SAMPLE_RATIO = (
-        0.75  # point sampling for the losses: share of importance-sampled points
-    )
+    m.TRAIN_NUM_POINTS = 12544  # points sampled for the matching costs (and sampled losses)
+    m.LOSS_POINT_SAMPLING = False  # losses on sampled points (Mask2Former) instead of full masks
+    m.OVERSAMPLE_RATIO = 3.0  # point-sampled losses: oversampling of uncertain points
+    m.IMPORTANCE_SAMPLE_RATIO = 0.75  # point-sampled losses: share of importance-sampled points
     # --- inference, thesis §3.5.3 / §4.2
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
     m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
-    m.TEST.MASKNESS = "mask"  # mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image", eq. 17)
-    m.TEST.AUX_PREDICTIONS = (
-        False  # also compute every block's prediction at inference (reference cost)
-    )
+    # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image", eq. 17)
+    m.TEST.MASKNESS = "mask"
+    m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference)
 
     # Swin backbone (timm-backed); keys follow Mask2Former's MODEL.SWIN.
     cfg.MODEL.SWIN = CN()
@@ -139,40 +130,31 @@ def add_iaunet_config(cfg: CN) -> None:
     s.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # outputs, strides 4..32
     s.USE_CHECKPOINT = False  # activation checkpointing
 
-    # Input pipeline, thesis §3 (augmentation) and image reading (8/16-bit, gray/RGB).
+    # Input pipeline, thesis §4.2 (augmentation) and image reading (8/16-bit, gray/RGB).
+    # detectron2's INPUT.FORMAT is honoured: images are read as RGB and reversed for "BGR".
     cfg.INPUT.FORMAT = "RGB"
     cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
-    cfg.INPUT.INTENSITY_NORM = (
-        "percentile"  # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range)
-    )
+    # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range of the dtype)
+    cfg.INPUT.INTENSITY_NORM = "percentile"
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule
     cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad images to a multiple of this
-    cfg.INPUT.MIN_INSTANCE_AREA = (
-        1  # instances with fewer mask pixels after augmentation are dropped
-    )
+    cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer pixels after augmentation are dropped
 
-    # Optimizer, thesis §3 / §4.2.
+    # Optimizer, thesis §4.2.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone lr = BASE_LR x this
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings
 
-    # Memory format of the convolutions: NHWC weights and input (channels_last). On the 2-core CPU of
-    # docs/performance.md: 6-9 % less inference latency and 8-14 % less training-step time than NCHW (two runs).
-    # Results agree with NCHW to rounding; checkpoints load into either layout. Off by default: not measured
-    # on GPU yet, and CPU multi-worker runs (NaiveSyncBatchNorm) agree less closely with one worker (docs).
+    # Memory format of the convolutions: NHWC weights and input (channels_last). Faster on CPU
+    # (docs/performance.md); results agree with NCHW to rounding and checkpoints load into either layout.
     cfg.MODEL.CHANNELS_LAST = False
 
-    # Distributed
-    cfg.MODEL.SYNC_BN = True  # with several workers, BatchNorm2d layers become synchronized BN (global batch statistics)
-
     # Prediction (iaunet.predict): tiled inference of large images, see docs/predict.md.
-    cfg.TEST.TILE_SIZE = 0  # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
-    cfg.TEST.TILE_OVERLAP = (
-        64  # pixels shared by neighbouring tiles; should exceed the largest object
-    )
+    # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
+    cfg.TEST.TILE_SIZE = 0
+    cfg.TEST.TILE_OVERLAP = 64  # pixels shared by neighbouring tiles; should exceed the largest object
     cfg.TEST.TILE_SCALE = 1.0  # resize factor of each tile before the model (1.0 = native pixels)
-    cfg.TEST.AUTO_TILE_ABOVE = (
-        2048  # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
-    )
+    # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
+    cfg.TEST.AUTO_TILE_ABOVE = 2048

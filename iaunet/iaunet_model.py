@@ -88,7 +88,9 @@ class IAUNet(nn.Module):
                 f"(it has {list(backbone.output_shape())})"
             )
         pixel_decoder = UNetPixelDecoder(cfg, backbone.output_shape())
-        query_decoder = QueryDecoder(cfg, num_levels=3, memory_dim=pixel_decoder.memory_channels)
+        query_decoder = QueryDecoder(
+            cfg, num_levels=pixel_decoder.num_levels, in_channels=pixel_decoder.out_channels
+        )
         matcher = HungarianMatcher(m.CLASS_WEIGHT, m.MASK_WEIGHT, m.DICE_WEIGHT, m.TRAIN_NUM_POINTS)
         criterion = SetCriterion(
             m.NUM_CLASSES,
@@ -138,17 +140,32 @@ class IAUNet(nn.Module):
         images.tensor = images.tensor.contiguous(memory_format=self.memory_format)
         return images
 
+    def forward_network(self, images: torch.Tensor, deep_supervision: bool = False) -> Dict:
+        """The network, without pre- and post-processing: what training, inference and the tools run.
+
+        Args:
+            images: (B, 3, H, W) normalized images, H and W multiples of ``size_divisibility``.
+            deep_supervision: also return every decoder block's prediction as ``aux_outputs``.
+        Returns:
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}.
+        """
+        features = self.backbone(images)
+        mask_features, multi_scale_features = self.pixel_decoder(features)
+        return self.query_decoder(
+            multi_scale_features, mask_features, deep_supervision=deep_supervision
+        )
+
     def forward(self, batched_inputs: List[Dict]):
         """
         Args:
             batched_inputs: detectron2 format: "image" (C, H, W) on the 0..255 scale; for training
                 "instances" with gt_masks (BitMasks) and gt_classes; optional "height"/"width" of the output.
+        Returns:
+            training: a dict of weighted losses; inference: ``[{"instances": Instances}]`` per image.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        mask_features, memories = self.pixel_decoder(features)
-        outputs = self.query_decoder(
-            memories, mask_features, deep_supervision=self.training and self.deep_supervision
+        outputs = self.forward_network(
+            images.tensor, deep_supervision=self.training and self.deep_supervision
         )
         if self.training:
             if any("instances" not in x for x in batched_inputs):
@@ -165,19 +182,17 @@ class IAUNet(nn.Module):
             check_losses_finite(losses, batched_inputs)
             return losses
         results = []
-        for i, x in enumerate(batched_inputs):
-            height = x.get("height", images.image_sizes[i][0])
-            width = x.get("width", images.image_sizes[i][1])
-            results.append(
-                {
-                    "instances": self.instance_inference(
-                        outputs["pred_logits"][i],
-                        outputs["pred_masks"][i],
-                        images.image_sizes[i],
-                        (height, width),
-                    )
-                }
-            )
+        with torch.profiler.record_function("iaunet::instance_inference"):  # a range in profiles
+            for i, x in enumerate(batched_inputs):
+                height = x.get("height", images.image_sizes[i][0])
+                width = x.get("width", images.image_sizes[i][1])
+                instances = self.instance_inference(
+                    outputs["pred_logits"][i],
+                    outputs["pred_masks"][i],
+                    images.image_sizes[i],
+                    (height, width),
+                )
+                results.append({"instances": instances})
         return results
 
     @staticmethod
@@ -210,7 +225,7 @@ class IAUNet(nn.Module):
             Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes.
         """
         logits, masks = logits.float(), masks.float()
-        q, k = logits.shape[0], self.num_classes
+        k = self.num_classes
         scores = logits.softmax(-1)[:, :k].flatten()  # (Q*K), query-major
         topk = min(self.detections_per_image, scores.numel())
         scores, idx = scores.topk(topk, sorted=False)

@@ -13,20 +13,16 @@ Exit status: 0 all images done, 1 some files failed (named in the log and the su
 """
 
 import argparse
-import colorsys
 import contextlib
 import glob
-import io
 import json
 import logging
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import pycocotools.mask as mask_util
-import tifffile
 import torch
 from detectron2.config import CfgNode
 from tqdm import tqdm
@@ -34,7 +30,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import ConfigError, load_config, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
-from .predictor import IAUNetPredictor, MaskCrops
+from .inference import IAUNetPredictor
+from .outputs import label_image, png_bytes, render_overlay, tiff_bytes
+from .utils.atomic import atomic_write
 
 logger = logging.getLogger("iaunet.predict")
 
@@ -187,76 +185,6 @@ def category_ids(metadata, num_classes: int) -> List[int]:
     return [c + 1 for c in range(num_classes)]
 
 
-def label_image(masks: MaskCrops, height: int, width: int) -> np.ndarray:
-    """Masks (``MaskCrops``, sorted by decreasing score) -> (H, W) ids 1..N; overlaps go to the higher score."""
-    labels = np.zeros(
-        (height, width), np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32
-    )
-    items = list(masks)
-    for i in range(len(items) - 1, -1, -1):  # lowest score first, so higher scores overwrite
-        y0, x0, crop = items[i]
-        labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]][crop] = i + 1
-    return labels
-
-
-def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
-    """Outlines and ids (1..N) of ``masks`` drawn on an (H, W, 3) uint8 RGB image."""
-    canvas = np.ascontiguousarray(image8.copy())
-    h, w = canvas.shape[:2]
-    thickness = max(1, round(min(h, w) / 600))
-    font_scale = max(0.3, min(h, w) / 1500)
-    for i, (y0, x0, crop) in enumerate(masks):
-        if crop.size == 0:
-            continue
-        # Golden-ratio hues: neighbouring ids get clearly different, saturated colours.
-        color = [round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.9, 1.0)]
-        contours, _ = cv2.findContours(
-            crop.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x0, y0)
-        )
-        cv2.drawContours(canvas, contours, -1, color, thickness)
-        ys, xs = np.nonzero(crop)
-        text = str(i + 1)
-        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
-        org = (int(xs.mean()) + x0 - tw // 2, int(ys.mean()) + y0 + th // 2)
-        for c, extra in (((0, 0, 0), 2), ((255, 255, 255), 0)):  # dark halo keeps ids legible
-            cv2.putText(
-                canvas,
-                text,
-                org,
-                cv2.FONT_HERSHEY_SIMPLEX,
-                font_scale,
-                c,
-                thickness + extra,
-                cv2.LINE_AA,
-            )
-    return canvas
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def tiff_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, array, compression="zlib")
-    return buf.getvalue()
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def predict_file(
     predictor: IAUNetPredictor,
     path: str,
@@ -275,13 +203,13 @@ def predict_file(
     masks = instances.pred_masks
     h, w = masks.image_size
     label_name, overlay_name = f"{stem}_labels.tif", f"{stem}_overlay.png"
-    write_atomic(os.path.join(out_dir, label_name), tiff_bytes(label_image(masks, h, w)))
+    atomic_write(os.path.join(out_dir, label_name), tiff_bytes(label_image(masks, h, w)))
     image8 = (
         to_model_range(raw, predictor.intensity_norm, predictor.percentiles)
         .round()
         .astype(np.uint8)
     )
-    write_atomic(os.path.join(out_dir, overlay_name), png_bytes(render_overlay(image8, masks)))
+    atomic_write(os.path.join(out_dir, overlay_name), png_bytes(render_overlay(image8, masks)))
 
     results = []
     for rle, score, label in zip(
@@ -391,8 +319,8 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
         {"id": cid, "name": class_names[c] if c < len(class_names) else f"class_{c}"}
         for c, cid in enumerate(cat_ids)
     ]
-    write_atomic(os.path.join(args.output, "predictions.json"), json.dumps(results).encode())
-    write_atomic(
+    atomic_write(os.path.join(args.output, "predictions.json"), json.dumps(results))
+    atomic_write(
         os.path.join(args.output, "images.json"),
         json.dumps(
             {"images": images, "categories": categories, "annotations": []}, indent=1

@@ -1,11 +1,10 @@
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -23,6 +22,14 @@ def _datasets_root(tmp_path_factory):
         os.environ.pop("DETECTRON2_DATASETS", None)
     else:
         os.environ["DETECTRON2_DATASETS"] = old
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(**overrides):
@@ -43,7 +50,7 @@ def tiny_cfg(**overrides):
             "MODEL.RESNETS.RES2_OUT_CHANNELS",
             64,
             "MODEL.RESNETS.NORM",
-            "BN",
+            "SyncBN",
             "MODEL.IAUNET.HIDDEN_DIM",
             32,
             "MODEL.IAUNET.MASK_DIM",

@@ -15,7 +15,7 @@ M = "MODEL.IAUNET."
 
 def _stage_in_channels(model):
     """Input channels of each U-Net stage (the first depthwise conv of G_x), coarse to fine."""
-    return [stage[0].body[0].in_channels for stage in model.pixel_decoder.stages]
+    return [stage.conv.body[0].in_channels for stage in model.pixel_decoder.stages]
 
 
 def _modules(model, cls):
@@ -30,7 +30,7 @@ CASES = {
             _stage_in_channels(m) == [34, 66, 66]
             and len(_modules(m, SqueezeExcite)) == 3
             and len(m.pixel_decoder.mask_branch) == 3
-            and hasattr(m.pixel_decoder, "lateral")
+            and m.pixel_decoder.mask_head.lateral is not None
             and m.query_decoder.block_levels == [0] * 3 + [1] * 3 + [2] * 3
         ),
     ),
@@ -47,7 +47,7 @@ CASES = {
     ),
     "heavy_mask_head": (
         {M + "LIGHT_MASK_HEAD": False},
-        lambda m: len(m.pixel_decoder.stages) == 4 and not hasattr(m.pixel_decoder, "lateral"),
+        lambda m: len(m.pixel_decoder.stages) == 4 and m.pixel_decoder.mask_head.lateral is None,
     ),
     "no_mask_branch": ({M + "MASK_BRANCH": False}, lambda m: len(m.pixel_decoder.mask_branch) == 0),
     "dim_feedforward": (

@@ -3,15 +3,14 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
-from conftest import ROOT
+from conftest import ROOT, load_tool
 
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from iaunet.utils.benchmark import synthetic_sample
 
-import benchmark  # noqa: E402
-import compare_maskrcnn  # noqa: E402
+benchmark = load_tool("benchmark")
+compare_maskrcnn = load_tool("compare_maskrcnn")
 
 # tests/conftest.py tiny_cfg as command-line overrides
 TINY_OPTS = [
@@ -37,7 +36,7 @@ TINY_OPTS = [
 
 
 def test_synthetic_sample_is_dense():
-    image, masks = benchmark.synthetic_sample(128, 30, np.random.default_rng(0))
+    image, masks = synthetic_sample(128, 30, np.random.default_rng(0))
     assert image.shape == (3, 128, 128) and masks.shape == (30, 128, 128)
     assert masks.flatten(1).any(1).all()
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from iaunet.modeling.criterion import SetCriterion, bce_loss, dice_loss, upsampled_mask_losses
+from iaunet.modeling.criterion import SetCriterion
+from iaunet.modeling.mask_losses import bce_loss, dice_loss, upsampled_mask_losses
 from iaunet.modeling.matcher import HungarianMatcher
 
 
@@ -117,27 +118,17 @@ def _reference_mask_losses(logits, targets):
         ((32, 32), (128, 128), 1),
     ],
 )
-def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels, monkeypatch):
+def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels):
     """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values and gradients
     of the plain autograd formulation: factor 4 as in the model, odd sizes, non-integer factors, one mask per chunk
     and several; targets gathered through the row index."""
-    import iaunet.modeling.criterion as crit
-
-    if (
-        chunk_pixels is not None
-    ):  # force small chunks so that several chunks (and a last partial one) are used
-        real_apply = crit._UpsampledMaskLosses.apply
-        monkeypatch.setattr(
-            crit._UpsampledMaskLosses,
-            "apply",
-            lambda lg, tg, ix, _c: real_apply(lg, tg, ix, chunk_pixels),
-        )
+    # small chunk_pixels force several chunks (and a last partial one)
     torch.manual_seed(0)
     logits = (torch.randn(5, *low) * 4).requires_grad_(True)
     pool = torch.rand(8, *high) > 0.7
     pool[3] = False  # an empty target
     rows = torch.tensor([6, 3, 0, 6, 2])  # a target may be matched twice (different images/outputs)
-    bce, dice = upsampled_mask_losses(logits, pool, rows)
+    bce, dice = upsampled_mask_losses(logits, pool, rows, chunk_pixels)
     (3 * bce + 0.5 * dice).backward()
     ref_logits = logits.detach().clone().requires_grad_(True)
     ref_bce, ref_dice = _reference_mask_losses(ref_logits, pool[rows])
@@ -146,7 +137,7 @@ def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels, monkeypat
     assert torch.allclose(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-9)
     # separate upstream gradients for the two losses (e.g. other loss weights) stay exact
     logits.grad = ref_logits.grad = None
-    upsampled_mask_losses(logits, pool, rows)[1].backward()
+    upsampled_mask_losses(logits, pool, rows, chunk_pixels)[1].backward()
     _reference_mask_losses(ref_logits, pool[rows])[1].backward()
     assert torch.allclose(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-9)
 

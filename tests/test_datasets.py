@@ -547,16 +547,13 @@ def test_coco_evaluator_on_registered_metadata(root, tmp_path):
 def test_revvity25_config_starts_training(root, config):
     """The design-card command (`train_net.py --config-file configs/revvity25/<config>`) builds its model,
     optimizer and data loader on a Revvity-25 tree and takes a training step (images shrunk for speed)."""
-    import sys
 
     import torch
     from detectron2.config import get_cfg
     from detectron2.utils.events import EventStorage
 
     from iaunet import add_iaunet_config
-
-    sys.path.insert(0, ROOT)
-    import train_net
+    from iaunet.engine import Trainer
 
     make_revvity(root)
     cfg = get_cfg()
@@ -578,7 +575,7 @@ def test_revvity25_config_starts_training(root, config):
             str(root / "out"),
         ]
     )
-    trainer = train_net.Trainer(cfg)
+    trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.query_decoder.state_dict().items()}
     with EventStorage(0):
         trainer._trainer.iter = 0

@@ -101,12 +101,13 @@ def _step_worker(rank: int, tmp: str) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         from iaunet import add_iaunet_config
-        from train_net import Trainer
+        from iaunet.engine import Trainer, adapt_config_to_machine
 
         comm.create_local_process_group(WORLD_SIZE)
         cfg = get_cfg()
         add_iaunet_config(cfg)
         cfg.merge_from_file(os.path.join(tmp, "config.yaml"))
+        adapt_config_to_machine(cfg, WORLD_SIZE)  # SyncBN -> naiveSyncBN on CPU workers, as setup() does
         trainer = Trainer(cfg)
         assert isinstance(trainer.model, DistributedDataParallel)
         trainer.model.module.load_state_dict(torch.load(os.path.join(tmp, "init.pth")))
@@ -160,7 +161,7 @@ def test_split_batch_step_matches_single_process(tmp_path):
     from detectron2.data import DatasetCatalog
 
     from iaunet.data import IAUNetDatasetMapper
-    from train_net import Trainer
+    from iaunet.engine import Trainer
 
     tmp = str(tmp_path)
     cfg = tiny_cfg(
@@ -174,7 +175,7 @@ def test_split_batch_step_matches_single_process(tmp_path):
             "OUTPUT_DIR": os.path.join(tmp, "out"),
         }
     )
-    assert cfg.MODEL.SYNC_BN and cfg.MODEL.RESNETS.NORM == "BN" and cfg.MODEL.IAUNET.NORM == "BN"
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN" and cfg.MODEL.IAUNET.NORM == "SyncBN"
     with open(os.path.join(tmp, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     random.seed(0)
@@ -285,7 +286,7 @@ def test_two_process_eval_only_covers_every_image_once(tmp_path, _datasets_root)
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
 
-    from train_net import Trainer
+    from iaunet.engine import Trainer
 
     name = "synthetic_cells_val"
     cfg = tiny_cfg(

@@ -1,16 +1,11 @@
-"""Model size against the thesis (spec §2) and a smoke test of tools/analyze_model.py (docs/fidelity.md)."""
+"""Model size against the thesis (Tables 1-5) and a smoke test of tools/analyze_model.py (docs/fidelity.md)."""
 
-import importlib.util
 import os
 
 import pytest
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, load_tool, tiny_cfg
 
-_spec = importlib.util.spec_from_file_location(
-    "analyze_model", os.path.join(ROOT, "tools", "analyze_model.py")
-)
-analyze_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(analyze_model)
+analyze_model = load_tool("analyze_model")
 
 
 @pytest.mark.parametrize(
@@ -34,7 +29,7 @@ def test_parameter_count_matches_thesis(config, thesis_params):
 
 
 def test_flop_count_tiny_model():
-    # tiny_cfg: D = 32, 8 queries, 3 blocks per level; a 64x64 image gives memories of 2x2, 4x4, 8x8.
+    # tiny_cfg: D = 32, 8 queries, 3 blocks per level; a 64x64 image gives multi-scale features of 2x2, 4x4, 8x8.
     d, q, blocks_per_level, memory_lengths = 32, 8, 3, (4, 16, 64)
     default = analyze_model.count_flops(tiny_cfg(), size=64)
     thesis = analyze_model.count_flops(

@@ -22,11 +22,11 @@ def test_pixel_decoder_shapes(fusion, light):
     backbone = build_backbone(cfg)
     decoder = UNetPixelDecoder(cfg, backbone.output_shape())
     x = torch.randn(2, 3, 96, 160)  # padded size of an odd input (e.g. 75x150)
-    mask_features, memories = decoder(backbone(x))
+    mask_features, multi_scale_features = decoder(backbone(x))
     assert mask_features.shape == (2, 32, 24, 40)
-    assert [tuple(m.shape[-2:]) for m in memories] == [(3, 5), (6, 10), (12, 20)]
-    assert all(m.shape[:2] == (2, decoder.memory_channels) for m in memories)
-    (mask_features.mean() + sum(m.mean() for m in memories)).backward()
+    assert [tuple(m.shape[-2:]) for m in multi_scale_features] == [(3, 5), (6, 10), (12, 20)]
+    assert all(m.shape[:2] == (2, decoder.out_channels) for m in multi_scale_features)
+    (mask_features.mean() + sum(m.mean() for m in multi_scale_features)).backward()
 
 
 def test_pixel_decoder_rejects_bad_fusion():

@@ -14,8 +14,10 @@ from conftest import ROOT, tiny_cfg
 from detectron2.structures import Instances
 from pycocotools.coco import COCO
 
-from iaunet.predict import label_image, main
-from iaunet.predictor import IAUNetPredictor, MaskCrops, tile_starts
+from iaunet.inference import IAUNetPredictor, MaskCrops
+from iaunet.inference.tiling import tile_starts
+from iaunet.outputs import label_image
+from iaunet.predict import main
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,23 @@ from iaunet.modeling.transformer_decoder.layers import sine_position_encoding
 
 def _decoder(**overrides):
     cfg = tiny_cfg(**overrides)
-    return QueryDecoder(cfg, num_levels=3, memory_dim=32)
+    return QueryDecoder(cfg, num_levels=3, in_channels=32)
 
 
 def _inputs(b=2, h=96, w=160):
-    memories = [torch.randn(b, 32, h // s, w // s) for s in (32, 16, 8)]
-    return memories, torch.randn(b, 32, h // 4, w // 4)
+    multi_scale_features = [torch.randn(b, 32, h // s, w // s) for s in (32, 16, 8)]
+    return multi_scale_features, torch.randn(b, 32, h // 4, w // 4)
 
 
 def test_outputs_and_deep_supervision():
     dec = _decoder()
-    memories, e = _inputs()
-    out = dec(memories, e, deep_supervision=True)
+    multi_scale_features, e = _inputs()
+    out = dec(multi_scale_features, e, deep_supervision=True)
     assert out["pred_logits"].shape == (2, 8, 2)  # K+1 classes
     assert out["pred_masks"].shape == (2, 8, 24, 40)
     assert len(out["aux_outputs"]) == 3 * 3 - 1  # 3 blocks per level, 3 levels
     assert all(a["pred_masks"].shape == (2, 8, 24, 40) for a in out["aux_outputs"])
-    assert dec(memories, e, deep_supervision=False)["aux_outputs"] == []
+    assert dec(multi_scale_features, e, deep_supervision=False)["aux_outputs"] == []
 
 
 def test_block_order_and_param_count():
@@ -41,10 +41,10 @@ def test_block_order_and_param_count():
 def test_last_prediction_independent_of_aux_at_inference():
     torch.manual_seed(0)
     dec = _decoder().eval()
-    memories, e = _inputs(b=1)
-    a = dec(memories, e, deep_supervision=False)
+    multi_scale_features, e = _inputs(b=1)
+    a = dec(multi_scale_features, e, deep_supervision=False)
     dec.aux_predictions_at_test = True
-    b = dec(memories, e, deep_supervision=False)
+    b = dec(multi_scale_features, e, deep_supervision=False)
     assert torch.allclose(a["pred_masks"], b["pred_masks"]) and torch.allclose(
         a["pred_logits"], b["pred_logits"]
     )
@@ -53,8 +53,8 @@ def test_last_prediction_independent_of_aux_at_inference():
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_pre_and_post_norm_backward(pre_norm):
     dec = _decoder(**{"MODEL.IAUNET.PRE_NORM": pre_norm})
-    memories, e = _inputs()
-    out = dec(memories, e)
+    multi_scale_features, e = _inputs()
+    out = dec(multi_scale_features, e)
     out["pred_masks"].mean().backward()
     assert dec.queries.weight.grad is not None and dec.query_pos.weight.grad.abs().sum() > 0
 

@@ -28,11 +28,11 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 
-import train_net  # noqa: E402
 from iaunet.checkpoint import AtomicCheckpointer, CheckpointError
-from iaunet.config import ConfigError  # noqa: E402  (ROOT is on sys.path through conftest)
+from iaunet.config import ConfigError
 from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_model_range
 from iaunet.data.datasets.common import register_coco_dataset
+from iaunet.engine import setup as train_setup
 from iaunet.modeling.matcher import HungarianMatcher
 
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
@@ -389,15 +389,15 @@ def test_unknown_config_key_is_named(tmp_path):
     with pytest.raises(
         ConfigError, match=f"cannot use config file {bad_yaml}: .*MODEL.IAUNET.NUM_QUERYS"
     ):
-        train_net.setup(_args(config_file=str(bad_yaml)))
+        train_setup(_args(config_file=str(bad_yaml)))
     with pytest.raises(
         ConfigError, match="invalid config override MODEL.IAUNET.NUM_QUERYS 5: Non-existent key"
     ):
-        train_net.setup(_args("MODEL.IAUNET.NUM_QUERYS", "5"))
+        train_setup(_args("MODEL.IAUNET.NUM_QUERYS", "5"))
     with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
-        train_net.setup(_args(config_file=str(tmp_path / "missing.yaml")))
+        train_setup(_args(config_file=str(tmp_path / "missing.yaml")))
     with pytest.raises(ConfigError, match="odd length"):
-        train_net.setup(_args("SOLVER.BASE_LR"))
+        train_setup(_args("SOLVER.BASE_LR"))
 
 
 @pytest.mark.parametrize("script", ["train_net.py", "tools/analyze_model.py", "tools/benchmark.py"])
@@ -443,7 +443,7 @@ def test_output_dir_that_cannot_be_created_is_named(tmp_path):
     (tmp_path / "file.txt").write_text("a regular file")
     out = tmp_path / "file.txt" / "out"
     with pytest.raises(NotADirectoryError, match=str(out)):
-        train_net.setup(_args("OUTPUT_DIR", str(out)))
+        train_setup(_args("OUTPUT_DIR", str(out)))
 
 
 def test_weights_that_are_not_a_checkpoint_are_named(tmp_path, model):
@@ -459,18 +459,14 @@ def test_weights_that_are_not_a_checkpoint_are_named(tmp_path, model):
         AtomicCheckpointer(model).load(str(tmp_path / "missing.pth"))
 
 
-def test_eval_only_with_weights_that_are_not_a_checkpoint(tmp_path, monkeypatch):
+def test_eval_only_with_weights_that_are_not_a_checkpoint(tmp_path, model):
+    """What ``train_net.py --eval-only MODEL.WEIGHTS <file>`` runs: resume_or_load names the file."""
     (tmp_path / "weights.pth").write_text("this is not a checkpoint\n")
-    cfg = tiny_cfg(
-        **{"MODEL.WEIGHTS": str(tmp_path / "weights.pth"), "OUTPUT_DIR": str(tmp_path / "out")}
-    )
-    monkeypatch.setattr(
-        train_net, "setup", lambda args: cfg
-    )  # train_net.main without default_setup's global effects
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path / "out"))
     with pytest.raises(
         CheckpointError, match=f"cannot load checkpoint {tmp_path / 'weights.pth'}: "
     ):
-        train_net.main(_args("--eval-only"))
+        checkpointer.resume_or_load(str(tmp_path / "weights.pth"), resume=False)
 
 
 def test_checkpoint_with_another_number_of_classes(tmp_path, model):

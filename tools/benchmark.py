@@ -14,512 +14,37 @@ What is measured (every model with random weights, no checkpoint is read):
   processes hits all of them alike.
 * Images/s at each of ``--batch-sizes`` (first size): batch 1 comes from the latency runs.
 * Training step: forward + backward + optimizer step (each model's own optimizer: IAUNet's AdamW with
-  full-model clipping from ``train_net.build_optimizer``; Mask R-CNN's SGD from detectron2), for a batch of
+  full-model clipping from ``iaunet.solver.build_optimizer``; Mask R-CNN's SGD from detectron2), for a batch of
   ``--train-batch`` synthetic images with ``--instances`` random ellipses each (data loading excluded).
-* Peak memory per call: CPU RSS high-water mark (``/proc/self/status`` VmHWM, reset through
-  ``/proc/self/clear_refs`` before each call, freed heap returned by ``malloc_trim`` first), reported as the
-  process peak and as the increase over the RSS before the call; on CUDA ``torch.cuda.max_memory_allocated``.
-
-Dense-image conditions (spec §2): the cost of both models depends on how many instances reach the mask
-stage. A randomly initialised Mask R-CNN sends only a couple of boxes to its mask head; here its RPN
-objectness/delta layers and box classifier/regressor are zeroed and ``ROI_HEADS.SCORE_THRESH_TEST`` is 0, so
-that ``POST_NMS_TOPK_TEST`` (1000) proposals reach the box head and ``TEST.DETECTIONS_PER_IMAGE`` (100)
-detections reach the mask head. Likewise a randomly initialised IAUNet scores every query below its 0.01
-threshold and would upsample no mask, so its ``TEST.SCORE_THRESH`` is set to -1: all ``DETECTIONS_PER_IMAGE``
-top-k masks are post-processed. The counts are checked and reported (``--as-configured`` turns both off).
+* Peak memory per call and the dense-image conditions of both models: see :mod:`iaunet.utils.measure` and
+  :mod:`iaunet.utils.benchmark`. The detection counts are checked and reported (``--as-configured`` keeps
+  both models' own test thresholds).
 """
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
-import statistics
-import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
-import cv2
-import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from iaunet.config import exit_on_config_error
+from iaunet.utils.benchmark import (
+    MASK_RCNN_CONFIG,
+    BenchModel,
+    benchmark_inference,
+    benchmark_training,
+    build_iaunet,
+    build_mask_rcnn,
+    inference_call,
+    make_batch,
+    train_step,
+)
+from iaunet.utils.measure import module_ranges, profile_table
 
-from detectron2 import model_zoo  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-from detectron2.solver import build_optimizer as build_d2_optimizer  # noqa: E402
-from detectron2.structures import BitMasks, Instances  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-from iaunet.config import exit_on_config_error, load_config, merge_config  # noqa: E402
-
-MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 COMPARE_CHOICES = ("mask_rcnn",)
-
-
-# --------------------------------------------------------------------------- models
-
-
-class BenchModel:
-    """A model under test with what the benchmark needs to drive it and to check its outputs."""
-
-    def __init__(
-        self,
-        name: str,
-        kind: str,
-        model: torch.nn.Module,
-        cfg: CfgNode,
-        optimizer_fn: Callable,
-        config: str,
-    ):
-        self.name, self.kind, self.model, self.cfg, self.config = name, kind, model, cfg, config
-        self.optimizer_fn = optimizer_fn
-        self.expected_detections = cfg.TEST.DETECTIONS_PER_IMAGE
-        self.counts: Dict[str, int] = {}  # filled by hooks during a call (Mask R-CNN)
-
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-
-def build_iaunet(
-    config_file: str, opts: Sequence[str], device: str, dense: bool, variant: str = ""
-) -> BenchModel:
-    import train_net  # the repository's train_net.py: IAUNet's optimizer (AdamW groups + clipping)
-
-    cfg = load_config(config_file, list(opts) + variant.split())
-    cfg.MODEL.DEVICE = device
-    cfg.MODEL.WEIGHTS = ""
-    if dense:
-        cfg.MODEL.IAUNET.TEST.SCORE_THRESH = (
-            -1.0
-        )  # keep all top-k detections (see module docstring)
-    cfg.freeze()
-    model = build_model(cfg)
-    rel = os.path.relpath(os.path.abspath(config_file), os.path.join(ROOT, "configs"))
-    name = (
-        "IAUNet "
-        + os.path.splitext(rel if not rel.startswith("..") else os.path.basename(config_file))[0]
-    )
-    name += f" [{variant}]" if variant else ""
-    bench = BenchModel(
-        name, "iaunet", model, cfg, lambda m: train_net.build_optimizer(cfg, m), config_file
-    )
-    # top-k runs over queries x classes
-    m = cfg.MODEL.IAUNET
-    bench.expected_detections = min(cfg.TEST.DETECTIONS_PER_IMAGE, m.NUM_QUERIES * m.NUM_CLASSES)
-    return bench
-
-
-def build_mask_rcnn(
-    opts: Sequence[str],
-    device: str,
-    dense: bool,
-    config_name: str = MASK_RCNN_CONFIG,
-    variant: str = "",
-) -> BenchModel:
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(config_name))
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
-    cfg.MODEL.WEIGHTS = ""
-    if dense:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    merge_config(cfg, opts=list(opts) + variant.split())
-    cfg.MODEL.DEVICE = device
-    cfg.freeze()
-    model = build_model(cfg)
-    if dense:
-        zero_dense_heads_(model)
-    name = "Mask R-CNN " + os.path.splitext(os.path.basename(config_name))[0].replace(
-        "mask_rcnn_", ""
-    )
-    bench = BenchModel(
-        name + (f" [{variant}]" if variant else ""),
-        "mask_rcnn",
-        model,
-        cfg,
-        lambda m: build_d2_optimizer(cfg, m),
-        config_name,
-    )
-
-    def count_proposals(_module, args):
-        bench.counts["proposals"] = min(
-            len(p) for p in args[2]
-        )  # ROIHeads.forward(images, features, proposals, ...)
-
-    def count_mask_rois(_module, args):
-        bench.counts["mask_head_rois"] = int(
-            args[0].shape[0]
-        )  # mask_head(pooled features (R, C, 14, 14), instances)
-
-    model.roi_heads.register_forward_pre_hook(count_proposals)
-    model.roi_heads.mask_head.register_forward_pre_hook(count_mask_rois)
-    return bench
-
-
-@torch.no_grad()
-def zero_dense_heads_(model: torch.nn.Module) -> None:
-    """Zero the RPN objectness/delta convs and the box classifier/regressor of a GeneralizedRCNN.
-
-    Every anchor then has the same objectness and stays where it is, so NMS keeps POST_NMS_TOPK_TEST proposals;
-    every proposal scores 1/(K+1) for every class, so with SCORE_THRESH_TEST 0 the box NMS keeps
-    DETECTIONS_PER_IMAGE detections, all of which go through the mask head, as for a trained model on a dense image.
-    """
-    rpn_head = model.proposal_generator.rpn_head
-    predictor = model.roi_heads.box_predictor
-    for layer in (
-        rpn_head.objectness_logits,
-        rpn_head.anchor_deltas,
-        predictor.cls_score,
-        predictor.bbox_pred,
-    ):
-        layer.weight.zero_()
-        layer.bias.zero_()
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def synthetic_sample(
-    size: int, num_instances: int, rng: np.random.Generator
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A dense "cell" image: ``num_instances`` random filled ellipses (they may overlap) on a noisy background.
-
-    Returns: image (3, S, S) float32 on the 0..255 scale (gray replicated), masks (N, S, S) bool (N may be less
-    than ``num_instances`` only when an ellipse falls outside the image).
-    """
-    image = rng.normal(40.0, 8.0, (size, size)).astype(np.float32)
-    masks = []
-    rmin, rmax = max(2.0, size / 40), max(3.0, size / 12)
-    for _ in range(num_instances):
-        mask = np.zeros((size, size), np.uint8)
-        center = tuple(int(v) for v in rng.uniform(0, size, 2))
-        axes = tuple(int(v) for v in rng.uniform(rmin, rmax, 2))
-        cv2.ellipse(mask, center, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        if mask.any():
-            masks.append(mask.astype(bool))
-            image += mask * float(rng.uniform(40, 120))
-    image = np.clip(image, 0, 255)
-    return torch.from_numpy(np.repeat(image[None], 3, 0)), torch.from_numpy(np.stack(masks))
-
-
-def make_batch(
-    size: int, batch: int, num_instances: int, seed: int, with_targets: bool
-) -> List[Dict]:
-    """detectron2-format inputs; targets carry gt_masks, gt_boxes (Mask R-CNN) and gt_classes."""
-    rng = np.random.default_rng(seed)
-    inputs = []
-    for _ in range(batch):
-        image, masks = synthetic_sample(size, num_instances, rng)
-        item = {"image": image, "height": size, "width": size}
-        if with_targets:
-            inst = Instances((size, size))
-            inst.gt_masks = BitMasks(masks)
-            inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
-            inst.gt_classes = torch.zeros(len(masks), dtype=torch.int64)
-            item["instances"] = inst
-        inputs.append(item)
-    return inputs
-
-
-# --------------------------------------------------------------------------- memory and timing
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory of the code in its ``with`` block: CPU RSS (MB) and, on CUDA, allocated tensor memory (MB)."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.rss_peak_mb = self.rss_increase_mb = self.cuda_peak_mb = self.cuda_increase_mb = None
-        self.per_call = False
-
-    def __enter__(self):
-        gc.collect()
-        if _LIBC is not None:
-            _LIBC.malloc_trim(
-                0
-            )  # give freed heap back, so the baseline RSS is what is really in use
-        self._base = _status_kb("VmRSS")
-        self.per_call = self._base is not None and _reset_peak_rss()
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._cuda_base = torch.cuda.memory_allocated()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            self.cuda_peak_mb, self.cuda_increase_mb = (
-                peak / 2**20,
-                (peak - self._cuda_base) / 2**20,
-            )
-        if self.per_call:
-            peak_kb = _status_kb("VmHWM")
-            self.rss_peak_mb, self.rss_increase_mb = peak_kb / 1024, (peak_kb - self._base) / 1024
-        else:  # process-lifetime high-water mark (Linux reports KiB)
-            self.rss_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return False
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _autocast(device: str, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def _summary(times: List[float], memory: List[PeakMemory]) -> Dict:
-    def peak(attr):
-        values = [getattr(m, attr) for m in memory if getattr(m, attr) is not None]
-        return round(max(values), 1) if values else None
-
-    return {
-        "median_s": statistics.median(times),
-        "p90_s": float(np.percentile(times, 90)),
-        "mean_s": statistics.fmean(times),
-        "min_s": min(times),
-        "times_s": times,
-        "peak_rss_mb": peak("rss_peak_mb"),
-        "peak_rss_increase_mb": peak("rss_increase_mb"),
-        "cuda_max_allocated_mb": peak("cuda_peak_mb"),
-        "cuda_peak_increase_mb": peak("cuda_increase_mb"),
-    }
-
-
-def _interleaved(
-    models: List[BenchModel],
-    call: Callable[[BenchModel], Dict],
-    runs: int,
-    warmup: int,
-    device: str,
-    on_call=None,
-) -> Dict[str, Dict]:
-    """Warm each model up, then time ``call`` run by run, alternating the models (and their order) within each run."""
-    for bench in models:
-        for _ in range(warmup):
-            call(bench)
-    times = {b.name: [] for b in models}
-    memory = {b.name: [] for b in models}
-    for r in range(runs):
-        for bench in models if r % 2 == 0 else models[::-1]:
-            with PeakMemory(device) as mem:
-                _sync(device)
-                start = time.perf_counter()
-                out = call(bench)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-            times[bench.name].append(elapsed)
-            memory[bench.name].append(mem)
-            if on_call is not None:
-                on_call(bench, out)
-    return {name: _summary(times[name], memory[name]) for name in times}
-
-
-# --------------------------------------------------------------------------- measurements
-
-
-def inference_call(bench: BenchModel, inputs: List[Dict], amp: bool, device: str):
-    with torch.inference_mode(), _autocast(device, amp):
-        return bench.model(inputs)
-
-
-def benchmark_inference(models, size, batch, args, seed, runs=None, warmup=None) -> Dict[str, Dict]:
-    inputs = make_batch(size, batch, args.instances, seed, with_targets=False)
-    detections = {b.name: [] for b in models}
-    counts = {b.name: {} for b in models}
-
-    def on_call(bench, outputs):
-        detections[bench.name].append(min(len(o["instances"]) for o in outputs))
-        for k, v in bench.counts.items():
-            counts[bench.name][k] = min(v, counts[bench.name].get(k, v))
-
-    for bench in models:
-        bench.model.eval()
-    res = _interleaved(
-        models,
-        lambda b: inference_call(b, inputs, args.amp, args.device),
-        args.runs if runs is None else runs,
-        args.warmup if warmup is None else warmup,
-        args.device,
-        on_call,
-    )
-    for name, r in res.items():
-        r["batch"], r["size"] = batch, size
-        r["images_per_s"] = batch / r["median_s"]
-        r["detections"] = min(detections[name])  # fewest detections in any image of any timed call
-        r.update(counts[name])
-    return res
-
-
-def train_step(
-    bench: BenchModel, optimizer, batch: List[Dict], scaler, amp: bool, device: str
-) -> Dict[str, float]:
-    """One forward + backward + optimizer step; returns the seconds spent in each phase."""
-    times = {}
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    with EventStorage(0), _autocast(device, amp), torch.profiler.record_function("train::forward"):
-        losses = bench.model(batch)
-        loss = sum(losses.values())
-    _sync(device)
-    times["forward_s"] = time.perf_counter() - start
-    with torch.profiler.record_function("train::backward"):
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    _sync(device)
-    times["backward_s"] = time.perf_counter() - start - times["forward_s"]
-    with torch.profiler.record_function("train::optimizer"):
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-    _sync(device)
-    times["optimizer_s"] = time.perf_counter() - start - times["forward_s"] - times["backward_s"]
-    return times
-
-
-def benchmark_training(models, args) -> Dict[str, Dict]:
-    size = args.train_size or args.sizes[0]
-    batch = make_batch(size, args.train_batch, args.instances, args.seed + 1, with_targets=True)
-    optimizers = {}
-    scaler = torch.amp.GradScaler("cuda") if args.amp and args.device.startswith("cuda") else None
-    for bench in models:
-        bench.model.train()
-        optimizers[bench.name] = bench.optimizer_fn(bench.model)
-        # The lr of a real run's first (warm-up) iterations: the step costs the same, and random-init Mask R-CNN
-        # diverges within a few steps at its full SGD lr 0.02.
-        for group in optimizers[bench.name].param_groups:
-            group["lr"] *= bench.cfg.SOLVER.WARMUP_FACTOR
-    phases = {b.name: [] for b in models}
-    res = _interleaved(
-        models,
-        lambda b: train_step(b, optimizers[b.name], batch, scaler, args.amp, args.device),
-        args.runs,
-        args.warmup,
-        args.device,
-        on_call=lambda b, times: phases[b.name].append(times),
-    )
-    for bench in models:
-        bench.model.eval()
-        r = res[bench.name]
-        r.update(
-            batch=args.train_batch,
-            size=size,
-            instances_per_image=min(len(x["instances"]) for x in batch),
-        )
-        for key in ("forward_s", "backward_s", "optimizer_s"):
-            r[key + "_median"] = statistics.median(t[key] for t in phases[bench.name])
-    return res
-
-
-# --------------------------------------------------------------------------- profiling
-
-
-def _module_ranges(model: torch.nn.Module) -> List:
-    """Label the forward of the model's direct children as profiler ranges ``module::<name>``; returns the hooks."""
-    handles = []
-    for name, child in model.named_children():
-        stack = []
-
-        def pre(_m, _args, name=name, stack=stack):
-            ctx = torch.profiler.record_function(f"module::{name}")
-            ctx.__enter__()
-            stack.append(ctx)
-
-        def post(_m, _args, _out, stack=stack):
-            stack.pop().__exit__(None, None, None)
-
-        handles += [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]
-    return handles
-
-
-@contextlib.contextmanager
-def _postprocess_range(model):
-    if not hasattr(model, "instance_inference"):
-        yield
-        return
-    original = model.instance_inference
-
-    def wrapped(*a, **k):
-        with torch.profiler.record_function("module::instance_inference"):
-            return original(*a, **k)
-
-    model.instance_inference = wrapped
-    try:
-        yield
-    finally:
-        del model.instance_inference
-
-
-def _table(prof, top: int) -> Dict:
-    events = prof.key_averages()
-    ranges = [e for e in events if e.key.startswith(("module::", "train::"))]
-    ops = sorted(
-        (e for e in events if e not in ranges), key=lambda e: e.self_cpu_time_total, reverse=True
-    )
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    ranges.sort(key=lambda e: e.cpu_time_total, reverse=True)
-    return {
-        "total_self_cpu_ms": total / 1e3,
-        "top_ops": [
-            {
-                "op": e.key,
-                "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                "share": e.self_cpu_time_total / total,
-                "calls": e.count,
-            }
-            for e in ops[:top]
-        ],
-        "ranges": [
-            {"range": e.key, "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count} for e in ranges
-        ],
-    }
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
@@ -532,13 +57,13 @@ def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
     size = args.sizes[0]
     result = {}
     inputs = make_batch(size, 1, args.instances, args.seed, with_targets=False)
-    handles = _module_ranges(bench.model)
+    handles = module_ranges(bench.model)
     try:
         bench.model.eval()
         inference_call(bench, inputs, args.amp, args.device)
-        with _postprocess_range(bench.model), profile(activities=activities) as prof:
+        with profile(activities=activities) as prof:
             inference_call(bench, inputs, args.amp, args.device)
-        result["inference"] = _table(prof, top)
+        result["inference"] = profile_table(prof, top)
         if not args.no_train:
             batch = make_batch(
                 args.train_size or size, args.train_batch, args.instances, args.seed + 1, True
@@ -550,15 +75,12 @@ def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
             train_step(bench, optimizer, batch, None, args.amp, args.device)
             with profile(activities=activities) as prof:
                 train_step(bench, optimizer, batch, None, args.amp, args.device)
-            result["train"] = _table(prof, top)
+            result["train"] = profile_table(prof, top)
             bench.model.eval()
     finally:
         for h in handles:
             h.remove()
     return result
-
-
-# --------------------------------------------------------------------------- report
 
 
 def _load() -> Optional[List[float]]:

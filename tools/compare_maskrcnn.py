@@ -13,7 +13,7 @@ sample order for the same ``--seed``), then evaluated by the same ``COCOEvaluato
 written to ``<output-dir>/compare_maskrcnn.json``.
 
 Mask R-CNN is detectron2's model-zoo R50-FPN (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``, its
-standard heads), trained with the repository's ``train_net.Trainer`` (a detectron2 ``DefaultTrainer``). What is
+standard heads), trained with the repository's ``Trainer`` (a detectron2 ``DefaultTrainer``). What is
 matched to the IAUNet config, and why:
 
 * Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1 and FREEZE_AT
@@ -38,31 +38,29 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Dict, Optional, Sequence
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from detectron2 import model_zoo  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.data import (  # noqa: E402  # noqa: E402
+from detectron2 import model_zoo
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.data import transforms as T
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
-import train_net  # noqa: E402
-from iaunet import add_iaunet_config  # noqa: E402
-from iaunet.config import exit_on_config_error, load_config, merge_config  # noqa: E402
+from iaunet import add_iaunet_config
+from iaunet.config import exit_on_config_error, load_config, merge_config
+from iaunet.engine import Trainer
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
@@ -71,8 +69,8 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 logger = logging.getLogger("iaunet.compare_maskrcnn")
 
 
-class D2MapperTrainer(train_net.Trainer):
-    """train_net.Trainer with detectron2's DatasetMapper (resize to INPUT.IMAGE_SIZE, horizontal flip)."""
+class D2MapperTrainer(Trainer):
+    """Trainer with detectron2's DatasetMapper (resize to INPUT.IMAGE_SIZE, horizontal flip)."""
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -122,7 +120,7 @@ def iaunet_cfg(args) -> CfgNode:
 def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
     """detectron2's model-zoo Mask R-CNN matched to the IAUNet config ``icfg`` as the module docstring says."""
     cfg = get_cfg()
-    add_iaunet_config(cfg)  # train_net.Trainer and our mapper read IAUNet's INPUT/SOLVER keys
+    add_iaunet_config(cfg)  # Trainer and our mapper read IAUNet's INPUT/SOLVER keys
     cfg.merge_from_file(model_zoo.get_config_file(args.maskrcnn_config))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = icfg.MODEL.IAUNET.NUM_CLASSES
@@ -375,12 +373,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         }
     }
     logger.info(f"IAUNet: {args.config_file} -> {icfg.OUTPUT_DIR}")
-    result["iaunet"] = train_and_evaluate(icfg, train_net.Trainer, args.seed)
+    result["iaunet"] = train_and_evaluate(icfg, Trainer, args.seed)
     result["iaunet"].update(
         name="IAUNet", backbone=_backbone_name(icfg, fpn=False), config=args.config_file
     )
     logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
-    trainer_cls = train_net.Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
+    trainer_cls = Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
     result["mask_rcnn"] = train_and_evaluate(mcfg, trainer_cls, args.seed)
     result["mask_rcnn"].update(
         name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config

@@ -37,6 +37,8 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
+from ...utils.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 ENV_ROOT = "DETECTRON2_DATASETS"
@@ -206,13 +208,6 @@ def _cache_file(json_file: str, dataset_name: str) -> str:
     )
 
 
-def _write_atomic(data: CocoDict, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)  # atomic, so concurrent workers never read a partial file
-
-
 def default_image_resolver(image_root: str, file_name: str) -> str:
     return os.path.join(image_root, file_name)
 
@@ -285,7 +280,7 @@ def load_coco_instances(
     if changed:
         load_file = _cache_file(json_file, dataset_name)
         if not os.path.isfile(load_file):
-            _write_atomic(data, load_file)
+            atomic_write(load_file, json.dumps(data))  # concurrent workers never read a partial file
         logger.info(f"{dataset_name}: loading a normalized copy of {json_file}: {load_file}")
     dicts = load_coco_json(load_file, image_root, dataset_name=None)
     for record in dicts:

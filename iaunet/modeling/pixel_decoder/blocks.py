@@ -64,6 +64,18 @@ class SeparableDoubleConv(nn.Module):
         return self.body(x) + self.projection(x)
 
 
+class DecoderStage(nn.Module):
+    """One U-Net level's block: ``se(conv(x))`` with conv = G_x (eq. 4) and se = SE (eq. 5, or identity)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "BN", se: bool = True):
+        super().__init__()
+        self.conv = SeparableDoubleConv(in_channels, out_channels, norm)
+        self.se = SqueezeExcite(out_channels) if se else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(self.conv(x))
+
+
 def conv_stack(
     in_channels: int, out_channels: int, num_convs: int, norm: str = "BN"
 ) -> nn.Sequential:

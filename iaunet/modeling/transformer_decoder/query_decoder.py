@@ -13,7 +13,7 @@ DECODER_ORDERS = ("seq", "round_robin")
 
 
 class QueryDecoder(nn.Module):
-    """N learnable queries refined by cross-attention to the pixel decoder's X_m memories.
+    """N learnable queries refined by cross-attention to the pixel decoder's multi-scale features X_m.
 
     Each block is cross-attention -> self-attention -> FFN. With ``order="seq"`` all blocks of 1/32 run
     first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A shared head
@@ -26,7 +26,7 @@ class QueryDecoder(nn.Module):
         self,
         *,
         num_levels: int,
-        memory_dim: int,
+        in_channels: int,
         num_classes: int,
         num_queries: int,
         hidden_dim: int,
@@ -51,7 +51,7 @@ class QueryDecoder(nn.Module):
         if blocks_per_level < 1:
             raise ValueError(f"MODEL.IAUNET.BLOCKS_PER_LEVEL must be >= 1, got {blocks_per_level}")
         self.memory_proj = (
-            nn.Linear(memory_dim, hidden_dim) if memory_dim != hidden_dim else nn.Identity()
+            nn.Linear(in_channels, hidden_dim) if in_channels != hidden_dim else nn.Identity()
         )
         num_blocks = num_levels * blocks_per_level
         if order == "seq":
@@ -80,11 +80,11 @@ class QueryDecoder(nn.Module):
         self.aux_predictions_at_test = aux_predictions_at_test
 
     @classmethod
-    def from_config(cls, cfg, num_levels: int, memory_dim: int):
+    def from_config(cls, cfg, num_levels: int, in_channels: int):
         m = cfg.MODEL.IAUNET
         return {
             "num_levels": num_levels,
-            "memory_dim": memory_dim,
+            "in_channels": in_channels,
             "num_classes": m.NUM_CLASSES,
             "num_queries": m.NUM_QUERIES,
             "hidden_dim": m.HIDDEN_DIM,
@@ -108,13 +108,13 @@ class QueryDecoder(nn.Module):
 
     def forward(
         self,
-        memories: List[torch.Tensor],
+        multi_scale_features: List[torch.Tensor],
         mask_features: torch.Tensor,
         deep_supervision: bool = True,
     ) -> Dict:
         """
         Args:
-            memories: X_m per level, coarse to fine, each (B, C, H_l, W_l); never updated.
+            multi_scale_features: X_m per level, coarse to fine, each (B, C, H_l, W_l); never updated.
             mask_features: E, (B, MASK_DIM, H/4, W/4).
             deep_supervision: return every block's prediction as ``aux_outputs`` (training).
         Returns:
@@ -122,10 +122,10 @@ class QueryDecoder(nn.Module):
         """
         b = mask_features.shape[0]
         memory = [
-            self.memory_proj(m.flatten(2).transpose(1, 2)) for m in memories
+            self.memory_proj(m.flatten(2).transpose(1, 2)) for m in multi_scale_features
         ]  # (B, H_l*W_l, D)
         pos = [
-            sine_position_encoding(m, x.shape[-1]) for m, x in zip(memories, memory)
+            sine_position_encoding(m, x.shape[-1]) for m, x in zip(multi_scale_features, memory)
         ]  # (1, H_l*W_l, D)
         query_pos = self.query_pos.weight.unsqueeze(0)
         x = self.queries.weight.unsqueeze(0).expand(b, -1, -1)

@@ -1,0 +1,151 @@
+"""IAUNet's detectron2 trainer and the setup shared by ``train_net.py`` and the tools.
+
+``Trainer`` is a ``DefaultTrainer`` whose builders call into the package: the dataset mapper
+(``iaunet.data``), the optimizer (``iaunet.solver``), COCO evaluation, the atomic checkpointer and the
+visualization hook. It lives in the package, not in ``train_net.py``, because the tools
+(``tools/compare_maskrcnn.py``) and the tests train with it too.
+"""
+
+import logging
+import os
+import weakref
+from typing import List
+
+import detectron2.utils.comm as comm
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_setup,
+)
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import AtomicCheckpointer
+from ..config import load_config
+from ..data import IAUNetDatasetMapper
+from ..evaluation import VisualizationHook
+from ..solver import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+SYNC_BN_KEYS = ("MODEL.RESNETS.NORM", "MODEL.IAUNET.NORM")
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with IAUNet's data mapper, COCO segm evaluation, AdamW parameter groups,
+    atomic checkpoints and prediction pictures."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ except for DDP: detectron2's create_ddp_model always passes
+        # device_ids=[local_rank], which DDP rejects for CPU workers (gloo).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=[comm.get_local_rank()] if on_cuda else None,
+        )
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        model = build_model(cfg)
+        logging.getLogger("iaunet").info(f"Model:\n{model}")
+        return model
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # Before the PeriodicWriter (last on the main process), so that the images reach TensorBoard.
+        hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
+        return hooks
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type != "coco":
+            raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
+        coco = COCOEvaluator(
+            dataset_name,
+            tasks=("segm",),
+            distributed=True,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+        return DatasetEvaluators([coco])
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        mapper = IAUNetDatasetMapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+
+def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
+    """Make ``cfg`` runnable here, in place; returns one note per change.
+
+    * no CUDA: ``MODEL.DEVICE cpu``; AMP off on the CPU (detectron2's AMP training needs CUDA);
+    * several CPU workers: ``SyncBN`` norms become detectron2's ``naiveSyncBN`` (same parameters and
+      statistics; torch's SyncBatchNorm synchronizes CUDA tensors only).
+    """
+    notes = []
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        notes.append("CUDA is not available: running on CPU (MODEL.DEVICE cpu)")
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        cfg.SOLVER.AMP.ENABLED = False
+        notes.append("SOLVER.AMP.ENABLED turned off: detectron2's AMP training needs CUDA")
+    if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
+        for key in SYNC_BN_KEYS:
+            node, leaf = cfg, key.split(".")
+            for part in leaf[:-1]:
+                node = node[part]
+            if node[leaf[-1]] == "SyncBN":
+                node[leaf[-1]] = "naiveSyncBN"
+                notes.append(f"{key} SyncBN -> naiveSyncBN: synchronized BN on {world_size} CPU workers")
+    return notes
+
+
+def setup(args) -> CfgNode:
+    """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key), adapted to
+    the machine, frozen; detectron2's ``default_setup`` (output folder, config.yaml, seed, logging)."""
+    cfg = load_config(args.config_file, args.opts)
+    notes = adapt_config_to_machine(cfg, comm.get_world_size())
+    cfg.freeze()
+    default_setup(cfg, args)
+    log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
+    for note in notes:
+        log.warning(note)
+    return cfg
