@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 setup(
     name="iaunet",
     version="0.1.0",
-    description="IAUNet (Instance-Aware U-Net): query-based instance segmentation for microscopy, on detectron2",
+    description="IAUNet (Instance-Aware U-Net): query-based instance segmentation for microscopy, "
+    "on detectron2",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["iaunet", "iaunet.*"]),

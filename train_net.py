@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """IAUNet training / evaluation script (detectron2 ``DefaultTrainer``; ``iaunet.engine.Trainer``).
 
-    python train_net.py --config-file configs/synthetic/iaunet_quick.yaml
-    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
-    python train_net.py --config-file CFG --resume
-    python train_net.py --config-file CFG --num-gpus 8
-    python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # CPU workers (gloo)
+python train_net.py --config-file configs/synthetic/iaunet_quick.yaml
+python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+python train_net.py --config-file CFG --resume
+python train_net.py --config-file CFG --num-gpus 8
+python train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # CPU workers (gloo)
 """
 
 import logging

@@ -5,9 +5,11 @@ Input (``--src``), the MATLAB files of the release (cs.adelaide.edu.au/~carneiro
 in either naming:
 
 * challenge files: ``isbi_train.mat`` (``ISBI_Train``, 45 images) + ``isbi_train_GT.mat``
-  (``train_Cytoplasm``: per image a cell array of cytoplasm masks; ``train_Nuclei``: per image one mask
+  (``train_Cytoplasm``: per image a cell array of cytoplasm masks; ``train_Nuclei``: per image one
+  mask
   of all nuclei), ``isbi_test90.mat`` + ``isbi_test90_GT.mat`` (``test_*``), and the full test set
-  ``testset.mat`` + ``testset_GT.mat`` (900 images, MATLAB v7.3 / HDF5; the first 90 are ``test90``);
+  ``testset.mat`` + ``testset_GT.mat`` (900 images, MATLAB v7.3 / HDF5; the first 90 are
+  ``test90``);
 * the later ``Dataset/Synthetic`` naming: ``trainset.mat`` + ``trainset_GT.mat``, ``testset.mat`` +
   ``testset_GT.mat``.
 
@@ -17,7 +19,8 @@ Output (``--out``, default ``$DETECTRON2_DATASETS/isbi2014``), the thesis split 
     isbi_val/...    (test images 0-89)    isbi_test/...  (test images 90-899)
 
 Each cytoplasm mask is one instance (category 1 "cytoplasm"); nuclei masks are split into connected
-components (category 2 "nucleus"). Masks are stored as COCO RLE, so overlapping cells keep their full
+components (category 2 "nucleus"). Masks are stored as COCO RLE, so overlapping cells keep their
+full
 extent. The conversion is deterministic. v7.3 files need ``h5py``.
 """
 import argparse
@@ -34,11 +37,13 @@ from scipy import ndimage
 CATEGORIES = [{"id": 1, "name": "cytoplasm"}, {"id": 2, "name": "nucleus"}]
 NUM_VAL = 90  # the first 90 test images are the challenge's "test90" set: the thesis validation split
 
-Sample = Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]  # image, cytoplasm masks, nucleus masks
+# image, cytoplasm masks, nucleus masks
+Sample = Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]
 
 
 def _from_scipy(value):
-    """scipy.io.loadmat value -> numpy array, or (nested) list for MATLAB cell arrays (linear order)."""
+    """scipy.io.loadmat value -> numpy array, or (nested) list for MATLAB cell arrays (linear
+    order)."""
     if isinstance(value, np.ndarray) and value.dtype == object:
         return [_from_scipy(v) for v in value.ravel(order="F")]
     return np.asarray(value)
@@ -52,7 +57,8 @@ def _from_h5(f, obj):
         return np.zeros((0, 0))
     data = obj[()]
     if h5py.check_dtype(ref=obj.dtype) is not None:
-        # HDF5 stores MATLAB arrays transposed, so C order over the stored shape is MATLAB's linear order.
+        # HDF5 stores MATLAB arrays transposed, so C order over the stored shape is MATLAB's linear
+        # order.
         return [_from_h5(f, f[ref]) for ref in np.asarray(data).ravel()]
     return np.asarray(data).T
 
@@ -84,7 +90,8 @@ def _variable(variables: Dict[str, object], path: str, suffix: str = "") -> obje
 
 
 def _as_list(cell) -> List[np.ndarray]:
-    """A cell array (possibly nested one level, as loadmat returns N x 1 cells) -> flat list of arrays."""
+    """A cell array (possibly nested one level, as loadmat returns N x 1 cells) -> flat list of
+    arrays."""
     out = []
     for c in cell if isinstance(cell, list) else [cell]:
         out.extend(_as_list(c) if isinstance(c, list) else [np.asarray(c)])
@@ -92,7 +99,8 @@ def _as_list(cell) -> List[np.ndarray]:
 
 
 def _nuclei_instances(nuclei) -> List[np.ndarray]:
-    """One mask with all nuclei (release format) -> one mask per connected component; lists pass through."""
+    """One mask with all nuclei (release format) -> one mask per connected component; lists pass
+    through."""
     masks = _as_list(nuclei)
     if len(masks) != 1:
         return [m > 0 for m in masks]
@@ -131,7 +139,8 @@ def read_release(src: str) -> Dict[str, List[Sample]]:
 
 
 def to_png_array(img: np.ndarray) -> np.ndarray:
-    """uint8/uint16 stay; floats in [0, 1] are scaled to 0..255; other floats are clipped to 0..255."""
+    """uint8/uint16 stay; floats in [0, 1] are scaled to 0..255; other floats are clipped to
+    0..255."""
     img = np.asarray(img)
     if img.dtype in (np.uint8, np.uint16):
         return img

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Cut LIVECell into 256x256 crops with cropped annotations (thesis §3.1: crops, resized to 512 by the mapper).
+"""Cut LIVECell into 256x256 crops with cropped annotations (thesis §3.1: crops, resized to 512 by
+the mapper).
 
-Input: the LIVECell tree of ``datasets/README.md`` (``--root``, default ``$DETECTRON2_DATASETS/livecell``).
+Input: the LIVECell tree of ``datasets/README.md`` (``--root``, default
+``$DETECTRON2_DATASETS/livecell``).
 Output (``--out``, default ``$DETECTRON2_DATASETS/livecell_crops``)::
 
     {train,val,test}/<image stem>_<k>.png    # crops, same dtype as the source
@@ -11,7 +13,8 @@ Output (``--out``, default ``$DETECTRON2_DATASETS/livecell_crops``)::
 Crop positions: ``--mode random`` (default) draws ``--crops-per-image`` windows per image from a
 generator seeded with (``--seed``, image id), so the result does not depend on file order or on the
 other images; ``--mode grid`` tiles every image (the last row/column aligned to the border). Each
-instance is rasterized on the crop (pycocotools) and kept when at least ``--min-area`` pixels remain;
+instance is rasterized on the crop (pycocotools) and kept when at least ``--min-area`` pixels
+remain;
 overlapping cells stay overlapping.
 """
 import argparse
@@ -71,7 +74,8 @@ def ann_box(ann: Dict) -> Tuple[float, float, float, float]:
 
 
 def crop_mask(ann: Dict, window: Tuple[int, int, int, int]) -> Optional[Dict]:
-    """The annotation inside ``window`` as compressed RLE, or None when its segmentation is unusable."""
+    """The annotation inside ``window`` as compressed RLE, or None when its segmentation is
+    unusable."""
     x0, y0, w, h = window
     seg = ann.get("segmentation")
     if isinstance(seg, list):

@@ -1,6 +1,7 @@
 """IAUNet (Instance-Aware U-Net) for detectron2.
 
-Importing this package registers the ``IAUNet`` meta-architecture, the Swin backbone and the datasets.
+Importing this package registers the ``IAUNet`` meta-architecture, the Swin backbone and the
+datasets.
 """
 
 try:

@@ -1,8 +1,10 @@
-"""Crash-safe checkpoints: a checkpoint file is never half-written, ``last_checkpoint`` always names a
+"""Crash-safe checkpoints: a checkpoint file is never half-written, ``last_checkpoint`` always names
+a
 complete file, and a file that is not a checkpoint fails with an error naming it.
 
 detectron2 (fvcore) writes ``model_XXXXXXX.pth`` in place and then ``last_checkpoint``: a job killed
-during the write (preemption, OOM killer, Ctrl-C) leaves a truncated file that ``--resume`` then fails
+during the write (preemption, OOM killer, Ctrl-C) leaves a truncated file that ``--resume`` then
+fails
 to load. Here both go through :func:`iaunet.utils.atomic.atomic_write`; the temporary file of a save
 killed by SIGKILL stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
 
@@ -35,7 +37,8 @@ LEGACY_KEY_RENAMES = (
 
 
 def rename_legacy_keys(state_dict: Dict[str, Any]) -> int:
-    """Rename keys of older IAUNet checkpoints in place (``LEGACY_KEY_RENAMES``); returns how many."""
+    """Rename keys of older IAUNet checkpoints in place (``LEGACY_KEY_RENAMES``); returns how
+    many."""
     renamed = 0
     for key in list(state_dict):
         new = key
@@ -52,14 +55,16 @@ class CheckpointError(RuntimeError):
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with atomic ``save`` / ``tag_last_checkpoint`` and clear load errors.
+    """``DetectionCheckpointer`` with atomic ``save`` / ``tag_last_checkpoint`` and clear load
+    errors.
 
     Same constructor and file format as ``DetectionCheckpointer``: a drop-in replacement, e.g.
     ``AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(trainer))``.
     """
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, ``kwargs``) atomically, then tag it."""
+        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, ``kwargs``) atomically, then tag
+        it."""
         if not self.save_dir or not self.save_to_disk:
             return
         data: Dict[str, Any] = {"model": self.model.state_dict()}
@@ -84,7 +89,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             stale = sorted(glob.glob(os.path.join(self.save_dir, f".*{TMP_MARK}[0-9]*")))
             if stale:
                 logger.warning(
-                    f"Partial files of interrupted checkpoint saves in {self.save_dir} (never loaded; safe to "
+                    f"Partial files of interrupted checkpoint saves in {self.save_dir} (never "
+                    "loaded; safe to "
                     f"delete once no job writes there): {[os.path.basename(p) for p in stale]}"
                 )
         return super().resume_or_load(path, resume=resume)
@@ -96,14 +102,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
             Exception
         ) as e:  # torch.load / pickle raise many types (UnpicklingError, KeyError, EOFError, ...)
             raise CheckpointError(
-                f"cannot load checkpoint {filename}: {type(e).__name__}: {e}. Expected a .pth file saved by "
-                "detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or the file named in "
+                f"cannot load checkpoint {filename}: {type(e).__name__}: {e}. Expected a .pth file "
+                "saved by "
+                "detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or the file "
+                "named in "
                 "last_checkpoint when resuming)"
             ) from e
         model = loaded.get("model") if isinstance(loaded, Mapping) else loaded
         if not isinstance(model, Mapping):
             raise CheckpointError(
-                f"cannot load checkpoint {filename}: it holds a {type(model).__name__}, not a state dict "
+                f"cannot load checkpoint {filename}: it holds a {type(model).__name__}, not a "
+                "state dict "
                 "(a mapping of parameter names to tensors)"
             )
         return loaded

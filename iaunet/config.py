@@ -1,6 +1,7 @@
 """Config keys added by IAUNet on top of detectron2's defaults.
 
-Every key carries a one-line comment; defaults follow the thesis (Prytula 2025, §3-§4) and the authors'
+Every key carries a one-line comment; defaults follow the thesis (Prytula 2025, §3-§4) and the
+authors'
 reference code where the thesis is silent.
 """
 
@@ -12,11 +13,13 @@ from detectron2.config import CfgNode as CN
 
 
 class ConfigError(ValueError):
-    """A config file or KEY VALUE override that cannot be used; the message names the file or the key."""
+    """A config file or KEY VALUE override that cannot be used; the message names the file or the
+    key."""
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as one line: its message, prefixed with its type unless it is a ValueError/OSError or one of
+    """An exception as one line: its message, prefixed with its type unless it is a
+    ValueError/OSError or one of
     yacs' validation assertions ("Non-existent key: ...")."""
     msg = str(e).strip().replace("\n", " ")
     return (
@@ -27,8 +30,10 @@ def one_line(e: BaseException) -> str:
 
 
 def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
-    """``cfg.merge_from_file(config_file)`` (if given) then ``cfg.merge_from_list(opts)``, with a ConfigError
-    naming the file or the override instead of yacs' assertion traceback (unknown key, odd list, wrong type)."""
+    """``cfg.merge_from_file(config_file)`` (if given) then ``cfg.merge_from_list(opts)``, with a
+    ConfigError
+    naming the file or the override instead of yacs' assertion traceback (unknown key, odd list,
+    wrong type)."""
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
@@ -46,7 +51,8 @@ def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
 
 
 def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
-    """detectron2's defaults + IAUNet's keys + ``config_file`` + ``opts`` (``merge_config``: ConfigError if bad)."""
+    """detectron2's defaults + IAUNet's keys + ``config_file`` + ``opts`` (``merge_config``:
+    ConfigError if bad)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -55,7 +61,8 @@ def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
 
 
 def exit_on_config_error(main, prog: str):
-    """Run ``main()`` for a command-line tool; a ConfigError ends it with one line on stderr and exit status 2."""
+    """Run ``main()`` for a command-line tool; a ConfigError ends it with one line on stderr and
+    exit status 2."""
     try:
         return main()
     except ConfigError as e:
@@ -64,7 +71,8 @@ def exit_on_config_error(main, prog: str):
 
 
 def add_iaunet_config(cfg: CN) -> None:
-    """Add IAUNet's keys (``MODEL.IAUNET``, ``MODEL.SWIN``, ``INPUT``, ``SOLVER``, ``TEST``) to ``cfg``."""
+    """Add IAUNet's keys (``MODEL.IAUNET``, ``MODEL.SWIN``, ``INPUT``, ``SOLVER``, ``TEST``) to
+    ``cfg``."""
     cfg.MODEL.IAUNET = CN()
     m = cfg.MODEL.IAUNET
     # --- sizes
@@ -73,7 +81,8 @@ def add_iaunet_config(cfg: CN) -> None:
     m.HIDDEN_DIM = 256  # D, channels of the pixel decoder and queries
     m.MASK_DIM = 256  # channels of the pixel embedding E and of the mask embeddings
     m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs, strides 4..32
-    # norm of the pixel decoder and mask head (detectron2 get_norm: BN, SyncBN, naiveSyncBN, GN, ...)
+    # norm of the pixel decoder and mask head (detectron2 get_norm: BN, SyncBN, naiveSyncBN, GN,
+    # ...)
     m.NORM = "BN"
     # --- pixel decoder (U-Net), thesis §3.4
     # how the 1x1 skip joins the upsampled path: concat | add | full (no 1x1 channel reduction)
@@ -84,7 +93,8 @@ def add_iaunet_config(cfg: CN) -> None:
     m.MASK_BRANCH_CONVS = 2  # 3x3 conv+norm+ReLU per mask-branch level
     # E = M(F(res2) + up(X_m)) at 1/4 (eq. 16); off: a full U-Net level at 1/4 feeds M
     m.LIGHT_MASK_HEAD = True
-    # bilinear x2 upsampling of the U-Net with align_corners (the reference's nn.UpsamplingBilinear2d)
+    # bilinear x2 upsampling of the U-Net with align_corners (the reference's
+    # nn.UpsamplingBilinear2d)
     m.ALIGN_CORNERS = False
     # --- query decoder, thesis §3.5
     m.NHEADS = 8  # attention heads
@@ -107,7 +117,8 @@ def add_iaunet_config(cfg: CN) -> None:
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
     m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
-    # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image", eq. 17)
+    # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image",
+    # eq. 17)
     m.TEST.MASKNESS = "mask"
     m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference)
 
@@ -148,13 +159,15 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings
 
     # Memory format of the convolutions: NHWC weights and input (channels_last). Faster on CPU
-    # (docs/performance.md); results agree with NCHW to rounding and checkpoints load into either layout.
+    # (docs/performance.md); results agree with NCHW to rounding and checkpoints load into either
+    # layout.
     cfg.MODEL.CHANNELS_LAST = False
 
     # Prediction (iaunet.predict): tiled inference of large images, see docs/predict.md.
     # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
     cfg.TEST.TILE_SIZE = 0
-    cfg.TEST.TILE_OVERLAP = 64  # pixels shared by neighbouring tiles; should exceed the largest object
+    # pixels shared by neighbouring tiles; should exceed the largest object
+    cfg.TEST.TILE_OVERLAP = 64
     cfg.TEST.TILE_SCALE = 1.0  # resize factor of each tile before the model (1.0 = native pixels)
     # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
     cfg.TEST.AUTO_TILE_ABOVE = 2048

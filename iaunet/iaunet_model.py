@@ -1,4 +1,5 @@
-"""The IAUNet meta-architecture: normalize/pad -> backbone -> U-Net pixel decoder -> query decoder."""
+"""The IAUNet meta-architecture: normalize/pad -> backbone -> U-Net pixel decoder -> query
+decoder."""
 
 import math
 from typing import Dict, List, Tuple
@@ -21,7 +22,8 @@ MASKNESS_MODES = ("mask", "image")
 
 @META_ARCH_REGISTRY.register()
 class IAUNet(nn.Module):
-    """Instance-Aware U-Net. Training returns a loss dict; inference returns ``[{"instances": Instances}]``."""
+    """Instance-Aware U-Net. Training returns a loss dict; inference returns ``[{"instances":
+    Instances}]``."""
 
     @configurable
     def __init__(
@@ -84,7 +86,8 @@ class IAUNet(nn.Module):
         missing = [f for f in m.IN_FEATURES if f not in backbone.output_shape()]
         if missing:
             raise ValueError(
-                f"MODEL.IAUNET.IN_FEATURES {missing} are not outputs of backbone {cfg.MODEL.BACKBONE.NAME} "
+                f"MODEL.IAUNET.IN_FEATURES {missing} are not outputs of backbone "
+                f"{cfg.MODEL.BACKBONE.NAME} "
                 f"(it has {list(backbone.output_shape())})"
             )
         pixel_decoder = UNetPixelDecoder(cfg, backbone.output_shape())
@@ -126,13 +129,15 @@ class IAUNet(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalize (C, H, W) images with pixel mean/std and pad the batch to ``size_divisibility``."""
+        """Normalize (C, H, W) images with pixel mean/std and pad the batch to
+        ``size_divisibility``."""
         images = []
         for x in batched_inputs:
             img = x["image"].to(self.device, non_blocking=True)
             if img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
                 raise ValueError(
-                    f"expected a ({self.pixel_mean.shape[0]}, H, W) image tensor, got shape {tuple(img.shape)} "
+                    f"expected a ({self.pixel_mean.shape[0]}, H, W) image tensor, got shape "
+                    f"{tuple(img.shape)} "
                     f"for {x.get('file_name', 'an input')}"
                 )
             images.append((img.float() - self.pixel_mean) / self.pixel_std)
@@ -141,7 +146,8 @@ class IAUNet(nn.Module):
         return images
 
     def forward_network(self, images: torch.Tensor, deep_supervision: bool = False) -> Dict:
-        """The network, without pre- and post-processing: what training, inference and the tools run.
+        """The network, without pre- and post-processing: what training, inference and the tools
+        run.
 
         Args:
             images: (B, 3, H, W) normalized images, H and W multiples of ``size_divisibility``.
@@ -159,9 +165,11 @@ class IAUNet(nn.Module):
         """
         Args:
             batched_inputs: detectron2 format: "image" (C, H, W) on the 0..255 scale; for training
-                "instances" with gt_masks (BitMasks) and gt_classes; optional "height"/"width" of the output.
+                "instances" with gt_masks (BitMasks) and gt_classes; optional "height"/"width" of
+                the output.
         Returns:
-            training: a dict of weighted losses; inference: ``[{"instances": Instances}]`` per image.
+            training: a dict of weighted losses; inference: ``[{"instances": Instances}]`` per
+            image.
         """
         images = self.preprocess_image(batched_inputs)
         outputs = self.forward_network(
@@ -258,7 +266,8 @@ class IAUNet(nn.Module):
         output_size: Tuple[int, int],
         chunk: int = 32,
     ) -> torch.Tensor:
-        """(M, h, w) logits at 1/4 of the padded input -> (M, H0, W0) bool, in chunks to bound memory."""
+        """(M, h, w) logits at 1/4 of the padded input -> (M, H0, W0) bool, in chunks to bound
+        memory."""
         out = torch.zeros((masks.shape[0], *output_size), dtype=torch.bool, device=masks.device)
         h, w = image_size
         for s in range(0, masks.shape[0], chunk):
@@ -269,13 +278,15 @@ class IAUNet(nn.Module):
                 output_size
             ):  # a same-size bilinear resize is the identity: skip the pass
                 m = F.interpolate(m, size=output_size, mode="bilinear", align_corners=False)
-            # In place and straight into `out`: each pass over (chunk, H0, W0) floats is a good part of the cost.
+            # In place and straight into `out`: each pass over (chunk, H0, W0) floats is a good part
+            # of the cost.
             torch.gt(m[0].sigmoid_(), self.mask_thresh, out=out[s : s + chunk])
         return out
 
 
 def _batch_note(batched_inputs: List[Dict]) -> str:
-    """Where a batch failed, for error messages: the iteration (inside a trainer) and the image files."""
+    """Where a batch failed, for error messages: the iteration (inside a trainer) and the image
+    files."""
     files = ", ".join(str(x.get("file_name", "?")) for x in batched_inputs)
     try:
         return f"at iteration {get_event_storage().iter}, images {files}"
@@ -284,7 +295,8 @@ def _batch_note(batched_inputs: List[Dict]) -> str:
 
 
 def check_losses_finite(losses: Dict[str, torch.Tensor], batched_inputs: List[Dict]) -> None:
-    """Raise ``FloatingPointError`` naming the first NaN/inf loss term, the iteration and the images.
+    """Raise ``FloatingPointError`` naming the first NaN/inf loss term, the iteration and the
+    images.
 
     detectron2's trainer only reports the whole loss dict, after the backward pass. One device sync
     per step: all terms are checked together.
@@ -294,7 +306,9 @@ def check_losses_finite(losses: Dict[str, torch.Tensor], batched_inputs: List[Di
         return
     bad = [k for k, ok in zip(losses, finite.tolist()) if not ok]
     raise FloatingPointError(
-        f"loss {bad[0]} = {losses[bad[0]].item()} is not finite ({_batch_note(batched_inputs)}); non-finite terms: "
-        f"{bad}. Training diverged or an input is broken: lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS, "
+        f"loss {bad[0]} = {losses[bad[0]].item()} is not finite ({_batch_note(batched_inputs)}); "
+        "non-finite terms: "
+        f"{bad}. Training diverged or an input is broken: lower SOLVER.BASE_LR, enable "
+        "SOLVER.CLIP_GRADIENTS, "
         "or check these images."
     )

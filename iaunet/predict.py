@@ -1,15 +1,19 @@
 """Predict instance masks on microscopy files: ``python -m iaunet.predict`` / ``iaunet-predict``.
 
-    iaunet-predict --config-file CFG --weights model_final.pth --input images/ "more/*.tif" --output out/
-        [--score-threshold 0.5] [--tile 512] [--tile-overlap 64] [--device cuda] [--opts KEY VALUE ...]
+    iaunet-predict --config-file CFG --weights model_final.pth --input images/ "more/*.tif" --output
+    out/
+        [--score-threshold 0.5] [--tile 512] [--tile-overlap 64] [--device cuda] [--opts KEY VALUE
+        ...]
 
-Per image ``<stem>_labels.tif`` (instance ids, uint16 or uint32, 0 = background; where masks overlap the
+Per image ``<stem>_labels.tif`` (instance ids, uint16 or uint32, 0 = background; where masks overlap
+the
 higher score wins; id k is the image's k-th entry of predictions.json) and ``<stem>_overlay.png``
 (outlines and ids on the 8-bit rendering). Per run ``predictions.json`` (COCO results) and
 ``images.json`` (a COCO file with the images and categories and no annotations), so that
 ``COCO("images.json").loadRes("predictions.json")`` works. See docs/predict.md.
 
-Exit status: 0 all images done, 1 some files failed (named in the log and the summary), 2 bad command line.
+Exit status: 0 all images done, 1 some files failed (named in the log and the summary), 2 bad
+command line.
 """
 
 import argparse
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="SIZE",
-        help="force tiled prediction with SIZE px tiles (default: TEST.TILE_SIZE, tiled automatically "
+        help="force tiled prediction with SIZE px tiles (default: TEST.TILE_SIZE, tiled "
+        "automatically "
         "above TEST.AUTO_TILE_ABOVE)",
     )
     p.add_argument(
@@ -97,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    """Defaults + IAUNet keys + the config file + ``--opts`` + the CLI flags; UsageError when invalid."""
+    """Defaults + IAUNet keys + the config file + ``--opts`` + the CLI flags; UsageError when
+    invalid."""
     try:
         cfg = load_config(args.config_file, args.opts)
     except ConfigError as e:
@@ -119,7 +125,8 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         cfg.TEST.TILE_SIZE = args.tile
         if cfg.TEST.TILE_OVERLAP >= args.tile:
             raise UsageError(
-                f"the tile overlap ({cfg.TEST.TILE_OVERLAP}) must be smaller than --tile ({args.tile})"
+                f"the tile overlap ({cfg.TEST.TILE_OVERLAP}) must be smaller than --tile "
+                f"({args.tile})"
             )
     # The model's own threshold must not hide instances the user asked for.
     cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(
@@ -130,7 +137,8 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
 
 
 def expand_inputs(paths: Sequence[str]) -> List[str]:
-    """Files as given; folders (non-recursive) and globs filtered to image extensions; sorted, deduplicated."""
+    """Files as given; folders (non-recursive) and globs filtered to image extensions; sorted,
+    deduplicated."""
 
     def images(names):
         return sorted(
@@ -173,7 +181,8 @@ def output_stems(files: Sequence[str]) -> List[str]:
 
 
 def category_ids(metadata, num_classes: int) -> List[int]:
-    """Contiguous class -> dataset category id (the metadata's mapping when present, else class + 1)."""
+    """Contiguous class -> dataset category id (the metadata's mapping when present, else class +
+    1)."""
     mapping = (
         getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
         if metadata is not None
@@ -195,7 +204,8 @@ def predict_file(
     cat_ids: List[int],
     force_tile: bool,
 ) -> Tuple[Dict, List[Dict]]:
-    """Predict one file and write its label TIFF and overlay PNG; returns (image entry, COCO results)."""
+    """Predict one file and write its label TIFF and overlay PNG; returns (image entry, COCO
+    results)."""
     raw = read_image(path)
     instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
     instances = instances[instances.scores >= score_threshold]
@@ -237,12 +247,14 @@ def predict_file(
 
 @contextlib.contextmanager
 def _log_to_stderr(level: int = logging.INFO):
-    """Send the iaunet / detectron2 / fvcore logs to the current stderr for the duration of a CLI run."""
+    """Send the iaunet / detectron2 / fvcore logs to the current stderr for the duration of a CLI
+    run."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("[%(asctime)s %(name)s] %(levelname)s: %(message)s", "%H:%M:%S")
     )
-    # fvcore repeats detectron2's checkpoint messages at INFO; its warnings (mismatched weights) matter.
+    # fvcore repeats detectron2's checkpoint messages at INFO; its warnings (mismatched weights)
+    # matter.
     levels = {"iaunet": level, "detectron2": level, "fvcore": max(level, logging.WARNING)}
     loggers = [logging.getLogger(name) for name in levels]
     saved = [(lg.level, lg.propagate) for lg in loggers]

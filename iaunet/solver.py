@@ -12,7 +12,8 @@ import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 NORM_MODULE_TYPES = (
-    torch.nn.modules.batchnorm._BatchNorm,  # BatchNorm*d, SyncBatchNorm, detectron2's NaiveSyncBatchNorm
+    # BatchNorm*d, SyncBatchNorm, detectron2's NaiveSyncBatchNorm
+    torch.nn.modules.batchnorm._BatchNorm,
     torch.nn.GroupNorm,
     torch.nn.modules.instancenorm._InstanceNorm,
     torch.nn.LayerNorm,
@@ -26,7 +27,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     * lr ``SOLVER.BASE_LR``, times ``SOLVER.BACKBONE_MULTIPLIER`` for the backbone;
     * weight decay ``SOLVER.WEIGHT_DECAY``, ``SOLVER.WEIGHT_DECAY_NORM`` for norm layers,
       ``SOLVER.WEIGHT_DECAY_EMBED`` for embeddings (queries), 0 for Swin's position tables;
-    * gradient clipping per ``SOLVER.CLIP_GRADIENTS``; ``CLIP_TYPE "full_model"`` clips the norm of all
+    * gradient clipping per ``SOLVER.CLIP_GRADIENTS``; ``CLIP_TYPE "full_model"`` clips the norm of
+      all
       gradients together (Mask2Former), the other types are detectron2's.
     """
     defaults = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
@@ -63,7 +65,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
-    """An optimizer class whose ``step`` first clips the gradient norm of all parameters together."""
+    """An optimizer class whose ``step`` first clips the gradient norm of all parameters
+    together."""
 
     class FullModelGradientClippingOptimizer(optim_cls):
         def step(self, closure=None):

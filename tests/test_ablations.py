@@ -1,4 +1,5 @@
-"""Every ablation switch of spec §1.7 (thesis Tables 3-5) builds the full model, trains one step and infers."""
+"""Every ablation switch of spec §1.7 (thesis Tables 3-5) builds the full model, trains one step and
+infers."""
 
 import math
 
@@ -22,7 +23,8 @@ def _modules(model, cls):
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
-# (overrides, check of the built model). tiny_cfg: ResNet-18 (res2..res5 = 64, 128, 256, 512 ch), D = 32.
+# (overrides, check of the built model). tiny_cfg: ResNet-18 (res2..res5 = 64, 128, 256, 512 ch), D
+# = 32.
 CASES = {
     "defaults": (  # concat skips, CoordConv, SE, mask branch, light head, "seq" order
         {},
@@ -78,7 +80,8 @@ CASES = {
 
 
 def _inputs(size: int = 64, num_instances: int = 2):
-    """One image with rectangle instances, in the detectron2 training format (batching is tested elsewhere)."""
+    """One image with rectangle instances, in the detectron2 training format (batching is tested
+    elsewhere)."""
     g = torch.Generator().manual_seed(0)
     masks = torch.zeros(num_instances, size, size, dtype=torch.bool)
     for j in range(num_instances):

@@ -68,13 +68,15 @@ def test_benchmark_json(tmp_path):
             "4",
             "--output",
             str(out),
-            # fewer sampled RoIs keep the Mask R-CNN training step fast; 20 detections fit a 64x64 image
+            # fewer sampled RoIs keep the Mask R-CNN training step fast; 20 detections fit a 64x64
+            # image
             "--maskrcnn-opts",
             "TEST.DETECTIONS_PER_IMAGE",
             "20",
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
             "32",
-            "--channels-last",  # NHWC path of both models (the NCHW default is what every other test runs)
+            # NHWC path of both models (the NCHW default is what every other test runs)
+            "--channels-last",
             "--opts",
             *TINY_OPTS,
         ]
@@ -139,7 +141,8 @@ def test_compare_maskrcnn_tiny(tmp_path):
 
 
 def test_full_res_masks_matches_reference():
-    """The optimized post-processing (no same-size resize, in-place sigmoid) gives the reference masks exactly."""
+    """The optimized post-processing (no same-size resize, in-place sigmoid) gives the reference
+    masks exactly."""
     import torch
     import torch.nn.functional as F
     from conftest import tiny_cfg

@@ -48,7 +48,8 @@ def test_shuffled_prediction_has_larger_loss():
     torch.manual_seed(0)
     t = _targets()
     good = sum(_criterion()(_perfect_outputs(t), t).values())
-    # Shuffled class labels with masks that follow them: the matcher pairs by mask, so the class is wrong.
+    # Shuffled class labels with masks that follow them: the matcher pairs by mask, so the class is
+    # wrong.
     bad_out = _perfect_outputs(t)
     bad_out["pred_logits"] = _perfect_outputs(t, shuffle=True)["pred_logits"]
     bad = sum(_criterion()(bad_out, t).values())
@@ -101,7 +102,8 @@ def test_point_sampled_losses():
 
 
 def _reference_mask_losses(logits, targets):
-    """The plain formulation: upsample with F.interpolate, then bce_loss / dice_loss, autograd for the gradient."""
+    """The plain formulation: upsample with F.interpolate, then bce_loss / dice_loss, autograd for
+    the gradient."""
     up = torch.nn.functional.interpolate(
         logits[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False
     )
@@ -119,8 +121,10 @@ def _reference_mask_losses(logits, targets):
     ],
 )
 def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels):
-    """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values and gradients
-    of the plain autograd formulation: factor 4 as in the model, odd sizes, non-integer factors, one mask per chunk
+    """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values
+    and gradients
+    of the plain autograd formulation: factor 4 as in the model, odd sizes, non-integer factors, one
+    mask per chunk
     and several; targets gathered through the row index."""
     # small chunk_pixels force several chunks (and a last partial one)
     torch.manual_seed(0)
@@ -156,7 +160,8 @@ def test_upsampled_mask_losses_without_grad():
 
 
 def test_criterion_pairs_masks_across_images():
-    """Two images: each matched query's loss is taken against its own image's target (row offsets of the batch's
+    """Two images: each matched query's loss is taken against its own image's target (row offsets of
+    the batch's
     concatenated masks), as computed by hand from the matcher's indices."""
     torch.manual_seed(0)
     targets = []

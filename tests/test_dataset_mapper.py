@@ -8,7 +8,8 @@ from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_mode
 
 
 def _scene(tmp_path, name="scene.png"):
-    """A 90x150 gray image with 3 bright rectangles in the upper-left part + matching polygon annotations."""
+    """A 90x150 gray image with 3 bright rectangles in the upper-left part + matching polygon
+    annotations."""
     img = np.zeros((90, 150), np.uint8)
     rects = [(5, 5, 40, 30), (50, 10, 80, 25), (20, 40, 35, 70)]  # x0, y0, x1, y1
     annos = []

@@ -29,7 +29,8 @@ def load_script(name: str):
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    """An empty datasets root; metadata set by earlier loads is cleared so that tests are independent."""
+    """An empty datasets root; metadata set by earlier loads is cleared so that tests are
+    independent."""
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "data"))
     monkeypatch.setenv("IAUNET_DATASET_CACHE", str(tmp_path / "cache"))
     (tmp_path / "data").mkdir()
@@ -81,7 +82,8 @@ def write_image(path, h=64, w=64, dtype=np.uint16):
 
 
 def make_revvity(root, amodal_field=False):
-    """2 train images (16-bit PNG; one without cells) and 1 test image (16-bit TIFF), overlapping cells."""
+    """2 train images (16-bit PNG; one without cells) and 1 test image (16-bit TIFF), overlapping
+    cells."""
     d = root / "revvity25"
     write_image(str(d / "images/a.png"))
     write_image(str(d / "images/empty.png"))
@@ -282,7 +284,8 @@ def test_livecell_crops(root, tmp_path):
     crops = DatasetCatalog.get("livecell_crops_train")
     assert len(crops) == 6 and all((c["height"], c["width"]) == (64, 64) for c in crops)
     assert len(DatasetCatalog.get("livecell_crops_test")) == 6
-    # Each crop's masks equal the full-image masks cut to the window, up to rasterization at the border.
+    # Each crop's masks equal the full-image masks cut to the window, up to rasterization at the
+    # border.
     full = {(d["image_id"]): d for d in DatasetCatalog.get("livecell_train")}
     info = {i["id"]: i for i in json.load(open(out["train"]))["images"]}
     for c in crops:
@@ -313,7 +316,8 @@ def test_livecell_crops(root, tmp_path):
 
 
 def make_evican(root):
-    """Release layout: jsons on top, images/EVICAN_*2019/, eval subsets as separate jsons, no bbox/area."""
+    """Release layout: jsons on top, images/EVICAN_*2019/, eval subsets as separate jsons, no
+    bbox/area."""
     d = root / "evican2"
     cats = ("Cell", "Nucleus")
 
@@ -517,7 +521,8 @@ def test_mapper_targets_match_annotations(root):
 
 
 def test_coco_evaluator_on_registered_metadata(root, tmp_path):
-    """Ground truth fed back as predictions scores AP 100: json_file and the class-id mapping agree."""
+    """Ground truth fed back as predictions scores AP 100: json_file and the class-id mapping
+    agree."""
     import torch
     from detectron2.evaluation import COCOEvaluator
     from detectron2.structures import BitMasks, Instances
@@ -545,8 +550,10 @@ def test_coco_evaluator_on_registered_metadata(root, tmp_path):
 
 @pytest.mark.parametrize("config", ["iaunet_R50.yaml", "iaunet_swin_s.yaml"])
 def test_revvity25_config_starts_training(root, config):
-    """The design-card command (`train_net.py --config-file configs/revvity25/<config>`) builds its model,
-    optimizer and data loader on a Revvity-25 tree and takes a training step (images shrunk for speed)."""
+    """The design-card command (`train_net.py --config-file configs/revvity25/<config>`) builds its
+    model,
+    optimizer and data loader on a Revvity-25 tree and takes a training step (images shrunk for
+    speed)."""
 
     import torch
     from detectron2.config import get_cfg

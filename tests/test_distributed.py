@@ -1,9 +1,12 @@
-"""Multi-process training and evaluation on CPU workers (gloo), as ``train_net.py --num-gpus 2`` runs them.
+"""Multi-process training and evaluation on CPU workers (gloo), as ``train_net.py --num-gpus 2``
+runs them.
 
-* One optimizer step of ``Trainer`` (SyncBN, DDP, AdamW + clipping) with the global batch split over 2
+* One optimizer step of ``Trainer`` (SyncBN, DDP, AdamW + clipping) with the global batch split over
+  2
   workers gives the gradients and weights of one step in a single process on the whole batch.
 * The loss normalization (number of masks, CE weights) does not depend on the split, even with fewer
-  target masks than workers; the training sampler gives the workers disjoint shards of one permutation.
+  target masks than workers; the training sampler gives the workers disjoint shards of one
+  permutation.
 * ``train_net.py --eval-only --num-gpus 2`` evaluates every test image exactly once and gives the
   predictions and AP of a single process.
 """
@@ -31,8 +34,10 @@ TIMEOUT_S = 300  # generous: the 2 CPU cores are shared; a hang fails instead of
 def _matcher_with_same_points(criterion) -> None:
     """Make ``criterion``'s matcher sample the same points at every call.
 
-    The matcher draws its points from the worker's RNG stream, so which points an image gets depends on
-    the images processed before it on that worker: splitting a batch changes the sampling noise of the
+    The matcher draws its points from the worker's RNG stream, so which points an image gets depends
+    on
+    the images processed before it on that worker: splitting a batch changes the sampling noise of
+    the
     costs (not their expectation). Fixing the points makes the 1- and 2-process matchings identical.
     """
     from iaunet.modeling.matcher import HungarianMatcher
@@ -60,9 +65,11 @@ def _step(model, optimizer, batch):
 
 
 def _criterion_case(part=None):
-    """A global batch of 2 images with a single target mask in all: outputs (leaf tensors) and targets.
+    """A global batch of 2 images with a single target mask in all: outputs (leaf tensors) and
+    targets.
 
-    ``part=r`` returns image r only (what worker r sees). Returns (criterion, leaves, outputs, targets).
+    ``part=r`` returns image r only (what worker r sees). Returns (criterion, leaves, outputs,
+    targets).
     """
     from iaunet.modeling.criterion import SetCriterion
     from iaunet.modeling.matcher import HungarianMatcher
@@ -107,7 +114,8 @@ def _step_worker(rank: int, tmp: str) -> None:
         cfg = get_cfg()
         add_iaunet_config(cfg)
         cfg.merge_from_file(os.path.join(tmp, "config.yaml"))
-        adapt_config_to_machine(cfg, WORLD_SIZE)  # SyncBN -> naiveSyncBN on CPU workers, as setup() does
+        # SyncBN -> naiveSyncBN on CPU workers, as setup() does
+        adapt_config_to_machine(cfg, WORLD_SIZE)
         trainer = Trainer(cfg)
         assert isinstance(trainer.model, DistributedDataParallel)
         trainer.model.module.load_state_dict(torch.load(os.path.join(tmp, "init.pth")))
@@ -141,7 +149,8 @@ def _step_worker(rank: int, tmp: str) -> None:
 
 
 def _spawn(fn, *args) -> None:
-    """Run fn(rank, *args) in WORLD_SIZE fresh processes; re-raise a worker's error; never leave one behind."""
+    """Run fn(rank, *args) in WORLD_SIZE fresh processes; re-raise a worker's error; never leave one
+    behind."""
     ctx = mp.start_processes(fn, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -169,7 +178,8 @@ def test_split_batch_step_matches_single_process(tmp_path):
             "MODEL.IAUNET.DROPOUT": 0.0,
             "MODEL.IAUNET.BLOCKS_PER_LEVEL": 1,
             "SOLVER.IMS_PER_BATCH": 4,
-            "SOLVER.WARMUP_ITERS": 0,  # the first step at the full learning rate: weight changes well above fp noise
+            # the first step at the full learning rate: weight changes well above fp noise
+            "SOLVER.WARMUP_ITERS": 0,
             "DATASETS.TRAIN": ("synthetic_cells_val",),
             "DATALOADER.NUM_WORKERS": 0,
             "OUTPUT_DIR": os.path.join(tmp, "out"),
@@ -206,9 +216,12 @@ def test_split_batch_step_matches_single_process(tmp_path):
 
     # SyncBN: every BatchNorm of the model (backbone and pixel decoder) is synchronized.
     assert ranks[0]["sync_bn"] > 0 and ranks[0]["plain_bn"] == 0
-    # Gradients after DDP's averaging equal the single-process gradients on the whole batch, up to fp32
-    # rounding (other summation orders, NaiveSyncBatchNorm's E[x^2] - E[x]^2). Tensors whose gradient is
-    # rounding noise only (the biases of convolutions followed by BN) are left out of the per-tensor check.
+    # Gradients after DDP's averaging equal the single-process gradients on the whole batch, up to
+    # fp32
+    # rounding (other summation orders, NaiveSyncBatchNorm's E[x^2] - E[x]^2). Tensors whose
+    # gradient is
+    # rounding noise only (the biases of convolutions followed by BN) are left out of the per-tensor
+    # check.
     assert grads.keys() == ranks[0]["grads"].keys()
     ref = torch.cat([g.flatten() for g in grads.values()])
     diff = torch.cat([ranks[0]["grads"][k].flatten() for k in grads]) - ref
@@ -216,8 +229,10 @@ def test_split_batch_step_matches_single_process(tmp_path):
     for k, g in grads.items():
         rel = ((ranks[0]["grads"][k] - g).norm() / g.norm()).item()
         assert g.norm() <= 1e-4 * ref.norm() or rel <= 5e-5, (k, rel)
-    # Updated weights (AdamW + full-model clipping): equal to 0.2% of a step where the gradient is clearly
-    # non-zero. AdamW's first step is about +-lr by the gradient's sign, which noise-level gradients do not fix.
+    # Updated weights (AdamW + full-model clipping): equal to 0.2% of a step where the gradient is
+    # clearly
+    # non-zero. AdamW's first step is about +-lr by the gradient's sign, which noise-level gradients
+    # do not fix.
     lr, g_max = cfg.SOLVER.BASE_LR, ref.abs().max()
     state = model.state_dict()
     init = torch.load(os.path.join(tmp, "init.pth"))
@@ -238,7 +253,8 @@ def test_split_batch_step_matches_single_process(tmp_path):
     for k, v in ranks[0]["state"].items():
         assert torch.equal(ranks[1]["state"][k], v), k
 
-    # Loss normalization with a single target mask for 2 workers: DDP's average of the worker gradients
+    # Loss normalization with a single target mask for 2 workers: DDP's average of the worker
+    # gradients
     # and the mean of the logged worker losses are those of the whole batch.
     for r in range(WORLD_SIZE):
         for leaf, worker_grad in zip(leaves, ranks[r]["criterion_grads"]):
@@ -256,7 +272,8 @@ def test_split_batch_step_matches_single_process(tmp_path):
 
 
 def _run_train_net(args, env, timeout=TIMEOUT_S) -> str:
-    """Run train_net.py in its own process group (so that a hang kills its workers too); return its output."""
+    """Run train_net.py in its own process group (so that a hang kills its workers too); return its
+    output."""
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train_net.py")] + args,
         cwd=ROOT,

@@ -1,4 +1,5 @@
-"""A tiny train -> checkpoint -> --eval-only run of train_net.py on the synthetic cells, as a user runs it."""
+"""A tiny train -> checkpoint -> --eval-only run of train_net.py on the synthetic cells, as a user
+runs it."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""Model size against the thesis (Tables 1-5) and a smoke test of tools/analyze_model.py (docs/fidelity.md)."""
+"""Model size against the thesis (Tables 1-5) and a smoke test of tools/analyze_model.py
+(docs/fidelity.md)."""
 
 import os
 
@@ -29,7 +30,8 @@ def test_parameter_count_matches_thesis(config, thesis_params):
 
 
 def test_flop_count_tiny_model():
-    # tiny_cfg: D = 32, 8 queries, 3 blocks per level; a 64x64 image gives multi-scale features of 2x2, 4x4, 8x8.
+    # tiny_cfg: D = 32, 8 queries, 3 blocks per level; a 64x64 image gives multi-scale features of
+    # 2x2, 4x4, 8x8.
     d, q, blocks_per_level, memory_lengths = 32, 8, 3, (4, 16, 64)
     default = analyze_model.count_flops(tiny_cfg(), size=64)
     thesis = analyze_model.count_flops(

@@ -26,7 +26,8 @@ def test_scoring_topk_and_padding_removal(model):
     logits = _logits([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1]])
     out = model.instance_inference(logits, masks, image_size=(48, 40), output_size=(96, 80))
     assert out.image_size == (96, 80) and out.pred_masks.shape[1:] == (96, 80)
-    # query 0 class 0: 0.9 x maskness ~1; query 1 class 1: 0.8 x 0.62; query 2 has an empty mask -> score 0 -> dropped
+    # query 0 class 0: 0.9 x maskness ~1; query 1 class 1: 0.8 x 0.62; query 2 has an empty mask ->
+    # score 0 -> dropped
     assert out.pred_classes.tolist()[:2] == [0, 1]
     assert out.scores[0] == pytest.approx(0.9, abs=1e-3)
     assert out.scores[1] == pytest.approx(0.8 / (1 + math.exp(-0.5)), abs=1e-3)
@@ -79,7 +80,8 @@ def test_bad_input_shape_is_named(model):
 
 @pytest.mark.parametrize("backbone", ["resnet", "swin"])
 def test_channels_last_matches_contiguous(backbone, tmp_path):
-    """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as NCHW with the
+    """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as
+    NCHW with the
     same weights; a checkpoint of either layout loads into the other."""
     from detectron2.checkpoint import DetectionCheckpointer
 

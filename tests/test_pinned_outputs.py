@@ -1,6 +1,8 @@
-"""Behaviour pinned across refactors: losses, gradients and predictions of a tiny IAUNet with fixed weights.
+"""Behaviour pinned across refactors: losses, gradients and predictions of a tiny IAUNet with fixed
+weights.
 
-The weights are a deterministic function of each tensor's *name as the 0.1 release spelled it* and are
+The weights are a deterministic function of each tensor's *name as the 0.1 release spelled it* and
+are
 loaded through ``AtomicCheckpointer`` from a checkpoint in that old naming, so this also checks the
 legacy-key mapping. The expected numbers were computed with the 0.1 code (before the layout of
 docs/architecture.md); any change of the forward pass, the losses or the post-processing moves them.
@@ -114,7 +116,8 @@ def pinned_model(tmp_path_factory):
 
 
 def test_old_checkpoint_keys_load(pinned_model):
-    """Every key of a 0.1 checkpoint maps onto the current model (checked in the fixture), and the mapping
+    """Every key of a 0.1 checkpoint maps onto the current model (checked in the fixture), and the
+    mapping
     renames the mask head and U-Net stage keys."""
     keys = list(pinned_model.state_dict())
     assert any(k.startswith("pixel_decoder.mask_head.lateral.") for k in keys)

@@ -22,7 +22,8 @@ from iaunet.predict import main
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A randomly initialised tiny model: config yaml + weights. Its scores are ~1/(K+1), so no threshold."""
+    """A randomly initialised tiny model: config yaml + weights. Its scores are ~1/(K+1), so no
+    threshold."""
     from detectron2.modeling import build_model
 
     d = tmp_path_factory.mktemp("ckpt")
@@ -260,7 +261,8 @@ def _disc_image():
 
 
 def _components(tile: np.ndarray) -> Instances:
-    """A deterministic stand-in for the model: each bright connected component of the tile is an instance,
+    """A deterministic stand-in for the model: each bright connected component of the tile is an
+    instance,
     scores depend on the tile content (so that duplicates of different tiles differ)."""
     n, lab = cv2.connectedComponents((tile[..., 0] > 127).astype(np.uint8))
     inst = Instances(tile.shape[:2])

@@ -1,5 +1,7 @@
-"""Faults and bad input (issue 8): every case is either handled correctly or rejected with an error that
-names the file or config key -- never a deep library stack trace, never a silent skip. The table of cases
+"""Faults and bad input (issue 8): every case is either handled correctly or rejected with an error
+that
+names the file or config key -- never a deep library stack trace, never a silent skip. The table of
+cases
 and the behaviour chosen for each is docs/robustness.md; the sections below follow its sections.
 """
 
@@ -67,7 +69,8 @@ TINY = [
 
 @contextlib.contextmanager
 def captured_logs(name: str):
-    """Records of logger ``name`` (detectron2's setup_logger turns propagation off, so caplog can miss them)."""
+    """Records of logger ``name`` (detectron2's setup_logger turns propagation off, so caplog can
+    miss them)."""
     records = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append
@@ -120,9 +123,9 @@ def _record(path, h: int, w: int, polygons=()) -> dict:
     return {"file_name": str(path), "height": h, "width": w, "annotations": anns}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Image files: through read_image / IAUNetDatasetMapper
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def _truncated(src_writer, ext):
@@ -198,7 +201,8 @@ def test_tiny_images_are_padded_to_the_crop(tmp_path, mappers, h, w):
 
 
 def test_elongated_images_keep_at_least_one_pixel(tmp_path, mappers, model):
-    """8 x 2000 at IMAGE_SIZE 64: the short side rounds to 0.26 px; it used to crash inside interpolate."""
+    """8 x 2000 at IMAGE_SIZE 64: the short side rounds to 0.26 px; it used to crash inside
+    interpolate."""
     for h, w in [(8, 2000), (2000, 8)]:
         path = tmp_path / f"long_{h}x{w}.png"
         cv2.imwrite(str(path), np.full((h, w), 120, np.uint8))
@@ -247,15 +251,16 @@ def test_bad_polygons_in_the_mapper(tmp_path, mappers):
     assert not masks[1, 4, 10] and not masks[1, 16, 10]  # nothing above or below the crossing
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # COCO json datasets: through register_coco_dataset / DatasetCatalog
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 _DATASET_IDS = itertools.count()
 
 
 def _coco_tree(tmp_path, images=None, annotations=None):
-    """Two 32x32 images on disk and a COCO json (1-based category 'cell'); returns the registered name."""
+    """Two 32x32 images on disk and a COCO json (1-based category 'cell'); returns the registered
+    name."""
     (tmp_path / "images").mkdir(exist_ok=True)
     for i in (1, 2):
         cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), np.zeros((32, 32), np.uint8))
@@ -356,7 +361,8 @@ def test_annotation_of_an_unknown_image_is_ignored_with_a_warning(tmp_path):
 
 
 def test_dataset_without_annotations(tmp_path):
-    """Loads with a warning; training filters every image (detectron2's error names the dataset) unless
+    """Loads with a warning; training filters every image (detectron2's error names the dataset)
+    unless
     DATALOADER.FILTER_EMPTY_ANNOTATIONS is False, which trains on zero-instance images."""
     name, json_file = _coco_tree(tmp_path, annotations=[])
     with captured_logs("iaunet.data.datasets.common") as logs:
@@ -374,9 +380,9 @@ def test_dataset_without_annotations(tmp_path):
     assert [len(x["instances"]) for x in batch] == [0, 0]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config, model building, weights, output folder: as train_net.py builds them
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def _args(*opts, config_file=QUICK_CONFIG):
@@ -402,7 +408,8 @@ def test_unknown_config_key_is_named(tmp_path):
 
 @pytest.mark.parametrize("script", ["train_net.py", "tools/analyze_model.py", "tools/benchmark.py"])
 def test_command_line_config_errors_are_one_line(script):
-    """A bad key on the command line ends the script with exit status 2 and one line naming the key, before any
+    """A bad key on the command line ends the script with exit status 2 and one line naming the key,
+    before any
     worker or model starts, and without a traceback."""
     extra = ["--opts"] if script == "tools/benchmark.py" else []
     proc = subprocess.run(
@@ -460,7 +467,8 @@ def test_weights_that_are_not_a_checkpoint_are_named(tmp_path, model):
 
 
 def test_eval_only_with_weights_that_are_not_a_checkpoint(tmp_path, model):
-    """What ``train_net.py --eval-only MODEL.WEIGHTS <file>`` runs: resume_or_load names the file."""
+    """What ``train_net.py --eval-only MODEL.WEIGHTS <file>`` runs: resume_or_load names the
+    file."""
     (tmp_path / "weights.pth").write_text("this is not a checkpoint\n")
     checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path / "out"))
     with pytest.raises(
@@ -470,7 +478,8 @@ def test_eval_only_with_weights_that_are_not_a_checkpoint(tmp_path, model):
 
 
 def test_checkpoint_with_another_number_of_classes(tmp_path, model):
-    """Mismatched shapes are skipped with a warning naming each key; the class head stays freshly initialized."""
+    """Mismatched shapes are skipped with a warning naming each key; the class head stays freshly
+    initialized."""
     AtomicCheckpointer(model, str(tmp_path)).save("one_class")
     torch.manual_seed(1)
     model3 = build_model(tiny_cfg(**{"MODEL.IAUNET.NUM_CLASSES": 3}))
@@ -494,9 +503,9 @@ def test_checkpoint_with_another_number_of_classes(tmp_path, model):
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Atomic checkpoints; kill and resume
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, model, monkeypatch):
@@ -615,8 +624,10 @@ def test_kill_and_resume(tmp_path, synthetic_ready):
 
 
 def test_training_is_deterministic_with_a_fixed_seed(tmp_path, synthetic_ready):
-    """Two runs, SEED 42, CPU: same losses (metrics.json keeps the median of each loss over the run's 4
-    iterations: PeriodicWriter writes every 20) and bit-identical final weights, i.e. every step equal."""
+    """Two runs, SEED 42, CPU: same losses (metrics.json keeps the median of each loss over the
+    run's 4
+    iterations: PeriodicWriter writes every 20) and bit-identical final weights, i.e. every step
+    equal."""
     procs = []
     for run in ("a", "b"):
         opts = TINY + [
@@ -650,9 +661,9 @@ def test_training_is_deterministic_with_a_fixed_seed(tmp_path, synthetic_ready):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Non-finite losses, zero-instance images
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -721,9 +732,9 @@ def test_matcher_never_sees_nan(cfg, batch, monkeypatch):
         model(batch)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Evaluation edge cases (COCOEvaluator as train_net.Trainer.build_evaluator configures it)
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def _grid_dataset(tmp_path, n_rows=10, n_cols=15):
@@ -757,7 +768,8 @@ def _evaluate(name, masks, max_dets):
 
 
 def test_more_than_100_instances_per_image(tmp_path):
-    """TEST.DETECTIONS_PER_IMAGE feeds max_dets_per_image: 300 scores all 150 perfect masks, 100 caps recall."""
+    """TEST.DETECTIONS_PER_IMAGE feeds max_dets_per_image: 300 scores all 150 perfect masks, 100
+    caps recall."""
     name, masks = _grid_dataset(tmp_path)
     assert _evaluate(name, masks, 300)["AP"] == pytest.approx(100.0)
     assert _evaluate(name, masks, 100)["AP"] == pytest.approx(100 * 67 / 101)  # recall <= 100/150

@@ -1,4 +1,5 @@
-"""Tests of the timm-backed Swin backbone and of tools/convert_pretrained.py (tiny models, no downloads)."""
+"""Tests of the timm-backed Swin backbone and of tools/convert_pretrained.py (tiny models, no
+downloads)."""
 
 import importlib.util
 import re
@@ -48,9 +49,11 @@ def tiny_swin(drop_path: float = 0.0, **overrides) -> D2SwinTransformer:
 
 
 def timm_tiny_swin(window_size: int = 7) -> SwinTransformer:
-    """timm's own Swin with the tiny architecture and a classifier head (the layout of timm checkpoints).
+    """timm's own Swin with the tiny architecture and a classifier head (the layout of timm
+    checkpoints).
 
-    ``always_partition``: shift windows even on a 7x7 map, as detection Swin (and our backbone) does.
+    ``always_partition``: shift windows even on a 7x7 map, as detection Swin (and our backbone)
+    does.
     """
     torch.manual_seed(1)
     return SwinTransformer(
@@ -91,7 +94,8 @@ def test_out_features_subset():
 
 
 def test_matches_timm_when_no_padding_is_needed():
-    """At 224x224 every stage (56, 28, 14, 7) is a multiple of the window: timm's forward is the reference."""
+    """At 224x224 every stage (56, 28, 14, 7) is a multiple of the window: timm's forward is the
+    reference."""
     model, ref = tiny_swin(), timm_tiny_swin()
     state = convert_pretrained.convert_swin(ref.state_dict(), prefix="")
     model.load_state_dict(state, strict=False)
@@ -106,7 +110,8 @@ def test_matches_timm_when_no_padding_is_needed():
 
 
 def test_padding_precedes_the_shift():
-    """With padding, a block attends over the zero-padded map exactly as over an unpadded map of that size."""
+    """With padding, a block attends over the zero-padded map exactly as over an unpadded map of
+    that size."""
     block = tiny_swin().layers[1].blocks[1]  # shifted block of stage 2
     assert any(block.shift_size)
     x = torch.randn(2, 9, 13, block.dim)  # padded to 14 x 14
@@ -140,7 +145,8 @@ class _Wrapper(nn.Module):
 
 
 def _to_official_layout(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """timm layout -> microsoft/Swin-Transformer layout (downsample at the end of the previous stage)."""
+    """timm layout -> microsoft/Swin-Transformer layout (downsample at the end of the previous
+    stage)."""
 
     def rename(key: str) -> str:
         key = re.sub(
@@ -181,7 +187,8 @@ def test_swin_window_resize():
     )
     table = model.layers[0].blocks[0].attn.relative_position_bias_table
     assert table.shape == (23 * 23, 1)
-    # bicubic resize keeps the centre (zero offset) of the table: entry (6, 6) of 13x13 -> (11, 11) of 23x23
+    # bicubic resize keeps the centre (zero offset) of the table: entry (6, 6) of 13x13 -> (11, 11)
+    # of 23x23
     source_table = source["layers.0.blocks.0.attn.relative_position_bias_table"]
     torch.testing.assert_close(table[11 * 23 + 11], source_table[6 * 13 + 6], rtol=0, atol=1e-6)
 

@@ -7,7 +7,8 @@
 
 What is counted is described in :mod:`iaunet.utils.analysis`. By default the model is counted as
 configured: at inference only the last block's prediction head runs. ``--thesis-count`` sets
-``MODEL.IAUNET.TEST.AUX_PREDICTIONS True`` so that all prediction heads (9 with 3 blocks per level) run,
+``MODEL.IAUNET.TEST.AUX_PREDICTIONS True`` so that all prediction heads (9 with 3 blocks per level)
+run,
 as in the reference code whose FLOPs the thesis reports; ``docs/fidelity.md`` uses it.
 """
 
@@ -26,7 +27,8 @@ TASKS = ("parameter", "flop")
 def setup_cfg(
     config_file: str = "", opts: Sequence[str] = (), thesis_count: bool = False
 ) -> CfgNode:
-    """Config from a YAML file and ``KEY VALUE`` overrides, on the CPU; ``thesis_count`` adds the aux heads."""
+    """Config from a YAML file and ``KEY VALUE`` overrides, on the CPU; ``thesis_count`` adds the
+    aux heads."""
     cfg = load_config(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -43,7 +45,8 @@ def _format(params: Dict[str, int], flops: Dict[str, Any]) -> str:
         if k not in ("total", "postprocess", "kept", "operators", "unsupported")
     ]
     lines = [
-        f"{'module':40s} {'params (M)' if params else '':>11s} {'GFLOPs' if flops else '':>9s}".rstrip()
+        f"{'module':40s} {'params (M)' if params else '':>11s} "
+        f"{'GFLOPs' if flops else '':>9s}".rstrip()
     ]
     for row in rows + ["total"]:
         p = f"{params[row] / 1e6:11.2f}" if params else f"{'':11s}"
@@ -57,7 +60,8 @@ def _format(params: Dict[str, int], flops: Dict[str, Any]) -> str:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(flops["unsupported"].items()))
         lines.append(f"Ops without a FLOP handle (not counted): {ops or 'none'}")
         lines.append(
-            "Element-wise ops, softmax and sigmoid are not counted by design (detectron2's ignore list)."
+            "Element-wise ops, softmax and sigmoid are not counted by design (detectron2's ignore "
+            "list)."
         )
     return "\n".join(lines)
 
@@ -78,7 +82,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--thesis-count",
         action="store_true",
-        help="run every block's prediction head at inference (MODEL.IAUNET.TEST.AUX_PREDICTIONS True), "
+        help="run every block's prediction head at inference (MODEL.IAUNET.TEST.AUX_PREDICTIONS "
+        "True), "
         "as the reference code does and the thesis FLOPs count",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -95,7 +100,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
-    """Parse ``argv``; ``KEY VALUE`` pairs right after ``--tasks ...`` (which takes 1+ words) go to ``opts``."""
+    """Parse ``argv``; ``KEY VALUE`` pairs right after ``--tasks ...`` (which takes 1+ words) go to
+    ``opts``."""
     parser = get_parser()
     args = parser.parse_args(argv)
     n = next((i for i, t in enumerate(args.tasks) if t not in TASKS), len(args.tasks))
@@ -121,7 +127,10 @@ def main(argv: Sequence[str] = None) -> str:
     )
     header = f"{args.config_file or '(defaults)'} {' '.join(opts)}".strip()
     if flops:
-        header += f"\nFLOPs: 1 image 3x{args.size}x{args.size}, eval, fvcore (1 multiply-add = 1 FLOP), {heads}"
+        header += (
+            f"\nFLOPs: 1 image 3x{args.size}x{args.size}, eval, fvcore (1 multiply-add = 1 "
+            f"FLOP), {heads}"
+        )
     report = header + "\n" + _format(params, flops)
     print(report)
     return report

@@ -1,23 +1,35 @@
 #!/usr/bin/env python
-"""Speed and memory of IAUNet configs against detectron2's Mask R-CNN R50-FPN, in one process, interleaved.
+"""Speed and memory of IAUNet configs against detectron2's Mask R-CNN R50-FPN, in one process,
+interleaved.
 
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --compare mask_rcnn --device cpu
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml configs/revvity25/iaunet_swin_s.yaml \
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --compare mask_rcnn
+    --device cpu
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml
+    configs/revvity25/iaunet_swin_s.yaml \
         --compare mask_rcnn --device cuda --amp --runs 20 --sizes 512 1024 --batch-sizes 1 8
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --profile --no-train  # + torch.profiler
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --profile --no-train
+    # + torch.profiler
 
 What is measured (every model with random weights, no checkpoint is read):
 
-* Inference latency: one ``model([{"image": ...}])`` call in eval mode under ``torch.inference_mode``, with
-  pre- and post-processing (full-resolution masks out), after ``--warmup`` calls; median and p90 over ``--runs``,
-  for a batch of 1 at each of ``--sizes``. Models are interleaved call by call, so that load from other
+* Inference latency: one ``model([{"image": ...}])`` call in eval mode under
+  ``torch.inference_mode``, with
+  pre- and post-processing (full-resolution masks out), after ``--warmup`` calls; median and p90
+  over ``--runs``,
+  for a batch of 1 at each of ``--sizes``. Models are interleaved call by call, so that load from
+  other
   processes hits all of them alike.
 * Images/s at each of ``--batch-sizes`` (first size): batch 1 comes from the latency runs.
-* Training step: forward + backward + optimizer step (each model's own optimizer: IAUNet's AdamW with
-  full-model clipping from ``iaunet.solver.build_optimizer``; Mask R-CNN's SGD from detectron2), for a batch of
-  ``--train-batch`` synthetic images with ``--instances`` random ellipses each (data loading excluded).
-* Peak memory per call and the dense-image conditions of both models: see :mod:`iaunet.utils.measure` and
-  :mod:`iaunet.utils.benchmark`. The detection counts are checked and reported (``--as-configured`` keeps
+* Training step: forward + backward + optimizer step (each model's own optimizer: IAUNet's AdamW
+  with
+  full-model clipping from ``iaunet.solver.build_optimizer``; Mask R-CNN's SGD from detectron2), for
+  a batch of
+  ``--train-batch`` synthetic images with ``--instances`` random ellipses each (data loading
+  excluded).
+* Peak memory per call and the dense-image conditions of both models: see
+  :mod:`iaunet.utils.measure` and
+  :mod:`iaunet.utils.benchmark`. The detection counts are checked and reported (``--as-configured``
+  keeps
   both models' own test thresholds).
 """
 
@@ -48,7 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def profile_model(bench: BenchModel, args, top: int = 15) -> Dict:
-    """torch.profiler (CPU activities) over one inference call and one training step, after a warm-up of each."""
+    """torch.profiler (CPU activities) over one inference call and one training step, after a
+    warm-up of each."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + (
@@ -95,15 +108,18 @@ def _fmt(v, digits=3):
 
 
 def _rss(r: Dict) -> Optional[float]:
-    """The per-call peak RSS increase, or the process peak where the kernel cannot reset the high-water mark."""
+    """The per-call peak RSS increase, or the process peak where the kernel cannot reset the
+    high-water mark."""
     return r["peak_rss_increase_mb"] if r["peak_rss_increase_mb"] is not None else r["peak_rss_mb"]
 
 
 def markdown_report(result: Dict) -> str:
     s = result["settings"]
     lines = [
-        f"Device: {result['machine']['device']}, {s['threads']} threads, AMP {'on' if s['amp'] else 'off'}; "
-        f"load average (1/5/15 min) before {result['machine']['load_before']}, after {result['machine']['load_after']}.",
+        f"Device: {result['machine']['device']}, {s['threads']} threads, AMP "
+        f"{'on' if s['amp'] else 'off'}; "
+        f"load average (1/5/15 min) before {result['machine']['load_before']}, after "
+        f"{result['machine']['load_after']}.",
         "",
     ]
     sizes = s["sizes"]
@@ -128,7 +144,8 @@ def markdown_report(result: Dict) -> str:
         if not s["no_train"]:
             t = m["train"]
             row += [
-                f"{_fmt(t['median_s'])} / {_fmt(t['p90_s'])} (fwd {_fmt(t['forward_s_median'], 2)}, "
+                f"{_fmt(t['median_s'])} / {_fmt(t['p90_s'])} (fwd "
+                f"{_fmt(t['forward_s_median'], 2)}, "
                 f"bwd {_fmt(t['backward_s_median'], 2)}, opt {_fmt(t['optimizer_s_median'], 2)})"
             ]
         row += [_fmt(_rss(first), 0)]
@@ -154,7 +171,8 @@ def profile_report(name: str, prof: Dict) -> str:
     lines = []
     for phase, t in prof.items():
         lines.append(
-            f"\n### {name}: {phase} (torch.profiler, total self CPU {t['total_self_cpu_ms']:.0f} ms)\n"
+            f"\n### {name}: {phase} (torch.profiler, total self CPU {t['total_self_cpu_ms']:.0f} "
+            "ms)\n"
         )
         if t["ranges"]:
             lines.append(
@@ -218,7 +236,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--channels-last",
         action="store_true",
-        help="channels_last memory format for every model: MODEL.CHANNELS_LAST True for IAUNet (also possible as "
+        help="channels_last memory format for every model: MODEL.CHANNELS_LAST True for IAUNet "
+        "(also possible as "
         "a --variant), 4-D weights converted for Mask R-CNN",
     )
     p.add_argument("--runs", type=int, default=5, help="timed calls per model and measurement")
@@ -340,7 +359,8 @@ def run(args) -> Dict:
                 b.name: result["models"][b.name]["inference"][str(args.sizes[0])] for b in models
             }
         else:
-            # The models are warm from the latency runs at this size: no extra warm-up for the big batches.
+            # The models are warm from the latency runs at this size: no extra warm-up for the big
+            # batches.
             res = benchmark_inference(
                 models, args.sizes[0], bs, args, args.seed, runs=args.throughput_runs, warmup=0
             )
@@ -362,7 +382,8 @@ def run(args) -> Dict:
         for z, r in m["inference"].items():
             if not args.as_configured and r["detections"] < b.expected_detections:
                 result["warnings"].append(
-                    f"{b.name} at {z}²: {r['detections']} detections, {b.expected_detections} expected"
+                    f"{b.name} at {z}²: {r['detections']} detections, {b.expected_detections} "
+                    "expected"
                 )
     iaunets = [b for b in models if b.kind == "iaunet"]
     result["ratios"] = {}

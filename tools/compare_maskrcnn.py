@@ -1,34 +1,53 @@
 #!/usr/bin/env python
-"""Equal-budget accuracy: IAUNet against detectron2's Mask R-CNN, trained from scratch on the same data.
+"""Equal-budget accuracy: IAUNet against detectron2's Mask R-CNN, trained from scratch on the same
+data.
 
-    python tools/compare_maskrcnn.py                                   # quick config, synthetic cells, CPU
+    python tools/compare_maskrcnn.py                                   # quick config, synthetic
+    cells, CPU
     python tools/compare_maskrcnn.py --iters 300 --batch 8 --output-dir output/compare_quick
-    python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813 --batch 8 \
+    python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813
+    --batch 8 \
         --train revvity25_train --test revvity25_test --device cuda
 
-Both models are trained from random weights for ``--iters`` iterations of ``--batch`` images (the same number of
-images seen), from the same data loader (``IAUNetDatasetMapper``: same image reading, same augmentations, same
-sample order for the same ``--seed``), then evaluated by the same ``COCOEvaluator`` (segm, max detections =
-``TEST.DETECTIONS_PER_IMAGE``) on the same split. AP / AP50 / AP75 (and AP_S/M/L) are printed side by side and
+Both models are trained from random weights for ``--iters`` iterations of ``--batch`` images (the
+same number of
+images seen), from the same data loader (``IAUNetDatasetMapper``: same image reading, same
+augmentations, same
+sample order for the same ``--seed``), then evaluated by the same ``COCOEvaluator`` (segm, max
+detections =
+``TEST.DETECTIONS_PER_IMAGE``) on the same split. AP / AP50 / AP75 (and AP_S/M/L) are printed side
+by side and
 written to ``<output-dir>/compare_maskrcnn.json``.
 
-Mask R-CNN is detectron2's model-zoo R50-FPN (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``, its
-standard heads), trained with the repository's ``Trainer`` (a detectron2 ``DefaultTrainer``). What is
+Mask R-CNN is detectron2's model-zoo R50-FPN
+(``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``, its
+standard heads), trained with the repository's ``Trainer`` (a detectron2 ``DefaultTrainer``). What
+is
 matched to the IAUNet config, and why:
 
-* Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1 and FREEZE_AT
-  (a ResNet-18 FPN for the quick config, R50-FPN for the thesis configs; R50 for a Swin IAUNet). Same backbone,
+* Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1 and
+  FREEZE_AT
+  (a ResNet-18 FPN for the quick config, R50-FPN for the thesis configs; R50 for a Swin IAUNet).
+  Same backbone,
   so that the comparison is about the heads.
-* Input: IAUNet's mapper for both (longest side ``INPUT.IMAGE_SIZE``, scale jitter, fixed-size crop, flips; 8/16-bit
-  reading) and IAUNet's PIXEL_MEAN/STD. ``--maskrcnn-mapper detectron2`` uses detectron2's ``DatasetMapper``
-  instead (resize to ``INPUT.IMAGE_SIZE`` + horizontal flip; it reads 8-bit images such as the synthetic PNGs,
+* Input: IAUNet's mapper for both (longest side ``INPUT.IMAGE_SIZE``, scale jitter, fixed-size crop,
+  flips; 8/16-bit
+  reading) and IAUNet's PIXEL_MEAN/STD. ``--maskrcnn-mapper detectron2`` uses detectron2's
+  ``DatasetMapper``
+  instead (resize to ``INPUT.IMAGE_SIZE`` + horizontal flip; it reads 8-bit images such as the
+  synthetic PNGs,
   but not 16-bit TIFFs, whose intensity normalization only our mapper does).
-* Anchors (``--anchor-scale auto``): detectron2's anchor sizes (32..512 px) are meant for images resized to a
-  shortest side of 800; since both models see ``INPUT.IMAGE_SIZE`` images, they are scaled by IMAGE_SIZE / 800.
-* Solver (``--maskrcnn-solver iaunet``): the IAUNet config's solver (AdamW, lr, schedule, warm-up, clipping), so
-  that only the architecture differs. ``--maskrcnn-solver detectron2`` uses Mask R-CNN's own recipe instead:
+* Anchors (``--anchor-scale auto``): detectron2's anchor sizes (32..512 px) are meant for images
+  resized to a
+  shortest side of 800; since both models see ``INPUT.IMAGE_SIZE`` images, they are scaled by
+  IMAGE_SIZE / 800.
+* Solver (``--maskrcnn-solver iaunet``): the IAUNet config's solver (AdamW, lr, schedule, warm-up,
+  clipping), so
+  that only the architecture differs. ``--maskrcnn-solver detectron2`` uses Mask R-CNN's own recipe
+  instead:
   SGD momentum 0.9, lr 0.02 x batch / 16, weight decay 1e-4, steps at 2/3 and 8/9 of the run.
-* Test: ``TEST.DETECTIONS_PER_IMAGE`` and the score threshold (``ROI_HEADS.SCORE_THRESH_TEST`` = IAUNet's
+* Test: ``TEST.DETECTIONS_PER_IMAGE`` and the score threshold (``ROI_HEADS.SCORE_THRESH_TEST`` =
+  IAUNet's
   ``MODEL.IAUNET.TEST.SCORE_THRESH``) are the same.
 """
 
@@ -42,9 +61,6 @@ import time
 from typing import Dict, Optional, Sequence
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import (
@@ -62,6 +78,7 @@ from iaunet import add_iaunet_config
 from iaunet.config import exit_on_config_error, load_config, merge_config
 from iaunet.engine import Trainer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
 D2_REFERENCE_SIZE = 800  # detectron2's default shortest side, for which its anchor sizes are chosen
@@ -91,7 +108,8 @@ class D2MapperTrainer(Trainer):
 
 
 def subset_dataset(name: str, limit: int) -> str:
-    """Register ``<name>_first<limit>``: the first ``limit`` images of a registered dataset, same metadata."""
+    """Register ``<name>_first<limit>``: the first ``limit`` images of a registered dataset, same
+    metadata."""
     if not limit:
         return name
     new = f"{name}_first{limit}"
@@ -118,7 +136,8 @@ def iaunet_cfg(args) -> CfgNode:
 
 
 def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
-    """detectron2's model-zoo Mask R-CNN matched to the IAUNet config ``icfg`` as the module docstring says."""
+    """detectron2's model-zoo Mask R-CNN matched to the IAUNet config ``icfg`` as the module
+    docstring says."""
     cfg = get_cfg()
     add_iaunet_config(cfg)  # Trainer and our mapper read IAUNet's INPUT/SOLVER keys
     cfg.merge_from_file(model_zoo.get_config_file(args.maskrcnn_config))
@@ -193,7 +212,8 @@ def args_batch(args, icfg: CfgNode) -> int:
 
 
 def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> None:
-    """The settings both runs share: data, budget, device, seed, output folder, no periodic evaluation."""
+    """The settings both runs share: data, budget, device, seed, output folder, no periodic
+    evaluation."""
     ref = icfg if icfg is not None else cfg
     if icfg is not None:  # the IAUNet run's data, already resolved
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
@@ -221,7 +241,8 @@ def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> No
 
 
 def train_and_evaluate(cfg: CfgNode, trainer_cls, seed: int) -> Dict:
-    """Train from scratch with ``trainer_cls(cfg)`` (its final EvalHook evaluates); returns segm metrics and timing."""
+    """Train from scratch with ``trainer_cls(cfg)`` (its final EvalHook evaluates); returns segm
+    metrics and timing."""
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
@@ -233,7 +254,8 @@ def train_and_evaluate(cfg: CfgNode, trainer_cls, seed: int) -> Dict:
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    # DefaultTrainer.train() returns the results only with TEST.EXPECTED_RESULTS; its final EvalHook keeps them here.
+    # DefaultTrainer.train() returns the results only with TEST.EXPECTED_RESULTS; its final EvalHook
+    # keeps them here.
     results = getattr(trainer, "_last_eval_results", None)
     if results and "segm" not in results:  # several test sets: {dataset: {"segm": ...}}
         results = results[cfg.DATASETS.TEST[0]]
@@ -256,7 +278,8 @@ def _fmt(v) -> str:
 def report(result: Dict) -> str:
     s = result["settings"]
     lines = [
-        f"Equal budget: {s['iters']} iterations x {s['batch']} images, from scratch; train {s['train']}, test {s['test']} "
+        f"Equal budget: {s['iters']} iterations x {s['batch']} images, from scratch; train "
+        f"{s['train']}, test {s['test']} "
         f"(COCOEvaluator segm, max {s['max_dets']} detections); device {s['device']}.",
         "",
         "| model | backbone | params | images seen | train+eval time (s) | "

@@ -4,18 +4,25 @@
 Swin (official microsoft/Swin-Transformer ``.pth`` or timm ``.pth``/``.safetensors``)::
 
     python tools/convert_pretrained.py swin swin_small_patch4_window7_224.pth swin_s.pkl
-    python tools/convert_pretrained.py swin swin_base_patch4_window7_224_22k.pth swin_b_w12.pkl --window-size 12
+    python tools/convert_pretrained.py swin swin_base_patch4_window7_224_22k.pth swin_b_w12.pkl
+    --window-size 12
 
-torchvision ResNet (detectron2 names; train with ``MODEL.RESNETS.STRIDE_IN_1X1 False``, ``INPUT.FORMAT RGB``
-and the torchvision ``MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]`` / ``PIXEL_STD [58.395, 57.12, 57.375]``)::
+torchvision ResNet (detectron2 names; train with ``MODEL.RESNETS.STRIDE_IN_1X1 False``,
+``INPUT.FORMAT RGB``
+and the torchvision ``MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]`` / ``PIXEL_STD [58.395, 57.12,
+57.375]``)::
 
     python tools/convert_pretrained.py resnet resnet50-0676ba61.pth R-50.pkl
 
 Output keys carry the model's ``backbone.`` prefix, so they load without name-matching heuristics.
-Swin: the classifier head and the non-persistent buffers (``relative_position_index``, ``attn_mask``) are
-dropped; the classifier's final norm initializes ``norm3`` (the res5 output norm, same position); the output
-norms ``norm0..2`` keep their default init. With ``--window-size`` different from the checkpoint's, every
-``relative_position_bias_table`` is resized by bicubic interpolation, as the official Swin code does when
+Swin: the classifier head and the non-persistent buffers (``relative_position_index``,
+``attn_mask``) are
+dropped; the classifier's final norm initializes ``norm3`` (the res5 output norm, same position);
+the output
+norms ``norm0..2`` keep their default init. With ``--window-size`` different from the checkpoint's,
+every
+``relative_position_bias_table`` is resized by bicubic interpolation, as the official Swin code does
+when
 fine-tuning at another window.
 """
 
@@ -35,7 +42,8 @@ StateDict = Dict[str, torch.Tensor]
 
 
 def load_state_dict(path: str) -> StateDict:
-    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint; unwraps ``model`` / ``state_dict``."""
+    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint; unwraps ``model`` /
+    ``state_dict``."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -50,7 +58,8 @@ def load_state_dict(path: str) -> StateDict:
 def resize_rel_pos_bias_table(table: torch.Tensor, window_size: int) -> torch.Tensor:
     """Bicubic resize of a Swin relative position bias table.
 
-    table: ((2w - 1)^2, num_heads) for the checkpoint's window w -> ((2 * window_size - 1)^2, num_heads).
+    table: ((2w - 1)^2, num_heads) for the checkpoint's window w -> ((2 * window_size - 1)^2,
+    num_heads).
     """
     src = math.isqrt(table.shape[0])
     dst = 2 * window_size - 1
@@ -89,7 +98,8 @@ def convert_swin(
 
 
 def convert_torchvision_resnet(state: StateDict, prefix: str = "backbone.") -> StateDict:
-    """Map a torchvision ResNet state dict onto detectron2 ``ResNet`` names (``stem``, ``res2..res5``).
+    """Map a torchvision ResNet state dict onto detectron2 ``ResNet`` names (``stem``,
+    ``res2..res5``).
 
     ``fc`` and BatchNorm ``num_batches_tracked`` counters are dropped.
     """
@@ -107,7 +117,8 @@ def convert_torchvision_resnet(state: StateDict, prefix: str = "backbone.") -> S
 
 
 def save(state: StateDict, path: str, author: str) -> None:
-    """Write ``{"model": ..., "__author__": ...}`` as detectron2 ``.pkl`` (numpy arrays) or torch ``.pth``."""
+    """Write ``{"model": ..., "__author__": ...}`` as detectron2 ``.pkl`` (numpy arrays) or torch
+    ``.pth``."""
     if path.endswith(".pkl"):
         data = {k: v.detach().cpu().numpy() for k, v in state.items()}
         with open(path, "wb") as f:
@@ -127,7 +138,8 @@ def main() -> None:
         "--window-size",
         type=int,
         default=None,
-        help="swin: resize relative position bias tables to this window (cfg MODEL.SWIN.WINDOW_SIZE)",
+        help="swin: resize relative position bias tables to this window (cfg "
+        "MODEL.SWIN.WINDOW_SIZE)",
     )
     parser.add_argument(
         "--prefix", default="backbone.", help="name of the backbone inside the model"

@@ -1,4 +1,5 @@
-"""Dataset mapper: image reading (8/16-bit, gray/RGB), the thesis augmentations, instance targets (thesis §4.2)."""
+"""Dataset mapper: image reading (8/16-bit, gray/RGB), the thesis augmentations, instance targets
+(thesis §4.2)."""
 
 import copy
 import logging
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class _AtLeastOnePixel:
-    """Mixin for resize augmentations: no side shrinks to 0 px. Very elongated images (e.g. 8 x 2000 at
+    """Mixin for resize augmentations: no side shrinks to 0 px. Very elongated images (e.g. 8 x 2000
+    at
     IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the interpolation."""
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
@@ -64,11 +66,14 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
 
 
 def polygons_to_rle(segmentation, height: int, width: int):
-    """COCO polygons -> one RLE at the annotation's own size (RLE and other segmentations unchanged).
+    """COCO polygons -> one RLE at the annotation's own size (RLE and other segmentations
+    unchanged).
 
     Masks are rasterized where COCO evaluates them, then transformed as bitmaps (exact for flips and
-    crops, nearest for resizes). Transforming the polygons first, as detectron2 does by default, shifts
-    flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates, detectron2's
+    crops, nearest for resizes). Transforming the polygons first, as detectron2 does by default,
+    shifts
+    flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates,
+    detectron2's
     flips map x to W - x (pixel edges); a 1-px shift costs 12 % IoU on a cell 20 px across.
     """
     if not isinstance(segmentation, list):
@@ -80,13 +85,17 @@ def polygons_to_rle(segmentation, height: int, width: int):
 
 
 class IAUNetDatasetMapper:
-    """Maps a detectron2 dataset dict to ``{"image": (3, H, W) float32 0..255, "instances": Instances, ...}``.
+    """Maps a detectron2 dataset dict to ``{"image": (3, H, W) float32 0..255, "instances":
+    Instances, ...}``.
 
     The image is read by :func:`read_image` (8/16-bit, float, gray/RGB) and brought to 0..255 by
-    ``INPUT.INTENSITY_NORM``, in ``INPUT.FORMAT`` channel order. Annotations (polygons, rasterized first
+    ``INPUT.INTENSITY_NORM``, in ``INPUT.FORMAT`` channel order. Annotations (polygons, rasterized
+    first
     by :func:`polygons_to_rle`, or RLE) are transformed with the image by detectron2's
-    ``transform_instance_annotations`` / ``annotations_to_instances(mask_format="bitmask")``; ``gt_boxes``
-    are the masks' boxes; instances that the crop empties, or that keep fewer than ``min_instance_area``
+    ``transform_instance_annotations`` / ``annotations_to_instances(mask_format="bitmask")``;
+    ``gt_boxes``
+    are the masks' boxes; instances that the crop empties, or that keep fewer than
+    ``min_instance_area``
     pixels, are dropped (``filter_empty_instances``).
     """
 

@@ -1,4 +1,5 @@
-"""Reading microscopy images (PNG/JPEG/TIFF; 8/16-bit, float; gray/RGB/RGBA) into the model's 0..255 range."""
+"""Reading microscopy images (PNG/JPEG/TIFF; 8/16-bit, float; gray/RGB/RGBA) into the model's 0..255
+range."""
 
 import os
 from typing import Sequence
@@ -18,7 +19,8 @@ class ImageReadError(ValueError):
 def read_image(path: str) -> np.ndarray:
     """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
 
-    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected: pick a plane or
+    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected: pick a plane
+    or
     project it first (the error says so). A stack is a TIFF whose metadata (ImageJ/OME) has a Z or T
     axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long (e.g.
     (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
@@ -38,7 +40,8 @@ def read_image(path: str) -> np.ndarray:
             stacked = [f"{a}={n}" for a, n in zip(axes, img.shape) if a in "ZT" and n > 1]
             if stacked:
                 raise ImageReadError(
-                    f"{path}: shape {img.shape} (axes {axes}, {', '.join(stacked)}) is a 3-D stack; IAUNet takes "
+                    f"{path}: shape {img.shape} (axes {axes}, {', '.join(stacked)}) is a 3-D "
+                    "stack; IAUNet takes "
                     "2-D images (save one plane or a max-projection)"
                 )
         else:
@@ -77,8 +80,10 @@ def to_model_range(
     ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``).
 
     uint8 is kept as is. Other dtypes are rescaled: "percentile" maps the per-image low/high
-    percentiles to 0/255 (clipped), "dtype" divides by the integer dtype's maximum (floats are assumed
-    to be in [0, 1]). Gray is replicated to 3 channels; alpha is dropped. Non-finite values are an error.
+    percentiles to 0/255 (clipped), "dtype" divides by the integer dtype's maximum (floats are
+    assumed
+    to be in [0, 1]). Gray is replicated to 3 channels; alpha is dropped. Non-finite values are an
+    error.
     """
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {image_format!r}")
@@ -94,7 +99,8 @@ def to_model_range(
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ImageReadError(
-            f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape {img.shape}"
+            f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape "
+            f"{img.shape}"
         )
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ImageReadError(f"{name}: empty image of shape {img.shape}")

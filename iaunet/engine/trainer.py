@@ -1,7 +1,8 @@
 """IAUNet's detectron2 trainer and the setup shared by ``train_net.py`` and the tools.
 
 ``Trainer`` is a ``DefaultTrainer`` whose builders call into the package: the dataset mapper
-(``iaunet.data``), the optimizer (``iaunet.solver``), COCO evaluation, the atomic checkpointer and the
+(``iaunet.data``), the optimizer (``iaunet.solver``), COCO evaluation, the atomic checkpointer and
+the
 visualization hook. It lives in the package, not in ``train_net.py``, because the tools
 (``tools/compare_maskrcnn.py``) and the tests train with it too.
 """
@@ -79,7 +80,8 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         hooks = super().build_hooks()
-        # Before the PeriodicWriter (last on the main process), so that the images reach TensorBoard.
+        # Before the PeriodicWriter (last on the main process), so that the images reach
+        # TensorBoard.
         hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
         return hooks
 
@@ -134,13 +136,17 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
                 node = node[part]
             if node[leaf[-1]] == "SyncBN":
                 node[leaf[-1]] = "naiveSyncBN"
-                notes.append(f"{key} SyncBN -> naiveSyncBN: synchronized BN on {world_size} CPU workers")
+                notes.append(
+                    f"{key} SyncBN -> naiveSyncBN: synchronized BN on {world_size} CPU workers"
+                )
     return notes
 
 
 def setup(args) -> CfgNode:
-    """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key), adapted to
-    the machine, frozen; detectron2's ``default_setup`` (output folder, config.yaml, seed, logging)."""
+    """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key),
+    adapted to
+    the machine, frozen; detectron2's ``default_setup`` (output folder, config.yaml, seed,
+    logging)."""
     cfg = load_config(args.config_file, args.opts)
     notes = adapt_config_to_machine(cfg, comm.get_world_size())
     cfg.freeze()

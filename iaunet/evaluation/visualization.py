@@ -1,7 +1,8 @@
 """Prediction beside ground truth for a few validation images, after evaluation.
 
 Images go to ``OUTPUT_DIR/vis/<dataset>_<k>_<iterNNNNNNN|eval>.png`` and to TensorBoard: through the
-active detectron2 ``EventStorage`` during training (written by the trainer's TensorBoard writer), or a
+active detectron2 ``EventStorage`` during training (written by the trainer's TensorBoard writer), or
+a
 ``SummaryWriter`` on ``OUTPUT_DIR`` otherwise (``--eval-only``).
 """
 
@@ -31,8 +32,10 @@ def render_prediction_and_gt(
     metadata,
     score_thresh: float = 0.5,
 ) -> np.ndarray:
-    """(H', 2W', 3) uint8 RGB: predictions scoring at least ``score_thresh`` (left), ground truth (right).
-    Small images are drawn enlarged (longest side up to 512) so that outlines and labels stay legible."""
+    """(H', 2W', 3) uint8 RGB: predictions scoring at least ``score_thresh`` (left), ground truth
+    (right).
+    Small images are drawn enlarged (longest side up to 512) so that outlines and labels stay
+    legible."""
     inputs = mapper(dataset_dict)
     with torch.inference_mode():
         instances = model([inputs])[0]["instances"].to("cpu")
@@ -53,11 +56,14 @@ def visualize_predictions(
     score_thresh: float = 0.5,
     iteration: Optional[int] = None,
 ) -> List[str]:
-    """Draw the first ``num_images`` images of every ``cfg.DATASETS.TEST`` dataset (main process only).
+    """Draw the first ``num_images`` images of every ``cfg.DATASETS.TEST`` dataset (main process
+    only).
 
     Args:
-        model: the model (DDP-wrapped or not); put in eval mode for the call, its mode restored after.
-        iteration: training iteration for file names and TensorBoard steps; None after ``--eval-only``.
+        model: the model (DDP-wrapped or not); put in eval mode for the call, its mode restored
+        after.
+        iteration: training iteration for file names and TensorBoard steps; None after
+        ``--eval-only``.
     Returns:
         Paths of the PNG files written (empty on other processes).
     """
@@ -132,6 +138,7 @@ class VisualizationHook(HookBase):
             self._visualize(next_iter)
 
     def after_train(self) -> None:
-        # The trainer leaves ``iter == max_iter`` after a complete run; nothing is drawn after a failed one.
+        # The trainer leaves ``iter == max_iter`` after a complete run; nothing is drawn after a
+        # failed one.
         if self.trainer.iter + 1 >= self.trainer.max_iter:
             self._visualize(self.trainer.max_iter)

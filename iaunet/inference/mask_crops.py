@@ -1,4 +1,5 @@
-"""MaskCrops: N instance masks of a large image as tight bool crops (memory follows the objects' area)."""
+"""MaskCrops: N instance masks of a large image as tight bool crops (memory follows the objects'
+area)."""
 
 from typing import Iterator, List, Sequence, Tuple, Union
 
@@ -8,7 +9,8 @@ from detectron2.structures import Boxes
 
 
 class MaskCrops:
-    """N instance masks of an (H, W) image stored as tight bool crops plus their top-left (y, x) corners.
+    """N instance masks of an (H, W) image stored as tight bool crops plus their top-left (y, x)
+    corners.
 
     Supports what ``Instances`` needs (``len``, indexing, ``cat``) and converts to full-size bool
     masks, boxes and COCO RLE without ever holding N full-size masks.
@@ -80,7 +82,8 @@ class MaskCrops:
         return Boxes(torch.from_numpy(boxes))
 
     def to_rles(self) -> List[dict]:
-        """COCO compressed RLE per instance (``counts`` as str), built from an (H, w) column strip each."""
+        """COCO compressed RLE per instance (``counts`` as str), built from an (H, w) column strip
+        each."""
         import pycocotools.mask as mask_util
 
         h, w = self.image_size

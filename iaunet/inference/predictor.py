@@ -1,7 +1,9 @@
-"""IAUNetPredictor: a numpy image of any dtype -> ``Instances``, whole-image or tiled (large images).
+"""IAUNetPredictor: a numpy image of any dtype -> ``Instances``, whole-image or tiled (large
+images).
 
 Whole image: the test transform of training (longest side ``INPUT.IMAGE_SIZE``), masks resized back.
-Tiled (``predict_tiled``; automatic above ``TEST.AUTO_TILE_ABOVE``): the image is intensity-normalized
+Tiled (``predict_tiled``; automatic above ``TEST.AUTO_TILE_ABOVE``): the image is
+intensity-normalized
 once, cut into tiles (:mod:`iaunet.inference.tiling`), each resized by ``TEST.TILE_SCALE`` only, and
 the tiles' detections stitched. Masks are kept as tight bool crops (:class:`MaskCrops`), so memory
 follows the objects' area rather than N x H x W; full-size masks are built only when asked.
@@ -27,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 class IAUNetPredictor:
-    """Like detectron2's ``DefaultPredictor``: builds the model from ``cfg``, loads ``cfg.MODEL.WEIGHTS``
+    """Like detectron2's ``DefaultPredictor``: builds the model from ``cfg``, loads
+    ``cfg.MODEL.WEIGHTS``
     and runs single images in eval mode under ``torch.inference_mode``.
 
-    Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4), RGB(A)
+    Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4),
+    RGB(A)
     order, any numeric dtype -- normalized with ``INPUT.INTENSITY_NORM`` / ``INPUT.PERCENTILES``.
     Output: ``Instances`` of the original (H, W) on the CPU, sorted by decreasing score, with
     ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with ``full_masks=False``), ``scores``,
@@ -91,7 +95,8 @@ class IAUNetPredictor:
         overlap: Optional[int] = None,
         full_masks: bool = True,
     ) -> Instances:
-        """Tiled prediction (module doc). ``tile``/``overlap`` in input pixels; default ``TEST.TILE_SIZE``
+        """Tiled prediction (module doc). ``tile``/``overlap`` in input pixels; default
+        ``TEST.TILE_SIZE``
         (0: ``INPUT.IMAGE_SIZE / TEST.TILE_SCALE``) and ``TEST.TILE_OVERLAP``."""
         img = to_model_range(image, self.intensity_norm, self.percentiles)
         overlap = self.tile_overlap if overlap is None else overlap
@@ -134,7 +139,8 @@ class IAUNetPredictor:
         return result
 
     def _predict_tile(self, tile: np.ndarray) -> Instances:
-        """One (h, w, 3) tile on the 0..255 scale, resized by ``TEST.TILE_SCALE`` only -> Instances of (h, w)."""
+        """One (h, w, 3) tile on the 0..255 scale, resized by ``TEST.TILE_SCALE`` only -> Instances
+        of (h, w)."""
         h, w = tile.shape[:2]
         tile = np.ascontiguousarray(tile)
         if self.tile_scale != 1.0:

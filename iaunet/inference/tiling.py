@@ -1,6 +1,7 @@
 """Tiled prediction of large images: tile geometry and stitching of the tiles' detections.
 
-The image is cut into evenly spaced tiles of ``TEST.TILE_SIZE`` input pixels that overlap by at least
+The image is cut into evenly spaced tiles of ``TEST.TILE_SIZE`` input pixels that overlap by at
+least
 ``TEST.TILE_OVERLAP``. Stitching, in full-image coordinates:
 
 1. A detection is *partial* when its mask comes within ``TOUCH_MARGIN`` px of an inner tile edge (an
@@ -8,9 +9,11 @@ The image is cut into evenly spaced tiles of ``TEST.TILE_SIZE`` input pixels tha
 2. Complete detections, by decreasing score: one is dropped when a kept detection of the same class
    from another tile has mask IoU > ``MATCH_THRESH`` (the same object seen whole by two tiles).
 3. Partial detections are dropped when they match a kept complete detection of another tile: the
-   overlap over the smaller of the two masks, each restricted to the other's tile window, > ``MATCH_THRESH``
+   overlap over the smaller of the two masks, each restricted to the other's tile window, >
+   ``MATCH_THRESH``
    (the cut view of an object that a neighbour saw whole).
-4. Partials left are objects no tile saw whole (larger than the overlap): pieces of different tiles that
+4. Partials left are objects no tile saw whole (larger than the overlap): pieces of different tiles
+   that
    match in the same way are joined (mask union, best score) into one instance.
 """
 
@@ -24,12 +27,14 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TOUCH_MARGIN = 2  # px from an inner tile edge within which a mask counts as cut by the tile
-MATCH_THRESH = 0.5  # IoU (complete pairs) / overlap over smaller (pairs with a cut view) of duplicates
+# IoU (complete pairs) / overlap over smaller (pairs with a cut view) of duplicates
+MATCH_THRESH = 0.5
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Start offsets of the fewest tiles of size ``tile`` that cover ``[0, length)`` with neighbours
-    sharing at least ``overlap`` px, spread evenly so that the last tile ends at the border (no padding)."""
+    sharing at least ``overlap`` px, spread evenly so that the last tile ends at the border (no
+    padding)."""
     if not 0 <= overlap < tile:
         raise ValueError(
             f"tile overlap (TEST.TILE_OVERLAP, --tile-overlap) must be in [0, tile size {tile}), "
@@ -84,7 +89,8 @@ def _iou(a: Detection, b: Detection) -> float:
 
 
 def _cut_overlap(a: Detection, b: Detection) -> float:
-    """Overlap over the smaller mask, each mask restricted to the other's tile window (where both tiles
+    """Overlap over the smaller mask, each mask restricted to the other's tile window (where both
+    tiles
     looked), so that a cut view and a whole view of one object score ~1."""
     smaller = min(_area_in(a, b.window), _area_in(b, a.window))
     return _intersection(a, b) / smaller if smaller else 0.0
@@ -104,7 +110,8 @@ def _box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
 
 
 def stitch_detections(dets: List[Detection]) -> List[Detection]:
-    """Remove duplicates across tiles and join the pieces of objects that no tile saw whole (module doc)."""
+    """Remove duplicates across tiles and join the pieces of objects that no tile saw whole (module
+    doc)."""
     complete = sorted((d for d in dets if not d.partial), key=lambda d: -d.score)
     kept: List[Detection] = []
     kept_boxes = np.zeros((len(complete), 4), np.int64)
@@ -154,7 +161,8 @@ def stitch_detections(dets: List[Detection]) -> List[Detection]:
     joined = sum(len(g) > 1 for g in groups.values())
     if joined:
         logger.info(
-            f"{joined} object(s) larger than the tile overlap were joined from pieces of several tiles"
+            f"{joined} object(s) larger than the tile overlap were joined from pieces of several "
+            "tiles"
         )
     return sorted(kept + [_join(g) for g in groups.values()], key=lambda d: -d.score)
 

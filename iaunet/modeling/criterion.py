@@ -1,4 +1,5 @@
-"""Set criterion: CE over K+1 classes, sigmoid BCE and Dice on matched masks, deep supervision (thesis §3.6)."""
+"""Set criterion: CE over K+1 classes, sigmoid BCE and Dice on matched masks, deep supervision
+(thesis §3.6)."""
 
 from typing import Dict, List, Sequence, Tuple
 
@@ -18,9 +19,12 @@ Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _global_mean_denominator(value: torch.Tensor, min_total: float = 0.0) -> torch.Tensor:
-    """Sum ``value`` over all workers, clamp the sum to ``min_total`` and divide by the world size, so that
-    DDP's gradient averaging yields exactly the gradient of (global sum / global count), whatever the
-    per-worker split. The clamp applies to the global count (clamping the per-worker share instead would
+    """Sum ``value`` over all workers, clamp the sum to ``min_total`` and divide by the world size,
+    so that
+    DDP's gradient averaging yields exactly the gradient of (global sum / global count), whatever
+    the
+    per-worker split. The clamp applies to the global count (clamping the per-worker share instead
+    would
     change the loss scale when there are fewer targets than workers)."""
     value = value.detach().clone()
     world_size = get_world_size()
@@ -61,7 +65,9 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
 
-    def loss_labels(self, logits: torch.Tensor, labels: List[torch.Tensor], indices: Indices) -> torch.Tensor:
+    def loss_labels(
+        self, logits: torch.Tensor, labels: List[torch.Tensor], indices: Indices
+    ) -> torch.Tensor:
         """Weighted CE over all B*Q queries, normalized by the global sum of class weights.
         logits (B, Q, K+1); labels: per image (T_b,) int64; unmatched queries target "no object"."""
         target_classes = torch.full(
@@ -85,7 +91,8 @@ class SetCriterion(nn.Module):
 
         Args:
             masks: (B, Q, h, w) predicted mask logits at 1/4 of the padded input.
-            gt_masks: (T, H, W) float, the gt masks of the whole batch concatenated image after image.
+            gt_masks: (T, H, W) float, the gt masks of the whole batch concatenated image after
+            image.
             target_offsets: first row of each image's targets in ``gt_masks``.
             indices: per image, (query indices, target indices within the image).
         """
@@ -136,10 +143,12 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         """
         Args:
-            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w), "aux_outputs" (list of the same).
+            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w), "aux_outputs" (list of
+            the same).
             targets: per image, "labels" (T,) int64 and "masks" (T, H, W) of the padded image.
         Returns:
-            weighted losses: loss_ce, loss_mask, loss_dice, and loss_{ce,mask,dice}_{i} per auxiliary output.
+            weighted losses: loss_ce, loss_mask, loss_dice, and loss_{ce,mask,dice}_{i} per
+            auxiliary output.
         """
         sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
         if len(sizes) != 1:

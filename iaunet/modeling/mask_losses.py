@@ -1,8 +1,12 @@
-"""Mask losses of thesis §3.6: per-mask sigmoid BCE and Dice, on sampled points or on full-resolution masks.
+"""Mask losses of thesis §3.6: per-mask sigmoid BCE and Dice, on sampled points or on
+full-resolution masks.
 
-``upsampled_mask_losses`` computes them on predicted mask logits bilinearly upsampled to the target size,
-fused: the gradient is written in closed form in the forward pass and taken back to mask resolution with the
-transpose of the upsampling, so that no full-size activation is kept for backward (docs/performance.md,
+``upsampled_mask_losses`` computes them on predicted mask logits bilinearly upsampled to the target
+size,
+fused: the gradient is written in closed form in the forward pass and taken back to mask resolution
+with the
+transpose of the upsampling, so that no full-size activation is kept for backward
+(docs/performance.md,
 "Fused full-resolution mask loss", has the measurements).
 """
 
@@ -27,19 +31,24 @@ def bce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_upsampling_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """(n_out, n_in) matrix of 1-D linear upsampling (align_corners=False), built by upsampling the identity so
-    that its weights are exactly those F.interpolate uses. Bilinear upsampling of X is A_h @ X @ A_w^T."""
+    """(n_out, n_in) matrix of 1-D linear upsampling (align_corners=False), built by upsampling the
+    identity so
+    that its weights are exactly those F.interpolate uses. Bilinear upsampling of X is A_h @ X @
+    A_w^T."""
     eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[None]
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
 
 class _UpsampledMaskLosses(torch.autograd.Function):
     """Per-mask mean sigmoid BCE and Dice of mask logits bilinearly upsampled to the target size
-    (thesis §3.6), summed over the masks. Same values and gradients as F.interpolate + ``bce_loss`` /
+    (thesis §3.6), summed over the masks. Same values and gradients as F.interpolate + ``bce_loss``
+    /
     ``dice_loss`` with autograd, without any full-size activation kept for backward:
 
-    * masks are processed a few at a time, so every temporary is a small buffer that the allocator reuses;
-    * the gradient is computed in closed form in the forward pass and brought back to mask resolution
+    * masks are processed a few at a time, so every temporary is a small buffer that the allocator
+      reuses;
+    * the gradient is computed in closed form in the forward pass and brought back to mask
+      resolution
       with the transpose of the upsampling, A_h^T G A_w (two matmuls, cheaper than aten's upsample
       backward on CPU);
     * only the low-resolution gradients (2 x M x h x w) are saved.
@@ -102,7 +111,8 @@ def upsampled_mask_losses(
         logits: (M, h, w) mask logits.
         targets: (N, H, W) in {0, 1} (any dtype).
         index: (M,) the target row of each logit map (default: targets[i] for logits[i]).
-        chunk_pixels: target pixels processed at once (default ~0.5M on CPU, cache-resident; 64M on GPU).
+        chunk_pixels: target pixels processed at once (default ~0.5M on CPU, cache-resident; 64M on
+        GPU).
 
     Always fp32 (autocast off: the closed-form gradient and the matmuls must not run in fp16).
     """

@@ -20,15 +20,19 @@ def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 def batch_bce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pairwise mean sigmoid BCE. inputs: (Q, P) logits, targets: (T, P) in [0, 1] -> (Q, T).
 
-    BCE(x, t) = softplus(x) - x t, so the mean over points is (sum softplus(x) - x . t) / P: one softplus and
-    one matmul (the pos/neg formulation needs two BCE passes and two matmuls; same values to fp32 rounding)."""
+    BCE(x, t) = softplus(x) - x t, so the mean over points is (sum softplus(x) - x . t) / P: one
+    softplus and
+    one matmul (the pos/neg formulation needs two BCE passes and two matmuls; same values to fp32
+    rounding)."""
     return (F.softplus(inputs).sum(-1)[:, None] - inputs @ targets.T) / inputs.shape[-1]
 
 
 class HungarianMatcher(nn.Module):
-    """Optimal one-to-one assignment per image with cost = w_cls*(-p_class) + w_bce*BCE + w_dice*Dice.
+    """Optimal one-to-one assignment per image with cost = w_cls*(-p_class) + w_bce*BCE +
+    w_dice*Dice.
 
-    Mask costs are computed on ``num_points`` uniformly sampled points, the same points for predictions
+    Mask costs are computed on ``num_points`` uniformly sampled points, the same points for
+    predictions
     and targets, in fp32. Pure: no state, no side effects.
     """
 
@@ -95,7 +99,8 @@ class HungarianMatcher(nn.Module):
                 cost = cost.cpu()
                 if not torch.isfinite(cost).all():
                     raise FloatingPointError(
-                        f"non-finite matching cost for image {b} of the batch: the model's predictions are NaN/inf "
+                        f"non-finite matching cost for image {b} of the batch: the model's "
+                        "predictions are NaN/inf "
                         "(diverged training; lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)"
                     )
                 q, t = linear_sum_assignment(cost.numpy())

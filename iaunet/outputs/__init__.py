@@ -1,4 +1,5 @@
-"""Writers of prediction outputs (docs/predict.md); every file goes through ``iaunet.utils.atomic``."""
+"""Writers of prediction outputs (docs/predict.md); every file goes through
+``iaunet.utils.atomic``."""
 
 from .images import label_image, png_bytes, render_overlay, tiff_bytes
 

@@ -1,4 +1,5 @@
-"""Per-image outputs of ``iaunet-predict``: label images, overlays, and their encodings (docs/predict.md)."""
+"""Per-image outputs of ``iaunet-predict``: label images, overlays, and their encodings
+(docs/predict.md)."""
 
 import colorsys
 import io
@@ -11,7 +12,8 @@ from ..inference.mask_crops import MaskCrops
 
 
 def label_image(masks: MaskCrops, height: int, width: int) -> np.ndarray:
-    """Masks (``MaskCrops``, sorted by decreasing score) -> (H, W) ids 1..N; overlaps go to the higher score."""
+    """Masks (``MaskCrops``, sorted by decreasing score) -> (H, W) ids 1..N; overlaps go to the
+    higher score."""
     labels = np.zeros(
         (height, width), np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32
     )
@@ -20,7 +22,6 @@ def label_image(masks: MaskCrops, height: int, width: int) -> np.ndarray:
         y0, x0, crop = items[i]
         labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]][crop] = i + 1
     return labels
-
 
 
 def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
@@ -56,12 +57,10 @@ def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
     return canvas
 
 
-
 def tiff_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     tifffile.imwrite(buf, array, compression="zlib")
     return buf.getvalue()
-
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -1,15 +1,21 @@
 """Parameters and FLOPs of an IAUNet model, per component (thesis Tables 1-5 count the same way).
 
-* Parameters: every parameter of the model, backbone included (buffers such as FrozenBN statistics are not
+* Parameters: every parameter of the model, backbone included (buffers such as FrozenBN statistics
+  are not
   parameters).
-* FLOPs: fvcore, through detectron2's ``FlopCountAnalysis`` as for detectron2's and the thesis' tables
-  (one fused multiply-add = one FLOP; convolutions, linear layers, matmuls/einsum, norms and bilinear
-  upsampling are counted, element-wise ops and softmax are not), for one ``size x size`` image in eval
+* FLOPs: fvcore, through detectron2's ``FlopCountAnalysis`` as for detectron2's and the thesis'
+  tables
+  (one fused multiply-add = one FLOP; convolutions, linear layers, matmuls/einsum, norms and
+  bilinear
+  upsampling are counted, element-wise ops and softmax are not), for one ``size x size`` image in
+  eval
   mode on the CPU. fvcore has no handle for ``aten::scaled_dot_product_attention`` (what
   ``nn.MultiheadAttention`` and timm's Swin call), so one is added: ``Q @ K^T`` and ``attn @ V`` are
   counted as the matmuls they are, as fvcore counts ``aten::bmm`` in the reference code's attention.
-* The total is the network (``IAUNet.forward_network`` on a normalized image). Inference post-processing
-  (top-k, maskness, upsampling the kept masks, ``IAUNet.instance_inference``) is reported on its own and
+* The total is the network (``IAUNet.forward_network`` on a normalized image). Inference
+  post-processing
+  (top-k, maskness, upsampling the kept masks, ``IAUNet.instance_inference``) is reported on its own
+  and
   excluded: it depends on how many detections are kept, and the thesis counts the network.
 * With ``MODEL.IAUNET.TEST.AUX_PREDICTIONS`` every block's prediction head runs (9 with 3 blocks per
   level), as in the reference code whose FLOPs the thesis reports; otherwise only the last one.
@@ -27,7 +33,8 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-# Submodules of the query decoder that make its "attention + FFN blocks" row (see ``breakdown_groups``).
+# Submodules of the query decoder that make its "attention + FFN blocks" row (see
+# ``breakdown_groups``).
 DECODER_BLOCK_MODULES = ("cross_attention", "self_attention", "ffn", "memory_proj")
 
 
@@ -36,12 +43,17 @@ def build_eval_model(cfg: CfgNode) -> nn.Module:
 
 
 def breakdown_groups(model: nn.Module) -> List[Tuple[str, List[str]]]:
-    """Breakdown rows as (label, submodule names of ``model``); a ``-`` prefix subtracts a submodule.
+    """Breakdown rows as (label, submodule names of ``model``); a ``-`` prefix subtracts a
+    submodule.
 
-    The U-Net row is the whole pixel decoder minus the mask head (``pixel_decoder.mask_head``, eq. 16), so
-    the upsampling that runs in the pixel decoder's own ``forward`` lands there. With ``LIGHT_MASK_HEAD
-    False`` the extra 1/4 U-Net level belongs to the mask head. The prediction-heads row is the query
-    decoder minus its attention/FFN blocks, so the mask einsum of ``QueryDecoder.predict`` lands there.
+    The U-Net row is the whole pixel decoder minus the mask head (``pixel_decoder.mask_head``, eq.
+    16), so
+    the upsampling that runs in the pixel decoder's own ``forward`` lands there. With
+    ``LIGHT_MASK_HEAD
+    False`` the extra 1/4 U-Net level belongs to the mask head. The prediction-heads row is the
+    query
+    decoder minus its attention/FFN blocks, so the mask einsum of ``QueryDecoder.predict`` lands
+    there.
     """
     pd = model.pixel_decoder
     mask_head = ["pixel_decoder.mask_head"]
@@ -68,7 +80,8 @@ def _sum_groups(values: Dict[str, float], groups: List[Tuple[str, List[str]]]) -
 
 
 def count_parameters(cfg: CfgNode, model: Optional[nn.Module] = None) -> Dict[str, int]:
-    """All parameters (model built from ``cfg`` unless given): ``{"total": n, <breakdown row>: n, ...}``."""
+    """All parameters (model built from ``cfg`` unless given): ``{"total": n, <breakdown row>: n,
+    ...}``."""
     model = model or build_eval_model(cfg)
     per_module = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules()}
     return {"total": per_module[""], **_sum_groups(per_module, breakdown_groups(model))}
@@ -84,7 +97,8 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 class _Network(nn.Module):
-    """``IAUNet.forward_network`` on a raw image, returning every prediction computed at inference."""
+    """``IAUNet.forward_network`` on a raw image, returning every prediction computed at
+    inference."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -125,9 +139,12 @@ def _analysis(module: nn.Module, inputs) -> FlopCountAnalysis:
 def count_flops(cfg: CfgNode, size: int = 512, model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """fvcore FLOPs of one ``size x size`` image (see the module docstring for what is counted).
 
-    Returns ``{"total": f, <breakdown row>: f, ..., "postprocess": f, "kept": n, "operators": Counter,
-    "unsupported": Counter}``. ``total`` is the network and ``operators`` splits it by op; ``postprocess``
-    is ``instance_inference`` on its output (``kept`` detections survive the score threshold with these
+    Returns ``{"total": f, <breakdown row>: f, ..., "postprocess": f, "kept": n, "operators":
+    Counter,
+    "unsupported": Counter}``. ``total`` is the network and ``operators`` splits it by op;
+    ``postprocess``
+    is ``instance_inference`` on its output (``kept`` detections survive the score threshold with
+    these
     weights); ``unsupported`` counts the calls of ops without a FLOP handle.
     """
     model = (model or build_eval_model(cfg)).eval()
@@ -139,7 +156,9 @@ def count_flops(cfg: CfgNode, size: int = 512, model: Optional[nn.Module] = None
         network = _Network(model).eval()
         net = _analysis(network, (image,))
         prefix = "model.model."  # TracingAdapter.model -> _Network.model
-        per_module = {k[len(prefix) :]: v for k, v in net.by_module().items() if k.startswith(prefix)}
+        per_module = {
+            k[len(prefix) :]: v for k, v in net.by_module().items() if k.startswith(prefix)
+        }
         per_module[""] = total = net.total()
         operators = net.by_operator()
         logits, masks = network(image)[:2]

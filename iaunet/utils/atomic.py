@@ -1,4 +1,5 @@
-"""The one atomic file writer: checkpoints, ``last_checkpoint``, dataset caches and every prediction output.
+"""The one atomic file writer: checkpoints, ``last_checkpoint``, dataset caches and every prediction
+output.
 
 A file is written to a temporary file in the same folder, flushed and fsynced, then renamed over the
 target (``os.replace`` is atomic on POSIX), and the folder is fsynced so that the rename survives a
@@ -15,7 +16,8 @@ TMP_MARK = ".tmp-"
 
 
 def atomic_write(path: str, content: Union[bytes, str, Callable[[IO[bytes]], Any]]) -> None:
-    """Create or replace ``path`` with ``content``: bytes, text (UTF-8), or a function ``write(f)`` that
+    """Create or replace ``path`` with ``content``: bytes, text (UTF-8), or a function ``write(f)``
+    that
     writes to a binary file object. Raises ``OSError`` naming ``path`` when it cannot be written."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}")

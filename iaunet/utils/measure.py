@@ -1,9 +1,12 @@
-"""Measurement helpers of the benchmark scripts (``tools/benchmark.py``): peak memory per call, interleaved
+"""Measurement helpers of the benchmark scripts (``tools/benchmark.py``): peak memory per call,
+interleaved
 timing of several models, torch.profiler tables.
 
 Peak memory per call: CPU RSS high-water mark (``/proc/self/status`` VmHWM, reset through
-``/proc/self/clear_refs`` before each call, freed heap returned by ``malloc_trim`` first), reported as the
-process peak and as the increase over the RSS before the call; on CUDA ``torch.cuda.max_memory_allocated``.
+``/proc/self/clear_refs`` before each call, freed heap returned by ``malloc_trim`` first), reported
+as the
+process peak and as the increase over the RSS before the call; on CUDA
+``torch.cuda.max_memory_allocated``.
 """
 
 import contextlib
@@ -49,7 +52,8 @@ def _reset_peak_rss() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of the code in its ``with`` block: CPU RSS (MB) and, on CUDA, allocated tensor memory (MB)."""
+    """Peak memory of the code in its ``with`` block: CPU RSS (MB) and, on CUDA, allocated tensor
+    memory (MB)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -124,7 +128,8 @@ def interleaved(
     device: str,
     on_call=None,
 ) -> Dict[str, Dict]:
-    """Warm each model up, then time ``call`` run by run, alternating the models (and their order) within each run."""
+    """Warm each model up, then time ``call`` run by run, alternating the models (and their order)
+    within each run."""
     for bench in models:
         for _ in range(warmup):
             call(bench)
@@ -146,7 +151,8 @@ def interleaved(
 
 
 def module_ranges(model: torch.nn.Module) -> List:
-    """Label the forward of the model's direct children as profiler ranges ``module::<name>``; returns the hooks."""
+    """Label the forward of the model's direct children as profiler ranges ``module::<name>``;
+    returns the hooks."""
     handles = []
     for name, child in model.named_children():
         stack = []
@@ -164,8 +170,6 @@ def module_ranges(model: torch.nn.Module) -> List:
 
 
 @contextlib.contextmanager
-
-
 def profile_table(prof, top: int) -> Dict:
     events = prof.key_averages()
     ranges = [e for e in events if e.key.startswith(("module::", "train::", "iaunet::"))]

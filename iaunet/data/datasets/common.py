@@ -3,12 +3,17 @@
 Parsing is detectron2's :func:`load_coco_json`; this module adds the checks that make a broken or
 misplaced download fail with a message naming the file (or key) at fault:
 
-* the dataset folder is missing -> ``FileNotFoundError`` naming the expected path and ``DETECTRON2_DATASETS``;
+* the dataset folder is missing -> ``FileNotFoundError`` naming the expected path and
+  ``DETECTRON2_DATASETS``;
 * the annotation json is missing, not JSON, or lacks ``images`` / ``annotations`` / ``categories``;
-* an image listed in the json is missing -> ``FileNotFoundError`` naming the json and the image path;
-* duplicate image ids or annotation ids, an annotation whose ``category_id`` is not in ``categories``,
-  or category ids that are not ``1..K`` for the K registered classes -> ``ValueError`` naming the json;
-* a polygon with fewer than 3 points (< 6 coordinates, or an odd count) is **dropped with a warning**
+* an image listed in the json is missing -> ``FileNotFoundError`` naming the json and the image
+  path;
+* duplicate image ids or annotation ids, an annotation whose ``category_id`` is not in
+  ``categories``,
+  or category ids that are not ``1..K`` for the K registered classes -> ``ValueError`` naming the
+  json;
+* a polygon with fewer than 3 points (< 6 coordinates, or an odd count) is **dropped with a
+  warning**
   naming the json and the annotation ids (detectron2 drops them too, reporting only a count); an
   annotation left without any valid polygon, or without a ``segmentation``, is dropped the same way.
   Dropping rather than failing keeps official releases with a few degenerate outlines usable.
@@ -51,7 +56,8 @@ ImageResolver = Callable[[str, str], str]
 
 
 def datasets_root() -> str:
-    """The datasets root, read now (not at import): ``$DETECTRON2_DATASETS``, default ``./datasets``."""
+    """The datasets root, read now (not at import): ``$DETECTRON2_DATASETS``, default
+    ``./datasets``."""
     return os.path.expanduser(os.environ.get(ENV_ROOT, "datasets"))
 
 
@@ -61,11 +67,13 @@ def resolve_path(path: str) -> str:
 
 
 def check_dataset_dir(name: str, subdir: str, hint: str = "see datasets/README.md") -> str:
-    """Return ``<root>/<subdir>``; raise a ``FileNotFoundError`` that says how to fix a missing one."""
+    """Return ``<root>/<subdir>``; raise a ``FileNotFoundError`` that says how to fix a missing
+    one."""
     path = resolve_path(subdir)
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"Dataset '{name}': folder {os.path.abspath(path)} does not exist. Put the data there or set "
+            f"Dataset '{name}': folder {os.path.abspath(path)} does not exist. Put the data there "
+            "or set "
             f"{ENV_ROOT} to the folder that contains '{subdir}/' (now {ENV_ROOT}="
             f"{os.environ.get(ENV_ROOT, '<unset>, default ./datasets')}); {hint}."
         )
@@ -74,7 +82,8 @@ def check_dataset_dir(name: str, subdir: str, hint: str = "see datasets/README.m
 
 def read_coco_json(json_file: str) -> Tuple[CocoDict, bool]:
     """Read a COCO instances json. Annotations stored as a dict keyed by id (some LIVECell releases,
-    which pycocotools cannot read) become a list ordered by id; the bool says whether that happened."""
+    which pycocotools cannot read) become a list ordered by id; the bool says whether that
+    happened."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"annotation file not found: {json_file}")
     try:
@@ -95,7 +104,8 @@ def read_coco_json(json_file: str) -> Tuple[CocoDict, bool]:
 
 
 def keep_classes(names: Sequence[str]) -> Transform:
-    """A transform keeping only the categories ``names`` (case-insensitive), renumbered 1..len(names)."""
+    """A transform keeping only the categories ``names`` (case-insensitive), renumbered
+    1..len(names)."""
     wanted = [n.lower() for n in names]
 
     def transform(data: CocoDict, json_file: str) -> CocoDict:
@@ -140,7 +150,8 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     cat_ids = sorted(c["id"] for c in data["categories"])
     if cat_ids != list(range(1, num_classes + 1)):
         raise ValueError(
-            f"{json_file}: category ids {cat_ids} ({[c['name'] for c in data['categories']]}); expected "
+            f"{json_file}: category ids {cat_ids} ({[c['name'] for c in data['categories']]}); "
+            "expected "
             f"1..{num_classes} for the {num_classes} registered classes"
         )
     ann_ids, dropped, kept = set(), [], []
@@ -190,7 +201,8 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     orphans = [a["id"] for a in kept if a.get("image_id") not in images]
     if orphans:
         logger.warning(
-            f"{json_file}: {len(orphans)} annotation(s) refer to image ids not in 'images'; they are ignored "
+            f"{json_file}: {len(orphans)} annotation(s) refer to image ids not in 'images'; they "
+            "are ignored "
             f"(annotation ids {orphans[:10]}{' ...' if len(orphans) > 10 else ''})"
         )
     return changed
@@ -198,7 +210,12 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
 
 def _cache_file(json_file: str, dataset_name: str) -> str:
     st = os.stat(json_file)
-    key = f"{_CACHE_VERSION}|{os.path.abspath(json_file)}|{st.st_size}|{st.st_mtime_ns}|{dataset_name}"
+    key = "|".join(
+        map(
+            str,
+            (_CACHE_VERSION, os.path.abspath(json_file), st.st_size, st.st_mtime_ns, dataset_name),
+        )
+    )
     cache_dir = os.environ.get(
         ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache")
     )
@@ -227,13 +244,15 @@ def load_coco_instances(
         json_file, image_root: paths (already resolved against the datasets root).
         dataset_name: registered name; used in messages and for the cache file name.
         num_classes: expected number of categories (default: the metadata's ``thing_classes``).
-        transform: ``f(coco_dict, json_file) -> coco_dict`` applied after the category check and before
+        transform: ``f(coco_dict, json_file) -> coco_dict`` applied after the category check and
+        before
             the remaining checks (e.g. :func:`keep_classes`, or Revvity-25's amodal outlines).
         resolve_image: ``f(image_root, file_name) -> path`` for layouts with sub-folders.
 
     Returns:
         detectron2 dataset dicts; ``category_id`` is contiguous (json id - 1), ``file_name`` the
-        resolved image path. Sets metadata ``json_file`` (the file actually loaded) and ``image_root``
+        resolved image path. Sets metadata ``json_file`` (the file actually loaded) and
+        ``image_root``
         unless already set.
     """
     meta = MetadataCatalog.get(dataset_name)
@@ -245,7 +264,8 @@ def load_coco_instances(
         )
     if not data["annotations"]:
         logger.warning(
-            f"Dataset '{dataset_name}': {json_file} has no annotations at all; training on it finds no valid "
+            f"Dataset '{dataset_name}': {json_file} has no annotations at all; training on it "
+            "finds no valid "
             "data while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True, and its AP is NaN"
         )
     num_classes = num_classes or (len(registered) if registered else len(data["categories"]))
@@ -253,7 +273,8 @@ def load_coco_instances(
     for ann in data["annotations"]:
         if ann.get("category_id") not in cat_ids:
             raise ValueError(
-                f"{json_file}: annotation {ann.get('id')} has category_id={ann.get('category_id')}, "
+                f"{json_file}: annotation {ann.get('id')} has "
+                f"category_id={ann.get('category_id')}, "
                 f"which is not in 'categories' {sorted(cat_ids)}"
             )
     if transform is not None:
@@ -280,7 +301,8 @@ def load_coco_instances(
     if changed:
         load_file = _cache_file(json_file, dataset_name)
         if not os.path.isfile(load_file):
-            atomic_write(load_file, json.dumps(data))  # concurrent workers never read a partial file
+            # concurrent workers never read a partial file
+            atomic_write(load_file, json.dumps(data))
         logger.info(f"{dataset_name}: loading a normalized copy of {json_file}: {load_file}")
     dicts = load_coco_json(load_file, image_root, dataset_name=None)
     for record in dicts:
@@ -293,7 +315,8 @@ def load_coco_instances(
             meta.set(**{key: value})
         elif getattr(meta, key) != value:
             logger.warning(
-                f"{dataset_name}: metadata {key} stays {getattr(meta, key)} (first load), not {value}"
+                f"{dataset_name}: metadata {key} stays {getattr(meta, key)} (first load), not "
+                f"{value}"
             )
     return dicts
 
@@ -322,7 +345,8 @@ def register_coco_dataset(
     resolve_image: ImageResolver = default_image_resolver,
     hint: str = "see datasets/README.md",
 ) -> None:
-    """Register ``name`` lazily: nothing is read (not even the env var) until ``DatasetCatalog.get(name)``.
+    """Register ``name`` lazily: nothing is read (not even the env var) until
+    ``DatasetCatalog.get(name)``.
 
     Args:
         json_file, image_root: paths relative to the datasets root (or absolute).

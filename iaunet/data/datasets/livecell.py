@@ -30,7 +30,8 @@ CROPS_HINT = "run `python datasets/prepare_livecell_crops.py` to create it (see 
 
 
 def resolve_livecell_image(image_root: str, file_name: str) -> str:
-    """``<root>/<file>``, or ``<root>/<CellType>/<file>`` (cell type = file-name prefix) when nested."""
+    """``<root>/<file>``, or ``<root>/<CellType>/<file>`` (cell type = file-name prefix) when
+    nested."""
     flat = os.path.join(image_root, file_name)
     nested = os.path.join(image_root, file_name.split("_")[0], file_name)
     return nested if not os.path.isfile(flat) and os.path.isfile(nested) else flat

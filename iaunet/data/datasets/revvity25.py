@@ -13,7 +13,8 @@ here, so the amodal sets accept either layout:
 
 1. a separate COCO file per split, ``annotations/amodal/{train,valid}.json`` or
    ``annotations/{train,valid}_amodal.json`` (same images and ids), or
-2. a per-annotation field ``amodal_segmentation`` (polygons or RLE) in ``annotations/{train,valid}.json``;
+2. a per-annotation field ``amodal_segmentation`` (polygons or RLE) in
+   ``annotations/{train,valid}.json``;
    an annotation without it is a cell with no hidden part, whose amodal outline is its modal one.
 """
 
@@ -30,7 +31,8 @@ METADATA = {"thing_classes": ["cell"]}
 
 
 def amodal_from_field(data: Dict, json_file: str) -> Dict:
-    """Use each annotation's ``amodal_segmentation`` as its outline (box and area are recomputed)."""
+    """Use each annotation's ``amodal_segmentation`` as its outline (box and area are
+    recomputed)."""
     anns = data["annotations"]
     if anns and not any(AMODAL_FIELD in a for a in anns):
         raise ValueError(
@@ -59,7 +61,8 @@ def load_amodal(name: str, stem: str) -> List[Dict]:
 
 
 def register_all_revvity25(root: str = DATASET_DIR) -> None:
-    """Register the modal and amodal Revvity-25 splits (``root`` is relative to ``$DETECTRON2_DATASETS``)."""
+    """Register the modal and amodal Revvity-25 splits (``root`` is relative to
+    ``$DETECTRON2_DATASETS``)."""
     for split, stem in SPLITS.items():
         register_coco_dataset(
             f"revvity25_{split}",

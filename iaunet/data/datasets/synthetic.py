@@ -1,7 +1,8 @@
 """Deterministic synthetic microscopy scenes: the project's default, download-free dataset.
 
 Each scene is a dark, unevenly lit field with textured cells (irregular blobs with a nucleus), some
-touching and some overlapping (overlaps add up, as in brightfield/cytology images), blurred and noisy.
+touching and some overlapping (overlaps add up, as in brightfield/cytology images), blurred and
+noisy.
 Annotations are full (overlapping) cell polygons in COCO JSON. Written once under
 ``$DETECTRON2_DATASETS/synthetic_cells[16]/<split>/`` (default root ``./datasets``).
 """
@@ -36,7 +37,8 @@ IMAGE_SIZE = (128, 128)
 def _blob_polygon(
     rng: np.random.Generator, cx: float, cy: float, radius: float, n: int = 32
 ) -> np.ndarray:
-    """Closed irregular blob around (cx, cy): an ellipse whose radius is modulated by low harmonics."""
+    """Closed irregular blob around (cx, cy): an ellipse whose radius is modulated by low
+    harmonics."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     aspect = rng.uniform(0.6, 1.0)
     angle = rng.uniform(0, np.pi)
@@ -57,7 +59,8 @@ def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float
 def render_scene(
     seed: int, size: Tuple[int, int] = IMAGE_SIZE
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons (P, 2) in x, y."""
+    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
+    (P, 2) in x, y."""
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -2,7 +2,8 @@
 
 The layers are timm's ``SwinTransformer`` modules, so parameter names are timm's
 (``patch_embed.*``, ``layers.{i}.downsample.*``, ``layers.{i}.blocks.{j}.*``) plus one LayerNorm per
-output (``norm{i}``, as in Mask2Former's ``D2SwinTransformer``); ``tools/convert_pretrained.py`` maps
+output (``norm{i}``, as in Mask2Former's ``D2SwinTransformer``); ``tools/convert_pretrained.py``
+maps
 official and timm ImageNet checkpoints onto them.
 """
 
@@ -31,10 +32,14 @@ _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 class PadFirstSwinBlock(SwinTransformerBlock):
     """timm's Swin block with the padding order of the official (detection) Swin.
 
-    The official implementation pads a feature map to a multiple of the window *before* the cyclic shift
-    and builds the shift mask on the padded map. timm rolls first and pads after, so whenever padding is
-    needed the rows/columns wrapped around by the shift share a mask region (and attend) with the opposite
-    border. Detection inputs (e.g. 512 / 4 = 128, not a multiple of 7) nearly always need padding, so the
+    The official implementation pads a feature map to a multiple of the window *before* the cyclic
+    shift
+    and builds the shift mask on the padded map. timm rolls first and pads after, so whenever
+    padding is
+    needed the rows/columns wrapped around by the shift share a mask region (and attend) with the
+    opposite
+    border. Detection inputs (e.g. 512 / 4 = 128, not a multiple of 7) nearly always need padding,
+    so the
     blocks of our backbone use this order; without padding both orders give the same result.
     """
 
@@ -64,9 +69,12 @@ class PadFirstSwinBlock(SwinTransformerBlock):
 class D2SwinTransformer(Backbone):
     """Swin-T/S/B backbone configured by ``cfg.MODEL.SWIN``.
 
-    Accepts any input size: the patch embedding pads to the patch size, patch merging pads odd sizes and
-    every block pads its feature map to a multiple of the window (the window size is fixed, as in the
-    official detection Swin, not shrunk to small feature maps). Inputs padded to ``size_divisibility``
+    Accepts any input size: the patch embedding pads to the patch size, patch merging pads odd sizes
+    and
+    every block pads its feature map to a multiple of the window (the window size is fixed, as in
+    the
+    official detection Swin, not shrunk to small feature maps). Inputs padded to
+    ``size_divisibility``
     (32) give outputs of exactly ``H / stride x W / stride``.
     """
 
@@ -86,7 +94,8 @@ class D2SwinTransformer(Backbone):
             depths=tuple(s.DEPTHS),
             num_heads=tuple(s.NUM_HEADS),
             window_size=s.WINDOW_SIZE,
-            always_partition=True,  # keep the full window (and its shift) on feature maps smaller than it
+            # keep the full window (and its shift) on feature maps smaller than it
+            always_partition=True,
             strict_img_size=False,  # any input size; shift masks are built per forward
             embed_layer=partial(PatchEmbed, dynamic_img_pad=True),
             mlp_ratio=s.MLP_RATIO,
@@ -99,7 +108,8 @@ class D2SwinTransformer(Backbone):
             for block in stage.blocks:
                 block.__class__ = PadFirstSwinBlock
             stage.grad_checkpointing = s.USE_CHECKPOINT
-        # Keep only the feature layers; the classifier's final norm and head are not part of the backbone.
+        # Keep only the feature layers; the classifier's final norm and head are not part of the
+        # backbone.
         self.patch_embed = swin.patch_embed
         if not s.PATCH_NORM:
             self.patch_embed.norm = nn.Identity()
@@ -117,7 +127,8 @@ class D2SwinTransformer(Backbone):
             self._out_feature_strides[name] = s.PATCH_SIZE * 2**i
             self._out_feature_channels[name] = s.EMBED_DIM * 2**i
             if name in self._out_features:
-                # Stage outputs are un-normalized residual streams: normalize each one, as Mask2Former does.
+                # Stage outputs are un-normalized residual streams: normalize each one, as
+                # Mask2Former does.
                 self.add_module(f"norm{i}", nn.LayerNorm(s.EMBED_DIM * 2**i))
         logger.info(
             "Swin backbone: embed %d, depths %s, heads %s, window %d, drop path %.2f",
@@ -129,7 +140,8 @@ class D2SwinTransformer(Backbone):
         )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """x: (B, C, H, W) -> {"res{i+2}": (B, EMBED_DIM * 2**i, ceil(H / stride), ceil(W / stride))}."""
+        """x: (B, C, H, W) -> {"res{i+2}": (B, EMBED_DIM * 2**i, ceil(H / stride), ceil(W /
+        stride))}."""
         if x.dim() != 4:
             raise ValueError(
                 f"D2SwinTransformer takes (B, C, H, W) inputs, got shape {tuple(x.shape)}"
@@ -154,5 +166,6 @@ class D2SwinTransformer(Backbone):
 
     @property
     def size_divisibility(self) -> int:
-        """Input sizes must be multiples of the largest stride (32) for exact ``H / stride`` outputs."""
+        """Input sizes must be multiples of the largest stride (32) for exact ``H / stride``
+        outputs."""
         return self._out_feature_strides[_STAGE_NAMES[len(self.layers) - 1]]

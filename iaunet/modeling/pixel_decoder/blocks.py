@@ -1,4 +1,5 @@
-"""Building blocks of the U-Net pixel decoder (thesis §3.4): CoordConv, SE, depthwise-separable double conv."""
+"""Building blocks of the U-Net pixel decoder (thesis §3.4): CoordConv, SE, depthwise-separable
+double conv."""
 
 from typing import List
 
@@ -23,7 +24,8 @@ def add_coords(x: torch.Tensor) -> torch.Tensor:
 
 
 class SqueezeExcite(nn.Module):
-    """Channel attention: global pool -> Linear(C, C/2) -> ReLU -> Linear(C/2, C) -> sigmoid -> scale."""
+    """Channel attention: global pool -> Linear(C, C/2) -> ReLU -> Linear(C/2, C) -> sigmoid ->
+    scale."""
 
     def __init__(self, channels: int, reduction: int = 2):
         super().__init__()
@@ -39,7 +41,8 @@ class SqueezeExcite(nn.Module):
 
 
 class SeparableDoubleConv(nn.Module):
-    """G_x: (depthwise 3x3 -> pointwise 1x1 -> norm -> ReLU) twice, plus a residual (1x1 when C changes)."""
+    """G_x: (depthwise 3x3 -> pointwise 1x1 -> norm -> ReLU) twice, plus a residual (1x1 when C
+    changes)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "BN"):
         super().__init__()
@@ -65,7 +68,8 @@ class SeparableDoubleConv(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """One U-Net level's block: ``se(conv(x))`` with conv = G_x (eq. 4) and se = SE (eq. 5, or identity)."""
+    """One U-Net level's block: ``se(conv(x))`` with conv = G_x (eq. 4) and se = SE (eq. 5, or
+    identity)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "BN", se: bool = True):
         super().__init__()

@@ -13,7 +13,8 @@ from .blocks import conv_stack
 class MaskHead(nn.Module):
     """``E = M(F(res2) + up(X_m^{1/8}))`` with F = Conv1x1 + norm and M = Conv3x3 + norm + ReLU.
 
-    With ``res2_channels=None`` (the heavy-head ablation, ``MODEL.IAUNET.LIGHT_MASK_HEAD False``) there is
+    With ``res2_channels=None`` (the heavy-head ablation, ``MODEL.IAUNET.LIGHT_MASK_HEAD False``)
+    there is
     no F: the input is already at 1/4 (a full U-Net level on res2) and ``E = M(x)``.
     """
 
@@ -33,7 +34,8 @@ class MaskHead(nn.Module):
         self.output = conv_stack(in_channels, mask_dim, 1, norm)
 
     def forward(self, x: torch.Tensor, res2: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: X_m at 1/8 (B, C, H/8, W/8), res2: (B, C2, H/4, W/4) -> mask_features E (B, D_mask, H/4, W/4).
+        """x: X_m at 1/8 (B, C, H/8, W/8), res2: (B, C2, H/4, W/4) -> mask_features E (B, D_mask,
+        H/4, W/4).
         Heavy head: x is already (B, C, H/4, W/4) and res2 is not used."""
         if self.lateral is not None:
             size = res2.shape[-2:]

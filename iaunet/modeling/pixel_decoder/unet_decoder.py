@@ -17,9 +17,12 @@ SKIP_FUSIONS = ("concat", "add", "full")
 class UNetPixelDecoder(nn.Module):
     """Coarse-to-fine decoder over res5 (1/32), res4 (1/16), res3 (1/8), plus the mask head at 1/4.
 
-    Per level ``l`` (coarse to fine): ``skip = skip_proj(res_l)``; ``x = G_x([coord, skip])`` at the first
-    level and ``x = G_x([up2([coord, x]), skip])`` after (SE on ``G_x``'s output, eq. 4-5); the mask branch
-    ``X_m = G_m(x)`` then ``X_m = G_m(up2(X_m) + x)`` (eq. 6). ``multi_scale_features`` are the X_m of
+    Per level ``l`` (coarse to fine): ``skip = skip_proj(res_l)``; ``x = G_x([coord, skip])`` at the
+    first
+    level and ``x = G_x([up2([coord, x]), skip])`` after (SE on ``G_x``'s output, eq. 4-5); the mask
+    branch
+    ``X_m = G_m(x)`` then ``X_m = G_m(up2(X_m) + x)`` (eq. 6). ``multi_scale_features`` are the X_m
+    of
     every level, which the query decoder attends to; the mask head gives
     ``mask_features`` E = M(F(res2) + up(X_m at 1/8)) (eq. 16).
     """
@@ -54,7 +57,11 @@ class UNetPixelDecoder(nn.Module):
         self.res2_name = names[0]
         # The heavy mask head runs res2 through one more U-Net level instead of F (1x1 + norm).
         self.in_features = names[::-1] if not light_mask_head else names[:0:-1]  # coarse -> fine
-        self.skip_fusion, self.coord_conv, self.use_mask_branch = skip_fusion, coord_conv, mask_branch
+        self.skip_fusion, self.coord_conv, self.use_mask_branch = (
+            skip_fusion,
+            coord_conv,
+            mask_branch,
+        )
         self.light_mask_head = light_mask_head
         self.align_corners = align_corners
         ncoord = 2 if coord_conv else 0
@@ -85,7 +92,8 @@ class UNetPixelDecoder(nn.Module):
                         nn.init.constant_(m.bias, 0)
 
         self.out_channels = mask_dim if mask_branch else hidden_dim  # of multi_scale_features
-        # Levels the query decoder attends to: 1/32, 1/16, 1/8 (the heavy head's 1/4 level feeds E only).
+        # Levels the query decoder attends to: 1/32, 1/16, 1/8 (the heavy head's 1/4 level feeds E
+        # only).
         self.num_levels = 3
         self.mask_head = MaskHead(
             self.out_channels,

@@ -58,7 +58,8 @@ class AttentionLayer(nn.Module):
         query_pos: Optional[torch.Tensor] = None,
         pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """tgt: (B, Q, D); memory: (B, L, D); query_pos: (B|1, Q, D); pos: (B|1, L, D) -> (B, Q, D)."""
+        """tgt: (B, Q, D); memory: (B, L, D); query_pos: (B|1, Q, D); pos: (B|1, L, D) -> (B, Q,
+        D)."""
         q = self.norm(tgt) if self.pre_norm else tgt
         if memory is tgt:  # self-attention: keys/values are the (normalized) queries themselves
             memory = q

@@ -13,10 +13,13 @@ DECODER_ORDERS = ("seq", "round_robin")
 
 
 class QueryDecoder(nn.Module):
-    """N learnable queries refined by cross-attention to the pixel decoder's multi-scale features X_m.
+    """N learnable queries refined by cross-attention to the pixel decoder's multi-scale features
+    X_m.
 
-    Each block is cross-attention -> self-attention -> FFN. With ``order="seq"`` all blocks of 1/32 run
-    first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A shared head
+    Each block is cross-attention -> self-attention -> FFN. With ``order="seq"`` all blocks of 1/32
+    run
+    first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A shared
+    head
     (LayerNorm -> class Linear / mask-embedding Linear) predicts after every block; the last block's
     prediction is the output, the others are auxiliary outputs for deep supervision.
     """
@@ -101,7 +104,8 @@ class QueryDecoder(nn.Module):
     def predict(
         self, queries: torch.Tensor, mask_features: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Q, D), E (B, C, H/4, W/4) -> logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)."""
+        """queries (B, Q, D), E (B, C, H/4, W/4) -> logits (B, Q, K+1), mask logits (B, Q, H/4,
+        W/4)."""
         q = self.decoder_norm(queries)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
         return self.class_embed(q), masks
@@ -114,7 +118,8 @@ class QueryDecoder(nn.Module):
     ) -> Dict:
         """
         Args:
-            multi_scale_features: X_m per level, coarse to fine, each (B, C, H_l, W_l); never updated.
+            multi_scale_features: X_m per level, coarse to fine, each (B, C, H_l, W_l); never
+            updated.
             mask_features: E, (B, MASK_DIM, H/4, W/4).
             deep_supervision: return every block's prediction as ``aux_outputs`` (training).
         Returns:
