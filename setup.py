@@ -3,9 +3,15 @@
 
 from setuptools import find_packages, setup
 
+EXTRAS = {
+    "isbi": ["h5py"],  # MATLAB v7.3 files in datasets/prepare_isbi2014.py
+}
+# Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
+EXTRAS["test"] = ["pytest>=7", "ruff>=0.5"] + sorted({d for deps in EXTRAS.values() for d in deps})
+
 setup(
     name="iaunet",
-    version="0.1.0",
+    version="0.2.0",
     description="IAUNet (Instance-Aware U-Net): query-based instance segmentation for microscopy, "
     "on detectron2",
     long_description=open("README.md").read(),
@@ -23,13 +29,11 @@ setup(
         "opencv-python-headless>=4.5",
         "tifffile>=2021.1",
         "timm>=1.0.8",  # Swin with always_partition / strict_img_size
+        "safetensors",  # timm checkpoints in tools/convert_pretrained.py
         "matplotlib",
         "tensorboard",
         "tqdm",
     ],
-    extras_require={
-        "test": ["pytest>=7"],
-        "isbi": ["h5py"],
-    },  # h5py: MATLAB v7.3 files in prepare_isbi2014.py
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["iaunet-predict=iaunet.predict:main"]},
 )

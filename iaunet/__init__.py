@@ -23,4 +23,4 @@ from .config import add_iaunet_config
 from .iaunet_model import IAUNet
 
 __all__ = ["add_iaunet_config", "IAUNet"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

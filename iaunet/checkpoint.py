@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any, Dict
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -55,28 +56,33 @@ class CheckpointError(RuntimeError):
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with atomic ``save`` / ``tag_last_checkpoint`` and clear load
-    errors.
+    """``DetectionCheckpointer`` with atomic ``save`` / ``tag_last_checkpoint``, clear load errors,
+    legacy-key mapping, and the training config saved in every checkpoint.
 
-    Same constructor and file format as ``DetectionCheckpointer``: a drop-in replacement, e.g.
-    ``AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(trainer))``.
+    Same constructor and file format as ``DetectionCheckpointer`` (a drop-in replacement), plus
+    ``config``: a CfgNode whose YAML dump is stored under ``"config"``, so that a checkpoint carries
+    the architecture and the data-dependent keys (``INPUT.PIXEL_SCALE``, ...) that inference needs.
     """
 
+    def __init__(self, model, save_dir: str = "", *, config=None, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.config = config
+
     def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, ``kwargs``) atomically, then tag
-        it."""
+        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, config, ``kwargs``) atomically,
+        then tag it as the last checkpoint."""
         if not self.save_dir or not self.save_to_disk:
             return
         data: Dict[str, Any] = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.config is not None:
+            data["config"] = self.config.dump()
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         logger.info(f"Saving checkpoint to {save_file}")
-        os.makedirs(
-            self.save_dir, exist_ok=True
-        )  # e.g. OUTPUT_DIR deleted during training: save anyway
+        os.makedirs(self.save_dir, exist_ok=True)  # e.g. OUTPUT_DIR deleted during training
         atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
@@ -100,22 +106,26 @@ class AtomicCheckpointer(DetectionCheckpointer):
             loaded = super()._load_file(filename)
         except (
             Exception
-        ) as e:  # torch.load / pickle raise many types (UnpicklingError, KeyError, EOFError, ...)
+        ) as e:  # torch.load / pickle raise many types (UnpicklingError, EOFError, ...)
             raise CheckpointError(
                 f"cannot load checkpoint {filename}: {type(e).__name__}: {e}. Expected a .pth file "
-                "saved by "
-                "detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or the file "
-                "named in "
-                "last_checkpoint when resuming)"
+                "saved by detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or "
+                "the file named in last_checkpoint when resuming)"
             ) from e
         model = loaded.get("model") if isinstance(loaded, Mapping) else loaded
         if not isinstance(model, Mapping):
             raise CheckpointError(
                 f"cannot load checkpoint {filename}: it holds a {type(model).__name__}, not a "
-                "state dict "
-                "(a mapping of parameter names to tensors)"
+                "state "
+                "dict (a mapping of parameter names to tensors)"
             )
         return loaded
+
+    def load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Load an already read checkpoint dict (:func:`read_checkpoint`) into the model."""
+        incompatible = self._load_model(checkpoint)
+        if incompatible is not None:
+            self._log_incompatible_keys(incompatible)
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         if isinstance(checkpoint.get("model"), dict) and not checkpoint.get("matching_heuristics"):
@@ -123,3 +133,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if renamed:
                 logger.info(f"Renamed {renamed} state-dict keys of an older IAUNet checkpoint")
         return super()._load_model(checkpoint)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint dict in ``path`` (a CheckpointError naming the file when it is not one), read
+    as ``DetectionCheckpointer.load`` reads it (URLs, ``?matching_heuristics=True``, .pkl files)."""
+    checkpointer = AtomicCheckpointer(torch.nn.Module())
+    parsed = urlparse(path)
+    local = checkpointer.path_manager.get_local_path(parsed._replace(query="").geturl())
+    if not os.path.isfile(local):
+        raise CheckpointError(f"checkpoint {path} not found")
+    checkpointer._parsed_url_during_load = parsed  # what DetectionCheckpointer.load sets
+    try:
+        return checkpointer._load_file(local)
+    finally:
+        checkpointer._parsed_url_during_load = None

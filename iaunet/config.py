@@ -144,9 +144,17 @@ def add_iaunet_config(cfg: CN) -> None:
     # Input pipeline, thesis §4.2 (augmentation) and image reading (8/16-bit, gray/RGB).
     # detectron2's INPUT.FORMAT is honoured: images are read as RGB and reversed for "BGR".
     cfg.INPUT.FORMAT = "RGB"
+    # base resize: "longest_side" -> INPUT.IMAGE_SIZE (thesis) | "scale": by INPUT.PIXEL_SCALE
+    cfg.INPUT.RESIZE_MODE = "longest_side"
     cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
+    # image px -> model px; 0 = from the training set at the start of training
+    # (iaunet.data.statistics)
+    cfg.INPUT.PIXEL_SCALE = 0.0
+    # median object diameter in model px; 0 = from the training set ("scale" mode: the target)
+    cfg.INPUT.OBJECT_DIAMETER = 0.0
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
+    cfg.INPUT.ROTATE90 = 0.0  # probability of a random 90/180/270-degree rotation at training time
     # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range of the dtype)
     cfg.INPUT.INTENSITY_NORM = "percentile"
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule
@@ -163,11 +171,8 @@ def add_iaunet_config(cfg: CN) -> None:
     # layout.
     cfg.MODEL.CHANNELS_LAST = False
 
-    # Prediction (iaunet.predict): tiled inference of large images, see docs/predict.md.
-    # tile side in input pixels; 0 = INPUT.IMAGE_SIZE / TILE_SCALE (the model sees IMAGE_SIZE tiles)
-    cfg.TEST.TILE_SIZE = 0
-    # pixels shared by neighbouring tiles; should exceed the largest object
-    cfg.TEST.TILE_OVERLAP = 64
-    cfg.TEST.TILE_SCALE = 1.0  # resize factor of each tile before the model (1.0 = native pixels)
-    # IAUNetPredictor tiles images whose longest side exceeds this; 0 = never
-    cfg.TEST.AUTO_TILE_ABOVE = 2048
+    # Prediction (IAUNetPredictor, iaunet-predict): images are resized by INPUT.PIXEL_SCALE and
+    # tiled
+    # when larger than a tile (docs/predict.md).
+    cfg.TEST.TILE_SIZE = 0  # tile side in model pixels; 0 = INPUT.IMAGE_SIZE
+    cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = 2 x OBJECT_DIAMETER

@@ -28,13 +28,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from detectron2.config import CfgNode
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import ConfigError, load_config, one_line
+from .checkpoint import CheckpointError, read_checkpoint
+from .config import ConfigError, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
 from .inference import IAUNetPredictor
+from .inference.predictor import config_from_checkpoint
 from .outputs import label_image, png_bytes, render_overlay, tiff_bytes
 from .utils.atomic import atomic_write
 
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="IAUNet instance segmentation of image files (see docs/predict.md).",
     )
     p.add_argument(
-        "--config-file", required=True, metavar="CFG", help="config yaml the model was trained with"
+        "--config-file",
+        default="",
+        metavar="CFG",
+        help="config the model was trained with (default: the config saved in the checkpoint)",
     )
     p.add_argument(
         "--weights", required=True, metavar="W", help="checkpoint, e.g. output/model_final.pth"
@@ -70,20 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-threshold", type=float, default=0.5, help="keep instances scoring at least this"
     )
     p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="resize factor image px -> model px (default: the scale the model was trained at, "
+        "INPUT.PIXEL_SCALE recorded in the checkpoint)",
+    )
+    p.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="typical object diameter in your images, in pixels: sets the scale so that objects "
+        "have the size the model was trained on (instead of --scale)",
+    )
+    p.add_argument(
         "--tile",
         type=int,
         default=0,
         metavar="SIZE",
-        help="force tiled prediction with SIZE px tiles (default: TEST.TILE_SIZE, tiled "
-        "automatically "
-        "above TEST.AUTO_TILE_ABOVE)",
+        help="force tiled prediction with tiles of SIZE model px (default: TEST.TILE_SIZE or "
+        "INPUT.IMAGE_SIZE; images larger than a tile at the model's scale are always tiled)",
     )
     p.add_argument(
         "--tile-overlap",
         type=int,
         default=None,
         metavar="PX",
-        help="tile overlap (TEST.TILE_OVERLAP)",
+        help="model px shared by neighbouring tiles (TEST.TILE_OVERLAP; default 2 object "
+        "diameters)",
     )
     p.add_argument(
         "--device",
@@ -96,20 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=argparse.REMAINDER,
         default=[],
         metavar="KEY VALUE",
-        help="config overrides, e.g. --opts TEST.TILE_SCALE 0.5 (must come last)",
+        help="config overrides, e.g. --opts TEST.DETECTIONS_PER_IMAGE 300 (must come last)",
     )
     return p
 
 
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    """Defaults + IAUNet keys + the config file + ``--opts`` + the CLI flags; UsageError when
-    invalid."""
-    try:
-        cfg = load_config(args.config_file, args.opts)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
+def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
+    """The predictor of the command line: the checkpoint's config (or ``--config-file``),
+    ``--opts``,
+    then the flags. A bad command line, config or checkpoint is a UsageError naming it."""
     if "://" not in args.weights and not os.path.isfile(args.weights):
         raise UsageError(f"weights file not found: {args.weights}")
+    if args.scale is not None and args.diameter is not None:
+        raise UsageError("give --scale or --diameter, not both")
+    if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
+        raise UsageError("--tile and --tile-overlap must be >= 0")
+    try:
+        checkpoint = read_checkpoint(args.weights)
+        cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, args.weights)
+    except (ConfigError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
     cfg.MODEL.WEIGHTS = args.weights
     if args.device:
         cfg.MODEL.DEVICE = args.device
@@ -117,8 +142,6 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         raise UsageError(
             "--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu"
         )
-    if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
-        raise UsageError("--tile and --tile-overlap must be >= 0")
     if args.tile_overlap is not None:
         cfg.TEST.TILE_OVERLAP = args.tile_overlap
     if args.tile:
@@ -129,11 +152,13 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
                 f"({args.tile})"
             )
     # The model's own threshold must not hide instances the user asked for.
-    cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(
-        cfg.MODEL.IAUNET.TEST.SCORE_THRESH, args.score_threshold
-    )
+    thresh = cfg.MODEL.IAUNET.TEST.SCORE_THRESH
+    cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(thresh, args.score_threshold)
     cfg.freeze()
-    return cfg
+    try:
+        return IAUNetPredictor(cfg, scale=args.scale, diameter=args.diameter, checkpoint=checkpoint)
+    except Exception as e:  # a config value the model/predictor rejects
+        raise UsageError(f"cannot set up the predictor ({args.weights}): {one_line(e)}") from None
 
 
 def expand_inputs(paths: Sequence[str]) -> List[str]:
@@ -282,18 +307,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
-    cfg = setup_cfg(args)
     files = expand_inputs(args.input)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} exists and is not a folder")
+    predictor = build_predictor(args)
     os.makedirs(args.output, exist_ok=True)
-
-    try:
-        predictor = IAUNetPredictor(cfg)
-    except Exception as e:  # a corrupt checkpoint or a config value the model/predictor rejects
-        raise UsageError(
-            f"cannot set up the predictor ({args.config_file}, {args.weights}): {one_line(e)}"
-        ) from None
+    cfg = predictor.cfg
     cat_ids = category_ids(predictor.metadata, cfg.MODEL.IAUNET.NUM_CLASSES)
     class_names = list(getattr(predictor.metadata, "thing_classes", None) or [])
 

@@ -14,6 +14,8 @@ from conftest import ROOT, tiny_cfg
 from detectron2.structures import Instances
 from pycocotools.coco import COCO
 
+from iaunet.checkpoint import AtomicCheckpointer
+from iaunet.config import ConfigError
 from iaunet.inference import IAUNetPredictor, MaskCrops
 from iaunet.inference.tiling import tile_starts
 from iaunet.outputs import label_image
@@ -22,29 +24,25 @@ from iaunet.predict import main
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A randomly initialised tiny model: config yaml + weights. Its scores are ~1/(K+1), so no
-    threshold."""
+    """A randomly initialised tiny model saved as training saves it (weights + config, with the
+    training scale recorded: INPUT.PIXEL_SCALE 1). Its scores are ~1/(K+1), so no threshold.
+    Returns (config yaml, checkpoint)."""
     from detectron2.modeling import build_model
 
     d = tmp_path_factory.mktemp("ckpt")
-    cfg = tiny_cfg(**{"MODEL.IAUNET.TEST.SCORE_THRESH": 0.0})
+    cfg = tiny_cfg(**{"MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "INPUT.PIXEL_SCALE": 1.0})
     torch.manual_seed(0)
-    torch.save({"model": build_model(cfg).state_dict()}, d / "model.pth")
+    AtomicCheckpointer(build_model(cfg), str(d), config=cfg).save("model")
     (d / "config.yaml").write_text(cfg.dump())
     return str(d / "config.yaml"), str(d / "model.pth")
 
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    """The checkpoint's model; test images resized to 32 px (not 64) to keep the CPU tests fast."""
-    return IAUNetPredictor(
-        tiny_cfg(
-            **{
-                "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0,
-                "MODEL.WEIGHTS": checkpoint[1],
-                "INPUT.IMAGE_SIZE": 32,
-            }
-        )
+    """The checkpoint's model at scale 0.5 with 32 px tiles, to keep the CPU tests fast: images
+    up to 64 px are predicted whole, larger ones tiled."""
+    return IAUNetPredictor.from_checkpoint(
+        checkpoint[1], opts=["INPUT.IMAGE_SIZE", 32, "INPUT.PIXEL_SCALE", 0.5]
     )
 
 
@@ -73,9 +71,7 @@ def test_cli_end_to_end(checkpoint, tmp_path):
         [
             sys.executable,
             "-m",
-            "iaunet.predict",
-            "--config-file",
-            checkpoint[0],
+            "iaunet.predict",  # no --config-file: the config saved in the checkpoint
             "--weights",
             checkpoint[1],
             "--input",
@@ -204,20 +200,53 @@ def test_predictor_shapes(predictor, image):
     assert torch.all(inst.scores[:-1] >= inst.scores[1:])
 
 
-def test_predictor_tiled_shapes(predictor, monkeypatch):
+def test_predictor_tiles_large_images_at_the_training_scale(predictor, monkeypatch):
+    """At scale 0.5 a 90x70 image is 45x35 model px: larger than a 32 px tile, so it is tiled with
+    64 px tiles of the image (32 model px); a 60x40 image (30x20 model px) is predicted whole."""
     image = np.random.default_rng(0).integers(0, 60000, (90, 70), dtype=np.uint16)
-    monkeypatch.setattr(predictor, "tile_scale", 0.5)  # 64 px tiles -> the model sees 32 px
-    inst = predictor.predict_tiled(image, tile=64, overlap=16, full_masks=False)
+    inst = predictor.predict(image, full_masks=False)
     assert inst.image_size == (90, 70) and isinstance(inst.pred_masks, MaskCrops)
     assert inst.pred_masks.to_bitmasks().shape == (len(inst), 90, 70)
-    monkeypatch.setattr(predictor, "auto_tile_above", 80)  # longest side 90 > 80: __call__ tiles
-    monkeypatch.setattr(predictor, "tile_overlap", 16)
     calls = []
-    monkeypatch.setattr(
-        predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile)
-    )
+    real = predictor._run_model
+
+    def spy(img, out_size, scale=None):
+        calls.append((img.shape[:2], scale))
+        return real(img, out_size, scale)
+
+    monkeypatch.setattr(predictor, "_run_model", spy)
     assert predictor(image).pred_masks.shape[1:] == (90, 70)
-    assert calls and all(max(s[:2]) <= predictor.tile_size for s in calls)
+    assert len(calls) == 4 and all(max(shape) <= 64 and s == 0.5 for shape, s in calls), calls
+    calls.clear()
+    assert predictor(image[:60, :40]).image_size == (60, 40)
+    assert calls == [((60, 40), None)]  # whole image, at the predictor's scale
+
+
+def test_scale_from_checkpoint_flags_and_legacy(checkpoint, tmp_path, caplog):
+    """The recorded INPUT.PIXEL_SCALE is applied; --scale / --diameter override it; a checkpoint
+    without a recorded scale warns and names the flags; one without a config needs --config-file."""
+    p = IAUNetPredictor.from_checkpoint(checkpoint[1])
+    assert p.scale == 1.0 and p.model_size((300, 200)) == (300, 200)
+    assert IAUNetPredictor.from_checkpoint(checkpoint[1], scale=0.25).model_size((400, 80)) == (
+        100,
+        20,
+    )
+    with pytest.raises(ValueError, match="records no object diameter"):
+        IAUNetPredictor.from_checkpoint(checkpoint[1], diameter=20)
+    p = IAUNetPredictor.from_checkpoint(
+        checkpoint[1], opts=["INPUT.OBJECT_DIAMETER", 12.0], diameter=24
+    )
+    assert p.scale == 0.5
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save({"model": torch.load(checkpoint[1], weights_only=False)["model"]}, legacy)
+    with pytest.raises(ConfigError, match="legacy.pth holds no config.*--config-file"):
+        IAUNetPredictor.from_checkpoint(legacy)
+    old_cfg = tmp_path / "old.yaml"
+    old_cfg.write_text(tiny_cfg().dump())  # INPUT.PIXEL_SCALE 0: nothing recorded
+    with caplog.at_level("WARNING", logger="iaunet"):
+        p = IAUNetPredictor.from_checkpoint(legacy, str(old_cfg))
+    assert "records no training scale" in caplog.text and "--scale" in caplog.text
+    assert p.scale is None and p.model_size((300, 200)) == (64, 43)  # longest side IMAGE_SIZE
 
 
 def test_tile_starts():
@@ -281,9 +310,13 @@ def test_tiled_stitching_keeps_each_object_once_and_whole(predictor, monkeypatch
     image, gt = _disc_image()
     calls = []
     monkeypatch.setattr(
-        predictor, "_predict_tile", lambda tile: calls.append(tile.shape) or _components(tile)
+        predictor,
+        "_run_model",
+        lambda tile, out_size, scale=None: calls.append(tile.shape) or _components(tile),
     )
-    inst = predictor.predict_tiled(image, tile=128, overlap=32, full_masks=full_masks)
+    for key, value in (("scale", 1.0), ("tile_size", 128), ("tile_overlap", 32)):
+        monkeypatch.setattr(predictor, key, value)
+    inst = predictor.predict(image, full_masks=full_masks)
     assert len(calls) == 9 and all(s[:2] == (128, 128) for s in calls)  # native tiles, no padding
     masks = inst.pred_masks.numpy() if full_masks else inst.pred_masks.to_bitmasks().numpy()
     assert masks.shape == (len(DISCS), 300, 260)

@@ -38,22 +38,75 @@ class ResizeScale(_AtLeastOnePixel, T.ResizeScale):
     """detectron2's ``ResizeScale`` whose output sides stay >= 1 px."""
 
 
+class ScaleBy(T.Augmentation):
+    """Resize by ``factor`` x U(``jitter``) (``INPUT.RESIZE_MODE "scale"``), sides at least 1 px."""
+
+    def __init__(self, factor: float, jitter=(1.0, 1.0)):
+        super().__init__()
+        if factor <= 0:
+            raise ValueError(f"INPUT.PIXEL_SCALE must be > 0 here, got {factor}")
+        self.factor, self.jitter = float(factor), tuple(jitter)
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        f = self.factor * np.random.uniform(*self.jitter)
+        return T.ResizeTransform(h, w, max(1, round(h * f)), max(1, round(w * f)))
+
+
+class Rot90Transform(T.Transform):
+    """Rotation by ``k`` x 90 degrees counter-clockwise (exact: no interpolation, no cropping)."""
+
+    def __init__(self, h: int, w: int, k: int):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.rot90(img, self.k))
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return self.apply_image(segmentation)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        x, y = coords[:, 0].copy(), coords[:, 1].copy()
+        h, w = self.h, self.w
+        for _ in range(self.k % 4):  # one step: (x, y) in an (h, w) image -> (y, w - x) in (w, h)
+            x, y, h, w = y, w - x, w, h
+        return np.stack([x, y], axis=1)
+
+
+class RandomRotate90(T.Augmentation):
+    """With probability ``prob``, rotate by 90, 180 or 270 degrees (chosen uniformly)."""
+
+    def __init__(self, prob: float = 0.5):
+        super().__init__()
+        self.prob = prob
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        if np.random.rand() >= self.prob:
+            return T.NoOpTransform()
+        return Rot90Transform(h, w, int(np.random.randint(1, 4)))
+
+
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
-    """Train: longest side IMAGE_SIZE x U(SCALE_RANGE) -> fixed IMAGE_SIZE crop (padded) -> flips.
-    Test: longest side IMAGE_SIZE."""
-    size = cfg.INPUT.IMAGE_SIZE
+    """The base resize (``INPUT.RESIZE_MODE``): longest side ``INPUT.IMAGE_SIZE`` (thesis), or a
+    resize by ``INPUT.PIXEL_SCALE``. Training adds scale jitter ``INPUT.SCALE_RANGE``, a fixed
+    ``IMAGE_SIZE`` crop (padded with the pixel mean), ``INPUT.FLIPS`` and ``INPUT.ROTATE90``."""
+    size, mode = cfg.INPUT.IMAGE_SIZE, cfg.INPUT.RESIZE_MODE
+    if mode not in ("longest_side", "scale"):
+        raise ValueError(f'INPUT.RESIZE_MODE must be "longest_side" or "scale", got {mode!r}')
+    jitter = tuple(cfg.INPUT.SCALE_RANGE) if is_train else (1.0, 1.0)
+    if mode == "scale":
+        resize = ScaleBy(cfg.INPUT.PIXEL_SCALE, jitter)
+    elif is_train:
+        resize = ResizeScale(*jitter, target_height=size, target_width=size)
+    else:  # short side -> size, then the long side capped: long side == size
+        resize = ResizeShortestEdge(size, max_size=size)
     if not is_train:
-        return [
-            ResizeShortestEdge(size, max_size=size)
-        ]  # short side -> size, then long side capped: long == size
-    lo, hi = cfg.INPUT.SCALE_RANGE
-    augs = [
-        ResizeScale(min_scale=lo, max_scale=hi, target_height=size, target_width=size),
-        # Pad with the mean so that padding normalizes to ~0, like the batch padding of the model.
-        T.FixedSizeCrop(
-            (size, size), pad=True, pad_value=float(np.mean(cfg.MODEL.PIXEL_MEAN)), seg_pad_value=0
-        ),
-    ]
+        return [resize]
+    # Pad with the mean so that padding normalizes to ~0, like the batch padding of the model.
+    pad = float(np.mean(cfg.MODEL.PIXEL_MEAN))
+    augs = [resize, T.FixedSizeCrop((size, size), pad=True, pad_value=pad, seg_pad_value=0)]
     flips = {
         "horizontal": dict(horizontal=True, vertical=False),
         "vertical": dict(horizontal=False, vertical=True),
@@ -62,6 +115,8 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
         if f not in flips:
             raise ValueError(f"INPUT.FLIPS entries must be in {sorted(flips)}, got {f!r}")
         augs.append(T.RandomFlip(**flips[f]))
+    if cfg.INPUT.ROTATE90 > 0:
+        augs.append(RandomRotate90(cfg.INPUT.ROTATE90))
     return augs
 
 

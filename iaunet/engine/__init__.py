@@ -1,3 +1,3 @@
-from .trainer import Trainer, adapt_config_to_machine, setup
+from .trainer import Trainer, adapt_config_to_machine, resolve_config_from_data, setup
 
-__all__ = ["Trainer", "adapt_config_to_machine", "setup"]
+__all__ = ["Trainer", "adapt_config_to_machine", "resolve_config_from_data", "setup"]

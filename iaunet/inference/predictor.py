@@ -1,160 +1,203 @@
-"""IAUNetPredictor: a numpy image of any dtype -> ``Instances``, whole-image or tiled (large
-images).
+"""IAUNetPredictor: a numpy image of any dtype -> ``Instances``, at the pixel scale of training.
 
-Whole image: the test transform of training (longest side ``INPUT.IMAGE_SIZE``), masks resized back.
-Tiled (``predict_tiled``; automatic above ``TEST.AUTO_TILE_ABOVE``): the image is
-intensity-normalized
-once, cut into tiles (:mod:`iaunet.inference.tiling`), each resized by ``TEST.TILE_SCALE`` only, and
-the tiles' detections stitched. Masks are kept as tight bool crops (:class:`MaskCrops`), so memory
-follows the objects' area rather than N x H x W; full-size masks are built only when asked.
+Every image is intensity-normalized as in training (``INPUT.INTENSITY_NORM``), resized by the scale
+the model was trained at (``INPUT.PIXEL_SCALE``, recorded in the checkpoint's config; see
+:mod:`iaunet.data.statistics`), and predicted whole when it then fits in a tile of
+``TEST.TILE_SIZE``
+model pixels, or tile by tile otherwise (:mod:`iaunet.inference.tiling`). Masks come back at the
+image's own size. The scale can be overridden (``scale=``, or ``diameter=``: the typical object
+diameter in the image's pixels, as Cellpose users give it).
 """
 
 import logging
-from typing import List, Optional, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from ..checkpoint import AtomicCheckpointer
-from ..data.dataset_mapper import build_augmentations
+from ..checkpoint import AtomicCheckpointer, read_checkpoint
+from ..config import ConfigError, load_config, merge_config
 from ..data.image_io import to_model_range
 from .mask_crops import MaskCrops
-from .tiling import TOUCH_MARGIN, Detection, stitch_detections, tile_starts
+from .tiling import detections_to_instances, stitch_detections, tile_detections, tile_windows
 
 logger = logging.getLogger(__name__)
+
+DATA_KEYS = ("INPUT.PIXEL_SCALE", "INPUT.OBJECT_DIAMETER")  # recorded at training time
+
+
+def config_from_checkpoint(
+    checkpoint: dict, config_file: str = "", opts: Sequence[str] = (), weights: str = ""
+) -> CfgNode:
+    """The config to predict with: ``config_file`` if given, else the one saved in the checkpoint;
+    the data-dependent keys that the file leaves at 0 (auto) come from the checkpoint; then
+    ``opts``."""
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not config_file and not saved:
+        raise ConfigError(
+            f"{weights or 'the checkpoint'} holds no config (an older or foreign checkpoint): pass "
+            "the config it was trained with (--config-file)"
+        )
+    cfg = load_config(config_file)
+    if saved:
+        trained = load_config()
+        trained.merge_from_other_cfg(trained.load_cfg(saved))
+        if not config_file:
+            cfg = trained
+        for key in DATA_KEYS:
+            section, name = key.split(".")
+            if cfg[section][name] <= 0:
+                cfg[section][name] = trained[section][name]
+    return merge_config(cfg, opts=opts)
 
 
 class IAUNetPredictor:
     """Like detectron2's ``DefaultPredictor``: builds the model from ``cfg``, loads
-    ``cfg.MODEL.WEIGHTS``
-    and runs single images in eval mode under ``torch.inference_mode``.
+    ``cfg.MODEL.WEIGHTS`` (or the given ``checkpoint`` dict) and runs single images in eval mode.
 
     Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4),
     RGB(A)
-    order, any numeric dtype -- normalized with ``INPUT.INTENSITY_NORM`` / ``INPUT.PERCENTILES``.
-    Output: ``Instances`` of the original (H, W) on the CPU, sorted by decreasing score, with
-    ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with ``full_masks=False``), ``scores``,
-    ``pred_classes`` and ``pred_boxes``.
+    order, any numeric dtype. Output: ``Instances`` of the original (H, W) on the CPU, sorted by
+    decreasing score, with ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with
+    ``full_masks=False``), ``scores``, ``pred_classes`` and ``pred_boxes``.
+
+    Scale (image px -> model px): ``scale`` if given, else the recorded
+    ``INPUT.OBJECT_DIAMETER / diameter`` when ``diameter`` (object size in image px) is given, else
+    ``INPUT.PIXEL_SCALE``. A config without a recorded scale (older checkpoints) falls back to the
+    evaluation transform (longest side ``INPUT.IMAGE_SIZE``) with a warning.
 
     Example::
 
-        predictor = IAUNetPredictor(cfg)
+        predictor = IAUNetPredictor.from_checkpoint("output/synthetic_quick/model_final.pth")
         instances = predictor(read_image("cells.tif"))
     """
 
-    def __init__(self, cfg):
+    def __init__(
+        self,
+        cfg: CfgNode,
+        *,
+        scale: Optional[float] = None,
+        diameter: Optional[float] = None,
+        checkpoint: Optional[dict] = None,
+    ):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
-        self.model.eval()
-        self.metadata = (
-            MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
-        )
-        AtomicCheckpointer(self.model).load(
-            cfg.MODEL.WEIGHTS
-        )  # names the file when it is no checkpoint
-        self.resize = T.AugmentationList(build_augmentations(cfg, is_train=False))
+        self.model = build_model(self.cfg).eval()
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+        checkpointer = AtomicCheckpointer(self.model)
+        if checkpoint is not None:
+            checkpointer.load_checkpoint(checkpoint)
+        else:
+            checkpointer.load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
-        self.tile_scale = float(cfg.TEST.TILE_SCALE)
-        if self.tile_scale <= 0:
-            raise ValueError(f"TEST.TILE_SCALE must be > 0, got {self.tile_scale}")
-        self.tile_size = int(cfg.TEST.TILE_SIZE) or round(cfg.INPUT.IMAGE_SIZE / self.tile_scale)
-        self.tile_overlap = int(cfg.TEST.TILE_OVERLAP)
-        self.auto_tile_above = int(cfg.TEST.AUTO_TILE_ABOVE)
+        self.image_format = cfg.INPUT.FORMAT
+        self.scale = self._resolve_scale(scale, diameter)
+        self.tile_size = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
+        overlap = int(cfg.TEST.TILE_OVERLAP) or round(2 * cfg.INPUT.OBJECT_DIAMETER)
+        self.tile_overlap = min(overlap or self.tile_size // 4, self.tile_size // 2)
+
+    @classmethod
+    def from_checkpoint(
+        cls, weights: str, config_file: str = "", opts: Sequence[str] = (), **kwargs
+    ) -> "IAUNetPredictor":
+        """A predictor for checkpoint ``weights``, configured by the config saved in it (or by
+        ``config_file``; see :func:`config_from_checkpoint`) and ``opts``."""
+        checkpoint = read_checkpoint(weights)
+        cfg = config_from_checkpoint(checkpoint, config_file, opts, weights)
+        cfg.MODEL.WEIGHTS = weights
+        return cls(cfg, checkpoint=checkpoint, **kwargs)
+
+    def _resolve_scale(self, scale: Optional[float], diameter: Optional[float]) -> Optional[float]:
+        """The resize factor image px -> model px; None: per image, longest side IMAGE_SIZE."""
+        recorded = self.cfg.INPUT.PIXEL_SCALE
+        if scale is not None:
+            if not (scale > 0 and math.isfinite(scale)):
+                raise ValueError(f"the scale (--scale) must be a number > 0, got {scale}")
+            return float(scale)
+        if diameter is not None:
+            trained = self.cfg.INPUT.OBJECT_DIAMETER
+            if not (diameter > 0 and math.isfinite(diameter)):
+                raise ValueError(f"the object diameter (--diameter) must be > 0 px, got {diameter}")
+            if trained <= 0:
+                raise ValueError(
+                    "the model records no object diameter (INPUT.OBJECT_DIAMETER): give --scale"
+                )
+            return float(trained / diameter)
+        if recorded > 0:
+            return float(recorded)
+        logger.warning(
+            "The checkpoint records no training scale (INPUT.PIXEL_SCALE, saved by IAUNet >= 0.2): "
+            "every image is resized to a longest side of INPUT.IMAGE_SIZE as in evaluation. For "
+            "images larger than the training images, give --scale (image px -> model px) or "
+            "--diameter (object size in px)"
+        )
+        return None
 
     def __call__(self, image: np.ndarray) -> Instances:
-        """Predict one image; tiled when its longest side exceeds ``TEST.AUTO_TILE_ABOVE``."""
         return self.predict(image)
 
-    def should_tile(self, image_size: Tuple[int, int]) -> bool:
-        return self.auto_tile_above > 0 and max(image_size) > self.auto_tile_above
+    def model_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The (h, w) an image of ``image_size`` has as the model sees it."""
+        h, w = image_size
+        s = self.scale if self.scale is not None else self.cfg.INPUT.IMAGE_SIZE / max(h, w)
+        return max(1, round(h * s)), max(1, round(w * s))
+
+    def will_tile(self, image_size: Tuple[int, int]) -> bool:
+        return max(self.model_size(image_size)) > self.tile_size
 
     def predict(
         self, image: np.ndarray, tiled: Optional[bool] = None, full_masks: bool = True
     ) -> Instances:
-        """``tiled`` None: automatic (:meth:`should_tile`). ``full_masks`` False: ``pred_masks`` are
+        """Predict one image. ``tiled`` None: tiles when the image, resized to the model's scale, is
+        larger than a tile (:meth:`will_tile`). ``full_masks`` False: ``pred_masks`` are
         :class:`MaskCrops` (for images too large for N full-size masks)."""
-        img = to_model_range(image, self.intensity_norm, self.percentiles)
-        if tiled or (tiled is None and self.should_tile(img.shape[:2])):
-            return self._predict_tiled(img, self.tile_size, self.tile_overlap, full_masks)
-        aug_input = T.AugInput(img)
-        self.resize(aug_input)  # longest side INPUT.IMAGE_SIZE, as at evaluation
-        result = self._run_model(aug_input.image, img.shape[:2])
+        img = to_model_range(
+            image, self.intensity_norm, self.percentiles, image_format=self.image_format
+        )
+        size = img.shape[:2]
+        if tiled or (tiled is None and self.will_tile(size)):
+            return self._predict_tiled(img, full_masks)
+        result = self._run_model(img, size)
         if not full_masks:
             result.pred_masks = MaskCrops.from_bitmasks(result.pred_masks)
         return result
 
-    def predict_tiled(
-        self,
-        image: np.ndarray,
-        tile: Optional[int] = None,
-        overlap: Optional[int] = None,
-        full_masks: bool = True,
-    ) -> Instances:
-        """Tiled prediction (module doc). ``tile``/``overlap`` in input pixels; default
-        ``TEST.TILE_SIZE``
-        (0: ``INPUT.IMAGE_SIZE / TEST.TILE_SCALE``) and ``TEST.TILE_OVERLAP``."""
-        img = to_model_range(image, self.intensity_norm, self.percentiles)
-        overlap = self.tile_overlap if overlap is None else overlap
-        return self._predict_tiled(img, tile or self.tile_size, overlap, full_masks)
-
-    def _predict_tiled(
-        self, img: np.ndarray, tile: int, overlap: int, full_masks: bool
-    ) -> Instances:
-        h, w = img.shape[:2]
-        ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-        dets: List[Detection] = []
-        for t, (ty, tx) in enumerate((y, x) for y in ys for x in xs):
-            window = (ty, tx, min(ty + tile, h), min(tx + tile, w))
-            th, tw = window[2] - ty, window[3] - tx
-            inst = self._predict_tile(img[ty : window[2], tx : window[3]])
-            crops = MaskCrops.from_bitmasks(inst.pred_masks)
-            for (cy, cx, crop), score, label in zip(
-                crops, inst.scores.tolist(), inst.pred_classes.tolist()
-            ):
-                if crop.size == 0:
-                    continue
-                partial = (
-                    (ty > 0 and cy < TOUCH_MARGIN)
-                    or (tx > 0 and cx < TOUCH_MARGIN)
-                    or (window[2] < h and cy + crop.shape[0] > th - TOUCH_MARGIN)
-                    or (window[3] < w and cx + crop.shape[1] > tw - TOUCH_MARGIN)
-                )
-                dets.append(Detection(t, window, ty + cy, tx + cx, crop, score, label, partial))
+    def _predict_tiled(self, img: np.ndarray, full_masks: bool) -> Instances:
+        """Tiles of ``tile_size`` model px (overlap ``tile_overlap``), in image px, stitched."""
+        size = img.shape[:2]
+        s = self.scale if self.scale is not None else 1.0
+        tile = max(1, round(self.tile_size / s))
+        overlap = min(round(self.tile_overlap / s), tile - 1)
+        windows = tile_windows(*size, tile, overlap)
+        dets = []
+        for index, (y0, x0, y1, x1) in enumerate(windows):
+            inst = self._run_model(img[y0:y1, x0:x1], (y1 - y0, x1 - x0), scale=s)
+            dets += tile_detections(index, (y0, x0, y1, x1), size, inst)
         kept = stitch_detections(dets)
-        logger.debug(
-            f"tiled {h}x{w}: {len(ys) * len(xs)} tiles, {len(dets)} detections, {len(kept)} kept"
-        )
+        logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
+        return detections_to_instances(kept, size, full_masks)
 
-        result = Instances((h, w))
-        masks = MaskCrops([d.crop for d in kept], [(d.y0, d.x0) for d in kept], (h, w))
-        result.pred_masks = masks.to_bitmasks() if full_masks else masks
-        result.scores = torch.tensor([d.score for d in kept], dtype=torch.float32)
-        result.pred_classes = torch.tensor([d.label for d in kept], dtype=torch.int64)
-        result.pred_boxes = masks.get_bounding_boxes()
-        return result
-
-    def _predict_tile(self, tile: np.ndarray) -> Instances:
-        """One (h, w, 3) tile on the 0..255 scale, resized by ``TEST.TILE_SCALE`` only -> Instances
-        of (h, w)."""
-        h, w = tile.shape[:2]
-        tile = np.ascontiguousarray(tile)
-        if self.tile_scale != 1.0:
-            size = (max(1, round(h * self.tile_scale)), max(1, round(w * self.tile_scale)))
-            tile = T.ResizeTransform(h, w, *size).apply_image(tile)
-        return self._run_model(tile, (h, w))
-
-    def _run_model(self, image: np.ndarray, out_size: Tuple[int, int]) -> Instances:
-        """(h, w, 3) float image on the 0..255 scale -> CPU Instances resized to ``out_size``."""
+    def _run_model(
+        self, image: np.ndarray, out_size: Tuple[int, int], scale: Optional[float] = None
+    ) -> Instances:
+        """(h, w, 3) float image on the 0..255 scale, resized by ``scale`` (default: the
+        predictor's) -> CPU Instances at ``out_size``."""
+        h, w = image.shape[:2]
+        if scale is None:
+            new = self.model_size((h, w))
+        else:
+            new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if new != (h, w):
+            image = T.ResizeTransform(h, w, *new).apply_image(np.ascontiguousarray(image))
         tensor = torch.as_tensor(
             np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
         )
         with torch.inference_mode():
-            out = self.model([{"image": tensor, "height": out_size[0], "width": out_size[1]}])[0][
-                "instances"
-            ]
-        return out.to("cpu")
+            out = self.model([{"image": tensor, "height": out_size[0], "width": out_size[1]}])
+        return out[0]["instances"].to("cpu")

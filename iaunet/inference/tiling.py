@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
+import torch
+from detectron2.structures import Instances
+
+from .mask_crops import MaskCrops
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +182,51 @@ def _join(pieces: List[Detection]) -> Detection:
         crop[p.y0 - y0 : p.box[2] - y0, p.x0 - x0 : p.box[3] - x0] |= p.crop
     best = max(pieces, key=lambda p: p.score)
     return Detection(best.tile, best.window, int(y0), int(x0), crop, best.score, best.label, True)
+
+
+def tile_windows(
+    height: int, width: int, tile: int, overlap: int
+) -> List[Tuple[int, int, int, int]]:
+    """(y0, x0, y1, x1) of the tiles covering an image, row by row (:func:`tile_starts` per
+    axis)."""
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    return [(y, x, min(y + tile, height), min(x + tile, width)) for y in ys for x in xs]
+
+
+def tile_detections(
+    index: int, window: Tuple[int, int, int, int], image_size: Tuple[int, int], instances: Instances
+) -> List[Detection]:
+    """A tile's ``Instances`` (masks at the tile's size) as Detections in full-image coordinates; a
+    detection within ``TOUCH_MARGIN`` px of an inner tile edge is partial."""
+    (ty, tx, y1, x1), (h, w) = window, image_size
+    th, tw = y1 - ty, x1 - tx
+    crops = instances.pred_masks
+    if not isinstance(crops, MaskCrops):
+        crops = MaskCrops.from_bitmasks(crops)
+    dets = []
+    for (cy, cx, crop), score, label in zip(
+        crops, instances.scores.tolist(), instances.pred_classes.tolist()
+    ):
+        if crop.size == 0:
+            continue
+        partial = (
+            (ty > 0 and cy < TOUCH_MARGIN)
+            or (tx > 0 and cx < TOUCH_MARGIN)
+            or (y1 < h and cy + crop.shape[0] > th - TOUCH_MARGIN)
+            or (x1 < w and cx + crop.shape[1] > tw - TOUCH_MARGIN)
+        )
+        dets.append(Detection(index, window, ty + cy, tx + cx, crop, score, label, partial))
+    return dets
+
+
+def detections_to_instances(
+    dets: List[Detection], image_size: Tuple[int, int], full_masks: bool = True
+) -> Instances:
+    """Stitched detections -> ``Instances`` of the whole image (masks as MaskCrops or full-size)."""
+    result = Instances(image_size)
+    masks = MaskCrops([d.crop for d in dets], [(d.y0, d.x0) for d in dets], image_size)
+    result.pred_masks = masks.to_bitmasks() if full_masks else masks
+    result.scores = torch.tensor([d.score for d in dets], dtype=torch.float32)
+    result.pred_classes = torch.tensor([d.label for d in dets], dtype=torch.int64)
+    result.pred_boxes = masks.get_bounding_boxes()
+    return result
