@@ -120,6 +120,10 @@ def add_iaunet_config(cfg: CN) -> None:
     # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image",
     # eq. 17)
     m.TEST.MASKNESS = "mask"
+    # duplicate suppression: none (thesis) | mask (Fast NMS on mask IoU) | matrix (Matrix NMS)
+    m.TEST.NMS = "none"
+    m.TEST.NMS_THRESH = 0.5  # mask IoU above which "mask" NMS drops the lower-scoring detection
+    m.TEST.NMS_SIGMA = 2.0  # Gaussian decay of "matrix" NMS
     m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference)
 
     # Swin backbone (timm-backed); keys follow Mask2Former's MODEL.SWIN.

@@ -5,7 +5,6 @@ import math
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances
@@ -15,9 +14,14 @@ from torch import nn
 from .modeling.criterion import SetCriterion
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import UNetPixelDecoder
+from .modeling.postprocessing import (
+    MASKNESS_MODES,
+    NMS_MODES,
+    select_detections,
+    topk_predictions,
+    upsample_masks,
+)
 from .modeling.transformer_decoder import QueryDecoder
-
-MASKNESS_MODES = ("mask", "image")
 
 
 @META_ARCH_REGISTRY.register()
@@ -42,6 +46,9 @@ class IAUNet(nn.Module):
         score_thresh: float,
         mask_thresh: float,
         maskness: str,
+        nms: str = "none",
+        nms_thresh: float = 0.5,
+        nms_sigma: float = 2.0,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -49,6 +56,8 @@ class IAUNet(nn.Module):
             raise ValueError(
                 f"MODEL.IAUNET.TEST.MASKNESS must be one of {MASKNESS_MODES}, got {maskness!r}"
             )
+        if nms not in NMS_MODES:
+            raise ValueError(f"MODEL.IAUNET.TEST.NMS must be one of {NMS_MODES}, got {nms!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.query_decoder = query_decoder
@@ -62,6 +71,7 @@ class IAUNet(nn.Module):
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
         self.maskness = maskness
+        self.nms, self.nms_thresh, self.nms_sigma = nms, nms_thresh, nms_sigma
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.to(
@@ -121,6 +131,9 @@ class IAUNet(nn.Module):
             "score_thresh": m.TEST.SCORE_THRESH,
             "mask_thresh": m.TEST.MASK_THRESH,
             "maskness": m.TEST.MASKNESS,
+            "nms": m.TEST.NMS,
+            "nms_thresh": m.TEST.NMS_THRESH,
+            "nms_sigma": m.TEST.NMS_SIGMA,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
@@ -230,58 +243,37 @@ class IAUNet(nn.Module):
             logits: (Q, K+1); masks: (Q, h, w) logits at 1/4 of the padded input.
             image_size: (H, W) of the input before padding; output_size: (H0, W0) to resize to.
         Returns:
-            Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes.
+            Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes,
+            by decreasing score (:mod:`iaunet.modeling.postprocessing`).
         """
-        logits, masks = logits.float(), masks.float()
-        k = self.num_classes
-        scores = logits.softmax(-1)[:, :k].flatten()  # (Q*K), query-major
-        topk = min(self.detections_per_image, scores.numel())
-        scores, idx = scores.topk(topk, sorted=False)
-        labels, query = idx % k, idx // k
-        # Padding removed at 1/4 resolution (stride of the mask logits).
-        h4, w4 = -(-image_size[0] // 4), -(-image_size[1] // 4)
-        prob = masks[query, :h4, :w4].sigmoid()
-        binary = prob > self.mask_thresh
-        if self.maskness == "mask":
-            maskness = (prob * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
-        else:
-            maskness = prob.flatten(1).mean(1)
-        scores = scores * maskness
-        keep = scores > self.score_thresh
-        scores, labels, query = scores[keep], labels[keep], query[keep]
-        order = scores.argsort(descending=True)
-        scores, labels, query = scores[order], labels[order], query[order]
-
+        scores, labels, mask_logits = self.topk_predictions(logits, masks, image_size)
+        keep = select_detections(scores, self.score_thresh)
         result = Instances(output_size)
-        result.pred_masks = self._full_res_masks(masks[query], image_size, output_size)
-        result.scores = scores
-        result.pred_classes = labels
+        result.pred_masks = upsample_masks(
+            mask_logits[keep], image_size, output_size, self.mask_thresh
+        )
+        result.scores = scores[keep]
+        result.pred_classes = labels[keep]
         result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes()
         return result
 
-    def _full_res_masks(
-        self,
-        masks: torch.Tensor,
-        image_size: Tuple[int, int],
-        output_size: Tuple[int, int],
-        chunk: int = 32,
-    ) -> torch.Tensor:
-        """(M, h, w) logits at 1/4 of the padded input -> (M, H0, W0) bool, in chunks to bound
-        memory."""
-        out = torch.zeros((masks.shape[0], *output_size), dtype=torch.bool, device=masks.device)
-        h, w = image_size
-        for s in range(0, masks.shape[0], chunk):
-            m = F.interpolate(
-                masks[None, s : s + chunk], scale_factor=4, mode="bilinear", align_corners=False
-            )[:, :, :h, :w]
-            if (h, w) != tuple(
-                output_size
-            ):  # a same-size bilinear resize is the identity: skip the pass
-                m = F.interpolate(m, size=output_size, mode="bilinear", align_corners=False)
-            # In place and straight into `out`: each pass over (chunk, H0, W0) floats is a good part
-            # of the cost.
-            torch.gt(m[0].sigmoid_(), self.mask_thresh, out=out[s : s + chunk])
-        return out
+    def topk_predictions(
+        self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fixed-size part of post-processing (exportable): see
+        ``postprocessing.topk_predictions``."""
+        return topk_predictions(
+            logits,
+            masks,
+            image_size,
+            num_classes=self.num_classes,
+            k=self.detections_per_image,
+            mask_thresh=self.mask_thresh,
+            maskness=self.maskness,
+            nms=self.nms,
+            nms_thresh=self.nms_thresh,
+            nms_sigma=self.nms_sigma,
+        )
 
 
 def _batch_note(batched_inputs: List[Dict]) -> str:

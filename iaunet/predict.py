@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import ConfigError, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
+from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
 from .inference.predictor import config_from_checkpoint
 from .outputs import label_image, png_bytes, render_overlay, tiff_bytes
@@ -71,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep instances scoring at least this"
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESH,
+        help="keep instances scoring at least this",
     )
     p.add_argument(
         "--scale",

@@ -1,0 +1,156 @@
+"""Instance matching metrics, the numbers biologists read from a label image (StarDist's
+``matching``).
+
+Predictions (score >= a threshold, as a user of ``iaunet-predict`` keeps them) are matched
+one-to-one to ground-truth instances: among all assignments, the one with the most pairs of IoU >=
+tau, and among those the largest total IoU (Hungarian, scipy). Per tau in 0.5, 0.55, ..., 0.9:
+
+* precision TP / (TP + FP), recall TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN);
+* mean matched IoU (over the TP pairs) and panoptic quality PQ = sum(IoU of TP) / (TP + FP/2 +
+  FN/2);
+
+plus the predicted / true count ratio. Counts are summed over all images before the ratios are
+taken. Masks are compared as COCO RLE (pycocotools), overlapping instances allowed on both sides.
+"""
+
+import copy
+import itertools
+import logging
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from scipy.optimize import linear_sum_assignment
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCORE_THRESH = 0.5  # iaunet-predict's default --score-threshold: what users keep
+TAUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.5 ... 0.9
+
+
+def match(iou: np.ndarray, tau: float) -> np.ndarray:
+    """(G, P) IoU matrix -> the IoU of each matched pair (IoU >= ``tau``), one-to-one, maximising
+    the number of matches first and their total IoU second."""
+    if iou.size == 0:
+        return np.zeros(0)
+    ok = iou >= tau
+    if not ok.any():
+        return np.zeros(0)
+    # A match is worth 1 + IoU / (n + 1) < 2: more matches always win, then the higher IoU sum.
+    cost = -(ok * (1.0 + iou / (min(iou.shape) + 1)))
+    g, p = linear_sum_assignment(cost)
+    keep = ok[g, p]
+    return iou[g[keep], p[keep]]
+
+
+def image_counts(
+    gt: Sequence[dict], pred: Sequence[dict], taus: Sequence[float] = TAUS
+) -> np.ndarray:
+    """Counts of one image from COCO RLEs: (len(taus), 4) rows of (TP, FP, FN, sum of matched
+    IoU)."""
+    out = np.zeros((len(taus), 4))
+    iou = (
+        np.asarray(mask_util.iou(list(gt), list(pred), [0] * len(pred)))
+        if len(gt) and len(pred)
+        else np.zeros((len(gt), len(pred)))
+    )
+    for i, tau in enumerate(taus):
+        matched = match(iou, tau)
+        tp = len(matched)
+        out[i] = (tp, len(pred) - tp, len(gt) - tp, matched.sum())
+    return out
+
+
+def summarize(counts: np.ndarray, num_gt: int, num_pred: int, taus: Sequence[float] = TAUS) -> Dict:
+    """Dataset metrics from summed :func:`image_counts` (in %, as detectron2 reports AP)."""
+    res = OrderedDict()
+    for i, tau in enumerate(taus):
+        tp, fp, fn, iou_sum = counts[i]
+        res[f"precision@{tau:g}"] = 100 * tp / max(tp + fp, 1)
+        res[f"recall@{tau:g}"] = 100 * tp / max(tp + fn, 1)
+        res[f"F1@{tau:g}"] = 100 * 2 * tp / max(2 * tp + fp + fn, 1)
+        res[f"mean_matched_iou@{tau:g}"] = 100 * iou_sum / max(tp, 1)
+        res[f"PQ@{tau:g}"] = 100 * iou_sum / max(tp + fp / 2 + fn / 2, 1)
+    res["F1@0.5:0.9"] = float(np.mean([res[f"F1@{t:g}"] for t in taus]))
+    res["count_ratio"] = num_pred / max(num_gt, 1)
+    res["num_gt"], res["num_pred"] = num_gt, num_pred
+    return res
+
+
+class InstanceMatchingEvaluator(DatasetEvaluator):
+    """detectron2 evaluator of :mod:`iaunet.evaluation.matching` metrics for a registered dataset:
+    ground truth from its dataset dicts (polygons or RLE, at the original image size), predictions
+    of ``outputs["instances"]`` scoring at least ``score_thresh`` (the CLI's default threshold)."""
+
+    def __init__(
+        self,
+        dataset_name: str,
+        score_thresh: float = DEFAULT_SCORE_THRESH,
+        distributed: bool = True,
+    ):
+        self.dataset_name = dataset_name
+        self.score_thresh = score_thresh
+        self.distributed = distributed
+        self._gt = None
+
+    def reset(self) -> None:
+        self._counts: List[np.ndarray] = []
+        self._num_gt = self._num_pred = 0
+
+    def _ground_truth(self) -> Dict:
+        if self._gt is None:
+            self._gt = {d["image_id"]: d for d in DatasetCatalog.get(self.dataset_name)}
+        return self._gt
+
+    @staticmethod
+    def gt_rles(record: dict) -> List[dict]:
+        h, w = record["height"], record["width"]
+        rles = []
+        for a in record.get("annotations", []):
+            if a.get("iscrowd", 0):
+                continue
+            seg = a["segmentation"]
+            if isinstance(seg, list):
+                rles.append(mask_util.merge(mask_util.frPyObjects(seg, h, w)))
+            elif isinstance(seg["counts"], list):
+                rles.append(mask_util.frPyObjects(seg, h, w))
+            else:
+                rles.append(seg)
+        return rles
+
+    def process(self, inputs, outputs) -> None:
+        gt = self._ground_truth()
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            inst = inst[inst.scores >= self.score_thresh]
+            masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+            pred = mask_util.encode(masks) if len(inst) else []
+            gts = self.gt_rles(gt[inp["image_id"]])
+            self._counts.append(image_counts(gts, pred))
+            self._num_gt += len(gts)
+            self._num_pred += len(pred)
+
+    def evaluate(self) -> Dict:
+        counts, num_gt, num_pred = self._counts, self._num_gt, self._num_pred
+        if self.distributed:
+            comm.synchronize()
+            counts = list(itertools.chain(*comm.gather(counts, dst=0)))
+            num_gt, num_pred = sum(comm.gather(num_gt, dst=0)), sum(comm.gather(num_pred, dst=0))
+            if not comm.is_main_process():
+                return {}
+        if not counts:
+            logger.warning(f"[InstanceMatchingEvaluator] no predictions for {self.dataset_name}")
+            return {}
+        res = summarize(np.sum(counts, axis=0), num_gt, num_pred)
+        logger.info(
+            f"Matching on {self.dataset_name} (score >= {self.score_thresh:g}): "
+            f"F1@0.5 {res['F1@0.5']:.1f}, precision {res['precision@0.5']:.1f}, recall "
+            f"{res['recall@0.5']:.1f}, F1@0.5:0.9 {res['F1@0.5:0.9']:.1f}, PQ@0.5 "
+            f"{res['PQ@0.5']:.1f}, "
+            f"predicted/true {res['count_ratio']:.2f} ({num_pred}/{num_gt})"
+        )
+        return {"matching": copy.deepcopy(res)}

@@ -1,0 +1,51 @@
+"""Post-processing steps (iaunet.modeling.postprocessing): duplicate suppression and top-k."""
+
+import pytest
+import torch
+
+from iaunet.modeling.postprocessing import mask_iou, suppress_duplicates, topk_predictions
+
+
+def _masks():
+    """Four 1/4-res masks: a cell, its near-copy (IoU 0.9), a cell overlapping the first by IoU 1/3,
+    and a cell elsewhere."""
+    m = torch.zeros(4, 20, 20, dtype=torch.bool)
+    m[0, 0:10, 0:10] = True
+    m[1, 0:10, 0:9] = True
+    m[2, 0:10, 5:15] = True
+    m[3, 12:18, 12:18] = True
+    return m
+
+
+def test_mask_iou():
+    iou = mask_iou(_masks())
+    assert iou[0, 1] == pytest.approx(0.9) and iou[0, 2] == pytest.approx(1 / 3) and iou[0, 3] == 0
+
+
+def test_mask_nms_drops_the_copy_and_keeps_overlapping_cells():
+    scores, labels = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.zeros(4, dtype=torch.long)
+    out = suppress_duplicates(scores, labels, _masks(), "mask", thresh=0.5)
+    assert out.tolist() == pytest.approx([0.9, 0.0, 0.7, 0.6])
+    # another class never suppresses
+    out = suppress_duplicates(scores, torch.tensor([0, 1, 0, 0]), _masks(), "mask", thresh=0.5)
+    assert out.tolist() == pytest.approx(scores.tolist())
+    assert suppress_duplicates(scores, labels, _masks(), "none").tolist() == scores.tolist()
+
+
+def test_matrix_nms_decays_by_overlap():
+    scores, labels = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.zeros(4, dtype=torch.long)
+    out = suppress_duplicates(scores, labels, _masks(), "matrix", sigma=2.0)
+    assert out[0] == pytest.approx(0.9) and out[3] == pytest.approx(0.6)  # no overlap: unchanged
+    assert out[1] == pytest.approx(0.8 * torch.exp(torch.tensor(-2 * 0.81)).item())
+    assert out[1] < 0.2 < 0.5 < out[2] < 0.7  # the copy falls far below the overlapping cell
+
+
+def test_topk_with_nms_returns_fixed_size_sorted():
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.85, 0.15], [0.8, 0.2], [0.7, 0.3]]))
+    masks = torch.where(_masks(), 10.0, -10.0)
+    scores, labels, mask_logits = topk_predictions(
+        logits, masks, (80, 80), num_classes=1, k=4, nms="mask", nms_thresh=0.5
+    )
+    assert scores.shape == (4,) and mask_logits.shape == (4, 20, 20)
+    assert (scores[:-1] >= scores[1:]).all() and scores[-1] == 0  # the copy sorted last, at 0
+    assert torch.equal(mask_logits[-1] > 0, _masks()[1])
