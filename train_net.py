@@ -16,7 +16,7 @@ from detectron2.evaluation import verify_results
 
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import exit_on_config_error, load_config
-from iaunet.engine import Trainer, setup
+from iaunet.engine import Trainer, check_config, setup
 from iaunet.evaluation import visualize_predictions
 
 
@@ -41,7 +41,10 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     logging.getLogger(__name__).info(f"Command line arguments: {args}")
     # Config errors end the command with one line, before any worker starts.
-    exit_on_config_error(lambda: load_config(args.config_file, args.opts), "train_net.py")
+    exit_on_config_error(
+        lambda: check_config(load_config(args.config_file, args.opts), not args.eval_only),
+        "train_net.py",
+    )
     launch(
         main,
         args.num_gpus,

@@ -113,6 +113,17 @@ def add_iaunet_config(cfg: CN) -> None:
     m.LOSS_POINT_SAMPLING = False  # losses on sampled points (Mask2Former) instead of full masks
     m.OVERSAMPLE_RATIO = 3.0  # point-sampled losses: oversampling of uncertain points
     m.IMPORTANCE_SAMPLE_RATIO = 0.75  # point-sampled losses: share of importance-sampled points
+    # --- training-only accelerators (off in the thesis configs; the inference graph is unchanged)
+    m.TRAIN = CN()
+    m.TRAIN.FROM_SCRATCH = (
+        False  # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
+    )
+    m.TRAIN.QUERY_GROUPS = 1  # Group DETR: groups of N queries, each matched one-to-one (1 = off)
+    m.TRAIN.DENOISING = False  # DN-DETR / MaskDINO denoising queries from noised ground-truth boxes
+    m.TRAIN.DENOISING_GROUPS = 5  # noised copies of each object (fewer when an image is crowded)
+    m.TRAIN.DENOISING_MAX_QUERIES = 100  # denoising queries per image at most
+    m.TRAIN.DENOISING_BOX_NOISE = 0.4  # centre shift up to half this x box size; sides x (1 +- it)
+    m.TRAIN.DENOISING_LABEL_NOISE = 0.2  # probability of a random label (K > 1)
     # --- inference, thesis §3.5.3 / §4.2
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this

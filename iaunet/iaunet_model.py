@@ -2,7 +2,7 @@
 decoder."""
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -158,20 +158,27 @@ class IAUNet(nn.Module):
         images.tensor = images.tensor.contiguous(memory_format=self.memory_format)
         return images
 
-    def forward_network(self, images: torch.Tensor, deep_supervision: bool = False) -> Dict:
+    def forward_network(
+        self,
+        images: torch.Tensor,
+        deep_supervision: bool = False,
+        targets: Optional[List[Dict[str, torch.Tensor]]] = None,
+    ) -> Dict:
         """The network, without pre- and post-processing: what training, inference and the tools
         run.
 
         Args:
             images: (B, 3, H, W) normalized images, H and W multiples of ``size_divisibility``.
             deep_supervision: also return every decoder block's prediction as ``aux_outputs``.
+            targets: training targets (``prepare_targets``), for the denoising queries.
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}.
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}
+            (``QueryDecoder.forward``).
         """
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features)
         return self.query_decoder(
-            multi_scale_features, mask_features, deep_supervision=deep_supervision
+            multi_scale_features, mask_features, deep_supervision=deep_supervision, targets=targets
         )
 
     def forward(self, batched_inputs: List[Dict]):
@@ -185,9 +192,6 @@ class IAUNet(nn.Module):
             image.
         """
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_network(
-            images.tensor, deep_supervision=self.training and self.deep_supervision
-        )
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError(
@@ -196,12 +200,14 @@ class IAUNet(nn.Module):
             targets = self.prepare_targets(
                 [x["instances"].to(self.device) for x in batched_inputs], images
             )
+            outputs = self.forward_network(images.tensor, self.deep_supervision, targets)
             try:
                 losses = self.criterion(outputs, targets)
             except FloatingPointError as e:  # from the matcher: add where it happened
                 raise FloatingPointError(f"{e} ({_batch_note(batched_inputs)})") from None
             check_losses_finite(losses, batched_inputs)
             return losses
+        outputs = self.forward_network(images.tensor)
         results = []
         with torch.profiler.record_function("iaunet::instance_inference"):  # a range in profiles
             for i, x in enumerate(batched_inputs):

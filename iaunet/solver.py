@@ -21,15 +21,20 @@ NORM_MODULE_TYPES = (
 )
 
 
+POSITION_TABLES = ("relative_position_bias_table", "absolute_pos_embed")
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or SGD) over one parameter group per tensor:
 
     * lr ``SOLVER.BASE_LR``, times ``SOLVER.BACKBONE_MULTIPLIER`` for the backbone;
     * weight decay ``SOLVER.WEIGHT_DECAY``, ``SOLVER.WEIGHT_DECAY_NORM`` for norm layers,
-      ``SOLVER.WEIGHT_DECAY_EMBED`` for embeddings (queries), 0 for Swin's position tables;
+      ``SOLVER.WEIGHT_DECAY_EMBED`` for embeddings (queries, Swin's position tables);
     * gradient clipping per ``SOLVER.CLIP_GRADIENTS``; ``CLIP_TYPE "full_model"`` clips the norm of
-      all
-      gradients together (Mask2Former), the other types are detectron2's.
+      all gradients together (Mask2Former), the other types are detectron2's.
+
+    The reference recipe (configs/Base-IAUNet.yaml) gives every tensor the same lr and decay, i.e.
+    the authors' single ``AdamW(model.parameters())`` group.
     """
     defaults = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
     params: List[Dict[str, Any]] = []
@@ -42,11 +47,10 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
             hyper = copy.copy(defaults)
             if module_name.startswith("backbone"):
                 hyper["lr"] = hyper["lr"] * cfg.SOLVER.BACKBONE_MULTIPLIER
-            if "relative_position_bias_table" in name or "absolute_pos_embed" in name:
-                hyper["weight_decay"] = 0.0
             if isinstance(module, NORM_MODULE_TYPES):
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_NORM
-            if isinstance(module, torch.nn.Embedding):
+            # Embeddings: the queries, Swin's position tables.
+            if isinstance(module, torch.nn.Embedding) or name in POSITION_TABLES:
                 hyper["weight_decay"] = cfg.SOLVER.WEIGHT_DECAY_EMBED
             params.append({"params": [value], **hyper})
 

@@ -1,10 +1,17 @@
+import contextlib
 import importlib.util
+import itertools
+import json
+import logging
 import os
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -82,3 +89,117 @@ def _loggers_propagate():
     for name in ("iaunet", "detectron2", "d2", "fvcore"):
         logging.getLogger(name).propagate = True
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two, and much faster on shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_cfg()
+
+
+@pytest.fixture(scope="module")
+def mappers(cfg):
+    """The training and the test IAUNetDatasetMapper of ``tiny_cfg()``."""
+    from iaunet.data import IAUNetDatasetMapper
+
+    return IAUNetDatasetMapper(cfg, is_train=True), IAUNetDatasetMapper(cfg, is_train=False)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    """The model of ``tiny_cfg()``, seeded (a module may override it with its own ``model``)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@contextlib.contextmanager
+def captured_logs(name: str):
+    """Records of logger ``name`` (detectron2's setup_logger turns propagation off, so caplog can
+    miss them)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def _messages(records) -> str:
+    return "\n".join(r.getMessage() for r in records)
+
+
+def _square(x0: float, y0: float, size: float) -> list:
+    return [x0, y0, x0 + size, y0, x0 + size, y0 + size, x0, y0 + size]
+
+
+def _record(path, h: int, w: int, polygons=()) -> dict:
+    """A dataset dict (as IAUNetDatasetMapper takes it) with one category-0 instance per polygon."""
+    anns = [
+        {"category_id": 0, "segmentation": [p], "iscrowd": 0, "id": i + 1}
+        for i, p in enumerate(polygons)
+    ]
+    return {"file_name": str(path), "height": h, "width": w, "annotations": anns}
+
+
+_DATASET_IDS = itertools.count()
+
+
+def _coco_tree(tmp_path, images=None, annotations=None):
+    """Two 32x32 images on disk and a COCO json (1-based category 'cell'); returns the registered
+    name."""
+    from iaunet.data.datasets.common import register_coco_dataset
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for i in (1, 2):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), np.zeros((32, 32), np.uint8))
+    if images is None:
+        images = [{"id": i, "file_name": f"{i}.png", "height": 32, "width": 32} for i in (1, 2)]
+    if annotations is None:
+        annotations = [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [_square(2, 2, 8)],
+                "iscrowd": 0,
+            }
+        ]
+    json_file = tmp_path / "annotations.json"
+    json_file.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "cell"}],
+            }
+        )
+    )
+    name = f"robustness_{next(_DATASET_IDS)}"
+    register_coco_dataset(
+        name, str(json_file), str(tmp_path / "images"), {"thing_classes": ["cell"]}
+    )
+    return name, str(json_file)
+
+
+def _ann(ann_id, image_id=1, category_id=1, polygon=None):
+    """A COCO annotation for ``_coco_tree`` (default: an 8x8 square)."""
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
+        "segmentation": [polygon or _square(2, 2, 8)],
+    }

@@ -1,5 +1,4 @@
-"""Every ablation switch of spec §1.7 (thesis Tables 3-5) builds the full model, trains one step and
-infers."""
+"""Every ablation switch of thesis Tables 3-5 builds the full model, trains one step and infers."""
 
 import math
 

@@ -2,7 +2,8 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from conftest import tiny_cfg
+import torch
+from conftest import _record, _square, tiny_cfg
 
 from iaunet.data import IAUNetDatasetMapper, ImageReadError, read_image, to_model_range
 
@@ -103,3 +104,58 @@ def test_unreadable_image_names_the_file(tmp_path):
         mapper(dict(d2, height=91))
     with pytest.raises(ImageReadError, match="NaN"):
         to_model_range(np.array([[np.nan, 1.0]], np.float32), name="f.tif")
+
+
+# Unusual image sizes and polygons (rows of docs/robustness.md); `mappers` and `model` are the
+# module-scoped tiny_cfg() fixtures of conftest.py.
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("h,w", [(1, 1), (10, 12)], ids=["1x1", "smaller_than_crop"])
+def test_tiny_images_are_padded_to_the_crop(tmp_path, mappers, h, w):
+    cv2.imwrite(str(tmp_path / "tiny.png"), np.full((h, w), 90, np.uint8))
+    train = mappers[0](_record(tmp_path / "tiny.png", h, w, [_square(0, 0, max(w, h))]))
+    assert train["image"].shape == (3, 64, 64) and len(train["instances"]) == 1
+    test = mappers[1](_record(tmp_path / "tiny.png", h, w))
+    assert max(test["image"].shape[1:]) == 64
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_elongated_images_keep_at_least_one_pixel(tmp_path, mappers, model):
+    """8 x 2000 at IMAGE_SIZE 64: the short side rounds to 0.26 px; it used to crash inside
+    interpolate."""
+    for h, w in [(8, 2000), (2000, 8)]:
+        path = tmp_path / f"long_{h}x{w}.png"
+        cv2.imwrite(str(path), np.full((h, w), 120, np.uint8))
+        strip = [0, 0, 500, 0, 500, 8, 0, 8] if h < w else [0, 0, 8, 0, 8, 500, 0, 500]
+        train = mappers[0](_record(path, h, w, [strip]))
+        assert train["image"].shape == (3, 64, 64) and len(train["instances"]) == 1
+        test = mappers[1](_record(path, h, w))
+        assert test["image"].shape[1:] == ((1, 64) if h < w else (64, 1))
+        model.eval()
+        with torch.no_grad():
+            result = model([test])[0]["instances"]
+        assert result.image_size == (h, w)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bad_polygons_in_the_mapper(tmp_path, mappers):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32), np.uint8))
+    out_of_bounds = [-10, -10, 100, -10, 100, 12, -10, 12]  # clipped to the image
+    bowtie = [2, 2, 20, 20, 20, 2, 2, 20]  # self-intersecting: rasterized as drawn (two triangles)
+    mapper = IAUNetDatasetMapper(
+        tiny_cfg(
+            **{
+                "INPUT.IMAGE_SIZE": 32,
+                "INPUT.SCALE_RANGE": (1.0, 1.0),
+                "INPUT.FLIPS": [],
+                "INPUT.ROTATE90": 0.0,
+            }
+        ),
+        is_train=True,
+    )
+    inst = mapper(_record(tmp_path / "a.png", 32, 32, [out_of_bounds, bowtie]))["instances"]
+    masks = inst.gt_masks.tensor
+    assert len(inst) == 2 and masks[0, :12].all() and not masks[0, 13:].any()
+    assert masks[1, 10, 4] and masks[1, 10, 17]  # left and right triangles
+    assert not masks[1, 4, 10] and not masks[1, 16, 10]  # nothing above or below the crossing

@@ -10,9 +10,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import tifffile
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from conftest import _ann, _coco_tree, _messages, captured_logs, tiny_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 
 import iaunet.data.datasets  # noqa: F401  (registers the names)
+from iaunet.data import IAUNetDatasetMapper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIXES = ("revvity25_", "livecell_", "evican2_", "isbi2014_")
@@ -589,3 +591,84 @@ def test_revvity25_config_starts_training(root, config):
         trainer._trainer.run_step()
     after = trainer.model.query_decoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the optimizer stepped
+
+
+# COCO json datasets through register_coco_dataset / DatasetCatalog (rows of docs/robustness.md);
+# `_coco_tree` and `_ann` (conftest.py) write the images and the json.
+
+
+def test_polygons_with_fewer_than_3_points_are_dropped_with_a_warning(tmp_path):
+    anns = [_ann(1, polygon=[1, 1, 9, 9]), _ann(2), _ann(3, polygon=[1, 1])]
+    name, json_file = _coco_tree(tmp_path, annotations=anns)
+    with captured_logs("iaunet.data.datasets.common") as logs:
+        dicts = DatasetCatalog.get(name)
+    assert [len(d["annotations"]) for d in dicts] == [1, 0]
+    assert f"{json_file}: dropped degenerate polygons" in _messages(
+        logs
+    ) and "ids [1, 3]" in _messages(logs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (
+            dict(annotations=[_ann(1, category_id=7)]),
+            ValueError,
+            r"annotations\.json: annotation 1 has category_id=7",
+        ),
+        (
+            dict(
+                images=[
+                    {"id": 1, "file_name": "1.png", "height": 32, "width": 32},
+                    {"id": 1, "file_name": "2.png", "height": 32, "width": 32},
+                ]
+            ),
+            ValueError,
+            r"annotations\.json: duplicate image id 1",
+        ),
+        (
+            dict(images=[{"id": 1, "file_name": "gone.png", "height": 32, "width": 32}]),
+            FileNotFoundError,
+            r"annotations\.json lists image .*gone\.png, which does not exist",
+        ),
+        (
+            dict(images=[], annotations=[]),
+            ValueError,
+            r"robustness_\d+'?: .*annotations\.json lists no images",
+        ),
+    ],
+    ids=["unknown_category", "duplicate_image_id", "image_file_missing", "no_images"],
+)
+def test_broken_dataset_json_is_rejected_naming_it(tmp_path, kwargs, error, message):
+    name, _ = _coco_tree(tmp_path, **kwargs)
+    with pytest.raises(error, match=message):
+        DatasetCatalog.get(name)
+
+
+def test_annotation_of_an_unknown_image_is_ignored_with_a_warning(tmp_path):
+    name, json_file = _coco_tree(tmp_path, annotations=[_ann(1), _ann(2, image_id=99)])
+    with captured_logs("iaunet.data.datasets.common") as logs:
+        dicts = DatasetCatalog.get(name)
+    assert [len(d["annotations"]) for d in dicts] == [1, 0]
+    assert f"{json_file}: 1 annotation(s) refer to image ids not in 'images'" in _messages(logs)
+    assert "annotation ids [2]" in _messages(logs)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_dataset_without_annotations(tmp_path):
+    """Loads with a warning; training filters every image (detectron2's error names the dataset)
+    unless DATALOADER.FILTER_EMPTY_ANNOTATIONS is False, which trains on zero-instance images."""
+    name, json_file = _coco_tree(tmp_path, annotations=[])
+    with captured_logs("iaunet.data.datasets.common") as logs:
+        assert len(DatasetCatalog.get(name)) == 2
+    assert f"{json_file} has no annotations at all" in _messages(logs)
+    cfg = tiny_cfg(
+        **{"DATASETS.TRAIN": (name,), "DATALOADER.NUM_WORKERS": 0, "SOLVER.IMS_PER_BATCH": 2}
+    )
+    with pytest.raises(AssertionError, match=f"No valid data found in {name}"):
+        build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    batch = next(
+        iter(build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True)))
+    )
+    assert [len(x["instances"]) for x in batch] == [0, 0]

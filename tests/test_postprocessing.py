@@ -2,8 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from iaunet.modeling.postprocessing import mask_iou, suppress_duplicates, topk_predictions
+from iaunet.modeling.postprocessing import (
+    mask_iou,
+    suppress_duplicates,
+    topk_predictions,
+    upsample_masks,
+)
 
 
 def _masks():
@@ -49,3 +55,23 @@ def test_topk_with_nms_returns_fixed_size_sorted():
     assert scores.shape == (4,) and mask_logits.shape == (4, 20, 20)
     assert (scores[:-1] >= scores[1:]).all() and scores[-1] == 0  # the copy sorted last, at 0
     assert torch.equal(mask_logits[-1] > 0, _masks()[1])
+
+
+def test_upsample_masks_matches_the_reference():
+    """Step 3 (no same-size resize, in-place sigmoid, chunks) equals the plain formulation."""
+    torch.manual_seed(0)
+    logits = torch.randn(40, 16, 16) * 3  # 1/4 of a padded 64x64 input; 40 masks -> 2 chunks of 32
+
+    def reference(image_size, output_size):
+        h, w = image_size
+        m = F.interpolate(logits[None], scale_factor=4, mode="bilinear", align_corners=False)
+        m = F.interpolate(m[:, :, :h, :w], size=output_size, mode="bilinear", align_corners=False)
+        return m[0].sigmoid() > 0.5
+
+    for image_size, output_size in (
+        ((64, 64), (64, 64)),
+        ((60, 50), (60, 50)),
+        ((60, 50), (97, 81)),
+    ):
+        got = upsample_masks(logits, image_size, output_size, 0.5)
+        assert torch.equal(got, reference(image_size, output_size))

@@ -1,29 +1,32 @@
 #!/usr/bin/env python3
-"""Convert ImageNet checkpoints into weights that ``MODEL.WEIGHTS`` loads into an IAUNet model.
+"""Convert ImageNet checkpoints, and the IAUNet authors' trained models, into weights that
+``MODEL.WEIGHTS`` loads into our IAUNet model.
+
+torchvision ResNet (detectron2 names; ``MODEL.RESNETS.STRIDE_IN_1X1 False``, ``INPUT.FORMAT RGB``).
+The thesis models start from the V2 checkpoints (``ResNet50_Weights.DEFAULT``)::
+
+    python tools/convert_pretrained.py resnet resnet50-11ad3fa6.pth R-50.pkl
+    python tools/convert_pretrained.py resnet resnet101-cd907fc2.pth R-101.pkl
 
 Swin (official microsoft/Swin-Transformer ``.pth`` or timm ``.pth``/``.safetensors``)::
 
     python tools/convert_pretrained.py swin swin_small_patch4_window7_224.pth swin_s.pkl
-    python tools/convert_pretrained.py swin swin_base_patch4_window7_224_22k.pth swin_b_w12.pkl
-    --window-size 12
+    python tools/convert_pretrained.py swin swin_base_patch4_window12_384_22k.pth swin_b.pkl \
+        --window-size 12
 
-torchvision ResNet (detectron2 names; train with ``MODEL.RESNETS.STRIDE_IN_1X1 False``,
-``INPUT.FORMAT RGB``
-and the torchvision ``MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]`` / ``PIXEL_STD [58.395, 57.12,
-57.375]``)::
+The authors' IAUNet (github SlavkoPrytula/IAUNet: a Lightning checkpoint or a bare state dict with
+``encoder.*`` = torchvision ResNet and ``decoder.*``), e.g. to check the thesis numbers::
 
-    python tools/convert_pretrained.py resnet resnet50-0676ba61.pth R-50.pkl
+    python tools/convert_pretrained.py iaunet-ref best.ckpt iaunet_r50_revvity.pth
+    python train_net.py --config-file configs/revvity25/iaunet_R50.yaml --eval-only \
+        MODEL.WEIGHTS iaunet_r50_revvity.pth
 
-Output keys carry the model's ``backbone.`` prefix, so they load without name-matching heuristics.
-Swin: the classifier head and the non-persistent buffers (``relative_position_index``,
-``attn_mask``) are
-dropped; the classifier's final norm initializes ``norm3`` (the res5 output norm, same position);
-the output
-norms ``norm0..2`` keep their default init. With ``--window-size`` different from the checkpoint's,
-every
-``relative_position_bias_table`` is resized by bicubic interpolation, as the official Swin code does
-when
-fine-tuning at another window.
+Output keys carry the model's prefixes (``backbone.`` ...), so they load without name-matching
+heuristics. Swin: the classifier head and the non-persistent buffers (``relative_position_index``,
+``attn_mask``) are dropped; the classifier's final norm initializes ``norm3`` (the res5 output norm,
+same position); the output norms ``norm0..2`` keep their default init. With ``--window-size``
+different from the checkpoint's, every ``relative_position_bias_table`` is resized by bicubic
+interpolation, as the official Swin code does when fine-tuning at another window.
 """
 
 import argparse
@@ -97,7 +100,9 @@ def convert_swin(
     return out
 
 
-def convert_torchvision_resnet(state: StateDict, prefix: str = "backbone.") -> StateDict:
+def convert_torchvision_resnet(
+    state: StateDict, prefix: str = "backbone.", keep_counters: bool = False
+) -> StateDict:
     """Map a torchvision ResNet state dict onto detectron2 ``ResNet`` names (``stem``,
     ``res2..res5``).
 
@@ -105,7 +110,7 @@ def convert_torchvision_resnet(state: StateDict, prefix: str = "backbone.") -> S
     """
     out: StateDict = {}
     for key, value in state.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+        if key.startswith("fc.") or (key.endswith("num_batches_tracked") and not keep_counters):
             continue
         if not key.startswith("layer"):
             key = "stem." + key
@@ -113,6 +118,100 @@ def convert_torchvision_resnet(state: StateDict, prefix: str = "backbone.") -> S
         key = re.sub(r"bn(\d)", r"conv\1.norm", key)
         key = key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
         out[prefix + key] = value
+    return out
+
+
+# The authors' decoder names (``decoder.`` stripped) -> ours. Their mask-branch, lateral and output
+# convolutions have biases that ours (followed by BN) do not: see ``_fold_conv_bias``.
+REFERENCE_DECODER_KEYS = (
+    (r"^skip_conv_layers\.", "pixel_decoder.skip_proj."),
+    (r"^up_conv_layers\.(\d+)\.0\.depthwise_conv1\.", r"pixel_decoder.stages.\1.conv.body.0."),
+    (r"^up_conv_layers\.(\d+)\.0\.pointwise_conv1\.", r"pixel_decoder.stages.\1.conv.body.1."),
+    (r"^up_conv_layers\.(\d+)\.0\.norm_relu1\.0\.", r"pixel_decoder.stages.\1.conv.body.2."),
+    (r"^up_conv_layers\.(\d+)\.0\.depthwise_conv2\.", r"pixel_decoder.stages.\1.conv.body.4."),
+    (r"^up_conv_layers\.(\d+)\.0\.pointwise_conv2\.", r"pixel_decoder.stages.\1.conv.body.5."),
+    (r"^up_conv_layers\.(\d+)\.0\.norm_relu2\.0\.", r"pixel_decoder.stages.\1.conv.body.6."),
+    (r"^up_conv_layers\.(\d+)\.0\.projection\.", r"pixel_decoder.stages.\1.conv.projection."),
+    (r"^up_conv_layers\.(\d+)\.1\.excite\.", r"pixel_decoder.stages.\1.se.fc."),
+    # MaskStackedConv: [conv, BN, ReLU] x n -> detectron2 Conv2d(norm=...) x n
+    (r"^mask_branch\.(\d+)\.mask_convs\.(\d+)\.", None),
+    (r"^lateral_conv\.0\.", "pixel_decoder.mask_head.lateral."),
+    (r"^lateral_conv\.1\.", "pixel_decoder.mask_head.lateral.norm."),
+    (r"^output_conv\.0\.", "pixel_decoder.mask_head.output.0."),
+    (r"^output_conv\.1\.", "pixel_decoder.mask_head.output.0.norm."),
+    (
+        r"^transformer_instance_cross_attention_layers\.(\d+)\.multihead_attn\.",
+        r"query_decoder.cross_attention.\1.attn.",
+    ),
+    (
+        r"^transformer_instance_cross_attention_layers\.(\d+)\.norm\.",
+        r"query_decoder.cross_attention.\1.norm.",
+    ),
+    (
+        r"^transformer_instance_self_attention_layers\.(\d+)\.self_attn\.",
+        r"query_decoder.self_attention.\1.attn.",
+    ),
+    (
+        r"^transformer_instance_self_attention_layers\.(\d+)\.norm\.",
+        r"query_decoder.self_attention.\1.norm.",
+    ),
+    (r"^transformer_instance_ffn_layers\.", "query_decoder.ffn."),
+    (r"^query_feat\.", "query_decoder.queries."),
+    (r"^query_embed\.", "query_decoder.query_pos."),
+    (r"^(decoder_norm|class_embed|mask_embed)\.", r"query_decoder.\1."),
+)
+# Layers of the authors' decoder that no output uses (no loss reads ``bbox_pred`` in their config).
+REFERENCE_UNUSED = ("fc.", "objectness.", "bbox_pred.")
+
+
+def _reference_decoder_key(key: str) -> Optional[str]:
+    """Our name for a key of the authors' decoder (``decoder.`` stripped); None: not converted."""
+    m = re.match(r"^mask_branch\.(\d+)\.mask_convs\.(\d+)\.(.*)$", key)
+    if m:  # index 3j = conv of layer j, 3j + 1 = its BN, 3j + 2 = ReLU
+        level, idx, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        norm = ".norm" if idx % 3 == 1 else ""
+        return f"pixel_decoder.mask_branch.{level}.{idx // 3}{norm}.{rest}"
+    for pattern, repl in REFERENCE_DECODER_KEYS:
+        if repl is not None and re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def _fold_conv_bias(out: StateDict) -> None:
+    """BN(conv(x) + b) = BN'(conv(x)) with BN' = BN whose running mean is mu - b (exact in eval):
+    for every ``<conv>.bias`` of ours whose conv is followed by ``<conv>.norm``."""
+    for key in [k for k in out if k.endswith(".bias")]:
+        conv = key[: -len(".bias")]
+        if f"{conv}.norm.running_mean" in out and f"{conv}.weight" in out:
+            out[f"{conv}.norm.running_mean"] = out[f"{conv}.norm.running_mean"] - out.pop(key)
+
+
+def convert_iaunet_reference(state: StateDict) -> StateDict:
+    """Map the authors' IAUNet state dict (``encoder.*`` torchvision ResNet, ``decoder.*``; a
+    Lightning ``model.`` prefix is stripped) onto our model, BatchNorm statistics included."""
+    state = {k[len("model.") :] if k.startswith("model.") else k: v for k, v in state.items()}
+    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    out = convert_torchvision_resnet(encoder, keep_counters=True)
+    unknown = []
+    if "criterion.empty_weight" in state:  # the CE class weights ("no object" 0.1), same buffer
+        out["criterion.empty_weight"] = state["criterion.empty_weight"]
+    for key, value in state.items():
+        if not key.startswith("decoder.") or key.endswith(("total_ops", "total_params")):
+            continue
+        key = key[len("decoder.") :]
+        if key.startswith(REFERENCE_UNUSED):
+            continue
+        new = _reference_decoder_key(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown or not encoder:
+        raise ValueError(
+            "not an IAUNet reference checkpoint: "
+            + (f"unknown decoder keys {unknown[:5]}" if unknown else "no encoder.* keys")
+        )
+    _fold_conv_bias(out)
     return out
 
 
@@ -131,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kind", choices=["swin", "resnet"], help="checkpoint family")
+    parser.add_argument("kind", choices=["swin", "resnet", "iaunet-ref"], help="checkpoint family")
     parser.add_argument("input", help="ImageNet checkpoint (.pth, .pt, .bin or .safetensors)")
     parser.add_argument("output", help="converted weights: .pkl (detectron2 format) or .pth")
     parser.add_argument(
@@ -150,8 +249,10 @@ def main() -> None:
     state = load_state_dict(args.input)
     if args.kind == "swin":
         converted = convert_swin(state, args.window_size, args.prefix)
-    else:
+    elif args.kind == "resnet":
         converted = convert_torchvision_resnet(state, args.prefix)
+    else:
+        converted = convert_iaunet_reference(state)
     save(converted, args.output, author=f"{args.kind} ImageNet ({args.input})")
     logger.info(
         "wrote %d tensors (%d in the checkpoint) to %s", len(converted), len(state), args.output

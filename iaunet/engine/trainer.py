@@ -34,7 +34,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..data import IAUNetDatasetMapper
 from ..data.statistics import resolve_data_keys
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
@@ -169,11 +169,41 @@ def resolve_config_from_data(cfg: CfgNode, training: bool = True) -> List[str]:
     ]
 
 
+def check_pretrained_weights(cfg: CfgNode) -> None:
+    """Refuse to train from random weights on a real dataset unless asked to: the thesis models
+    start from ImageNet weights, and a silent from-scratch run costs days for a worse model."""
+    synthetic = all(MetadataCatalog.get(n).get("synthetic", False) for n in cfg.DATASETS.TRAIN)
+    if cfg.MODEL.WEIGHTS or synthetic or cfg.MODEL.IAUNET.TRAIN.FROM_SCRATCH:
+        return
+    if cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone":
+        depth = cfg.MODEL.RESNETS.DEPTH
+        source = {50: "resnet50-11ad3fa6.pth", 101: "resnet101-cd907fc2.pth"}.get(
+            depth, f"torchvision's resnet{depth} (ImageNet V2) checkpoint"
+        )
+        command = f"python tools/convert_pretrained.py resnet {source} R-{depth}.pkl"
+        weights = f"R-{depth}.pkl"
+    else:
+        command = "python tools/convert_pretrained.py swin <official Swin checkpoint> swin.pkl"
+        weights = "swin.pkl"
+    raise ConfigError(
+        f"MODEL.WEIGHTS is empty: training on {', '.join(cfg.DATASETS.TRAIN)} would start from "
+        f"random weights. Convert ImageNet weights ({command}) and add MODEL.WEIGHTS {weights}, "
+        "or set MODEL.IAUNET.TRAIN.FROM_SCRATCH True to train from scratch on purpose"
+    )
+
+
+def check_config(cfg: CfgNode, training: bool) -> CfgNode:
+    """What ``train_net.py`` checks before starting any worker (ConfigError naming the key)."""
+    if training:
+        check_pretrained_weights(cfg)
+    return cfg
+
+
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key),
     adapted to the machine and sized from the data, frozen; detectron2's ``default_setup`` (output
     folder, config.yaml, seed, logging)."""
-    cfg = load_config(args.config_file, args.opts)
+    cfg = check_config(load_config(args.config_file, args.opts), training=not args.eval_only)
     notes = adapt_config_to_machine(cfg, comm.get_world_size())
     data_notes = resolve_config_from_data(cfg, training=not args.eval_only)
     cfg.freeze()

@@ -170,11 +170,44 @@ class SetCriterion(nn.Module):
             torch.tensor(float(sum(counts)), device=device), min_total=1.0
         )
 
+        groups = outputs.get("query_groups", 1)
+
         def losses_of(out: Dict) -> Dict[str, torch.Tensor]:
-            indices = self.matcher(out, matcher_targets)
-            return self.get_losses(out, labels, gt_masks, target_offsets, indices, num_masks)
+            indices = self.match_groups(out, matcher_targets, groups)
+            return self.get_losses(
+                out, labels, gt_masks, target_offsets, indices, num_masks * groups
+            )
 
         losses = losses_of(outputs)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in losses_of(aux).items()})
+        dn = outputs.get("denoising")
+        if dn is not None:  # known assignment: no matching (DN-DETR)
+            indices = dn["indices"]
+            num_dn = _global_mean_denominator(
+                torch.tensor(float(sum(len(q) for q, _ in indices)), device=device), min_total=1.0
+            )
+            for i, out in enumerate([dn] + dn["aux_outputs"]):
+                suffix = "_dn" if i == 0 else f"_dn_{i - 1}"
+                dn_losses = self.get_losses(out, labels, gt_masks, target_offsets, indices, num_dn)
+                losses.update({k + suffix: v for k, v in dn_losses.items()})
         return losses
+
+    def match_groups(self, outputs: Dict, targets: List[Dict], groups: int) -> Indices:
+        """One-to-one matching within each of ``groups`` equal blocks of queries (Group DETR); the
+        query indices of block g are offset by g x (queries per group)."""
+        if groups == 1:
+            return self.matcher(outputs, targets)
+        per_group = outputs["pred_logits"].shape[1] // groups
+        parts = []
+        for g in range(groups):
+            block = slice(g * per_group, (g + 1) * per_group)
+            sub = {
+                "pred_logits": outputs["pred_logits"][:, block],
+                "pred_masks": outputs["pred_masks"][:, block],
+            }
+            parts.append([(q + g * per_group, t) for q, t in self.matcher(sub, targets)])
+        return [
+            (torch.cat([p[b][0] for p in parts]), torch.cat([p[b][1] for p in parts]))
+            for b in range(len(targets))
+        ]

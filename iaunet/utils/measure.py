@@ -169,8 +169,8 @@ def module_ranges(model: torch.nn.Module) -> List:
     return handles
 
 
-@contextlib.contextmanager
 def profile_table(prof, top: int) -> Dict:
+    """Top ops by self CPU time and the labelled ranges of a ``torch.profiler`` run."""
     events = prof.key_averages()
     ranges = [e for e in events if e.key.startswith(("module::", "train::", "iaunet::"))]
     ops = sorted(

@@ -201,7 +201,7 @@ def register_all_synthetic() -> None:
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, lambda name=name: load_synthetic(name))
-        MetadataCatalog.get(name).set(thing_classes=["cell"], evaluator_type="coco")
+        MetadataCatalog.get(name).set(thing_classes=["cell"], evaluator_type="coco", synthetic=True)
 
 
 register_all_synthetic()

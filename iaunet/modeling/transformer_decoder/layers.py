@@ -57,6 +57,7 @@ class AttentionLayer(nn.Module):
         memory: torch.Tensor,
         query_pos: Optional[torch.Tensor] = None,
         pos: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tgt: (B, Q, D); memory: (B, L, D); query_pos: (B|1, Q, D); pos: (B|1, L, D) -> (B, Q,
         D)."""
@@ -64,7 +65,8 @@ class AttentionLayer(nn.Module):
         if memory is tgt:  # self-attention: keys/values are the (normalized) queries themselves
             memory = q
         k = memory if pos is None else memory + pos
-        out = self.attn(q if query_pos is None else q + query_pos, k, memory, need_weights=False)[0]
+        q = q if query_pos is None else q + query_pos
+        out = self.attn(q, k, memory, attn_mask=attn_mask, need_weights=False)[0]
         tgt = tgt + self.dropout(out)
         return tgt if self.pre_norm else self.norm(tgt)
 

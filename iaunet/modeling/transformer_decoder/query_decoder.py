@@ -1,27 +1,29 @@
 """Query decoder with per-block prediction heads (thesis §3.5)."""
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from torch import nn
 
 from .layers import AttentionLayer, FFNLayer, sine_position_encoding
+from .training_queries import MaskDenoising, QueryGroups, self_attention_mask
 
 DECODER_ORDERS = ("seq", "round_robin")
 
 
 class QueryDecoder(nn.Module):
     """N learnable queries refined by cross-attention to the pixel decoder's multi-scale features
-    X_m.
+    X_m (thesis §3.5).
 
     Each block is cross-attention -> self-attention -> FFN. With ``order="seq"`` all blocks of 1/32
-    run
-    first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A shared
-    head
-    (LayerNorm -> class Linear / mask-embedding Linear) predicts after every block; the last block's
-    prediction is the output, the others are auxiliary outputs for deep supervision.
+    run first, then 1/16, then 1/8; ``"round_robin"`` cycles over the levels block by block. A
+    shared head (LayerNorm -> class Linear / mask-embedding Linear) predicts after every block; the
+    last block's prediction is the output, the others are auxiliary outputs for deep supervision.
+
+    Training only, opt-in (:mod:`.training_queries`): extra query groups (one-to-many assignment)
+    and denoising queries built from the targets.
     """
 
     @configurable
@@ -41,6 +43,8 @@ class QueryDecoder(nn.Module):
         blocks_per_level: int,
         order: str,
         aux_predictions_at_test: bool,
+        query_groups: int = 1,
+        denoising: Optional[MaskDenoising] = None,
     ):
         super().__init__()
         if order not in DECODER_ORDERS:
@@ -53,6 +57,8 @@ class QueryDecoder(nn.Module):
             )
         if blocks_per_level < 1:
             raise ValueError(f"MODEL.IAUNET.BLOCKS_PER_LEVEL must be >= 1, got {blocks_per_level}")
+        if query_groups < 1:
+            raise ValueError(f"MODEL.IAUNET.TRAIN.QUERY_GROUPS must be >= 1, got {query_groups}")
         self.memory_proj = (
             nn.Linear(in_channels, hidden_dim) if in_channels != hidden_dim else nn.Identity()
         )
@@ -81,6 +87,11 @@ class QueryDecoder(nn.Module):
         nn.init.normal_(self.mask_embed.weight, std=0.01)
         nn.init.constant_(self.mask_embed.bias, 0.0)
         self.aux_predictions_at_test = aux_predictions_at_test
+        self.nheads = nheads
+        self.groups = (
+            QueryGroups(query_groups, num_queries, hidden_dim) if query_groups > 1 else None
+        )
+        self.denoising = denoising
 
     @classmethod
     def from_config(cls, cfg, num_levels: int, in_channels: int):
@@ -99,6 +110,18 @@ class QueryDecoder(nn.Module):
             "blocks_per_level": m.BLOCKS_PER_LEVEL,
             "order": m.DECODER_ORDER,
             "aux_predictions_at_test": m.TEST.AUX_PREDICTIONS,
+            "query_groups": m.TRAIN.QUERY_GROUPS,
+            "denoising": MaskDenoising(
+                m.NUM_CLASSES,
+                m.HIDDEN_DIM,
+                m.MASK_DIM,
+                groups=m.TRAIN.DENOISING_GROUPS,
+                max_queries=m.TRAIN.DENOISING_MAX_QUERIES,
+                box_noise=m.TRAIN.DENOISING_BOX_NOISE,
+                label_noise=m.TRAIN.DENOISING_LABEL_NOISE,
+            )
+            if m.TRAIN.DENOISING
+            else None,
         }
 
     def predict(
@@ -115,15 +138,18 @@ class QueryDecoder(nn.Module):
         multi_scale_features: List[torch.Tensor],
         mask_features: torch.Tensor,
         deep_supervision: bool = True,
+        targets: Optional[List[Dict[str, torch.Tensor]]] = None,
     ) -> Dict:
         """
         Args:
             multi_scale_features: X_m per level, coarse to fine, each (B, C, H_l, W_l); never
-            updated.
-            mask_features: E, (B, MASK_DIM, H/4, W/4).
+            updated. mask_features: E, (B, MASK_DIM, H/4, W/4).
             deep_supervision: return every block's prediction as ``aux_outputs`` (training).
+            targets: per image "labels" and "masks" (training, for the denoising queries).
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}.
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]};
+            Q = N at inference and G * N in training with query groups, "query_groups": G. With
+            denoising queries in training, "denoising": the same for them plus their "indices".
         """
         b = mask_features.shape[0]
         memory = [
@@ -132,20 +158,50 @@ class QueryDecoder(nn.Module):
         pos = [
             sine_position_encoding(m, x.shape[-1]) for m, x in zip(multi_scale_features, memory)
         ]  # (1, H_l*W_l, D)
-        query_pos = self.query_pos.weight.unsqueeze(0)
         x = self.queries.weight.unsqueeze(0).expand(b, -1, -1)
+        query_pos = self.query_pos.weight.unsqueeze(0).expand(b, -1, -1)
+        groups = self.groups.num_groups if self.training and self.groups is not None else 1
+        dn = None
+        if self.training and self.denoising is not None and targets is not None:
+            dn = self.denoising(targets, mask_features)
+        attn_mask = None
+        if groups > 1 or dn is not None:
+            parts, pos_parts = [x], [query_pos]
+            if groups > 1:
+                parts.append(self.groups.queries.weight.unsqueeze(0).expand(b, -1, -1))
+                pos_parts.append(self.groups.query_pos.weight.unsqueeze(0).expand(b, -1, -1))
+            if dn is not None:
+                parts.append(dn["queries"])
+                pos_parts.append(dn["query_pos"])
+            x, query_pos = torch.cat(parts, 1), torch.cat(pos_parts, 1)
+            attn_mask, _ = self_attention_mask(
+                b, self.queries.num_embeddings, groups, dn, self.nheads
+            )
+            attn_mask = attn_mask.to(x.device)
         all_aux = deep_supervision or (not self.training and self.aux_predictions_at_test)
         predictions = []
         for i, lvl in enumerate(self.block_levels):
             x = self.cross_attention[i](x, memory[lvl], query_pos=query_pos, pos=pos[lvl])
-            x = self.self_attention[i](x, x, query_pos=query_pos, pos=query_pos)
+            x = self.self_attention[i](
+                x, x, query_pos=query_pos, pos=query_pos, attn_mask=attn_mask
+            )
             x = self.ffn[i](x)
             if all_aux or i == len(self.block_levels) - 1:
                 predictions.append(self.predict(x, mask_features))
-        logits, masks = predictions[-1]
-        aux = (
-            [{"pred_logits": lg, "pred_masks": mk} for lg, mk in predictions[:-1]]
-            if deep_supervision
-            else []
-        )
-        return {"pred_logits": logits, "pred_masks": masks, "aux_outputs": aux}
+        num_matching = groups * self.queries.num_embeddings
+        outputs = _outputs(predictions, 0, num_matching, deep_supervision)
+        outputs["query_groups"] = groups
+        if dn is not None:
+            outputs["denoising"] = _outputs(predictions, num_matching, None, deep_supervision)
+            outputs["denoising"]["indices"] = dn["indices"]
+        return outputs
+
+
+def _outputs(predictions: List[Tuple], start: int, end: Optional[int], aux: bool) -> Dict:
+    """The predictions of queries ``start:end`` as {"pred_logits", "pred_masks", "aux_outputs"}."""
+    sliced = [(lg[:, start:end], mk[:, start:end]) for lg, mk in predictions]
+    out = {"pred_logits": sliced[-1][0], "pred_masks": sliced[-1][1]}
+    out["aux_outputs"] = (
+        [{"pred_logits": lg, "pred_masks": mk} for lg, mk in sliced[:-1]] if aux else []
+    )
+    return out
