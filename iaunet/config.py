@@ -173,6 +173,9 @@ def add_iaunet_config(cfg: CN) -> None:
     # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range of the dtype)
     cfg.INPUT.INTENSITY_NORM = "percentile"
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule
+    # apply INTENSITY_NORM to 8-bit images too, so that a model sees the same intensities whether an
+    # image is stored in 8 or 16 bits (off: 8-bit images are used as they are, as in the thesis)
+    cfg.INPUT.NORMALIZE_8BIT = False
     cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad images to a multiple of this
     cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer pixels after augmentation are dropped
 

@@ -244,7 +244,12 @@ def predict_file(
     label_name, overlay_name = f"{stem}_labels.tif", f"{stem}_overlay.png"
     atomic_write(os.path.join(out_dir, label_name), tiff_bytes(label_image(masks, h, w)))
     image8 = (
-        to_model_range(raw, predictor.intensity_norm, predictor.percentiles)
+        to_model_range(
+            raw,
+            predictor.intensity_norm,
+            predictor.percentiles,
+            normalize_uint8=predictor.normalize_uint8,
+        )
         .round()
         .astype(np.uint8)
     )

@@ -140,6 +140,19 @@ def test_compare_maskrcnn_tiny(tmp_path):
     assert os.path.isfile(os.path.join(str(tmp_path), "mask_rcnn", "model_final.pth"))
 
 
+def test_compare_maskrcnn_equal_time(tmp_path):
+    """--equal-time: Mask R-CNN gets the iterations that fit in IAUNet's measured training time."""
+    result = compare_maskrcnn.main(
+        ["--iters", "3", "--batch", "2", "--test-limit", "2", "--num-workers", "0", "--equal-time"]
+        + ["--output-dir", str(tmp_path), "--maskrcnn-opts", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE"]
+        + ["32", "--opts", *TINY_OPTS, "TEST.DETECTIONS_PER_IMAGE", "8"]
+    )
+    iters = result["settings"]["maskrcnn_iters"]
+    assert iters >= 1 and result["mask_rcnn"]["iterations"] == iters
+    assert result["iaunet"]["iterations"] == 3 and result["iaunet"]["train_time_s"] > 0
+    assert "F1@0.5" in result["iaunet"]["matching"]
+
+
 def test_profile_table_ranges_and_ops():
     import torch
     from torch.profiler import ProfilerActivity, profile

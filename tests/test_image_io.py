@@ -94,3 +94,14 @@ def test_intensity_edge_cases_give_valid_images(tmp_path, mappers):
     )  # flat image: no division by zero
     out = mappers[0](_record(tmp_path / "zeros16.tif", 16, 16, [_square(2, 2, 8)]))
     assert torch.isfinite(out["image"]).all()
+
+
+def test_normalize_8bit_makes_8_and_16_bit_copies_alike():
+    """INPUT.NORMALIZE_8BIT: an image stored in 8 bits and its 16-bit copy reach the model alike."""
+    rng = np.random.default_rng(0)
+    img8 = rng.integers(20, 120, (32, 32), dtype=np.uint8)
+    img16 = img8.astype(np.uint16) * 200 + 1000
+    a = to_model_range(img8, "percentile", (0.5, 99.5), normalize_uint8=True)
+    b = to_model_range(img16, "percentile", (0.5, 99.5))
+    assert np.allclose(a, b, atol=1e-3) and a.max() == 255 and a.min() == 0
+    assert np.array_equal(to_model_range(img8)[..., 0], img8)  # default: 8-bit kept as is

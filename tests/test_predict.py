@@ -17,7 +17,13 @@ from pycocotools.coco import COCO
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
 from iaunet.inference import IAUNetPredictor, MaskCrops
-from iaunet.inference.tiling import tile_starts
+from iaunet.inference.tiling import (
+    Detection,
+    stitch_detections,
+    tile_cores,
+    tile_starts,
+    tile_windows,
+)
 from iaunet.outputs import label_image
 from iaunet.predict import main
 
@@ -355,3 +361,29 @@ def test_mask_crops_rle_and_labels():
     assert labels[3, 16] == 3 and labels[12, 26] == 2 and labels[14, 20] == 4 and labels[20, 0] == 0
     empty = MaskCrops.from_bitmasks(torch.zeros((1, h, w), dtype=torch.bool))
     assert mask_util.area(empty.to_rles()[0]) == 0
+
+
+def test_tile_cores_partition_the_image():
+    windows = tile_windows(300, 260, 128, 32)
+    cores = tile_cores(windows, 300, 260)
+    cover = np.zeros((300, 260), int)
+    for y0, x0, y1, x1 in cores:
+        cover[int(np.ceil(y0)) : int(np.ceil(y1)), int(np.ceil(x0)) : int(np.ceil(x1))] += 1
+    assert (cover == 1).all()
+    for (wy0, wx0, wy1, wx1), (cy0, cx0, cy1, cx1) in zip(windows, cores):
+        assert wy0 <= cy0 < cy1 <= wy1 and wx0 <= cx0 < cx1 <= wx1
+
+
+def _det(tile, window, y0, x0, size, score, central, partial=False):
+    return Detection(tile, window, y0, x0, np.ones((size, size), bool), score, 0, partial, central)
+
+
+def test_stitching_keeps_one_view_per_object():
+    """An object seen whole by two tiles is kept once, whichever view is central (both, or neither:
+    an off-centre view is kept when no tile saw the object centrally); distinct objects stay."""
+    a, b = (0, 0, 100, 100), (0, 60, 100, 160)  # overlap x in [60, 100)
+    both = [_det(0, a, 10, 70, 20, 0.9, True), _det(1, b, 10, 71, 20, 0.8, True)]
+    neither = [_det(0, a, 40, 70, 20, 0.9, False), _det(1, b, 40, 69, 20, 0.8, False)]
+    other = [_det(1, b, 70, 120, 10, 0.7, True)]
+    kept = stitch_detections(both + neither + other)
+    assert sorted((d.y0, d.x0) for d in kept) == [(10, 70), (40, 70), (70, 120)]

@@ -260,15 +260,38 @@ def train_and_evaluate(cfg: CfgNode, trainer_cls, seed: int) -> Dict:
     if results and "segm" not in results:  # several test sets: {dataset: {"segm": ...}}
         results = results[cfg.DATASETS.TEST[0]]
     segm = dict(results.get("segm", {})) if results else {}
+    matching = dict(results.get("matching", {})) if results else {}
     return {
         "params": params,
         "iterations": cfg.SOLVER.MAX_ITER,
         "batch": cfg.SOLVER.IMS_PER_BATCH,
         "images_seen": cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH,
         "train_and_eval_time_s": total,
+        "train_time_s": trainer.storage.history("time").global_avg() * cfg.SOLVER.MAX_ITER
+        if "time" in trainer.storage.histories()
+        else total,
         "segm": segm,
+        "matching": matching,
         "output_dir": cfg.OUTPUT_DIR,
     }
+
+
+def seconds_per_iteration(cfg: CfgNode, trainer_cls, seed: int, iters: int = 10) -> float:
+    """Median training-step time of ``cfg`` over ``iters`` iterations (after 2 warm-up ones),
+    without evaluation or checkpoints: the probe that sizes an equal-time run."""
+    probe = cfg.clone()
+    probe.defrost()
+    probe.SOLVER.MAX_ITER = iters + 2
+    probe.DATASETS.TEST = ()
+    probe.OUTPUT_DIR = cfg.OUTPUT_DIR + "_probe"
+    os.makedirs(probe.OUTPUT_DIR, exist_ok=True)
+    probe.freeze()
+    seed_all_rng(seed)
+    trainer = trainer_cls(probe)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    times = trainer.storage.history("time").values()[2:]
+    return float(sorted(t for t, _ in times)[len(times) // 2])
 
 
 def _fmt(v) -> str:
@@ -277,23 +300,24 @@ def _fmt(v) -> str:
 
 def report(result: Dict) -> str:
     s = result["settings"]
+    budget = "equal training time" if s.get("equal_time") else "equal images seen"
     lines = [
-        f"Equal budget: {s['iters']} iterations x {s['batch']} images, from scratch; train "
-        f"{s['train']}, test {s['test']} "
-        f"(COCOEvaluator segm, max {s['max_dets']} detections); device {s['device']}.",
+        f"{budget}, batch {s['batch']}, from scratch; train {s['train']}, test {s['test']} "
+        f"(COCOEvaluator segm, max {s['max_dets']} detections; matching F1 at IoU 0.5 of the "
+        f"detections scoring >= 0.5); device {s['device']}.",
         "",
-        "| model | backbone | params | images seen | train+eval time (s) | "
-        + " | ".join(METRICS)
-        + " |",
-        "|" + "---|" * (5 + len(METRICS)),
+        "| model | backbone | params | iterations | images seen | train time (s) | train+eval (s) "
+        "| " + " | ".join(METRICS) + " | F1@0.5 | pred/true |",
+        "|" + "---|" * (8 + len(METRICS)),
     ]
     for key in ("iaunet", "mask_rcnn"):
         r = result[key]
         lines.append(
-            f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['images_seen']} | "
-            f"{r['train_and_eval_time_s']:.0f} | "
+            f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['iterations']} | "
+            f"{r['images_seen']} | {r['train_time_s']:.0f} | {r['train_and_eval_time_s']:.0f} | "
             + " | ".join(_fmt(r["segm"].get(m)) for m in METRICS)
-            + " |"
+            + f" | {_fmt(r['matching'].get('F1@0.5'))} | "
+            f"{r['matching'].get('count_ratio', float('nan')):.2f} |"
         )
     return "\n".join(lines)
 
@@ -346,6 +370,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     )
     p.add_argument("--num-workers", type=int, default=None, help="DATALOADER.NUM_WORKERS for both")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--equal-time",
+        action="store_true",
+        help="train Mask R-CNN for as many iterations as fit in IAUNet's training time (measured "
+        "with a 10-iteration probe) instead of the same number of iterations",
+    )
     p.add_argument("--output-dir", default=os.path.join("output", "compare_maskrcnn"))
     p.add_argument(
         "--maskrcnn-config", default=MASK_RCNN_CONFIG, help="detectron2 model zoo config"
@@ -402,6 +432,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     )
     logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
     trainer_cls = Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
+    if args.equal_time:  # as many Mask R-CNN iterations as fit in IAUNet's training time
+        per_iter = seconds_per_iteration(mcfg, trainer_cls, args.seed)
+        iters = max(1, int(result["iaunet"]["train_time_s"] / per_iter))
+        logger.info(
+            f"Equal time: IAUNet trained {result['iaunet']['train_time_s']:.0f} s; Mask R-CNN "
+            f"{per_iter:.2f} s/iteration -> {iters} iterations"
+        )
+        mcfg.SOLVER.MAX_ITER = iters
+        mcfg.SOLVER.WARMUP_ITERS = min(mcfg.SOLVER.WARMUP_ITERS, iters)
+        mcfg.SOLVER.CHECKPOINT_PERIOD = iters + 1
+        result["settings"]["maskrcnn_iters"] = iters
     result["mask_rcnn"] = train_and_evaluate(mcfg, trainer_cls, args.seed)
     result["mask_rcnn"].update(
         name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config

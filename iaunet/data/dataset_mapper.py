@@ -164,6 +164,7 @@ class IAUNetDatasetMapper:
         intensity_norm: str = "percentile",
         percentiles=(0.5, 99.5),
         min_instance_area: int = 1,
+        normalize_uint8: bool = False,
     ):
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -171,6 +172,7 @@ class IAUNetDatasetMapper:
         self.intensity_norm = intensity_norm
         self.percentiles = tuple(percentiles)
         self.min_instance_area = min_instance_area
+        self.normalize_uint8 = normalize_uint8
         mode = "train" if is_train else "test"
         logger.info(f"[IAUNetDatasetMapper] {mode} augmentations: {augmentations}")
 
@@ -183,6 +185,7 @@ class IAUNetDatasetMapper:
             "intensity_norm": cfg.INPUT.INTENSITY_NORM,
             "percentiles": cfg.INPUT.PERCENTILES,
             "min_instance_area": cfg.INPUT.MIN_INSTANCE_AREA,
+            "normalize_uint8": cfg.INPUT.NORMALIZE_8BIT,
         }
 
     def load_image(self, file_name: str) -> np.ndarray:
@@ -193,6 +196,7 @@ class IAUNetDatasetMapper:
             self.percentiles,
             name=file_name,
             image_format=self.image_format,
+            normalize_uint8=self.normalize_uint8,
         )
 
     def __call__(self, dataset_dict: Dict) -> Dict:

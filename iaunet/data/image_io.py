@@ -75,20 +75,21 @@ def to_model_range(
     percentiles: Sequence[float] = (0.5, 99.5),
     name: str = "image",
     image_format: str = "RGB",
+    normalize_uint8: bool = False,
 ) -> np.ndarray:
     """Any (H, W) / (H, W, 1|3|4) RGB(A) array -> float32 (H, W, 3) on the 0..255 scale, in
     ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``).
 
-    uint8 is kept as is. Other dtypes are rescaled: "percentile" maps the per-image low/high
-    percentiles to 0/255 (clipped), "dtype" divides by the integer dtype's maximum (floats are
-    assumed
-    to be in [0, 1]). Gray is replicated to 3 channels; alpha is dropped. Non-finite values are an
-    error.
+    uint8 is kept as is (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``). Other dtypes are
+    rescaled: "percentile" maps the per-image low/high percentiles to 0/255 (clipped), "dtype"
+    divides by the integer dtype's maximum (floats are assumed to be in [0, 1]). Gray is replicated
+    to 3 channels; alpha is dropped. Non-finite values are an error.
     """
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {image_format!r}")
     if image_format == "BGR":
-        return to_model_range(img, rule, percentiles, name)[:, :, ::-1].copy()
+        rgb = to_model_range(img, rule, percentiles, name, normalize_uint8=normalize_uint8)
+        return rgb[:, :, ::-1].copy()
     if rule not in INTENSITY_NORMS:
         raise ValueError(f"INPUT.INTENSITY_NORM must be one of {INTENSITY_NORMS}, got {rule!r}")
     if img.ndim == 3 and img.shape[2] == 1:
@@ -106,7 +107,7 @@ def to_model_range(
         raise ImageReadError(f"{name}: empty image of shape {img.shape}")
     if img.dtype == np.bool_:
         img = img.astype(np.uint8) * 255
-    if img.dtype == np.uint8:
+    if img.dtype == np.uint8 and not normalize_uint8:
         return img.astype(np.float32)
     if not np.issubdtype(img.dtype, np.number):
         raise ImageReadError(f"{name}: unsupported dtype {img.dtype}")

@@ -25,7 +25,13 @@ from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config
 from ..data.image_io import to_model_range
 from .mask_crops import MaskCrops
-from .tiling import detections_to_instances, stitch_detections, tile_detections, tile_windows
+from .tiling import (
+    detections_to_instances,
+    stitch_detections,
+    tile_cores,
+    tile_detections,
+    tile_windows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +103,7 @@ class IAUNetPredictor:
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
         self.image_format = cfg.INPUT.FORMAT
+        self.normalize_uint8 = cfg.INPUT.NORMALIZE_8BIT
         self.scale = self._resolve_scale(scale, diameter)
         self.tile_size = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
         overlap = int(cfg.TEST.TILE_OVERLAP) or round(2 * cfg.INPUT.OBJECT_DIAMETER)
@@ -158,7 +165,11 @@ class IAUNetPredictor:
         larger than a tile (:meth:`will_tile`). ``full_masks`` False: ``pred_masks`` are
         :class:`MaskCrops` (for images too large for N full-size masks)."""
         img = to_model_range(
-            image, self.intensity_norm, self.percentiles, image_format=self.image_format
+            image,
+            self.intensity_norm,
+            self.percentiles,
+            image_format=self.image_format,
+            normalize_uint8=self.normalize_uint8,
         )
         size = img.shape[:2]
         if tiled or (tiled is None and self.will_tile(size)):
@@ -175,10 +186,11 @@ class IAUNetPredictor:
         tile = max(1, round(self.tile_size / s))
         overlap = min(round(self.tile_overlap / s), tile - 1)
         windows = tile_windows(*size, tile, overlap)
+        cores = tile_cores(windows, *size)
         dets = []
-        for index, (y0, x0, y1, x1) in enumerate(windows):
+        for index, ((y0, x0, y1, x1), core) in enumerate(zip(windows, cores)):
             inst = self._run_model(img[y0:y1, x0:x1], (y1 - y0, x1 - x0), scale=s)
-            dets += tile_detections(index, (y0, x0, y1, x1), size, inst)
+            dets += tile_detections(index, (y0, x0, y1, x1), size, inst, core)
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
         return detections_to_instances(kept, size, full_masks)

@@ -1,20 +1,24 @@
 """Tiled prediction of large images: tile geometry and stitching of the tiles' detections.
 
-The image is cut into evenly spaced tiles of ``TEST.TILE_SIZE`` input pixels that overlap by at
-least
-``TEST.TILE_OVERLAP``. Stitching, in full-image coordinates:
+The image is cut into evenly spaced tiles that overlap by at least the tile overlap (set it larger
+than the objects). The tiles' *cores* partition the image: each tile's core ends in the middle of
+its overlap with the next tile. Stitching, in full-image coordinates:
 
-1. A detection is *partial* when its mask comes within ``TOUCH_MARGIN`` px of an inner tile edge (an
-   edge shared with a neighbour); otherwise it is *complete*: the tile saw the whole object.
-2. Complete detections, by decreasing score: one is dropped when a kept detection of the same class
-   from another tile has mask IoU > ``MATCH_THRESH`` (the same object seen whole by two tiles).
-3. Partial detections are dropped when they match a kept complete detection of another tile: the
-   overlap over the smaller of the two masks, each restricted to the other's tile window, >
-   ``MATCH_THRESH``
-   (the cut view of an object that a neighbour saw whole).
-4. Partials left are objects no tile saw whole (larger than the overlap): pieces of different tiles
-   that
-   match in the same way are joined (mask union, best score) into one instance.
+1. A detection is *central* when its mask centroid lies in its tile's core. An object no larger than
+   the overlap is seen whole by the tile whose core holds its centre, so every object has one
+   central, complete detection; the other tiles' views of it lie off-centre (and may be cut by the
+   tile edge).
+2. Detections are taken central first, then by decreasing score. One is dropped when it matches an
+   already kept detection of the same class from another tile: overlap over the smaller of the two
+   masks, each restricted to the other's tile window, above ``MATCH_THRESH``. Off-centre views thus
+   never duplicate an object, and the rare object seen central by two tiles (its centroid on a core
+   border) is kept once.
+3. An object larger than the overlap is cut in every tile: when the kept detection touches an inner
+   edge of its tile (within ``TOUCH_MARGIN`` px) and a dropped match from the next tile reaches
+   beyond it, the two are joined (mask union) instead.
+
+Detections of one tile are never compared with each other: duplicate suppression within a tile is
+the model's (``MODEL.IAUNET.TEST.NMS``).
 """
 
 import logging
@@ -61,7 +65,8 @@ class Detection:
     crop: np.ndarray
     score: float
     label: int
-    partial: bool
+    partial: bool  # touches an inner edge of its tile: the tile may have cut it
+    central: bool = True  # its centroid lies in its tile's core
 
     def __post_init__(self):
         self.area = int(np.count_nonzero(self.crop))
@@ -87,11 +92,6 @@ def _intersection(a: Detection, b: Detection) -> int:
     return int(np.count_nonzero(ca & cb))
 
 
-def _iou(a: Detection, b: Detection) -> float:
-    inter = _intersection(a, b)
-    return inter / max(a.area + b.area - inter, 1)
-
-
 def _cut_overlap(a: Detection, b: Detection) -> float:
     """Overlap over the smaller mask, each mask restricted to the other's tile window (where both
     tiles
@@ -114,90 +114,87 @@ def _box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
 
 
 def stitch_detections(dets: List[Detection]) -> List[Detection]:
-    """Remove duplicates across tiles and join the pieces of objects that no tile saw whole (module
-    doc)."""
-    complete = sorted((d for d in dets if not d.partial), key=lambda d: -d.score)
+    """One detection per object from the detections of all tiles (module docstring)."""
+    order = sorted(dets, key=lambda d: (not d.central, -d.score))
     kept: List[Detection] = []
-    kept_boxes = np.zeros((len(complete), 4), np.int64)
-    for d in complete:
-        dup = any(
-            k.tile != d.tile and k.label == d.label and _iou(k, d) > MATCH_THRESH
-            for k in (kept[i] for i in _box_hits(kept_boxes[: len(kept)], d.box))
-        )
-        if not dup:
-            kept_boxes[len(kept)] = d.box
+    boxes = np.zeros((len(order), 4), np.int64)
+    joined = 0
+    for d in order:
+        hits = [
+            (overlap, i)
+            for i in _box_hits(boxes[: len(kept)], d.box)
+            if kept[i].tile != d.tile
+            and kept[i].label == d.label
+            and (overlap := _cut_overlap(kept[i], d)) > MATCH_THRESH
+        ]
+        if not hits:
+            boxes[len(kept)] = d.box
             kept.append(d)
-    kept_boxes = kept_boxes[: len(kept)]
-
-    partial = []
-    for p in sorted((d for d in dets if d.partial), key=lambda d: -d.score):
-        if not any(
-            kept[i].tile != p.tile
-            and kept[i].label == p.label
-            and _cut_overlap(kept[i], p) > MATCH_THRESH
-            for i in _box_hits(kept_boxes, p.box)
-        ):
-            partial.append(p)
-
-    # Union-find over the remaining pieces: same object seen cut by several tiles.
-    parent = list(range(len(partial)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    boxes = np.array([p.box for p in partial], np.int64).reshape(-1, 4)
-    for i, p in enumerate(partial):
-        for j in _box_hits(boxes, p.box):
-            q = partial[j]
-            if (
-                j > i
-                and q.tile != p.tile
-                and q.label == p.label
-                and _cut_overlap(p, q) > MATCH_THRESH
-            ):
-                parent[root(j)] = root(i)
-    groups = {}
-    for i in range(len(partial)):
-        groups.setdefault(root(i), []).append(partial[i])
-    joined = sum(len(g) > 1 for g in groups.values())
+            continue
+        i = max(hits)[1]
+        # an object larger than the overlap
+        if kept[i].partial and _reaches_beyond(d, kept[i].window):
+            kept[i] = _join([kept[i], d])
+            boxes[i] = kept[i].box
+            joined += 1
     if joined:
         logger.info(
             f"{joined} object(s) larger than the tile overlap were joined from pieces of several "
-            "tiles"
+            "tiles (a larger tile overlap gives them whole)"
         )
-    return sorted(kept + [_join(g) for g in groups.values()], key=lambda d: -d.score)
+    return sorted(kept, key=lambda d: -d.score)
+
+
+def _reaches_beyond(d: Detection, window: Tuple[int, int, int, int]) -> bool:
+    """Whether ``d``'s mask has pixels outside ``window``."""
+    return _area_in(d, window) < d.area
 
 
 def _join(pieces: List[Detection]) -> Detection:
-    if len(pieces) == 1:
-        return pieces[0]
     boxes = np.array([p.box for p in pieces])
     y0, x0 = boxes[:, :2].min(0)
     y1, x1 = boxes[:, 2:].max(0)
     crop = np.zeros((y1 - y0, x1 - x0), bool)
     for p in pieces:
         crop[p.y0 - y0 : p.box[2] - y0, p.x0 - x0 : p.box[3] - x0] |= p.crop
-    best = max(pieces, key=lambda p: p.score)
-    return Detection(best.tile, best.window, int(y0), int(x0), crop, best.score, best.label, True)
+    first = pieces[0]
+    score = max(p.score for p in pieces)
+    return Detection(
+        first.tile, first.window, int(y0), int(x0), crop, score, first.label, True, True
+    )
 
 
-def tile_windows(
-    height: int, width: int, tile: int, overlap: int
-) -> List[Tuple[int, int, int, int]]:
-    """(y0, x0, y1, x1) of the tiles covering an image, row by row (:func:`tile_starts` per
-    axis)."""
+def tile_windows(height: int, width: int, tile: int, overlap: int) -> List[Tuple[int, ...]]:
+    """(y0, x0, y1, x1) of the tiles covering an image, row by row (``tile_starts`` per axis)."""
     ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     return [(y, x, min(y + tile, height), min(x + tile, width)) for y in ys for x in xs]
 
 
+def tile_cores(windows: List[Tuple[int, ...]], height: int, width: int) -> List[Tuple[float, ...]]:
+    """The core (y0, x0, y1, x1) of each tile: borders in the middle of the overlaps with the
+    neighbours, image borders outside; the cores partition the image."""
+
+    def bounds(starts: List[int], ends: List[int], length: int) -> dict:
+        cuts = [0.0] + [(s + e) / 2 for s, e in zip(starts[1:], ends[:-1])] + [float(length)]
+        return {s: (cuts[i], cuts[i + 1]) for i, s in enumerate(starts)}
+
+    ys = sorted({w[0] for w in windows})
+    xs = sorted({w[1] for w in windows})
+    by = bounds(ys, [next(w[2] for w in windows if w[0] == y) for y in ys], height)
+    bx = bounds(xs, [next(w[3] for w in windows if w[1] == x) for x in xs], width)
+    return [(*by[w[0]][:1], *bx[w[1]][:1], by[w[0]][1], bx[w[1]][1]) for w in windows]
+
+
 def tile_detections(
-    index: int, window: Tuple[int, int, int, int], image_size: Tuple[int, int], instances: Instances
+    index: int,
+    window: Tuple[int, int, int, int],
+    image_size: Tuple[int, int],
+    instances: Instances,
+    core: Tuple[float, float, float, float] = None,
 ) -> List[Detection]:
     """A tile's ``Instances`` (masks at the tile's size) as Detections in full-image coordinates; a
-    detection within ``TOUCH_MARGIN`` px of an inner tile edge is partial."""
+    detection within ``TOUCH_MARGIN`` px of an inner tile edge is partial, one whose mask centroid
+    lies in ``core`` (default: the whole window) is central."""
     (ty, tx, y1, x1), (h, w) = window, image_size
     th, tw = y1 - ty, x1 - tx
     crops = instances.pred_masks
@@ -215,7 +212,13 @@ def tile_detections(
             or (y1 < h and cy + crop.shape[0] > th - TOUCH_MARGIN)
             or (x1 < w and cx + crop.shape[1] > tw - TOUCH_MARGIN)
         )
-        dets.append(Detection(index, window, ty + cy, tx + cx, crop, score, label, partial))
+        central = True
+        if core is not None:
+            ys, xs = np.nonzero(crop)
+            my, mx = ty + cy + ys.mean() + 0.5, tx + cx + xs.mean() + 0.5
+            central = core[0] <= my < core[2] and core[1] <= mx < core[3]
+        det = Detection(index, window, ty + cy, tx + cx, crop, score, label, partial, central)
+        dets.append(det)
     return dets
 
 
