@@ -17,6 +17,7 @@ from .modeling.pixel_decoder import UNetPixelDecoder
 from .modeling.postprocessing import (
     MASKNESS_MODES,
     NMS_MODES,
+    NMS_OVERLAPS,
     select_detections,
     topk_predictions,
     upsample_masks,
@@ -49,6 +50,7 @@ class IAUNet(nn.Module):
         nms: str = "none",
         nms_thresh: float = 0.5,
         nms_sigma: float = 2.0,
+        nms_overlap: str = "iou",
         channels_last: bool = False,
     ):
         super().__init__()
@@ -71,7 +73,12 @@ class IAUNet(nn.Module):
         self.score_thresh = score_thresh
         self.mask_thresh = mask_thresh
         self.maskness = maskness
+        if nms_overlap not in NMS_OVERLAPS:
+            raise ValueError(
+                f"MODEL.IAUNET.TEST.NMS_OVERLAP must be one of {NMS_OVERLAPS}, got {nms_overlap!r}"
+            )
         self.nms, self.nms_thresh, self.nms_sigma = nms, nms_thresh, nms_sigma
+        self.nms_overlap = nms_overlap
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.to(
@@ -134,6 +141,7 @@ class IAUNet(nn.Module):
             "nms": m.TEST.NMS,
             "nms_thresh": m.TEST.NMS_THRESH,
             "nms_sigma": m.TEST.NMS_SIGMA,
+            "nms_overlap": m.TEST.NMS_OVERLAP,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
@@ -279,6 +287,7 @@ class IAUNet(nn.Module):
             nms=self.nms,
             nms_thresh=self.nms_thresh,
             nms_sigma=self.nms_sigma,
+            nms_overlap=self.nms_overlap,
         )
 
 

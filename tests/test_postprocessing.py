@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from iaunet.modeling.postprocessing import (
-    mask_iou,
+    mask_overlap,
     suppress_duplicates,
     topk_predictions,
     upsample_masks,
@@ -24,7 +24,7 @@ def _masks():
 
 
 def test_mask_iou():
-    iou = mask_iou(_masks())
+    iou = mask_overlap(_masks())
     assert iou[0, 1] == pytest.approx(0.9) and iou[0, 2] == pytest.approx(1 / 3) and iou[0, 3] == 0
 
 
@@ -75,3 +75,19 @@ def test_upsample_masks_matches_the_reference():
     ):
         got = upsample_masks(logits, image_size, output_size, 0.5)
         assert torch.equal(got, reference(image_size, output_size))
+
+
+def test_ios_overlap_catches_a_part_inside_its_object():
+    """A nucleus-only mask inside its cell: IoU 0.16 (NMS on IoU keeps it), intersection over the
+    smaller 1 (NMS on IoS drops it); two neighbours overlapping by a third of the smaller stay."""
+    m = torch.zeros(3, 20, 20, dtype=torch.bool)
+    m[0, 0:10, 0:10] = True  # cell
+    m[1, 3:7, 3:7] = True  # its nucleus
+    m[2, 0:10, 7:16] = True  # a neighbour overlapping the cell by 30 px of its 90
+    assert mask_overlap(m, "ios")[0, 1] == 1 and mask_overlap(m)[0, 1] == pytest.approx(0.16)
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long)
+    kept = suppress_duplicates(scores, labels, m, "mask", thresh=0.6, overlap="ios")
+    assert kept.tolist() == pytest.approx([0.9, 0.0, 0.7])
+    assert suppress_duplicates(scores, labels, m, "mask", thresh=0.6).tolist() == pytest.approx(
+        [0.9, 0.8, 0.7]
+    )

@@ -22,14 +22,18 @@ import torch
 import torch.nn.functional as F
 
 NMS_MODES = ("none", "mask", "matrix")
+NMS_OVERLAPS = ("iou", "ios")
 MASKNESS_MODES = ("mask", "image")
 
 
-def mask_iou(binary: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) bool -> (N, N) IoU."""
+def mask_overlap(binary: torch.Tensor, kind: str = "iou") -> torch.Tensor:
+    """(N, h, w) bool -> (N, N) IoU, or ``kind="ios"``: intersection over the smaller mask (1 when
+    one mask lies inside the other, e.g. a nucleus-only mask inside its cell's)."""
     m = binary.flatten(1).float()
     inter = m @ m.t()
     area = m.sum(1)
+    if kind == "ios":
+        return inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1)
     return inter / (area[:, None] + area[None, :] - inter).clamp(min=1)
 
 
@@ -40,13 +44,14 @@ def suppress_duplicates(
     mode: str,
     thresh: float = 0.5,
     sigma: float = 2.0,
+    overlap: str = "iou",
 ) -> torch.Tensor:
     """New scores (N,) of detections sorted by decreasing ``scores``: 0 where suppressed
     (``"mask"``), decayed (``"matrix"``) or unchanged (``"none"``)."""
     if mode == "none" or scores.numel() == 0:
         return scores
     same = labels[:, None] == labels[None, :]
-    iou = (mask_iou(binary) * same).triu(diagonal=1)  # [i, j]: i scores higher than j
+    iou = (mask_overlap(binary, overlap) * same).triu(diagonal=1)  # [i, j]: i scores higher than j
     if mode == "mask":
         return torch.where(iou.amax(0) > thresh, torch.zeros_like(scores), scores)
     # Matrix NMS: decay_j = min_i exp(-sigma iou_ij^2) / exp(-sigma max_iou_i^2), max_iou_i being
@@ -69,6 +74,7 @@ def topk_predictions(
     nms: str = "none",
     nms_thresh: float = 0.5,
     nms_sigma: float = 2.0,
+    nms_overlap: str = "iou",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1 for one image.
 
@@ -100,7 +106,7 @@ def topk_predictions(
         mask_logits[order],
         binary[order],
     )
-    scores = suppress_duplicates(scores, labels, binary, nms, nms_thresh, nms_sigma)
+    scores = suppress_duplicates(scores, labels, binary, nms, nms_thresh, nms_sigma, nms_overlap)
     order = scores.argsort(descending=True)  # Matrix NMS may reorder
     return scores[order], labels[order], mask_logits[order]
 
