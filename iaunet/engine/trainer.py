@@ -35,6 +35,8 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import AtomicCheckpointer
 from ..config import load_config
 from ..data import IAUNetDatasetMapper
+from ..data.auto_config import resolve_config_from_data
+from ..data.datasets.folder import safe_file_name
 from ..evaluation import VisualizationHook
 from ..solver import build_optimizer
 
@@ -90,7 +92,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
         if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            # "folder:/abs/path" must not escape OUTPUT_DIR
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", safe_file_name(dataset_name))
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
             raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
@@ -147,13 +150,18 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key),
     adapted to
-    the machine, frozen; detectron2's ``default_setup`` (output folder, config.yaml, seed,
-    logging)."""
+    the machine, its auto keys and path datasets resolved from the data
+    (:func:`resolve_config_from_data`), frozen; detectron2's ``default_setup`` (output folder,
+    config.yaml, seed, logging)."""
     cfg = load_config(args.config_file, args.opts)
     notes = adapt_config_to_machine(cfg, comm.get_world_size())
+    # The logger first, so that what the training set decides (sizes, warnings) reaches log.txt.
+    log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
+    resolve_config_from_data(
+        cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False)
+    )
     cfg.freeze()
     default_setup(cfg, args)
-    log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
     for note in notes:
         log.warning(note)
     return cfg
