@@ -86,7 +86,10 @@ def write_folder(root: str, kind: str, seeds, size=(96, 96)) -> List[List[np.nda
     """Write images and annotations of ``kind`` ("labels" | "masks" | "rois" | "subfolders" |
     "coco") to ``root``; returns the objects' masks per image (what the reader must give back)."""
     os.makedirs(root, exist_ok=True)
-    expected, coco = [], {"images": [], "annotations": [], "categories": [{"id": 1, "name": "c"}]}
+    expected, coco = (
+        [],
+        {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]},
+    )
     image_dir = os.path.join(root, "images") if kind == "subfolders" else root
     os.makedirs(image_dir, exist_ok=True)
     for k, seed in enumerate(seeds):

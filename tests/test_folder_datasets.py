@@ -159,7 +159,7 @@ def test_coco_json_by_name_and_split(tmp_path):
     write_folder(root, "coco", seeds=range(5))
     json_file = os.path.join(root, "annotations.json")
     dicts = load(f"coco:{json_file}")
-    assert len(dicts) == 5 and MetadataCatalog.get(f"coco:{json_file}").thing_classes == ["c"]
+    assert len(dicts) == 5 and MetadataCatalog.get(f"coco:{json_file}").thing_classes == ["object"]
     images_elsewhere = load(f"coco:{json_file}@{root}#val")
     assert len(images_elsewhere) == 1
     assert parse_name(f"coco:{json_file}@{root}#train").images == root

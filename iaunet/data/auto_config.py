@@ -216,6 +216,14 @@ def resolve_config_from_data(
     if eval_only and not auto:
         return filled
     dicts = _load(cfg.DATASETS.TRAIN)
+    names = {n: MetadataCatalog.get(n).get("thing_classes", None) for n in cfg.DATASETS.TRAIN}
+    if len({str(c) for c in names.values()}) > 1:  # detectron2's loader would stop on it
+        raise ConfigError(
+            "the training sets name their classes differently ("
+            + ", ".join(f"{n}: {c}" for n, c in names.items())
+            + "); a folder of label images or ROI sets has the one class 'object': name the COCO "
+            "categories alike"
+        )
     num_classes = max((a["category_id"] for d in dicts for a in _objects(d)), default=-1) + 1
     if num_classes > cfg.MODEL.IAUNET.NUM_CLASSES:
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
