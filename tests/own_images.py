@@ -107,7 +107,9 @@ def write_folder(root: str, kind: str, seeds, size=(96, 96)) -> List[List[np.nda
             write_rois(os.path.join(root, f"{stem}_rois.zip"), polys)
         elif kind == "subfolders":
             os.makedirs(os.path.join(root, "masks"), exist_ok=True)
-            cv2.imwrite(os.path.join(root, "masks", f"{stem}.png"), label_image(masks))
+            # the image's own name in masks/ (a PNG for the first image: any label format)
+            name = f"{stem}.png" if k == 0 else f"{stem}.tif"
+            cv2.imwrite(os.path.join(root, "masks", name), label_image(masks))
             masks = [label_image(masks) == i for i in range(1, len(masks) + 1)]
             masks = [m for m in masks if m.any()]
         elif kind == "coco":

@@ -257,3 +257,15 @@ def test_folder_is_read_once_and_reread_when_it_changes(tmp_path):
     dicts = DatasetCatalog.get(f"folder:{root}")
     assert len(os.listdir(tmp_path / "cache")) == 2
     assert len(dicts[1]["annotations"]) == len(np.unique(lab)) - 1
+
+
+def test_lzw_tiffs_written_by_opencv(tmp_path):
+    """OpenCV (and many microscopes) write LZW TIFFs, which tifffile decodes only with the
+    optional imagecodecs package: images and labels still load."""
+    image, _, masks = scene(3)
+    root = tmp_path / "lzw"
+    root.mkdir()
+    cv2.imwrite(str(root / "a.tif"), image)
+    cv2.imwrite(str(root / "a_labels.tif"), label_image(masks))
+    (d,) = load(f"folder:{root}")
+    assert (d["height"], d["width"]) == (96, 96) and len(d["annotations"]) == len(masks)

@@ -34,6 +34,7 @@ import pycocotools.mask as mask_util
 from matplotlib.path import Path
 
 from ..config import ConfigError, one_line
+from .image_io import read_tiff
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,7 @@ def read_label_pages(path: str) -> np.ndarray:
         raise DatasetError(f"{path}: label file not found")
     try:
         if path.lower().endswith((".tif", ".tiff")):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                array, axes = np.asarray(series.asarray()), series.axes
+            array, axes = read_tiff(path)
             # Samples last (YXS) is a colour image; samples first (SYX) is what tifffile makes of
             # a 3- or 4-page stack written without photometric="minisblack": pages.
             colour = axes.endswith("S") and array.shape[-1] > 1

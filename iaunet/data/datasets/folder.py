@@ -166,7 +166,7 @@ def scan_folder(folder: str) -> Tuple[List[Tuple[str, str]], Optional[str]]:
             os.path.join(d, c)
             for d, files in listing.items()
             for c in _candidates(stem, d == image_dir)
-            if c in files and c != name
+            if c in files and not (d == image_dir and c == name)
         ]
         if not found:
             raise DatasetError(
