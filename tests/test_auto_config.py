@@ -121,3 +121,16 @@ def test_eval_only_takes_the_sizes_from_the_checkpoint(tmp_path):
         ConfigError, match="MODEL.IAUNET.NUM_QUERIES 0 \\(auto\\) and MODEL.WEIGHTS"
     ):
         resolve_config_from_data(cfg, eval_only=True)
+
+
+def test_fine_tuning_keeps_every_query_of_the_starting_model(tmp_path):
+    start = tiny_cfg(**{"MODEL.IAUNET.NUM_QUERIES": 30})
+    AtomicCheckpointer(build_model(start), str(tmp_path), config=start).save("model")
+    name = _register("auto_test_sparse", _dicts([4, 6]))
+    cfg = tiny_cfg(**{"DATASETS.TRAIN": f"('{name}',)", "MODEL.IAUNET.NUM_QUERIES": 0})
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model.pth")
+    resolve_config_from_data(cfg)
+    assert cfg.MODEL.IAUNET.NUM_QUERIES == 30  # the data alone would give 10
+    cfg = tiny_cfg(**{"DATASETS.TRAIN": f"('{name}',)", "MODEL.IAUNET.NUM_QUERIES": 0})
+    resolve_config_from_data(cfg)
+    assert cfg.MODEL.IAUNET.NUM_QUERIES == 10

@@ -12,7 +12,9 @@ checkpoint, so that evaluation and ``iaunet-predict`` use them (:func:`fill_auto
   covers validation and test images denser than the densest training image, and query slots
   specialise by position, so a full house of exactly matched queries recalls less (Mask2Former: 100
   queries for COCO's <= ~60 objects). Rounding keeps the count, and with it the checkpoint's shape,
-  stable when a few images are added.
+  stable when a few images are added. Fine-tuning never drops queries of the starting model
+  (``MODEL.WEIGHTS``): trained queries each cover part of the image; the quick model cut from 20 to
+  10 queries fell from 67.3 to 39.7 AP on 8 held-out synthetic scenes of 4-12 cells.
 * ``INPUT.PIXEL_SCALE`` / ``INPUT.OBJECT_DIAMETER``:
   :func:`iaunet.data.statistics.resolve_data_keys` (with ``INPUT.RESIZE_MODE "scale"``: images
   are resized so that the median object is ``OBJECT_DIAMETER`` model pixels across).
@@ -168,6 +170,20 @@ def _saved_config(weights: str) -> Optional[CfgNode]:
     return trained
 
 
+def checkpoint_queries(weights: str) -> Optional[int]:
+    """The number of queries of the IAUNet checkpoint ``weights`` (None: no such file or table)."""
+    from ..checkpoint import read_checkpoint
+    from ..utils.query_transfer import QUERY_KEYS
+
+    if not weights or not os.path.isfile(weights.split("?")[0]):
+        return None
+    model = read_checkpoint(weights).get("model", {})
+    for key in (QUERY_KEYS[0], "module." + QUERY_KEYS[0]):
+        if key in model and len(model[key].shape) == 2:
+            return int(model[key].shape[0])
+    return None
+
+
 def _load(names: Sequence[str]) -> List[Dict]:
     dicts = []
     for name in names:
@@ -239,7 +255,8 @@ def resolve_config_from_data(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.MODEL.IAUNET.NUM_QUERIES <= 0:
-        cfg.MODEL.IAUNET.NUM_QUERIES = auto_num_queries(stats.max_objects)
+        start = 0 if eval_only else checkpoint_queries(cfg.MODEL.WEIGHTS) or 0
+        cfg.MODEL.IAUNET.NUM_QUERIES = max(auto_num_queries(stats.max_objects), start)
         if cfg.TEST.DETECTIONS_PER_IMAGE < cfg.MODEL.IAUNET.NUM_QUERIES:
             cfg.TEST.DETECTIONS_PER_IMAGE = cfg.MODEL.IAUNET.NUM_QUERIES
     if cfg.INPUT.IMAGE_SIZE <= 0:
