@@ -156,20 +156,20 @@ def main(argv=None) -> int:
     runs = {"from the synthetic model": os.path.abspath(args.weights)}
     if args.scratch:
         runs["from scratch"] = ""
-    results = {}
-    for i, (label, weights) in enumerate(runs.items()):
-        results[label] = benchmark(args, f"run{i}", weights)
-    print(
-        f"\n{args.train} training / {args.val} validation images (zoom {args.zoom}), "
+    header = (
+        f"{args.train} training / {args.val} validation images (zoom {args.zoom}), "
         f"overrides: {' '.join(args.opts) or 'none'}\n"
         "| start | AP | AP50 | AP75 | precision@0.5 | recall@0.5 | F1@0.5 | training (min) |\n"
         "|---|---|---|---|---|---|---|---|"
     )
-    for label, r in results.items():
-        print(
+    rows = []
+    for i, (label, weights) in enumerate(runs.items()):
+        r = benchmark(args, f"run{i}", weights)
+        rows.append(
             f"| {label} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | {r['precision']:.1f} "
             f"| {r['recall']:.1f} | {r['F1']:.1f} | {r['minutes']:.1f} |"
         )
+        print("\n".join([header, *rows]), flush=True)  # the table so far
     return 0
 
 
