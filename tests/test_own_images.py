@@ -32,7 +32,7 @@ def train_net(*args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", SMALL, *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
