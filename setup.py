@@ -28,6 +28,7 @@ setup(
         "numpy",
         "opencv-python-headless>=4.5",
         "tifffile>=2021.1",
+        "roifile>=2023.5",  # ImageJ/Fiji ROI sets as training annotations (folder: datasets)
         "timm>=1.0.8",  # Swin with always_partition / strict_img_size
         "safetensors",  # timm checkpoints in tools/convert_pretrained.py
         "matplotlib",

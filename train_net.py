@@ -21,7 +21,8 @@ from iaunet.evaluation import visualize_predictions
 
 
 def main(args):
-    cfg = setup(args)
+    # Bad datasets (a folder's file at fault) end the command with one line too.
+    cfg = exit_on_config_error(lambda: setup(args), "train_net.py")
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

@@ -24,6 +24,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .utils.atomic import TMP_MARK, atomic_write
+from .utils.query_transfer import transfer_query_rows
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             renamed = rename_legacy_keys(checkpoint["model"])
             if renamed:
                 logger.info(f"Renamed {renamed} state-dict keys of an older IAUNet checkpoint")
+            transfer_query_rows(self.model, checkpoint["model"])  # another NUM_QUERIES: fine-tuning
         return super()._load_model(checkpoint)
 
 

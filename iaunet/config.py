@@ -77,7 +77,9 @@ def add_iaunet_config(cfg: CN) -> None:
     m = cfg.MODEL.IAUNET
     # --- sizes
     m.NUM_CLASSES = 1  # K, foreground classes (a "no object" class is added internally)
-    m.NUM_QUERIES = 100  # N learnable instance queries
+    # N learnable instance queries; 0 = ~1.5 x the most objects in a training image
+    # (iaunet.data.auto_config)
+    m.NUM_QUERIES = 100
     m.HIDDEN_DIM = 256  # D, channels of the pixel decoder and queries
     m.MASK_DIM = 256  # channels of the pixel embedding E and of the mask embeddings
     m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs, strides 4..32
@@ -162,7 +164,9 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.INPUT.FORMAT = "RGB"
     # base resize: "longest_side" -> INPUT.IMAGE_SIZE (thesis) | "scale": by INPUT.PIXEL_SCALE
     cfg.INPUT.RESIZE_MODE = "longest_side"
-    cfg.INPUT.IMAGE_SIZE = 512  # longest side after the base resize; also the training crop size
+    # longest side after the base resize; also the training crop size; 0 = from the training set
+    # (RESIZE_MODE "scale": ~6 object diameters, iaunet.data.auto_config)
+    cfg.INPUT.IMAGE_SIZE = 512
     # image px -> model px; 0 = from the training set at the start of training
     # (iaunet.data.statistics)
     cfg.INPUT.PIXEL_SCALE = 0.0
@@ -184,6 +188,8 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone lr = BASE_LR x this
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay on query embeddings
+    # (detectron2's SOLVER.MAX_ITER: 0 = from the number of training images,
+    # iaunet.data.auto_config)
 
     # Memory format of the convolutions: NHWC weights and input (channels_last). Faster on CPU
     # (docs/performance.md); results agree with NCHW to rounding and checkpoints load into either

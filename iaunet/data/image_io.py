@@ -2,7 +2,7 @@
 range."""
 
 import os
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -14,6 +14,26 @@ INTENSITY_NORMS = ("percentile", "dtype")
 
 class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file."""
+
+
+def read_tiff(path: str) -> Tuple[np.ndarray, str]:
+    """(array, axes) of a TIFF's first series (tifffile). LZW/deflate TIFFs that tifffile cannot
+    decode without the optional ``imagecodecs`` package (OpenCV and many microscopes write LZW) are
+    read page by page by OpenCV instead (axes "QYX", or "QYXS" for colour)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return np.asarray(series.asarray()), series.axes
+    except ValueError as e:
+        if "imagecodecs" not in str(e):
+            raise
+        ok, pages = cv2.imreadmulti(path, flags=cv2.IMREAD_UNCHANGED)
+        if not ok or not pages:
+            raise
+        pages = [cv2.cvtColor(p, cv2.COLOR_BGR2RGB) if p.ndim == 3 else p for p in pages]
+        return np.stack(pages), "QYXS" if pages[0].ndim == 3 else "QYX"
 
 
 def read_image(path: str) -> np.ndarray:
@@ -31,12 +51,7 @@ def read_image(path: str) -> np.ndarray:
         raise ImageReadError(f"image file is empty (0 bytes): {path}")
     try:
         if path.lower().endswith(TIFF_EXTENSIONS):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                img = np.asarray(series.asarray())
-                axes = series.axes
+            img, axes = read_tiff(path)
             stacked = [f"{a}={n}" for a, n in zip(axes, img.shape) if a in "ZT" and n > 1]
             if stacked:
                 raise ImageReadError(

@@ -3,7 +3,6 @@ from .trainer import (
     adapt_config_to_machine,
     check_config,
     check_pretrained_weights,
-    resolve_config_from_data,
     setup,
 )
 
@@ -12,6 +11,5 @@ __all__ = [
     "adapt_config_to_machine",
     "check_config",
     "check_pretrained_weights",
-    "resolve_config_from_data",
     "setup",
 ]

@@ -19,7 +19,6 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
 from detectron2.engine import (
     AMPTrainer,
@@ -36,7 +35,8 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import AtomicCheckpointer
 from ..config import ConfigError, load_config
 from ..data import IAUNetDatasetMapper
-from ..data.statistics import resolve_data_keys
+from ..data.auto_config import resolve_config_from_data
+from ..data.datasets.folder import safe_file_name
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..solver import build_optimizer
@@ -93,7 +93,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
         if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            # "folder:/abs/path" must not escape OUTPUT_DIR
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", safe_file_name(dataset_name))
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
             raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
@@ -149,26 +150,6 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
     return notes
 
 
-def resolve_config_from_data(cfg: CfgNode, training: bool = True) -> List[str]:
-    """Fill the data-dependent keys left at 0 (``INPUT.PIXEL_SCALE``, ``INPUT.OBJECT_DIAMETER``)
-    from the training set, in place (:mod:`iaunet.data.statistics`); returns lines for the log.
-    Without training, only what the test transform needs (``RESIZE_MODE "scale"``) is resolved."""
-    if training:
-        needed = cfg.INPUT.PIXEL_SCALE <= 0 or cfg.INPUT.OBJECT_DIAMETER <= 0
-    else:
-        needed = cfg.INPUT.RESIZE_MODE == "scale" and cfg.INPUT.PIXEL_SCALE <= 0
-    if not needed or not cfg.DATASETS.TRAIN:
-        return []
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
-    stats = resolve_data_keys(cfg, dicts)
-    return [
-        f"Training set {', '.join(cfg.DATASETS.TRAIN)}: {stats.summary()}",
-        f"INPUT.PIXEL_SCALE {cfg.INPUT.PIXEL_SCALE:g} (image px -> model px), "
-        f"INPUT.OBJECT_DIAMETER {cfg.INPUT.OBJECT_DIAMETER:g} model px; both are saved with the "
-        "checkpoints for prediction",
-    ]
-
-
 def check_pretrained_weights(cfg: CfgNode) -> None:
     """Refuse to train from random weights on a real dataset unless asked to: the thesis models
     start from ImageNet weights, and a silent from-scratch run costs days for a worse model."""
@@ -201,16 +182,18 @@ def check_config(cfg: CfgNode, training: bool) -> CfgNode:
 
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key),
-    adapted to the machine and sized from the data, frozen; detectron2's ``default_setup`` (output
-    folder, config.yaml, seed, logging)."""
+    adapted to the machine, its datasets named by a path registered and its auto keys sized from the
+    training set (:func:`iaunet.data.auto_config.resolve_config_from_data`), frozen; detectron2's
+    ``default_setup`` (output folder, config.yaml, seed, logging)."""
     cfg = check_config(load_config(args.config_file, args.opts), training=not args.eval_only)
     notes = adapt_config_to_machine(cfg, comm.get_world_size())
-    data_notes = resolve_config_from_data(cfg, training=not args.eval_only)
+    # The logger first, so that what the training set decides (sizes, warnings) reaches log.txt.
+    log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
+    resolve_config_from_data(
+        cfg, eval_only=getattr(args, "eval_only", False), resume=getattr(args, "resume", False)
+    )
     cfg.freeze()
     default_setup(cfg, args)
-    log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
     for note in notes:
         log.warning(note)
-    for note in data_notes:
-        log.info(note)
     return cfg

@@ -21,6 +21,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.dataset_mapper import IAUNetDatasetMapper
+from ..data.datasets.folder import safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def visualize_predictions(
             metadata = MetadataCatalog.get(name)
             for k, dataset_dict in enumerate(DatasetCatalog.get(name)[:num_images]):
                 vis = render_prediction_and_gt(model, dataset_dict, mapper, metadata, score_thresh)
-                path = os.path.join(out_dir, f"{name}_{k}_{suffix}.png")
+                path = os.path.join(out_dir, f"{safe_file_name(name)}_{k}_{suffix}.png")
                 cv2.imwrite(path, cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
                 paths.append(path)
                 tag, chw = (

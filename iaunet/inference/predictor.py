@@ -23,6 +23,7 @@ from detectron2.structures import Instances
 
 from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config
+from ..data.auto_config import fill_auto_keys
 from ..data.image_io import to_model_range
 from .mask_crops import MaskCrops
 from .tiling import (
@@ -35,14 +36,12 @@ from .tiling import (
 
 logger = logging.getLogger(__name__)
 
-DATA_KEYS = ("INPUT.PIXEL_SCALE", "INPUT.OBJECT_DIAMETER")  # recorded at training time
-
 
 def config_from_checkpoint(
     checkpoint: dict, config_file: str = "", opts: Sequence[str] = (), weights: str = ""
 ) -> CfgNode:
     """The config to predict with: ``config_file`` if given, else the one saved in the checkpoint;
-    the data-dependent keys that the file leaves at 0 (auto) come from the checkpoint; then
+    the keys that the file leaves at 0 (auto: ``AUTO_KEYS``) come from the checkpoint; then
     ``opts``."""
     saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if not config_file and not saved:
@@ -56,10 +55,7 @@ def config_from_checkpoint(
         trained.merge_from_other_cfg(trained.load_cfg(saved))
         if not config_file:
             cfg = trained
-        for key in DATA_KEYS:
-            section, name = key.split(".")
-            if cfg[section][name] <= 0:
-                cfg[section][name] = trained[section][name]
+        fill_auto_keys(cfg, trained)  # e.g. NUM_QUERIES 0 in configs/custom/iaunet_small.yaml
     return merge_config(cfg, opts=opts)
 
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -220,9 +221,8 @@ def _cache_file(json_file: str, dataset_name: str) -> str:
         ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache")
     )
     os.makedirs(cache_dir, exist_ok=True)
-    return os.path.join(
-        cache_dir, f"{dataset_name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    )
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name).strip("_")[-80:]  # coco:/a/b.json
+    return os.path.join(cache_dir, f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json")
 
 
 def default_image_resolver(image_root: str, file_name: str) -> str:
