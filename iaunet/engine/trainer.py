@@ -19,6 +19,7 @@ from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
 from detectron2.engine import (
     AMPTrainer,
@@ -35,6 +36,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import AtomicCheckpointer
 from ..config import load_config
 from ..data import IAUNetDatasetMapper
+from ..data.statistics import resolve_data_keys
 from ..evaluation import VisualizationHook
 from ..solver import build_optimizer
 
@@ -144,16 +146,38 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
     return notes
 
 
+def resolve_config_from_data(cfg: CfgNode, training: bool = True) -> List[str]:
+    """Fill the data-dependent keys left at 0 (``INPUT.PIXEL_SCALE``, ``INPUT.OBJECT_DIAMETER``)
+    from the training set, in place (:mod:`iaunet.data.statistics`); returns lines for the log.
+    Without training, only what the test transform needs (``RESIZE_MODE "scale"``) is resolved."""
+    if training:
+        needed = cfg.INPUT.PIXEL_SCALE <= 0 or cfg.INPUT.OBJECT_DIAMETER <= 0
+    else:
+        needed = cfg.INPUT.RESIZE_MODE == "scale" and cfg.INPUT.PIXEL_SCALE <= 0
+    if not needed or not cfg.DATASETS.TRAIN:
+        return []
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+    stats = resolve_data_keys(cfg, dicts)
+    return [
+        f"Training set {', '.join(cfg.DATASETS.TRAIN)}: {stats.summary()}",
+        f"INPUT.PIXEL_SCALE {cfg.INPUT.PIXEL_SCALE:g} (image px -> model px), "
+        f"INPUT.OBJECT_DIAMETER {cfg.INPUT.OBJECT_DIAMETER:g} model px; both are saved with the "
+        "checkpoints for prediction",
+    ]
+
+
 def setup(args) -> CfgNode:
     """Config from ``args.config_file`` + ``args.opts`` (ConfigError naming a bad file or key),
-    adapted to
-    the machine, frozen; detectron2's ``default_setup`` (output folder, config.yaml, seed,
-    logging)."""
+    adapted to the machine and sized from the data, frozen; detectron2's ``default_setup`` (output
+    folder, config.yaml, seed, logging)."""
     cfg = load_config(args.config_file, args.opts)
     notes = adapt_config_to_machine(cfg, comm.get_world_size())
+    data_notes = resolve_config_from_data(cfg, training=not args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     log = setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="iaunet")
     for note in notes:
         log.warning(note)
+    for note in data_notes:
+        log.info(note)
     return cfg
