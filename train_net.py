@@ -26,7 +26,8 @@ from iaunet.evaluation import visualize_predictions
 
 
 def main(args):
-    install_signal_handlers()  # first: a SIGTERM during setup stops after the first step
+    if not args.eval_only:  # first: a SIGTERM during setup stops training before its first step
+        install_signal_handlers()
     with exit_on_run_error("train_net.py"):  # unloadable checkpoint, unwritable output: one line
         cfg = setup(args)
         if args.eval_only:

@@ -23,7 +23,12 @@ from detectron2.utils.env import seed_all_rng
 
 from iaunet.data.samplers import ResumableSampler
 from iaunet.engine import Trainer
-from iaunet.engine.stopping import EXIT_PREEMPTED, received_signal
+from iaunet.engine.stopping import (
+    EXIT_PREEMPTED,
+    install_signal_handlers,
+    received_signal,
+    uninstall_signal_handlers,
+)
 
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
 # train_net.py options of a tiny CPU run (as tests/test_robustness.py's TINY)
@@ -114,6 +119,20 @@ def test_signal_saves_the_current_iteration_and_resume_is_exact(tmp_path, synthe
     b = torch.load(out / "model_final.pth", weights_only=True)
     assert b["trainer"]["hooks"]["LRScheduler"] == a["trainer"]["hooks"]["LRScheduler"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_signal_during_setup_stops_before_the_first_step(tmp_path, synthetic_ready):
+    """train_net.py installs the handlers before its setup: a signal then stops at once."""
+    trainer, record = _train(tmp_path)
+    assert install_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(SystemExit) as exc:
+            trainer.train()
+    finally:
+        uninstall_signal_handlers()
+    assert exc.value.code == EXIT_PREEMPTED and record.losses == {}
+    assert not list(tmp_path.glob("*.pth"))
 
 
 def test_resumable_sampler_continues_the_stream():

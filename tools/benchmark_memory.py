@@ -3,7 +3,8 @@
 docs/robustness.md "Memory under load".
 
     python tools/benchmark_memory.py --weights /tmp/i18_quick/model_final.pth --work /tmp/i18_mem
-    python tools/benchmark_memory.py --weights W --work DIR --cases large --size 4096
+    python tools/benchmark_memory.py --weights W --work DIR --cases large --size 4096 \
+        --predict-args=--scale=1
 
 Cases, each in its own process, whose RSS (``/proc/<pid>/status`` VmRSS) is sampled every
 ``--interval`` s and whose peak is the kernel's high-water mark (``ru_maxrss`` from ``wait4``):
@@ -128,6 +129,7 @@ def predict_command(args, inputs: str, output: str) -> List[str]:
         "cpu",
         "--score-threshold",
         str(args.score_threshold),
+        *args.predict_args,
     ]
 
 
@@ -279,6 +281,14 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--files", type=int, default=1000)
     p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--predict-args",
+        nargs="+",
+        default=[],
+        metavar="ARG",
+        help="more iaunet-predict arguments, e.g. --predict-args=--scale=1 (a checkpoint without "
+        "a recorded INPUT.PIXEL_SCALE)",
+    )
     p.add_argument("--eval-images", type=int, default=8)
     p.add_argument("--eval-instances", type=int, default=2000)
     p.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, s")

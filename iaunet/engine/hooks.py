@@ -180,7 +180,9 @@ class PreemptionHook(HookBase):
     even when only some received the signal; rank 0 then writes the checkpoint (atomically, with
     :class:`ExactResume`'s state), all wait for it, and each raises
     ``TrainingStopped(EXIT_PREEMPTED)``. A signal during an evaluation is acted on after the next
-    step; a signal at the last step lets the run finish normally.
+    step; a signal at the last step lets the run finish normally; a signal before the first step
+    (``train_net.py`` installs the handlers before its setup) stops at once, without a checkpoint:
+    the one the run started from is its state.
     """
 
     def __init__(self, checkpointer, exact_resume: Optional[ExactResume] = None):
@@ -190,6 +192,14 @@ class PreemptionHook(HookBase):
 
     def before_train(self):
         self._installed = install_signal_handlers()
+        signum = self._agreed_signal()
+        if signum is not None:  # during setup: the last checkpoint is the current state
+            reason = (
+                f"{signal_name(signum)} before the first step: stopped at iteration "
+                f"{self.trainer.start_iter}; exit status {EXIT_PREEMPTED}, continue with --resume"
+            )
+            logger.warning(reason)
+            raise TrainingStopped(EXIT_PREEMPTED, reason, all_workers=True)
         logger.info(
             "SIGTERM/SIGUSR1 stop training with a checkpoint of the current iteration "
             f"(exit status {EXIT_PREEMPTED}; continue with --resume)"
