@@ -8,16 +8,23 @@ fails
 to load. Here both go through :func:`iaunet.utils.atomic.atomic_write`; the temporary file of a save
 killed by SIGKILL stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
 
+``resume_or_load`` falls back to the newest checkpoint that loads when the one named in
+``last_checkpoint`` is missing, truncated or corrupt (torch's zip records carry CRC-32s, which
+torch itself does not check: :func:`zip_crc_error` does), and stops with a
+:class:`CheckpointError` listing every file and its fault when none loads.
+
 State-dict keys renamed since the first release are mapped when a checkpoint is loaded
 (``LEGACY_KEY_RENAMES``), so that older checkpoints keep loading.
 """
 
+import contextlib
 import glob
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Mapping
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
@@ -56,6 +63,29 @@ class CheckpointError(RuntimeError):
     """A file that cannot be loaded as a checkpoint; the message names it."""
 
 
+# The checkpoints a training run writes (PeriodicCheckpointer's and PreemptionHook's
+# model_<iteration>.pth, model_final.pth): the candidates of a resume.
+CHECKPOINT_PATTERN = "model_*.pth"
+
+
+def _truncated_zip(path: str) -> bool:
+    """A file that starts as a zip archive (torch's format) but is not a complete one."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    return False
+
+
+def zip_crc_error(path: str) -> Optional[str]:
+    """The first record of the zip checkpoint ``path`` whose CRC-32 does not match (a bit flip
+    anywhere in the file), or None (all match, or not a zip file: legacy torch format or a
+    truncated file, which ``torch.load`` rejects by itself). Reads the whole file (~1 GB/s)."""
+    with contextlib.suppress(zipfile.BadZipFile, OSError, EOFError, ValueError):
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    return None
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic ``save`` / ``tag_last_checkpoint``, clear load errors,
     legacy-key mapping, and the training config saved in every checkpoint.
@@ -85,13 +115,40 @@ class AtomicCheckpointer(DetectionCheckpointer):
         logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)  # e.g. OUTPUT_DIR deleted during training
         atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        try:
+            self.tag_last_checkpoint(basename)
+        except BaseException:
+            # A checkpoint that last_checkpoint does not name is removed, so that a failed save
+            # (disk full) leaves the folder as it was and frees the space it took.
+            with contextlib.suppress(OSError):
+                os.remove(save_file)
+            raise
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``<save_dir>/last_checkpoint`` at a file that is already complete (atomically)."""
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
 
+    def has_checkpoint(self) -> bool:
+        """``last_checkpoint`` exists, or (when it was lost) a ``model_*.pth`` does."""
+        return super().has_checkpoint() or bool(self.checkpoint_files())
+
+    def checkpoint_files(self) -> List[str]:
+        """The ``model_*.pth`` files of ``save_dir``, newest (modification time) first."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        files = [f for f in glob.glob(os.path.join(self.save_dir, CHECKPOINT_PATTERN))]
+        return sorted(
+            (f for f in files if os.path.isfile(f)),
+            key=lambda f: (os.path.getmtime(f), f),
+            reverse=True,
+        )
+
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """With ``resume`` and a checkpoint in ``save_dir``: load the one ``last_checkpoint``
+        names, or, when it is missing or does not load (truncated, corrupt), the newest
+        ``model_*.pth`` that does, with a warning naming each bad file; a CheckpointError listing
+        them when none loads (never a silent restart from iteration 0). Else load ``path``'s
+        model weights only, as detectron2 does."""
         if resume and self.save_dir:
             stale = sorted(glob.glob(os.path.join(self.save_dir, f".*{TMP_MARK}[0-9]*")))
             if stale:
@@ -100,14 +157,72 @@ class AtomicCheckpointer(DetectionCheckpointer):
                     "loaded; safe to "
                     f"delete once no job writes there): {[os.path.basename(p) for p in stale]}"
                 )
-        return super().resume_or_load(path, resume=resume)
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        named, problems = self._named_checkpoint()
+        candidates = ([named] if named else []) + [f for f in self.checkpoint_files() if f != named]
+        for candidate in candidates:
+            try:
+                checkpoint = self._read_local(candidate)
+            except CheckpointError as e:
+                problems.append(str(e))
+                logger.warning(f"Cannot resume from {candidate}: {e}")
+                continue
+            if problems:
+                logger.warning(
+                    f"Resuming from {candidate}, the newest checkpoint that loads: "
+                    + "; ".join(problems)
+                )
+            self._preloaded = (candidate, checkpoint)
+            try:
+                return self.load(candidate)
+            finally:
+                self._preloaded = None
+        raise CheckpointError(
+            f"cannot resume from {self.save_dir}: no checkpoint there loads ({'; '.join(problems)})"
+            ". Restore a good copy, or remove the bad files and last_checkpoint to start over"
+        )
+
+    def _named_checkpoint(self) -> Tuple[str, List[str]]:
+        """The file ``last_checkpoint`` names ("" if none) and the problems found on the way."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        if not os.path.exists(tag):
+            return "", [f"{tag} is missing"]
+        named = self.get_checkpoint_file()
+        if named.rstrip("/") == self.save_dir.rstrip("/"):  # empty last_checkpoint
+            return "", [f"{tag} is empty"]
+        if not os.path.isfile(named):
+            return "", [f"{tag} names {named}, which does not exist"]
+        return named, []
+
+    def _read_local(self, filename: str) -> Dict[str, Any]:
+        """Read (not load into the model) a local checkpoint file, as ``load`` reads it."""
+        self._parsed_url_during_load = urlparse(filename)
+        try:
+            return self._load_file(filename)
+        finally:
+            self._parsed_url_during_load = None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        preloaded = getattr(self, "_preloaded", None)
+        if preloaded is not None and preloaded[0] == filename:
+            self._preloaded = None
+            return preloaded[1]
+        bad_record = zip_crc_error(filename) if os.path.isfile(filename) else None
+        if bad_record is not None:
+            raise CheckpointError(
+                f"cannot load checkpoint {filename}: its record {bad_record} fails the CRC-32 "
+                "check: the file is corrupt (bit flip, incomplete copy, storage fault)"
+            )
         try:
             loaded = super()._load_file(filename)
-        except (
-            Exception
-        ) as e:  # torch.load / pickle raise many types (UnpicklingError, EOFError, ...)
+        except Exception as e:  # torch.load / pickle raise many types (UnpicklingError, ...)
+            if _truncated_zip(filename):
+                raise CheckpointError(
+                    f"cannot load checkpoint {filename}: the file is truncated (a zip archive "
+                    f"without its end, {os.path.getsize(filename)} bytes): an interrupted write "
+                    "or copy"
+                ) from e
             raise CheckpointError(
                 f"cannot load checkpoint {filename}: {type(e).__name__}: {e}. Expected a .pth file "
                 "saved by detectron2/torch.save or a detectron2 model-zoo .pkl (MODEL.WEIGHTS, or "

@@ -13,7 +13,10 @@ higher score wins; id k is the image's k-th entry of predictions.json) and ``<st
 ``COCO("images.json").loadRes("predictions.json")`` works. See docs/predict.md.
 
 Exit status: 0 all images done, 1 some files failed (named in the log and the summary), 2 bad
-command line.
+command line, 74 an output could not be written because of the storage (disk full, read-only file
+system, no permission: ``iaunet.utils.atomic.is_storage_error``): the run stops at that file with
+one line naming it. An output that only its own file cannot have (a name too long) fails that
+image only.
 """
 
 import argparse
@@ -38,7 +41,7 @@ from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
 from .inference.predictor import config_from_checkpoint
 from .outputs import label_image, png_bytes, render_overlay, tiff_bytes
-from .utils.atomic import atomic_write
+from .utils.atomic import EXIT_WRITE_ERROR, atomic_write, describe_write_error, is_storage_error
 
 logger = logging.getLogger("iaunet.predict")
 
@@ -313,6 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except UsageError as e:
             logger.error(str(e))
             return 2
+        except OSError as e:  # the storage refuses outputs: every later file would fail too
+            if not is_storage_error(e):
+                raise
+            logger.error(f"stopped: {describe_write_error(e)}")
+            return EXIT_WRITE_ERROR
 
 
 def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
@@ -348,6 +356,8 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
                     bool(args.tile),
                 )
             except Exception as e:  # one bad file must not stop the batch; the log names it
+                if is_storage_error(e):  # disk full, read-only, no permission: stop (main)
+                    raise
                 msg = one_line(e)
                 logger.error(f"failed: {msg if path in msg else f'{path}: {msg}'}")
                 failed.append(path)

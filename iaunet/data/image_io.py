@@ -2,7 +2,7 @@
 range."""
 
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -84,55 +84,90 @@ def read_image(path: str) -> np.ndarray:
     return img
 
 
-def to_model_range(
-    img: np.ndarray,
-    rule: str = "percentile",
-    percentiles: Sequence[float] = (0.5, 99.5),
-    name: str = "image",
-    image_format: str = "RGB",
-    normalize_uint8: bool = False,
-) -> np.ndarray:
-    """Any (H, W) / (H, W, 1|3|4) RGB(A) array -> float32 (H, W, 3) on the 0..255 scale, in
-    ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``).
-
-    uint8 is kept as is (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``). Other dtypes are
-    rescaled: "percentile" maps the per-image low/high percentiles to 0/255 (clipped), "dtype"
-    divides by the integer dtype's maximum (floats are assumed to be in [0, 1]). Gray is replicated
-    to 3 channels; alpha is dropped. Non-finite values are an error.
-    """
-    if image_format not in ("RGB", "BGR"):
-        raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {image_format!r}")
-    if image_format == "BGR":
-        rgb = to_model_range(img, rule, percentiles, name, normalize_uint8=normalize_uint8)
-        return rgb[:, :, ::-1].copy()
-    if rule not in INTENSITY_NORMS:
-        raise ValueError(f"INPUT.INTENSITY_NORM must be one of {INTENSITY_NORMS}, got {rule!r}")
+def _rgb_channels(img: np.ndarray, name: str) -> np.ndarray:
+    """(H, W) or (H, W, 3), a view: a single channel squeezed, alpha dropped; else an error."""
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[:, :, :3]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] != 3:
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
         raise ImageReadError(
             f"{name}: expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got shape "
             f"{img.shape}"
         )
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise ImageReadError(f"{name}: empty image of shape {img.shape}")
-    if img.dtype == np.bool_:
-        img = img.astype(np.uint8) * 255
-    if img.dtype == np.uint8 and not normalize_uint8:
-        return img.astype(np.float32)
+    return img
+
+
+def intensity_range(
+    img: np.ndarray,
+    rule: str = "percentile",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    name: str = "image",
+    normalize_uint8: bool = False,
+) -> Optional[Tuple[float, float]]:
+    """The input values (lo, hi) that :func:`to_model_range` maps to 0 and 255, or None for uint8
+    (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``) and bool images (kept as they are).
+    Computed on the image as stored (gray is not replicated), so that a large image's range costs
+    one copy of it; pass it to ``to_model_range(crop, value_range=...)`` to normalize the crops of a
+    large image as the whole (tiled prediction). Non-finite values are an error."""
+    if rule not in INTENSITY_NORMS:
+        raise ValueError(f"INPUT.INTENSITY_NORM must be one of {INTENSITY_NORMS}, got {rule!r}")
+    img = _rgb_channels(img, name)
+    if img.dtype == np.bool_ or (img.dtype == np.uint8 and not normalize_uint8):
+        return None
     if not np.issubdtype(img.dtype, np.number):
         raise ImageReadError(f"{name}: unsupported dtype {img.dtype}")
-    x = img.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ImageReadError(f"{name}: contains NaN or infinite values")
+    _check_finite(img, name)
     if rule == "percentile":
-        lo, hi = np.percentile(x, percentiles)
-        x = (x - lo) / max(hi - lo, 1e-6) * 255.0
+        lo, hi = np.percentile(img, percentiles)
+        return float(lo), float(hi)
+    scale = float(np.iinfo(img.dtype).max) if np.issubdtype(img.dtype, np.integer) else 1.0
+    return 0.0, scale
+
+
+def to_model_range(
+    img: np.ndarray,
+    rule: str = "percentile",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    name: str = "image",
+    image_format: str = "RGB",
+    value_range: Optional[Tuple[float, float]] = None,
+    normalize_uint8: bool = False,
+) -> np.ndarray:
+    """Any (H, W) / (H, W, 1|3|4) RGB(A) array -> float32 (H, W, 3) on the 0..255 scale, in
+    ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``).
+
+    uint8 is kept as is (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``). Other dtypes are
+    rescaled (:func:`intensity_range`, or ``value_range`` when given, e.g. the whole image's for a
+    crop of it): "percentile" maps the per-image low/high percentiles to 0/255 (clipped), "dtype"
+    divides by the integer dtype's maximum (floats are assumed to be in [0, 1]). Gray is replicated
+    to 3 channels; alpha is dropped. Non-finite values are an error. Peak memory: the output and one
+    float32 copy of the input's channels.
+    """
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {image_format!r}")
+    if value_range is None:
+        value_range = intensity_range(img, rule, percentiles, name, normalize_uint8)
     else:
-        scale = float(np.iinfo(img.dtype).max) if np.issubdtype(img.dtype, np.integer) else 1.0
-        x = x / scale * 255.0
-    return np.clip(x, 0, 255).astype(np.float32)
+        _check_finite(img, name)
+    img = _rgb_channels(img, name)
+    if value_range is None and img.dtype == np.bool_:
+        x = img.astype(np.float32) * 255.0
+    elif value_range is None:
+        x = img.astype(np.float32)
+    else:
+        lo, hi = value_range
+        x = img.astype(np.float32)
+        x -= np.float32(lo)
+        x *= np.float32(255.0 / max(hi - lo, 1e-6))
+        np.clip(x, 0, 255, out=x)
+    if x.ndim == 2:
+        return np.repeat(x[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(x[:, :, ::-1]) if image_format == "BGR" else x
+
+
+def _check_finite(img: np.ndarray, name: str) -> None:
+    if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+        raise ImageReadError(f"{name}: contains NaN or infinite values")

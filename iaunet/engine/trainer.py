@@ -18,7 +18,6 @@ from detectron2.config import CfgNode
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
-    build_detection_train_loader,
 )
 from detectron2.engine import (
     AMPTrainer,
@@ -28,6 +27,7 @@ from detectron2.engine import (
     create_ddp_model,
     default_setup,
 )
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -37,9 +37,12 @@ from ..config import ConfigError, load_config
 from ..data import IAUNetDatasetMapper
 from ..data.auto_config import resolve_config_from_data
 from ..data.datasets.folder import safe_file_name
+from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..solver import build_optimizer
+from .hooks import ExactResume, PreemptionHook
+from .stopping import TrainingStopped, stop_on_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,47 @@ class Trainer(DefaultTrainer):
         # Before the PeriodicWriter (last on the main process), so that the images reach
         # TensorBoard.
         hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
+        # Exact resume and preemption (iaunet.engine.hooks): after the LR scheduler / PreciseBN,
+        # before the checkpointer, so that a checkpoint holds the state of its step.
+        at = 1 + max(
+            i
+            for i, h in enumerate(hooks)
+            if isinstance(h, (d2_hooks.LRScheduler, d2_hooks.PreciseBN))
+        )
+        exact = ExactResume(
+            getattr(self.data_loader, SAMPLER_ATTR, None),
+            self.cfg.SOLVER.IMS_PER_BATCH,
+            self.cfg.SOLVER.CHECKPOINT_PERIOD,
+        )
+        hooks[at:at] = [exact, PreemptionHook(self.checkpointer, exact)]
         return hooks
+
+    # -- stopping on purpose (iaunet.engine.stopping) --------------------------------------------
+    def train(self):
+        try:
+            return super().train()
+        except TrainingStopped as e:
+            if e.all_workers:  # all finish after_train (logs, metrics) before one exits and the
+                comm.synchronize()  # launcher ends the others
+            raise
+
+    def after_step(self):
+        with stop_on_write_error(self._checkpoint_state):
+            super().after_step()
+
+    def after_train(self):
+        with stop_on_write_error(self._checkpoint_state):
+            super().after_train()
+
+    def _checkpoint_state(self) -> str:
+        if not self.checkpointer.has_checkpoint():
+            return "No checkpoint was saved yet"
+        return (
+            f"The last complete checkpoint is {self.checkpointer.get_checkpoint_file()} "
+            "(last_checkpoint): free space or fix the folder, then continue with --resume"
+        )
+
+    # --------------------------------------------------------------------------------------------
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
@@ -111,7 +154,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        return build_detection_train_loader(cfg, mapper=IAUNetDatasetMapper(cfg, is_train=True))
+        # detectron2's loader, with a sampler that --resume continues (iaunet.data.samplers)
+        return build_resumable_train_loader(cfg, IAUNetDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):

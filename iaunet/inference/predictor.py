@@ -24,7 +24,7 @@ from detectron2.structures import Instances
 from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config
 from ..data.auto_config import fill_auto_keys
-from ..data.image_io import to_model_range
+from ..data.image_io import intensity_range, to_model_range
 from .mask_crops import MaskCrops
 from .tiling import (
     detections_to_instances,
@@ -160,24 +160,32 @@ class IAUNetPredictor:
         """Predict one image. ``tiled`` None: tiles when the image, resized to the model's scale, is
         larger than a tile (:meth:`will_tile`). ``full_masks`` False: ``pred_masks`` are
         :class:`MaskCrops` (for images too large for N full-size masks)."""
-        img = to_model_range(
-            image,
-            self.intensity_norm,
-            self.percentiles,
-            image_format=self.image_format,
-            normalize_uint8=self.normalize_uint8,
+        # The intensity range of the whole image; the model input (float32, 3 channels: 12 bytes
+        # per pixel) is made per tile from the raw image, never for the whole of a large one.
+        value_range = intensity_range(
+            image, self.intensity_norm, self.percentiles, normalize_uint8=self.normalize_uint8
         )
-        size = img.shape[:2]
+        size = image.shape[:2]
         if tiled or (tiled is None and self.will_tile(size)):
-            return self._predict_tiled(img, full_masks)
-        result = self._run_model(img, size)
+            return self._predict_tiled(image, value_range, full_masks)
+        result = self._run_model(self._model_range(image, value_range), size)
         if not full_masks:
             result.pred_masks = MaskCrops.from_bitmasks(result.pred_masks)
         return result
 
-    def _predict_tiled(self, img: np.ndarray, full_masks: bool) -> Instances:
-        """Tiles of ``tile_size`` model px (overlap ``tile_overlap``), in image px, stitched."""
-        size = img.shape[:2]
+    def _model_range(self, image: np.ndarray, value_range) -> np.ndarray:
+        return to_model_range(
+            image,
+            self.intensity_norm,
+            self.percentiles,
+            image_format=self.image_format,
+            value_range=value_range,
+        )
+
+    def _predict_tiled(self, image: np.ndarray, value_range, full_masks: bool) -> Instances:
+        """Tiles of ``tile_size`` model px (overlap ``tile_overlap``), in image px, stitched; each
+        normalized from the raw ``image`` with the whole image's ``value_range``."""
+        size = image.shape[:2]
         s = self.scale if self.scale is not None else 1.0
         tile = max(1, round(self.tile_size / s))
         overlap = min(round(self.tile_overlap / s), tile - 1)
@@ -185,7 +193,8 @@ class IAUNetPredictor:
         cores = tile_cores(windows, *size)
         dets = []
         for index, ((y0, x0, y1, x1), core) in enumerate(zip(windows, cores)):
-            inst = self._run_model(img[y0:y1, x0:x1], (y1 - y0, x1 - x0), scale=s)
+            crop = self._model_range(image[y0:y1, x0:x1], value_range)
+            inst = self._run_model(crop, (y1 - y0, x1 - x0), scale=s)
             dets += tile_detections(index, (y0, x0, y1, x1), size, inst, core)
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
