@@ -33,7 +33,7 @@ from .data.image_io import IMAGE_EXTENSIONS, read_image
 from .inference import IAUNetPredictor
 from .inference.predictor import config_from_checkpoint
 from .outputs.coco import category_ids
-from .outputs.writer import OUTPUTS, ImagePrediction, PredictionWriter, parse_save
+from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
 
 logger = logging.getLogger("iaunet.predict")
 
@@ -219,16 +219,8 @@ def predict_file(
     """Predict one file and write its outputs; returns its ``images.json`` entry."""
     raw = read_image(path)
     instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
-    instances = instances[instances.scores >= score_threshold]
-    instances = instances[instances.scores.argsort(descending=True)]
-    prediction = ImagePrediction(
-        image_id=image_id,
-        path=path,
-        stem=stem,
-        image=raw,
-        masks=instances.pred_masks,
-        scores=instances.scores.numpy(),
-        classes=instances.pred_classes.numpy(),
+    prediction = image_prediction(
+        instances, raw, score_threshold, image_id=image_id, path=path, stem=stem
     )
     return writer.write_image(prediction)
 

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Qt without a window system (napari plugin tests); napari's OpenGL canvas still needs a display,
+# which pytest-xvfb provides (a virtual X server, started for the session).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -82,3 +85,19 @@ def _loggers_propagate():
     for name in ("iaunet", "detectron2", "d2", "fvcore"):
         logging.getLogger(name).propagate = True
     yield
+
+
+def scene_masks(seed: int = 3):
+    """A synthetic scene with overlapping cells: (H, W) uint16 image, (N, H, W) bool masks."""
+    import cv2
+    import numpy as np
+
+    from iaunet.data.datasets.synthetic import render_scene
+
+    image, polygons = render_scene(seed, (96, 128))
+    masks = []
+    for poly in polygons:
+        m = np.zeros(image.shape, np.uint8)
+        cv2.fillPoly(m, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        masks.append(m.astype(bool))
+    return np.round(500 + image * 30000).astype(np.uint16), np.stack(masks)

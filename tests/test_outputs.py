@@ -4,15 +4,14 @@ tables, ``--save``; each read back with the reader a user has (roifile, tifffile
 import csv
 import io
 
-import cv2
 import numpy as np
 import pytest
 import roifile
 import tifffile
+from conftest import scene_masks
 from scipy import ndimage
 from skimage.draw import polygon2mask
 
-from iaunet.data.datasets.synthetic import render_scene
 from iaunet.inference import MaskCrops
 from iaunet.outputs.masks import (
     assign_pages,
@@ -24,17 +23,6 @@ from iaunet.outputs.masks import (
 from iaunet.outputs.rois import instance_rois, roi_mask, rois_zip_bytes, trace_outlines
 from iaunet.outputs.table import csv_bytes, object_rows, table_columns
 from iaunet.outputs.writer import OUTPUTS, parse_save
-
-
-def scene_masks(seed: int = 3):
-    """A synthetic scene with overlapping cells: (H, W) uint16 image, (N, H, W) bool masks."""
-    image, polygons = render_scene(seed, (96, 128))
-    masks = []
-    for poly in polygons:
-        m = np.zeros(image.shape, np.uint8)
-        cv2.fillPoly(m, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-        masks.append(m.astype(bool))
-    return np.round(500 + image * 30000).astype(np.uint16), np.stack(masks)
 
 
 def imagej_raster(roi, shape):

@@ -64,6 +64,34 @@ class ImagePrediction:
     classes: np.ndarray
 
 
+def image_prediction(
+    instances,
+    image: np.ndarray,
+    score_threshold: float,
+    *,
+    image_id: int = 1,
+    path: str = "",
+    stem: str = "image",
+) -> ImagePrediction:
+    """``Instances`` from :class:`~iaunet.inference.IAUNetPredictor` (``pred_masks`` as
+    ``MaskCrops`` or bool masks) -> the instances scoring at least ``score_threshold``, in
+    decreasing score: instance id k is the k-th."""
+    instances = instances[instances.scores >= score_threshold]
+    instances = instances[instances.scores.argsort(descending=True)]
+    masks = instances.pred_masks
+    if not isinstance(masks, MaskCrops):
+        masks = MaskCrops.from_bitmasks(masks)
+    return ImagePrediction(
+        image_id=image_id,
+        path=path,
+        stem=stem,
+        image=image,
+        masks=masks,
+        scores=instances.scores.numpy(),
+        classes=instances.pred_classes.numpy(),
+    )
+
+
 class PredictionWriter:
     """Writes the outputs named in ``save`` into ``out_dir`` (which must exist)."""
 
