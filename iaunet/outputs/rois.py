@@ -74,16 +74,17 @@ def trace_outlines(crop: np.ndarray) -> List[np.ndarray]:
     nxt[pinch] = np.where(
         direction[first[pinch]] == (direction[pinch] + 3) % 4, first[pinch], second[pinch]
     )
-    seen = np.zeros(len(key), bool)
+    seen = bytearray(len(key))  # plain Python containers: this loop visits every edge once
+    following = nxt.tolist()
     outlines = []
     for e0 in range(len(key)):
         if seen[e0]:
             continue
         loop, e = [], e0
         while not seen[e]:
-            seen[e] = True
+            seen[e] = 1
             loop.append(e)
-            e = nxt[e]
+            e = following[e]
         loop = np.array(loop)
         turns = direction[loop] != direction[np.roll(loop, 1)]  # keep corners only
         outlines.append(start[loop[turns]] - 1)  # undo the padding
