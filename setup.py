@@ -5,9 +5,15 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     "isbi": ["h5py"],  # MATLAB v7.3 files in datasets/prepare_isbi2014.py
+    # napari plugin (iaunet/napari_plugin): dock widget and reader
+    "napari": ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy", "pyqt5"],
 }
 # Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
-EXTRAS["test"] = ["pytest>=7", "ruff>=0.5"] + sorted({d for deps in EXTRAS.values() for d in deps})
+# pytest-qt drives the napari widget; pytest-xvfb gives napari's OpenGL canvas a virtual X display
+# (the Xvfb program: `apt-get install xvfb` on Debian/Ubuntu; .ci/run installs it).
+EXTRAS["test"] = ["pytest>=7", "ruff>=0.5", "pytest-qt", "pytest-xvfb"] + sorted(
+    {d for deps in EXTRAS.values() for d in deps}
+)
 
 setup(
     name="iaunet",
@@ -28,7 +34,8 @@ setup(
         "numpy",
         "opencv-python-headless>=4.5",
         "tifffile>=2021.1",
-        "roifile>=2023.5",  # ImageJ/Fiji ROI sets as training annotations (folder: datasets)
+        "scikit-image>=0.19",  # per-object tables (regionprops)
+        "roifile>=2023.5",  # ImageJ/Fiji ROI sets (outputs, and annotations of folder: datasets)
         "timm>=1.0.8",  # Swin with always_partition / strict_img_size
         "safetensors",  # timm checkpoints in tools/convert_pretrained.py
         "matplotlib",
@@ -36,5 +43,9 @@ setup(
         "tqdm",
     ],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["iaunet-predict=iaunet.predict:main"]},
+    package_data={"iaunet.napari_plugin": ["napari.yaml"]},
+    entry_points={
+        "console_scripts": ["iaunet-predict=iaunet.predict:main", "iaunet-check=iaunet.check:main"],
+        "napari.manifest": ["iaunet = iaunet.napari_plugin:napari.yaml"],
+    },
 )

@@ -14,6 +14,11 @@ Exit status: 0 done; 75 preempted (SIGTERM/SIGUSR1: checkpoint written, continue
 
 import logging
 
+# iaunet first: it imports detectron2 and fvcore with fvcore's import-time torch.jit.script
+# FutureWarning silenced (iaunet/__init__.py); detectron2.engine first would print it.
+import iaunet  # noqa: F401
+
+# isort: split
 import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results

@@ -1,16 +1,15 @@
 """Predict instance masks on microscopy files: ``python -m iaunet.predict`` / ``iaunet-predict``.
 
-    iaunet-predict --config-file CFG --weights model_final.pth --input images/ "more/*.tif" --output
-    out/
-        [--score-threshold 0.5] [--tile 512] [--tile-overlap 64] [--device cuda] [--opts KEY VALUE
-        ...]
+    iaunet-predict --weights model_final.pth --input images/ "more/*.tif" --output out/
+        [--config-file CFG] [--save labels,overlay,rois,masks,csv,coco] [--score-threshold 0.5]
+        [--scale S | --diameter PX] [--tile 512] [--tile-overlap 64] [--device cuda]
+        [--opts KEY VALUE ...]
 
-Per image ``<stem>_labels.tif`` (instance ids, uint16 or uint32, 0 = background; where masks overlap
-the
-higher score wins; id k is the image's k-th entry of predictions.json) and ``<stem>_overlay.png``
-(outlines and ids on the 8-bit rendering). Per run ``predictions.json`` (COCO results) and
-``images.json`` (a COCO file with the images and categories and no annotations), so that
-``COCO("images.json").loadRes("predictions.json")`` works. See docs/predict.md.
+Per image (``--save``, default all): ``<stem>_labels.tif`` (flattened instance ids),
+``<stem>_overlay.png``, ``<stem>_rois.zip`` (ImageJ/Fiji ROI set), ``<stem>_masks.tif``
+(overlap-preserving label pages) and ``<stem>_objects.csv`` (per-object measurements); per run
+``objects.csv``, ``predictions.json`` (COCO results) and ``images.json``. Instance id k is the same
+in every file. The writers live in :mod:`iaunet.outputs`; see docs/predict.md.
 
 Exit status: 0 all images done, 1 some files failed (named in the log and the summary), 2 bad
 command line, 74 an output could not be written because of the storage (disk full, read-only file
@@ -22,26 +21,24 @@ image only.
 import argparse
 import contextlib
 import glob
-import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import ConfigError, one_line
-from .data.image_io import IMAGE_EXTENSIONS, read_image, to_model_range
+from .data.image_io import IMAGE_EXTENSIONS, read_image
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
 from .inference.predictor import config_from_checkpoint
-from .outputs import label_image, png_bytes, render_overlay, tiff_bytes
-from .utils.atomic import EXIT_WRITE_ERROR, atomic_write, describe_write_error, is_storage_error
+from .outputs.coco import category_ids
+from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
+from .utils.atomic import EXIT_WRITE_ERROR, describe_write_error, is_storage_error
 
 logger = logging.getLogger("iaunet.predict")
 
@@ -74,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders (non-recursive) or quoted globs; png, jpg, tif/tiff",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument(
+        "--save",
+        default="all",
+        metavar="LIST",
+        help=f"comma-separated outputs to write: {','.join(OUTPUTS)}, or all (default: all)",
+    )
     p.add_argument(
         "--score-threshold",
         type=float,
@@ -212,74 +215,22 @@ def output_stems(files: Sequence[str]) -> List[str]:
     return stems
 
 
-def category_ids(metadata, num_classes: int) -> List[int]:
-    """Contiguous class -> dataset category id (the metadata's mapping when present, else class +
-    1)."""
-    mapping = (
-        getattr(metadata, "thing_dataset_id_to_contiguous_id", None)
-        if metadata is not None
-        else None
-    )
-    if mapping:
-        reverse = {v: k for k, v in mapping.items()}
-        return [int(reverse.get(c, c + 1)) for c in range(num_classes)]
-    return [c + 1 for c in range(num_classes)]
-
-
 def predict_file(
     predictor: IAUNetPredictor,
+    writer: PredictionWriter,
     path: str,
     image_id: int,
     stem: str,
-    out_dir: str,
     score_threshold: float,
-    cat_ids: List[int],
     force_tile: bool,
-) -> Tuple[Dict, List[Dict]]:
-    """Predict one file and write its label TIFF and overlay PNG; returns (image entry, COCO
-    results)."""
+) -> Dict:
+    """Predict one file and write its outputs; returns its ``images.json`` entry."""
     raw = read_image(path)
     instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
-    instances = instances[instances.scores >= score_threshold]
-    instances = instances[instances.scores.argsort(descending=True)]
-    masks = instances.pred_masks
-    h, w = masks.image_size
-    label_name, overlay_name = f"{stem}_labels.tif", f"{stem}_overlay.png"
-    atomic_write(os.path.join(out_dir, label_name), tiff_bytes(label_image(masks, h, w)))
-    image8 = (
-        to_model_range(
-            raw,
-            predictor.intensity_norm,
-            predictor.percentiles,
-            normalize_uint8=predictor.normalize_uint8,
-        )
-        .round()
-        .astype(np.uint8)
+    prediction = image_prediction(
+        instances, raw, score_threshold, image_id=image_id, path=path, stem=stem
     )
-    atomic_write(os.path.join(out_dir, overlay_name), png_bytes(render_overlay(image8, masks)))
-
-    results = []
-    for rle, score, label in zip(
-        masks.to_rles(), instances.scores.tolist(), instances.pred_classes.tolist()
-    ):
-        results.append(
-            {
-                "image_id": image_id,
-                "category_id": cat_ids[label],
-                "segmentation": rle,
-                "score": round(float(score), 5),
-                "bbox": [round(float(v), 2) for v in mask_util.toBbox(rle)],
-            }
-        )
-    entry = {
-        "id": image_id,
-        "file_name": os.path.abspath(path),
-        "height": h,
-        "width": w,
-        "labels": label_name,
-        "overlay": overlay_name,
-    }
-    return entry, results
+    return writer.write_image(prediction)
 
 
 @contextlib.contextmanager
@@ -324,16 +275,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
+    try:
+        save = parse_save(args.save)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     files = expand_inputs(args.input)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} exists and is not a folder")
     predictor = build_predictor(args)
     os.makedirs(args.output, exist_ok=True)
-    cfg = predictor.cfg
-    cat_ids = category_ids(predictor.metadata, cfg.MODEL.IAUNET.NUM_CLASSES)
-    class_names = list(getattr(predictor.metadata, "thing_classes", None) or [])
+    writer = PredictionWriter(
+        args.output,
+        save,
+        cat_ids=category_ids(predictor.metadata, predictor.cfg.MODEL.IAUNET.NUM_CLASSES),
+        class_names=getattr(predictor.metadata, "thing_classes", None),
+        intensity_norm=predictor.intensity_norm,
+        percentiles=predictor.percentiles,
+        normalize_uint8=predictor.normalize_uint8,
+    )
 
-    images, results, failed = [], [], []
+    done, failed = 0, []
     with logging_redirect_tqdm(loggers=loggers):
         for image_id, (path, stem) in enumerate(
             tqdm(
@@ -345,15 +306,8 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
             start=1,
         ):
             try:
-                entry, res = predict_file(
-                    predictor,
-                    path,
-                    image_id,
-                    stem,
-                    args.output,
-                    args.score_threshold,
-                    cat_ids,
-                    bool(args.tile),
+                predict_file(
+                    predictor, writer, path, image_id, stem, args.score_threshold, bool(args.tile)
                 )
             except Exception as e:  # one bad file must not stop the batch; the log names it
                 if is_storage_error(e):  # disk full, read-only, no permission: stop (main)
@@ -362,21 +316,10 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
                 logger.error(f"failed: {msg if path in msg else f'{path}: {msg}'}")
                 failed.append(path)
                 continue
-            images.append(entry)
-            results.extend(res)
+            done += 1
 
-    categories = [
-        {"id": cid, "name": class_names[c] if c < len(class_names) else f"class_{c}"}
-        for c, cid in enumerate(cat_ids)
-    ]
-    atomic_write(os.path.join(args.output, "predictions.json"), json.dumps(results))
-    atomic_write(
-        os.path.join(args.output, "images.json"),
-        json.dumps(
-            {"images": images, "categories": categories, "annotations": []}, indent=1
-        ).encode(),
-    )
-    summary = f"{len(images)} images processed, {len(failed)} failed"
+    writer.finish()
+    summary = f"{done} images processed, {len(failed)} failed"
     if failed:
         logger.error(f"{summary}: {', '.join(failed)}")
         return 1

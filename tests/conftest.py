@@ -12,6 +12,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
+# Qt without a window system (napari plugin tests); napari's OpenGL canvas still needs a display,
+# which pytest-xvfb provides (a virtual X server, started for the session).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -203,3 +206,19 @@ def _ann(ann_id, image_id=1, category_id=1, polygon=None):
         "iscrowd": 0,
         "segmentation": [polygon or _square(2, 2, 8)],
     }
+
+
+def scene_masks(seed: int = 3):
+    """A synthetic scene with overlapping cells: (H, W) uint16 image, (N, H, W) bool masks."""
+    import cv2
+    import numpy as np
+
+    from iaunet.data.datasets.synthetic import render_scene
+
+    image, polygons = render_scene(seed, (96, 128))
+    masks = []
+    for poly in polygons:
+        m = np.zeros(image.shape, np.uint8)
+        cv2.fillPoly(m, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        masks.append(m.astype(bool))
+    return np.round(500 + image * 30000).astype(np.uint16), np.stack(masks)

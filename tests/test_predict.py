@@ -1,5 +1,6 @@
 """IAUNetPredictor (whole image, tiled stitching) and the ``iaunet.predict`` CLI."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
+import roifile
 import tifffile
 import torch
 from conftest import ROOT, tiny_cfg
@@ -123,6 +125,33 @@ def test_cli_end_to_end(checkpoint, tmp_path):
             assert a["category_id"] == 1 and 0 <= a["score"] <= 1 and len(a["bbox"]) == 4
             assert list(a["segmentation"]["size"]) == [img["height"], img["width"]]
             assert isinstance(a["segmentation"]["counts"], str)
+        _check_overlap_outputs(out, img, anns)
+    run_table = list(csv.DictReader(open(out / "objects.csv")))
+    assert len(run_table) == len(dt.dataset["annotations"])
+    assert {r["image"] for r in run_table} == {str(inp / n) for n in by_name}
+
+
+def _check_overlap_outputs(out, img, anns):
+    """ROI set, mask pages and table of one image against its COCO results (the full masks)."""
+    from iaunet.outputs.rois import roi_mask
+
+    full = [mask_util.decode(a["segmentation"]).astype(bool) for a in anns]
+    shape = (img["height"], img["width"])
+    rois = roifile.roiread(str(out / img["rois"]))
+    assert len(rois) == len([m for m in full if m.any()])  # overlapping instances: separate ROIs
+    for roi in rois:
+        k = int(roi.name.split("_")[0])
+        mask = full[k - 1]
+        inter = (roi_mask(roi, shape) & mask).sum()
+        assert inter / (roi_mask(roi, shape) | mask).sum() >= 0.98
+    pages = tifffile.imread(out / img["masks"]).reshape(-1, *shape)
+    assert pages.dtype == np.uint16
+    for k, mask in enumerate(full, start=1):
+        on = [p for p in pages if (p == k).any()]
+        assert len(on) <= 1 and (not mask.any() or ((on[0] == k) == mask).all())
+    rows = list(csv.DictReader(open(out / img["objects"])))
+    assert [int(r["id"]) for r in rows] == list(range(1, len(anns) + 1))
+    assert [int(r["area"]) for r in rows] == [int(m.sum()) for m in full]
 
 
 def test_cli_tiled(checkpoint, tmp_path, capsys):
@@ -147,14 +176,17 @@ def test_cli_tiled(checkpoint, tmp_path, capsys):
             "64",
             "--tile-overlap",
             "16",
+            "--save",
+            "labels,rois",
         ]
     )
     assert code == 0, capsys.readouterr().err
     assert tifffile.imread(out / "big_labels.tif").shape == (90, 64)
+    assert sorted(p.name for p in out.iterdir()) == ["big_labels.tif", "big_rois.zip"]
     assert "1 images processed, 0 failed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["no_match", "missing_weights", "unknown_opt"])
+@pytest.mark.parametrize("case", ["no_match", "missing_weights", "unknown_opt", "bad_save"])
 def test_cli_usage_errors(checkpoint, tmp_path, capsys, case):
     cv2.imwrite(str(tmp_path / "x.png"), np.zeros((8, 8), np.uint8))
     args = {
@@ -169,12 +201,15 @@ def test_cli_usage_errors(checkpoint, tmp_path, capsys, case):
             "no_match": "no image files matched",
             "missing_weights": "weights file not found",
             "unknown_opt": "MODEL.NOT_A_KEY",
+            "bad_save": "unknown output xml",
         }[case],
     )
     if case == "no_match":
         args["--input"] = str(tmp_path / "*.tif")
     elif case == "missing_weights":
         args["--weights"] = str(tmp_path / "nope.pth")
+    elif case == "bad_save":
+        args["--save"] = "labels,xml"
     else:
         opts = ["--opts", "MODEL.NOT_A_KEY", "1"]
     assert main([x for kv in args.items() for x in kv] + opts) == 2

@@ -61,6 +61,12 @@ import time
 from typing import Dict, Optional, Sequence
 
 import torch
+
+# iaunet first: it imports detectron2 and fvcore with fvcore's import-time torch.jit.script
+# FutureWarning silenced (iaunet/__init__.py); detectron2.data first would print it.
+import iaunet  # noqa: F401
+
+# isort: split
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import (

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 ENV_ROOT = "DETECTRON2_DATASETS"
 ENV_CACHE = "IAUNET_DATASET_CACHE"
+# Registered name -> the paths (relative to the datasets root) it reads; ``iaunet-check`` reports
+# which are on disk without loading anything.
+DATASET_FILES: Dict[str, Tuple[str, ...]] = {}
 _CACHE_VERSION = 1  # bump when the normalization changes, so that old cache files are not reused
 
 CocoDict = Dict
@@ -370,3 +373,4 @@ def register_coco_dataset(
         )
 
     register_lazy(name, load, metadata)
+    DATASET_FILES[name] = (json_file, image_root)

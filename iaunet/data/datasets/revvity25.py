@@ -21,7 +21,13 @@ here, so the amodal sets accept either layout:
 import os
 from typing import Dict, List
 
-from .common import check_dataset_dir, load_coco_instances, register_coco_dataset, register_lazy
+from .common import (
+    DATASET_FILES,
+    check_dataset_dir,
+    load_coco_instances,
+    register_coco_dataset,
+    register_lazy,
+)
 
 DATASET_DIR = "revvity25"
 SPLITS = {"train": "train", "test": "valid"}  # registered split -> json stem
@@ -73,6 +79,7 @@ def register_all_revvity25(root: str = DATASET_DIR) -> None:
         )
         name = f"revvity25_amodal_{split}"
         register_lazy(name, lambda name=name, stem=stem: load_amodal(name, stem), METADATA)
+        DATASET_FILES[name] = (f"{root}/annotations", f"{root}/images")
 
 
 register_all_revvity25()

@@ -19,7 +19,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .common import datasets_root
+from .common import DATASET_FILES, datasets_root
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,12 @@ def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> No
         json.dump(coco, f)
 
 
+def split_dir(name: str) -> str:
+    """The folder of split ``name``, relative to the datasets root."""
+    base = "synthetic_cells" if SPLITS[name][2] == 8 else "synthetic_cells16"
+    return os.path.join(base, name.rsplit("_", 1)[1])
+
+
 def ensure_split(root: str, name: str) -> str:
     """Generate split ``name`` under ``root`` unless an up-to-date copy exists; returns its folder.
 
@@ -165,8 +171,7 @@ def ensure_split(root: str, name: str) -> str:
     workers) and interrupted runs never see a half-written dataset.
     """
     seed, num_images, bit_depth = SPLITS[name]
-    base = "synthetic_cells" if bit_depth == 8 else "synthetic_cells16"
-    out_dir = os.path.join(root, base, name.rsplit("_", 1)[1])
+    out_dir = os.path.join(root, split_dir(name))
     json_file = os.path.join(out_dir, "annotations.json")
     if os.path.isfile(json_file):
         with open(json_file) as f:
@@ -201,6 +206,7 @@ def register_all_synthetic() -> None:
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, lambda name=name: load_synthetic(name))
+        DATASET_FILES[name] = (os.path.join(split_dir(name), "annotations.json"),)
         MetadataCatalog.get(name).set(thing_classes=["cell"], evaluator_type="coco", synthetic=True)
 
 

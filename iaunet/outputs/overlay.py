@@ -1,27 +1,11 @@
-"""Per-image outputs of ``iaunet-predict``: label images, overlays, and their encodings
-(docs/predict.md)."""
+"""``<stem>_overlay.png`` of ``iaunet-predict``: outlines and ids on the 8-bit rendering."""
 
 import colorsys
-import io
 
 import cv2
 import numpy as np
-import tifffile
 
 from ..inference.mask_crops import MaskCrops
-
-
-def label_image(masks: MaskCrops, height: int, width: int) -> np.ndarray:
-    """Masks (``MaskCrops``, sorted by decreasing score) -> (H, W) ids 1..N; overlaps go to the
-    higher score."""
-    labels = np.zeros(
-        (height, width), np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32
-    )
-    items = list(masks)
-    for i in range(len(items) - 1, -1, -1):  # lowest score first, so higher scores overwrite
-        y0, x0, crop = items[i]
-        labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]][crop] = i + 1
-    return labels
 
 
 def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
@@ -57,13 +41,8 @@ def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:
     return canvas
 
 
-def tiff_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, array, compression="zlib")
-    return buf.getvalue()
-
-
 def png_bytes(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 RGB -> PNG file content."""
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("PNG encoding failed")

@@ -1,0 +1,186 @@
+"""*Plugins > IAUNet prediction*: run a checkpoint on an image layer (magicgui dock widget).
+
+The model runs in a worker thread (``napari.qt.threading``), so the viewer stays responsive; a
+progress bar follows the steps (load the model, predict, build the layers). Scale and tiling are
+those of ``iaunet-predict`` (:class:`~iaunet.inference.IAUNetPredictor`): the scale the model was
+trained at unless a scale or an object diameter is given, tiles when the image is larger than a
+tile at that scale. A loaded model is kept for the next run with the same settings.
+"""
+
+import logging
+import os
+from typing import Any, Dict, List, Tuple
+
+import napari
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+)
+from napari.qt.threading import thread_worker
+
+from ..inference import IAUNetPredictor
+from ..outputs.writer import image_prediction
+from .layers import LayerData, prediction_layers
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("loading the model", "predicting", "building the layers")
+
+
+def _path(value) -> str:
+    """A FileEdit value as a path, '' when empty."""
+    text = str(value or "")
+    return "" if text in ("", ".") else text
+
+
+class PredictWidget(Container):
+    """Image layer, weights (+ optional config), scale or diameter, score threshold, device; *Run*
+    adds ``<image> labels``, ``<image> masks page k`` and ``<image> scores``."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=True)
+        self.viewer = viewer
+        import torch
+
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self.image = ComboBox(label="image layer", choices=self._image_layers)
+        self.weights = FileEdit(label="weights", mode="r", filter="*.pth *.pkl")
+        self.config = FileEdit(label="config (optional)", mode="r", filter="*.yaml")
+        self.scale = FloatSpinBox(
+            label="scale (0: as trained)", value=0.0, min=0.0, max=100.0, step=0.05
+        )
+        self.diameter = FloatSpinBox(
+            label="object diameter px (0: -)", value=0.0, min=0.0, max=10000.0, step=1.0
+        )
+        self.score_threshold = FloatSlider(
+            label="score threshold", value=0.5, min=0.0, max=1.0, step=0.01
+        )
+        self.device = ComboBox(label="device", choices=devices, value=devices[-1])
+        self.run_button = PushButton(text="Run")
+        self.progress = ProgressBar(label="progress", value=0, min=0, max=len(STEPS))
+        self.status = Label(label="status", value="")
+        self.extend(
+            [
+                self.image,
+                self.weights,
+                self.config,
+                self.scale,
+                self.diameter,
+                self.score_threshold,
+                self.device,
+                self.run_button,
+                self.progress,
+                self.status,
+            ]
+        )
+        self.run_button.changed.connect(self.run)
+        viewer.layers.events.inserted.connect(self._refresh)
+        viewer.layers.events.removed.connect(self._refresh)
+        self._predictors: Dict[Tuple, IAUNetPredictor] = {}
+        self.worker = None
+
+    def _image_layers(self, *_) -> List[str]:
+        return [
+            layer.name for layer in self.viewer.layers if isinstance(layer, napari.layers.Image)
+        ]
+
+    def _refresh(self, *_) -> None:
+        self.image.reset_choices()
+
+    def _predictor(self, key: Tuple) -> IAUNetPredictor:
+        """A cached predictor for (weights, config, scale, diameter, device, threshold)."""
+        if key not in self._predictors:
+            weights, config, scale, diameter, device, threshold = key
+            self._predictors = {  # keep one model in memory
+                key: IAUNetPredictor.from_checkpoint(
+                    weights,
+                    config,
+                    opts=["MODEL.DEVICE", device, "MODEL.IAUNET.TEST.SCORE_THRESH", threshold],
+                    scale=scale,
+                    diameter=diameter,
+                )
+            }
+        return self._predictors[key]
+
+    def _inputs(self) -> Tuple[np.ndarray, str, Dict[str, Any], Tuple]:
+        """The image, its layer name, placement and the predictor key; ValueError when unusable."""
+        name = self.image.value
+        if not name or name not in self.viewer.layers:
+            raise ValueError("select an image layer")
+        layer = self.viewer.layers[name]
+        data = layer.data[0] if layer.multiscale else layer.data
+        image = np.asarray(data)
+        if not (image.ndim == 2 or (layer.rgb and image.ndim == 3)):
+            raise ValueError(f"IAUNet predicts 2-D images; layer '{name}' has shape {image.shape}")
+        weights = _path(self.weights.value)
+        if not os.path.isfile(weights):
+            raise ValueError(f"weights file not found: {weights or '(none selected)'}")
+        key = (
+            weights,
+            _path(self.config.value),
+            self.scale.value or None,
+            self.diameter.value or None,
+            self.device.value,
+            float(self.score_threshold.value),
+        )
+        placement = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+        return image, name, placement, key
+
+    def run(self, *_) -> None:
+        """Start a prediction on the selected layer (no-op while one is running)."""
+        if self.worker is not None:
+            return
+        try:
+            image, name, placement, key = self._inputs()
+        except ValueError as e:
+            self._error(e)
+            return
+        self.run_button.enabled = False
+        self.progress.value = 0
+        self.worker = self._work(image, name, placement, key)
+        self.worker.yielded.connect(self._on_step)
+        self.worker.returned.connect(self._add_layers)
+        self.worker.errored.connect(self._error)
+        self.worker.finished.connect(self._done)
+        self.worker.start()
+
+    @thread_worker
+    def _work(self, image: np.ndarray, name: str, placement: Dict, key: Tuple):
+        yield 0
+        predictor = self._predictor(key)
+        yield 1
+        instances = predictor.predict(image, full_masks=False)
+        prediction = image_prediction(instances, image, key[-1], stem=name)
+        yield 2
+        class_names = getattr(predictor.metadata, "thing_classes", None)
+        return prediction_layers(prediction, name, class_names, placement)
+
+    def _on_step(self, step: int) -> None:
+        self.progress.value = step
+        self.status.value = f"{STEPS[step]}..."
+
+    def _add_layers(self, layers: List[LayerData]) -> None:
+        for data, kwargs, layer_type in layers:
+            if kwargs["name"] in self.viewer.layers:  # a re-run replaces its results
+                self.viewer.layers.remove(kwargs["name"])
+            getattr(self.viewer, f"add_{layer_type}")(data, **kwargs)
+        self.progress.value = len(STEPS)
+        count = len(layers[-1][0])
+        pages = len(layers) - 2
+        self.status.value = f"{count} instances, {pages} mask page(s)"
+
+    def _error(self, e: Exception) -> None:
+        self.status.value = f"error: {e}"
+        logger.error(f"IAUNet prediction: {e}")
+        napari.utils.notifications.show_error(f"IAUNet: {e}")
+
+    def _done(self) -> None:
+        self.worker = None
+        self.run_button.enabled = True

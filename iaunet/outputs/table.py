@@ -1,0 +1,140 @@
+"""Per-object tables: ``<stem>_objects.csv`` per image and ``objects.csv`` for the run.
+
+One row per instance, measured on its full (overlap-preserving) mask with scikit-image's
+``regionprops``; intensities are read from the image as stored (original dtype values, before any
+normalization). Columns:
+
+=====================  ==========================================================================
+``id``                 instance id (1..N by decreasing score; the id in every other output)
+``roi_name``           the ROI's name in ``_rois.zip`` (``0001_s0.93``)
+``class``, ``score``   class name and confidence
+``area``               mask pixels
+``centroid_x/_y``      centroid, pixels (x = column; pixel centres at integers)
+``bbox_x/_y``,         bounding box: first column / row, width, height (pixels; COCO and ImageJ
+``bbox_width/_height`` convention)
+``perimeter``          ``regionprops`` perimeter (4-connected boundary, diagonal steps sqrt 2)
+``mean_intensity``,    over the mask, per channel for colour images (``_r``, ``_g``, ``_b``, ``_a``;
+``max_intensity``      ``_c<k>`` for other channel counts)
+``overlap_px``         pixels of this instance that belong to at least one other instance
+``overlap_ids``        ids of the instances it overlaps, ``;``-separated
+``overlap_px_per_id``  pixels shared with each of them, same order
+=====================  ==========================================================================
+
+The run table adds ``image`` (the input file) and ``image_id`` (its id in ``images.json``) first.
+"""
+
+import csv
+import io
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from skimage.measure import regionprops
+
+from ..inference.mask_crops import MaskCrops
+from .masks import Overlaps, instance_overlaps
+from .rois import roi_name
+
+BASE_COLUMNS = [
+    "id",
+    "roi_name",
+    "class",
+    "score",
+    "area",
+    "centroid_x",
+    "centroid_y",
+    "bbox_x",
+    "bbox_y",
+    "bbox_width",
+    "bbox_height",
+    "perimeter",
+]
+OVERLAP_COLUMNS = ["overlap_px", "overlap_ids", "overlap_px_per_id"]
+RUN_COLUMNS = ["image", "image_id"]
+
+
+def _channel_names(image: np.ndarray) -> List[str]:
+    """Column suffixes: none for gray, r/g/b(/a) for RGB(A), c<k> otherwise."""
+    if image.ndim == 2:
+        return [""]
+    n = image.shape[2]
+    names = ["r", "g", "b", "a"][:n] if n in (3, 4) else [f"c{k}" for k in range(n)]
+    return [f"_{s}" for s in names]
+
+
+def intensity_columns(image: np.ndarray) -> List[str]:
+    suffixes = _channel_names(image)
+    return [f"mean_intensity{s}" for s in suffixes] + [f"max_intensity{s}" for s in suffixes]
+
+
+def _value(x, dtype: np.dtype):
+    """A max intensity in the image's own type (int for integer images)."""
+    return int(x) if np.issubdtype(dtype, np.integer) else round(float(x), 6)
+
+
+def object_rows(
+    masks: MaskCrops,
+    scores: Sequence[float],
+    class_names: Sequence[str],
+    image: np.ndarray,
+    overlaps: Optional[Overlaps] = None,
+) -> List[Dict]:
+    """One dict per instance (columns of the module docstring). ``image``: (H, W) or (H, W, C), as
+    read from the file, at the masks' size."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.shape[:2] != tuple(masks.image_size):
+        raise ValueError(f"image size {image.shape[:2]} differs from the masks' {masks.image_size}")
+    overlaps = overlaps if overlaps is not None else instance_overlaps(masks)
+    neighbours = overlaps.neighbours()
+    suffixes = _channel_names(image)
+    rows = []
+    for i, (y0, x0, crop) in enumerate(masks):
+        row = {
+            "id": i + 1,
+            "roi_name": roi_name(i + 1, float(scores[i])),
+            "class": class_names[i],
+            "score": round(float(scores[i]), 4),
+            "area": int(crop.sum()),
+        }
+        if row["area"]:
+            sub = image[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
+            region = regionprops(crop.astype(np.uint8), intensity_image=sub)[0]
+            cy, cx = region.centroid
+            r0, c0, r1, c1 = region.bbox
+            mean = np.atleast_1d(region.intensity_mean)
+            peak = np.atleast_1d(region.intensity_max)
+            row.update(
+                centroid_x=round(cx + x0, 3),
+                centroid_y=round(cy + y0, 3),
+                bbox_x=c0 + x0,
+                bbox_y=r0 + y0,
+                bbox_width=c1 - c0,
+                bbox_height=r1 - r0,
+                perimeter=round(float(region.perimeter), 3),
+            )
+            for s, m, p in zip(suffixes, mean, peak):
+                row[f"mean_intensity{s}"] = round(float(m), 4)
+                row[f"max_intensity{s}"] = _value(p, image.dtype)
+        row["overlap_px"] = int(overlaps.covered[i])
+        row["overlap_ids"] = ";".join(str(j + 1) for j, _ in neighbours[i])
+        row["overlap_px_per_id"] = ";".join(str(n) for _, n in neighbours[i])
+        rows.append(row)
+    return rows
+
+
+def csv_bytes(rows: Sequence[Dict], columns: Sequence[str]) -> bytes:
+    """CSV (comma-separated, header line, UTF-8); missing values are empty cells."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(
+        buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def table_columns(image: np.ndarray) -> List[str]:
+    """The columns of one image's table."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    return BASE_COLUMNS + intensity_columns(image) + OVERLAP_COLUMNS
