@@ -17,9 +17,8 @@ from .modeling.pixel_decoder import UNetPixelDecoder
 from .modeling.postprocessing import (
     MASKNESS_MODES,
     NMS_MODES,
-    select_detections,
+    instances_from_topk,
     topk_predictions,
-    upsample_masks,
 )
 from .modeling.transformer_decoder import QueryDecoder
 
@@ -247,15 +246,15 @@ class IAUNet(nn.Module):
             by decreasing score (:mod:`iaunet.modeling.postprocessing`).
         """
         scores, labels, mask_logits = self.topk_predictions(logits, masks, image_size)
-        keep = select_detections(scores, self.score_thresh)
-        result = Instances(output_size)
-        result.pred_masks = upsample_masks(
-            mask_logits[keep], image_size, output_size, self.mask_thresh
+        return instances_from_topk(
+            scores,
+            labels,
+            mask_logits,
+            image_size,
+            output_size,
+            score_thresh=self.score_thresh,
+            mask_thresh=self.mask_thresh,
         )
-        result.scores = scores[keep]
-        result.pred_classes = labels[keep]
-        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes()
-        return result
 
     def topk_predictions(
         self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int]

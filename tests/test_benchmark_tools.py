@@ -148,6 +148,8 @@ def test_full_res_masks_matches_reference():
     from conftest import tiny_cfg
     from detectron2.modeling import build_model
 
+    from iaunet.modeling.postprocessing import upsample_masks
+
     model = build_model(tiny_cfg()).eval()
     torch.manual_seed(0)
     logits = (
@@ -166,6 +168,6 @@ def test_full_res_masks_matches_reference():
         ((60, 50), (97, 81)),
     ):
         assert torch.equal(
-            model._full_res_masks(logits, image_size, output_size),
+            upsample_masks(logits, image_size, output_size, model.mask_thresh),
             reference(image_size, output_size),
         )
