@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 
 EXTRAS = {
     "isbi": ["h5py"],  # MATLAB v7.3 files in datasets/prepare_isbi2014.py
+    # tools/export_model.py --format onnx and the onnxruntime backend of iaunet-predict
+    "export": ["onnx>=1.14", "onnxruntime>=1.16"],
 }
 # Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
 EXTRAS["test"] = ["pytest>=7", "ruff>=0.5"] + sorted({d for deps in EXTRAS.values() for d in deps})
