@@ -69,8 +69,16 @@ class ExportedModel:
             results.append({"instances": instances})
         return results
 
-    # The eager model's mode switches, so that callers may treat both alike.
+    # The eager model's mode switches (detectron2's inference_context, the benchmark), so that
+    # callers may treat both alike.
+    training = False
+
     def eval(self) -> "ExportedModel":
+        return self
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        if mode:
+            raise RuntimeError(f"an exported model ({self.name}) cannot be trained")
         return self
 
     def to(self, *args, **kwargs) -> "ExportedModel":

@@ -93,36 +93,39 @@ def build_iaunet(
     return bench
 
 
-def build_backend(bench: BenchModel, backend: str, folder: str, size: int) -> BenchModel:
-    """``bench``'s IAUNet (same weights) run by another backend: ``"onnxruntime"`` /
-    ``"torchscript"`` (exported to ``folder``, traced at ``size``, dynamic axes; inference only,
-    with the eager model's post-processing after the graph, :mod:`iaunet.inference.backends`),
-    ``"compile"`` (``torch.compile`` of ``forward_network``) or ``"int8"`` (eager, the query
-    decoder's Linear layers dynamically quantized to int8)."""
+def backend_model(model: torch.nn.Module, cfg: CfgNode, backend: str, folder: str, size: int):
+    """Eval-mode IAUNet ``model`` (built from ``cfg``; same weights) run by another backend, with
+    the eager model's call interface: ``"onnxruntime"`` / ``"torchscript"`` (exported to
+    ``folder``, traced at ``size``, dynamic axes; the eager post-processing after the graph,
+    :mod:`iaunet.inference.backends`), ``"compile"`` (``torch.compile`` of ``forward_network``)
+    or ``"int8"`` (eager, the query decoder's Linear layers dynamically quantized to int8)."""
     from ..inference.backends import load_backend
     from ..inference.export import export_model
 
-    cfg, model = bench.cfg, bench.model
     if backend in ("onnxruntime", "torchscript"):
         path = os.path.join(folder, f"{len(os.listdir(folder))}.{backend}")
-        export_model(
-            model, cfg, path, "onnx" if backend == "onnxruntime" else backend, (size, size)
-        )
+        fmt = "onnx" if backend == "onnxruntime" else backend
+        export_model(model, cfg, path, fmt, (size, size))
         m = cfg.MODEL.IAUNET.TEST
-        runner = load_backend(path, backend, m.SCORE_THRESH, m.MASK_THRESH, cfg.MODEL.DEVICE)
-    else:
-        runner = build_model(cfg).eval()
-        runner.load_state_dict(model.state_dict())
-        if backend == "compile":
-            runner.forward_network = torch.compile(runner.forward_network, dynamic=False)
-        elif backend == "int8":
-            runner.query_decoder = torch.ao.quantization.quantize_dynamic(
-                runner.query_decoder, {torch.nn.Linear}, dtype=torch.qint8
-            )
-        else:
-            raise ValueError(f"unknown backend {backend!r}")
-    out = BenchModel(f"{bench.name} <{backend}>", "iaunet", runner, cfg, None, bench.config)
-    out.weights, out.trainable = model, False
+        return load_backend(path, backend, m.SCORE_THRESH, m.MASK_THRESH, cfg.MODEL.DEVICE)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    runner = build_model(cfg).eval()
+    runner.load_state_dict(model.state_dict())
+    if backend == "compile":
+        runner.forward_network = torch.compile(runner.forward_network, dynamic=False)
+    elif backend == "int8":
+        runner.query_decoder = torch.ao.quantization.quantize_dynamic(
+            runner.query_decoder, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return runner
+
+
+def build_backend(bench: BenchModel, backend: str, folder: str, size: int) -> BenchModel:
+    """``bench``'s IAUNet run by ``backend`` (:func:`backend_model`), inference only."""
+    runner = backend_model(bench.model, bench.cfg, backend, folder, size)
+    out = BenchModel(f"{bench.name} <{backend}>", "iaunet", runner, bench.cfg, None, bench.config)
+    out.weights, out.trainable = bench.model, False
     out.expected_detections = bench.expected_detections
     return out
 
