@@ -232,3 +232,56 @@ def test_export_real_configs(config, tmp_path):
         export_model(model, cfg, path, fmt, size=(64, 64))
         got = load_backend(path, backend, 0, 0.5).run(images)
         assert_same_detections([t[0] for t in got], [t[0] for t in expected])
+
+
+def test_cli_onnxruntime_reproduces_pytorch_outputs(exported, tmp_path, capsys):
+    """iaunet-predict --backend onnxruntime --model FILE (config from the file) against the
+    checkpoint: the same label images, detections and COCO results (a wide image is tiled)."""
+    import json
+
+    import cv2
+    import pycocotools.mask as mask_util
+
+    from iaunet.predict import main
+
+    _, weights, files = exported
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(inp / "a16.tif", rng.integers(0, 4000, (40, 48), dtype=np.uint16))
+    cv2.imwrite(str(inp / "rgb.png"), rng.integers(0, 255, (56, 40, 3), dtype=np.uint8))
+    cv2.imwrite(str(inp / "wide.png"), rng.integers(0, 255, (60, 150), dtype=np.uint8))
+    common = ["--input", str(inp), "--score-threshold", "0.02", "--tile", "64"]
+    assert main(["--weights", weights, "--output", str(tmp_path / "pt")] + common) == 0
+    args = ["--backend", "onnxruntime", "--model", files["onnx"], "--output", str(tmp_path / "ort")]
+    assert main(args + common) == 0
+    for name in ("a16", "rgb", "wide"):
+        a = tifffile.imread(tmp_path / "ort" / f"{name}_labels.tif")
+        b = tifffile.imread(tmp_path / "pt" / f"{name}_labels.tif")
+        assert a.shape == b.shape and (a == b).mean() >= 0.99, name
+    images = [json.loads((tmp_path / d / "images.json").read_text()) for d in ("ort", "pt")]
+    assert images[0]["images"] == images[1]["images"]
+    res = [json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("ort", "pt")]
+    assert len(res[0]) == len(res[1]) > 0
+    for r1, r2 in zip(*res):
+        assert r1["image_id"] == r2["image_id"] and r1["category_id"] == r2["category_id"]
+        assert abs(r1["score"] - r2["score"]) <= 2e-4
+        iou = mask_util.iou([r1["segmentation"]], [r2["segmentation"]], [0])[0, 0]
+        assert iou >= 0.99 or mask_util.area(r1["segmentation"]) <= 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "onnxruntime"], "needs --model"),
+        ([], "--weights is required"),
+        (["--backend", "torchscript", "--model", "missing.pt"], "model file not found"),
+    ],
+)
+def test_cli_backend_usage_errors(tmp_path, capsys, args, message):
+    from iaunet.predict import main
+
+    (tmp_path / "x.png").write_bytes(b"")
+    base = ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "out")]
+    assert main(base + args) == 2
+    assert message in capsys.readouterr().err

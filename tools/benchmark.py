@@ -129,6 +129,7 @@ def markdown_report(result: Dict) -> str:
     ]
     sizes = s["sizes"]
     header = ["model", "params"] + [f"latency {z}² median / p90 (s)" for z in sizes]
+    header += [f"CPU s/call {sizes[0]}²"]
     header += [f"img/s b{b} @{sizes[0]}²" for b in s["batch_sizes"]]
     if not s["no_train"]:
         header += [
@@ -144,6 +145,7 @@ def markdown_report(result: Dict) -> str:
         inf = m["inference"]
         row = [name, f"{m['params'] / 1e6:.1f}M"]
         row += [f"{_fmt(inf[str(z)]['median_s'])} / {_fmt(inf[str(z)]['p90_s'])}" for z in sizes]
+        row += [_fmt(inf[str(sizes[0])].get("cpu_median_s"))]
         row += [_fmt(m["throughput"][str(b)]["images_per_s"], 2) for b in s["batch_sizes"]]
         first = inf[str(sizes[0])]
         if not s["no_train"] and "train" not in m:  # an exported model: inference only

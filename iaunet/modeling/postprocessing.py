@@ -146,6 +146,11 @@ def select_detections(scores: torch.Tensor, score_thresh: float) -> torch.Tensor
     return torch.nonzero(scores > score_thresh).flatten()
 
 
+def is_prefix(index: torch.Tensor) -> bool:
+    """Whether ``index`` is 0, 1, ..., N-1."""
+    return bool((index == torch.arange(len(index), device=index.device)).all())
+
+
 def masks_at_input_size(
     mask_logits: torch.Tensor, image_size: Tuple[int, int], stride: int = 4
 ) -> torch.Tensor:
@@ -220,9 +225,11 @@ def instances_from_topk(
     backends of the predictor share them): ``Instances`` of ``output_size`` with pred_masks
     (bool), scores, pred_classes and pred_boxes, by decreasing score."""
     keep = select_detections(scores, score_thresh)
+    # Sorted scores keep the first N: a slice, not a copy of N full-size masks (stride 1).
+    rows = slice(0, len(keep)) if is_prefix(keep) else keep
     result = Instances(tuple(output_size))
     result.pred_masks = upsample_masks(
-        mask_logits[keep], image_size, output_size, mask_thresh, stride=stride
+        mask_logits[rows], image_size, output_size, mask_thresh, stride=stride
     )
     result.scores = scores[keep]
     result.pred_classes = labels[keep]
