@@ -137,6 +137,10 @@ class IAUNet(nn.Module):
         }
 
     @property
+    def num_queries(self) -> int:
+        return self.query_decoder.queries.num_embeddings
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
@@ -266,7 +270,7 @@ class IAUNet(nn.Module):
             masks,
             image_size,
             num_classes=self.num_classes,
-            k=self.detections_per_image,
+            k=min(self.detections_per_image, self.num_queries * self.num_classes),
             mask_thresh=self.mask_thresh,
             maskness=self.maskness,
             nms=self.nms,

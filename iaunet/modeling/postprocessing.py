@@ -116,7 +116,8 @@ def topk_predictions(
         return tuple(t[0] for t in out)
     logits, masks = logits.float(), masks.float()
     probs = logits.softmax(-1)[..., :num_classes].flatten(-2)  # (B, Q*K), query-major
-    k = min(k, probs.shape[-1])
+    if not torch.jit.is_tracing():  # traced: the caller passes k <= Q x K (a traced size
+        k = min(k, probs.shape[-1])  # would become a constant here, with a TracerWarning)
     scores, idx = probs.topk(k, sorted=False)
     labels, query = idx % num_classes, idx // num_classes
     # Padding removed at the mask stride: ceil(H / 4), written with non-negative operands (the ONNX
