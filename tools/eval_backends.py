@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 from typing import Dict, Optional, Sequence
 
@@ -83,4 +82,3 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
 
 if __name__ == "__main__":
     exit_on_config_error(main, "eval_backends.py")
-    sys.exit(0)
