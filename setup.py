@@ -7,6 +7,8 @@ EXTRAS = {
     "isbi": ["h5py"],  # MATLAB v7.3 files in datasets/prepare_isbi2014.py
     # napari plugin (iaunet/napari_plugin): dock widget and reader
     "napari": ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy", "pyqt5"],
+    # tools/export_model.py --format onnx and the onnxruntime backend of iaunet-predict
+    "export": ["onnx>=1.14", "onnxruntime>=1.16"],
 }
 # Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
 # pytest-qt drives the napari widget; pytest-xvfb gives napari's OpenGL canvas a virtual X display

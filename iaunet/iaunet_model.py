@@ -18,9 +18,8 @@ from .modeling.postprocessing import (
     MASKNESS_MODES,
     NMS_MODES,
     NMS_OVERLAPS,
-    select_detections,
+    instances_from_topk,
     topk_predictions,
-    upsample_masks,
 )
 from .modeling.transformer_decoder import QueryDecoder
 
@@ -146,6 +145,10 @@ class IAUNet(nn.Module):
         }
 
     @property
+    def num_queries(self) -> int:
+        return self.query_decoder.queries.num_embeddings
+
+    @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
@@ -261,15 +264,15 @@ class IAUNet(nn.Module):
             by decreasing score (:mod:`iaunet.modeling.postprocessing`).
         """
         scores, labels, mask_logits = self.topk_predictions(logits, masks, image_size)
-        keep = select_detections(scores, self.score_thresh)
-        result = Instances(output_size)
-        result.pred_masks = upsample_masks(
-            mask_logits[keep], image_size, output_size, self.mask_thresh
+        return instances_from_topk(
+            scores,
+            labels,
+            mask_logits,
+            image_size,
+            output_size,
+            score_thresh=self.score_thresh,
+            mask_thresh=self.mask_thresh,
         )
-        result.scores = scores[keep]
-        result.pred_classes = labels[keep]
-        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes()
-        return result
 
     def topk_predictions(
         self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int]
@@ -281,7 +284,7 @@ class IAUNet(nn.Module):
             masks,
             image_size,
             num_classes=self.num_classes,
-            k=self.detections_per_image,
+            k=min(self.detections_per_image, self.num_queries * self.num_classes),
             mask_thresh=self.mask_thresh,
             maskness=self.maskness,
             nms=self.nms,

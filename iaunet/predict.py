@@ -4,6 +4,7 @@
         [--config-file CFG] [--save labels,overlay,rois,masks,csv,coco] [--score-threshold 0.5]
         [--scale S | --diameter PX] [--tile 512] [--tile-overlap 64] [--device cuda]
         [--opts KEY VALUE ...]
+    iaunet-predict --backend onnxruntime --model model.onnx --input images/ --output out/ [...]
 
 Per image (``--save``, default all): ``<stem>_labels.tif`` (flattened instance ids),
 ``<stem>_overlay.png``, ``<stem>_rois.zip`` (ImageJ/Fiji ROI set), ``<stem>_masks.tif``
@@ -35,6 +36,7 @@ from .config import ConfigError, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
+from .inference.backends import BACKENDS, exported_config
 from .inference.predictor import config_from_checkpoint
 from .outputs.coco import category_ids
 from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
@@ -61,7 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="config the model was trained with (default: the config saved in the checkpoint)",
     )
     p.add_argument(
-        "--weights", required=True, metavar="W", help="checkpoint, e.g. output/model_final.pth"
+        "--weights",
+        default="",
+        metavar="W",
+        help="checkpoint, e.g. output/model_final.pth (the pytorch backend needs it)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="pytorch: the eager model of --weights; onnxruntime / torchscript: the exported "
+        "--model (tools/export_model.py, docs/deploy.md)",
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        metavar="FILE",
+        help="exported model (.onnx / .pt) for --backend onnxruntime / torchscript; its config is "
+        "saved in it",
     )
     p.add_argument(
         "--input",
@@ -134,16 +153,27 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
     """The predictor of the command line: the checkpoint's config (or ``--config-file``),
     ``--opts``,
     then the flags. A bad command line, config or checkpoint is a UsageError naming it."""
-    if "://" not in args.weights and not os.path.isfile(args.weights):
+    exported = args.backend != "pytorch"
+    if exported and not args.model:
+        raise UsageError(f"--backend {args.backend} needs --model (an exported model file)")
+    if not exported and not args.weights:
+        raise UsageError("--weights is required (or --backend onnxruntime --model FILE.onnx)")
+    if exported and not os.path.isfile(args.model):
+        raise UsageError(f"model file not found: {args.model}")
+    if args.weights and "://" not in args.weights and not os.path.isfile(args.weights):
         raise UsageError(f"weights file not found: {args.weights}")
     if args.scale is not None and args.diameter is not None:
         raise UsageError("give --scale or --diameter, not both")
     if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
         raise UsageError("--tile and --tile-overlap must be >= 0")
+    source = args.weights or args.model  # the config: the checkpoint's, else the exported file's
     try:
-        checkpoint = read_checkpoint(args.weights)
-        cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, args.weights)
-    except (ConfigError, CheckpointError) as e:
+        if args.weights:
+            checkpoint = read_checkpoint(args.weights)
+        else:
+            checkpoint = {"config": exported_config(args.model)}
+        cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, source)
+    except (ConfigError, CheckpointError, ValueError) as e:
         raise UsageError(str(e)) from None
     cfg.MODEL.WEIGHTS = args.weights
     if args.device:
@@ -166,9 +196,19 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
     cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(thresh, args.score_threshold)
     cfg.freeze()
     try:
-        return IAUNetPredictor(cfg, scale=args.scale, diameter=args.diameter, checkpoint=checkpoint)
+        return IAUNetPredictor(
+            cfg,
+            scale=args.scale,
+            diameter=args.diameter,
+            checkpoint=checkpoint if args.weights else None,
+            backend=args.backend,
+            model_file=args.model,
+        )
     except Exception as e:  # a config value the model/predictor rejects
-        raise UsageError(f"cannot set up the predictor ({args.weights}): {one_line(e)}") from None
+        raise UsageError(
+            f"cannot set up the predictor ({args.model if exported else args.weights}): "
+            f"{one_line(e)}"
+        ) from None
 
 
 def expand_inputs(paths: Sequence[str]) -> List[str]:

@@ -91,3 +91,36 @@ def test_ios_overlap_catches_a_part_inside_its_object():
     assert suppress_duplicates(scores, labels, m, "mask", thresh=0.6).tolist() == pytest.approx(
         [0.9, 0.8, 0.7]
     )
+
+
+def test_masks_to_boxes_matches_bitmasks():
+    from detectron2.structures import BitMasks
+
+    from iaunet.modeling.postprocessing import masks_to_boxes
+
+    m = torch.zeros(6, 20, 30, dtype=torch.bool)
+    m[0, 3:7, 5:9] = True
+    m[1, 0, 0] = True  # corners
+    m[2, 19, 29] = True
+    m[4] = True  # full; m[3] stays empty -> zeros
+    m[5, 2:18, 29] = True
+    sparse = torch.rand(50, 40, 33, generator=torch.Generator().manual_seed(0)) > 0.999
+    for masks in (m, sparse, torch.zeros(0, 5, 5, dtype=torch.bool)):
+        expected = BitMasks(masks).get_bounding_boxes().tensor
+        assert torch.equal(masks_to_boxes(masks).tensor, expected)
+
+
+@pytest.mark.parametrize("mask_thresh", [0.5, 0.3, 0.9, 0.0, 1.0])
+def test_upsample_masks_thresholds_logits_like_probabilities(mask_thresh):
+    """x > logit(t) is sigmoid(x) > t (the two differ only within float rounding of t)."""
+    import torch.nn.functional as F
+
+    from iaunet.modeling.postprocessing import upsample_masks
+
+    logits = torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
+    up = F.interpolate(logits[None], scale_factor=4, mode="bilinear")[0, :, :60, :50]
+    expected = up.sigmoid() > mask_thresh
+    assert torch.equal(upsample_masks(logits, (60, 50), (60, 50), mask_thresh), expected)
+    # the exported graph's masks: already at the input size (stride 1), then resized
+    resized = F.interpolate(up[None], size=(90, 75), mode="bilinear")[0].sigmoid() > mask_thresh
+    assert torch.equal(upsample_masks(up, (60, 50), (90, 75), mask_thresh, stride=1), resized)

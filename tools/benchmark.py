@@ -9,6 +9,8 @@ interleaved.
         --compare mask_rcnn --device cuda --amp --runs 20 --sizes 512 1024 --batch-sizes 1 8
     python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --profile --no-train
     # + torch.profiler
+    python tools/benchmark.py --compare mask_rcnn --backends onnxruntime torchscript --threads 2 \
+        --sizes 512 --batch-sizes 1 --no-train     # exported models (docs/deploy.md) as well
 
 What is measured (every model with random weights, no checkpoint is read):
 
@@ -37,16 +39,19 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 from typing import Dict, List, Optional
 
 import torch
 
 from iaunet.config import exit_on_config_error
 from iaunet.utils.benchmark import (
+    BACKENDS,
     MASK_RCNN_CONFIG,
     BenchModel,
     benchmark_inference,
     benchmark_training,
+    build_backend,
     build_iaunet,
     build_mask_rcnn,
     inference_call,
@@ -124,6 +129,7 @@ def markdown_report(result: Dict) -> str:
     ]
     sizes = s["sizes"]
     header = ["model", "params"] + [f"latency {z}² median / p90 (s)" for z in sizes]
+    header += [f"CPU s/call {sizes[0]}²"]
     header += [f"img/s b{b} @{sizes[0]}²" for b in s["batch_sizes"]]
     if not s["no_train"]:
         header += [
@@ -139,9 +145,12 @@ def markdown_report(result: Dict) -> str:
         inf = m["inference"]
         row = [name, f"{m['params'] / 1e6:.1f}M"]
         row += [f"{_fmt(inf[str(z)]['median_s'])} / {_fmt(inf[str(z)]['p90_s'])}" for z in sizes]
+        row += [_fmt(inf[str(sizes[0])].get("cpu_median_s"))]
         row += [_fmt(m["throughput"][str(b)]["images_per_s"], 2) for b in s["batch_sizes"]]
         first = inf[str(sizes[0])]
-        if not s["no_train"]:
+        if not s["no_train"] and "train" not in m:  # an exported model: inference only
+            row += ["—"]
+        elif not s["no_train"]:
             t = m["train"]
             row += [
                 f"{_fmt(t['median_s'])} / {_fmt(t['p90_s'])} (fwd "
@@ -150,7 +159,7 @@ def markdown_report(result: Dict) -> str:
             ]
         row += [_fmt(_rss(first), 0)]
         if not s["no_train"]:
-            row += [_fmt(_rss(m["train"]), 0)]
+            row += [_fmt(_rss(m["train"]), 0) if "train" in m else "—"]
         if s["device"].startswith("cuda"):
             row += [_fmt(first["cuda_max_allocated_mb"], 0)]
         counts = f"{first['detections']}"
@@ -226,6 +235,15 @@ def parse_args(argv=None):
         action="append",
         default=[],
         help='also benchmark Mask R-CNN with these "KEY VALUE ..." overrides (repeatable)',
+    )
+    p.add_argument(
+        "--backends",
+        nargs="*",
+        default=[],
+        choices=BACKENDS,
+        help="also run each IAUNet model (same weights) exported to ONNX (onnxruntime) / "
+        "TorchScript, under torch.compile, or with its query decoder's Linear layers in int8 "
+        "(dynamic quantization); inference only",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument(
@@ -303,6 +321,11 @@ def run(args) -> Dict:
             torch.manual_seed(args.seed + i)
             opts = list(args.opts) + (["MODEL.CHANNELS_LAST", "True"] if args.channels_last else [])
             models.append(build_iaunet(config, opts, args.device, not args.as_configured, variant))
+    if args.backends:
+        with tempfile.TemporaryDirectory(prefix="iaunet-bench-") as folder:  # loaded in memory
+            for bench in list(models):
+                for backend in args.backends:
+                    models.append(build_backend(bench, backend, folder, args.sizes[0]))
     if "mask_rcnn" in args.compare:
         for variant in [""] + args.maskrcnn_variant:
             torch.manual_seed(args.seed)
@@ -374,7 +397,7 @@ def run(args) -> Dict:
                 "cuda_max_allocated_mb": r["cuda_max_allocated_mb"],
             }
     if not args.no_train:
-        for name, r in benchmark_training(models, args).items():
+        for name, r in benchmark_training([b for b in models if b.trainable], args).items():
             result["models"][name]["train"] = r
 
     for b in models:
@@ -394,11 +417,11 @@ def run(args) -> Dict:
             for z in args.sizes:
                 ratio = m["inference"][str(z)]["median_s"] / base["inference"][str(z)]["median_s"]
                 result["ratios"][f"{b.name} / {baseline.name} latency at {z}²"] = ratio
-            if not args.no_train:
+            if "train" in m and "train" in base:
                 ratio = m["train"]["median_s"] / base["train"]["median_s"]
                 result["ratios"][f"{b.name} / {baseline.name} train step"] = ratio
     if args.profile:
-        result["profile"] = {b.name: profile_model(b, args) for b in iaunets}
+        result["profile"] = {b.name: profile_model(b, args) for b in iaunets if b.trainable}
     result["machine"]["load_after"] = _load()
     return result
 

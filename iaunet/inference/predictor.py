@@ -25,6 +25,8 @@ from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config
 from ..data.auto_config import fill_auto_keys
 from ..data.image_io import intensity_range, to_model_range
+from .backends import BACKENDS, exported_config, load_backend
+from .export import graph_keys
 from .mask_crops import MaskCrops
 from .tiling import (
     detections_to_instances,
@@ -74,10 +76,15 @@ class IAUNetPredictor:
     ``INPUT.PIXEL_SCALE``. A config without a recorded scale (older checkpoints) falls back to the
     evaluation transform (longest side ``INPUT.IMAGE_SIZE``) with a warning.
 
+    Backend: ``"pytorch"`` (the eager model, default) or an exported file (``model_file``, see
+    :mod:`iaunet.inference.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
+    and outputs are the same (:mod:`iaunet.inference.backends`).
+
     Example::
 
         predictor = IAUNetPredictor.from_checkpoint("output/synthetic_quick/model_final.pth")
         instances = predictor(read_image("cells.tif"))
+        predictor = IAUNetPredictor.from_exported("model.onnx")  # onnxruntime, no checkpoint
     """
 
     def __init__(
@@ -87,15 +94,24 @@ class IAUNetPredictor:
         scale: Optional[float] = None,
         diameter: Optional[float] = None,
         checkpoint: Optional[dict] = None,
+        backend: str = "pytorch",
+        model_file: str = "",
+        threads: Optional[int] = None,
     ):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg).eval()
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
-        checkpointer = AtomicCheckpointer(self.model)
-        if checkpoint is not None:
-            checkpointer.load_checkpoint(checkpoint)
+        self.backend = backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "pytorch":
+            self.model = build_model(self.cfg).eval()
+            checkpointer = AtomicCheckpointer(self.model)
+            if checkpoint is not None:
+                checkpointer.load_checkpoint(checkpoint)
+            else:
+                checkpointer.load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
         else:
-            checkpointer.load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
+            self.model = self._load_exported(model_file, threads)
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
         self.image_format = cfg.INPUT.FORMAT
@@ -115,6 +131,46 @@ class IAUNetPredictor:
         cfg = config_from_checkpoint(checkpoint, config_file, opts, weights)
         cfg.MODEL.WEIGHTS = weights
         return cls(cfg, checkpoint=checkpoint, **kwargs)
+
+    @classmethod
+    def from_exported(
+        cls,
+        model_file: str,
+        backend: str = "",
+        config_file: str = "",
+        opts: Sequence[str] = (),
+        **kwargs,
+    ) -> "IAUNetPredictor":
+        """A predictor running exported file ``model_file`` with ``backend`` (default:
+        onnxruntime for .onnx, else torchscript), configured by the config saved in the file (or
+        ``config_file``) and ``opts``."""
+        backend = backend or ("onnxruntime" if model_file.endswith(".onnx") else "torchscript")
+        saved = {"config": exported_config(model_file)}
+        cfg = config_from_checkpoint(saved, config_file, opts, model_file)
+        return cls(cfg, backend=backend, model_file=model_file, **kwargs)
+
+    def _load_exported(self, model_file: str, threads: Optional[int]):
+        """The exported model, after checking that the config agrees with the graph."""
+        if not model_file:
+            raise ValueError(f"backend {self.backend} needs an exported model file (--model)")
+        exported = load_config()
+        exported.merge_from_other_cfg(exported.load_cfg(exported_config(model_file)))
+        baked = graph_keys(exported)
+        changed = {k: v for k, v in graph_keys(self.cfg).items() if baked[k] != v}
+        if changed:
+            raise ConfigError(
+                f"{model_file} was exported with "
+                f"{', '.join(f'{k} {baked[k]}' for k in changed)}; the config asks for "
+                f"{', '.join(f'{k} {v}' for k, v in changed.items())}: export it again"
+            )
+        return load_backend(
+            model_file,
+            self.backend,
+            self.cfg.MODEL.IAUNET.TEST.SCORE_THRESH,
+            self.cfg.MODEL.IAUNET.TEST.MASK_THRESH,
+            device=self.cfg.MODEL.DEVICE,
+            threads=threads,
+        )
 
     def _resolve_scale(self, scale: Optional[float], diameter: Optional[float]) -> Optional[float]:
         """The resize factor image px -> model px; None: per image, longest side IMAGE_SIZE."""

@@ -36,6 +36,7 @@ from ..solver import build_optimizer
 from .measure import autocast, interleaved, sync
 
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+BACKENDS = ("onnxruntime", "torchscript", "compile", "int8")  # besides eager PyTorch
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
@@ -55,14 +56,16 @@ class BenchModel:
         self.optimizer_fn = optimizer_fn
         self.expected_detections = cfg.TEST.DETECTIONS_PER_IMAGE
         self.counts: Dict[str, int] = {}  # filled by hooks during a call (Mask R-CNN)
+        self.weights = model  # whose parameters are counted (an exported model has none)
+        self.trainable = True  # False: inference only (exported backends)
 
     @property
     def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self.weights.parameters())
 
     @property
     def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.weights.parameters() if p.requires_grad)
 
 
 def build_iaunet(
@@ -88,6 +91,43 @@ def build_iaunet(
     m = cfg.MODEL.IAUNET
     bench.expected_detections = min(cfg.TEST.DETECTIONS_PER_IMAGE, m.NUM_QUERIES * m.NUM_CLASSES)
     return bench
+
+
+def backend_model(model: torch.nn.Module, cfg: CfgNode, backend: str, folder: str, size: int):
+    """Eval-mode IAUNet ``model`` (built from ``cfg``; same weights) run by another backend, with
+    the eager model's call interface: ``"onnxruntime"`` / ``"torchscript"`` (exported to
+    ``folder``, traced at ``size``, dynamic axes; the eager post-processing after the graph,
+    :mod:`iaunet.inference.backends`), ``"compile"`` (``torch.compile`` of ``forward_network``)
+    or ``"int8"`` (eager, the query decoder's Linear layers dynamically quantized to int8)."""
+    from ..inference.backends import load_backend
+    from ..inference.export import export_model
+
+    if backend in ("onnxruntime", "torchscript"):
+        path = os.path.join(folder, f"{len(os.listdir(folder))}.{backend}")
+        fmt = "onnx" if backend == "onnxruntime" else backend
+        export_model(model, cfg, path, fmt, (size, size))
+        m = cfg.MODEL.IAUNET.TEST
+        return load_backend(path, backend, m.SCORE_THRESH, m.MASK_THRESH, cfg.MODEL.DEVICE)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    runner = build_model(cfg).eval()
+    runner.load_state_dict(model.state_dict())
+    if backend == "compile":
+        runner.forward_network = torch.compile(runner.forward_network, dynamic=False)
+    elif backend == "int8":
+        runner.query_decoder = torch.ao.quantization.quantize_dynamic(
+            runner.query_decoder, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return runner
+
+
+def build_backend(bench: BenchModel, backend: str, folder: str, size: int) -> BenchModel:
+    """``bench``'s IAUNet run by ``backend`` (:func:`backend_model`), inference only."""
+    runner = backend_model(bench.model, bench.cfg, backend, folder, size)
+    out = BenchModel(f"{bench.name} <{backend}>", "iaunet", runner, bench.cfg, None, bench.config)
+    out.weights, out.trainable = bench.model, False
+    out.expected_detections = bench.expected_detections
+    return out
 
 
 def build_mask_rcnn(

@@ -134,20 +134,25 @@ def interleaved(
         for _ in range(warmup):
             call(bench)
     times = {b.name: [] for b in models}
+    cpu = {b.name: [] for b in models}  # process CPU time: the work, whatever else runs
     memory = {b.name: [] for b in models}
     for r in range(runs):
         for bench in models if r % 2 == 0 else models[::-1]:
             with PeakMemory(device) as mem:
                 sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 out = call(bench)
                 sync(device)
                 elapsed = time.perf_counter() - start
             times[bench.name].append(elapsed)
+            cpu[bench.name].append(time.process_time() - cpu_start)
             memory[bench.name].append(mem)
             if on_call is not None:
                 on_call(bench, out)
-    return {name: _summary(times[name], memory[name]) for name in times}
+    return {
+        name: {**_summary(times[name], memory[name]), "cpu_median_s": statistics.median(cpu[name])}
+        for name in times
+    }
 
 
 def module_ranges(model: torch.nn.Module) -> List:

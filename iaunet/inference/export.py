@@ -1,0 +1,165 @@
+"""IAUNet with its post-processing as one graph, exported to ONNX or TorchScript (docs/deploy.md).
+
+The graph is the eager inference path up to the one data-dependent step:
+
+    images (B, 3, H, W) float32, 0..255, channel order INPUT.FORMAT, any H and W
+      -> normalize (MODEL.PIXEL_MEAN / PIXEL_STD), zero-pad to a multiple of 32 (inside the graph)
+      -> IAUNet.forward_network
+      -> postprocessing.topk_predictions (softmax x maskness, top-k, duplicate suppression)
+      -> postprocessing.masks_at_input_size (x4 bilinear, padding removed)
+      -> scores (B, k) float32, sorted decreasingly; classes (B, k) int64;
+         mask_logits (B, k, H, W) float32 (mask = mask_logits > logit(MASK_THRESH), 0 for 0.5)
+
+with k = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES x NUM_CLASSES). What is left is the score
+threshold (``postprocessing.select_detections``) and, for another output size, the resize of
+``postprocessing.upsample_masks``; ``postprocessing.instances_from_topk(..., stride=1)`` does both,
+as the eager model does after ``topk_predictions``. The functions are the eager model's own: there
+is no second implementation.
+
+The file carries the config it was exported with (ONNX metadata ``iaunet.config``; TorchScript
+extra file ``iaunet_config.yaml``), so that the predictor (``backend="onnxruntime"`` /
+``"torchscript"``) can run it without the checkpoint.
+"""
+
+import io
+import logging
+import zipfile
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import CfgNode
+from torch import nn
+
+from ..modeling.postprocessing import masks_at_input_size
+from ..utils.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("scores", "classes", "mask_logits")
+CONFIG_KEY = "iaunet.config"  # ONNX metadata_props key
+CONFIG_EXTRA_FILE = "iaunet_config.yaml"  # TorchScript extra file
+ONNX_OPSET = 17
+# Keys whose values are baked into the exported graph: changing them needs a new export.
+GRAPH_KEYS = (
+    "TEST.DETECTIONS_PER_IMAGE",
+    "MODEL.IAUNET.TEST.MASK_THRESH",
+    "MODEL.IAUNET.TEST.MASKNESS",
+    "MODEL.IAUNET.TEST.NMS",
+    "MODEL.IAUNET.TEST.NMS_THRESH",
+    "MODEL.IAUNET.TEST.NMS_SIGMA",
+    "MODEL.IAUNET.TEST.NMS_OVERLAP",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+)
+
+
+class ExportableIAUNet(nn.Module):
+    """An eval-mode :class:`iaunet.IAUNet` as a tensors-in, tensors-out module (see the module
+    docstring for inputs and outputs)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) float, 0..255 -> scores (B, k), classes (B, k), mask_logits
+        (B, k, H, W)."""
+        model = self.model
+        h, w = images.shape[-2:]
+        x = (images.float() - model.pixel_mean) / model.pixel_std
+        d = model.size_divisibility
+        # Zeros after normalization, as detectron2's ImageList.from_tensors pads.
+        x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
+        x = x.contiguous(memory_format=model.memory_format)
+        out = model.forward_network(x)
+        scores, classes, mask_logits = model.topk_predictions(
+            out["pred_logits"], out["pred_masks"], (h, w)
+        )
+        return scores, classes, masks_at_input_size(mask_logits, (h, w))
+
+
+def graph_keys(cfg: CfgNode) -> Dict[str, object]:
+    """The values of :data:`GRAPH_KEYS` in ``cfg``."""
+    values = {}
+    for key in GRAPH_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        values[key] = list(node) if isinstance(node, (list, tuple)) else node
+    return values
+
+
+def _trace(module: ExportableIAUNet, example: torch.Tensor) -> torch.jit.ScriptModule:
+    with torch.no_grad():
+        return torch.jit.trace(module, example, check_trace=False)
+
+
+def export_model(
+    model: nn.Module,
+    cfg: CfgNode,
+    path: str,
+    fmt: str,
+    size: Sequence[int] = (512, 512),
+    dynamic: bool = True,
+    batch: int = 1,
+) -> str:
+    """Export eval-mode IAUNet ``model`` (built from ``cfg``) with its post-processing to
+    ``path``.
+
+    Args:
+        fmt: "onnx" or "torchscript".
+        size: (H, W) of the example input that the graph is traced with.
+        dynamic: any batch size, height and width (ONNX dynamic axes); False fixes them to
+            ``batch`` x ``size`` (ONNX; a TorchScript trace keeps the shape arithmetic anyway).
+    Returns:
+        ``path``, written atomically.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    module = ExportableIAUNet(model).cpu()
+    example = torch.rand(batch, 3, *size) * 255
+    config = cfg.dump()
+    if fmt == "torchscript":
+        traced = _trace(module, example)
+        atomic_write(path, lambda f: torch.jit.save(traced, f, {CONFIG_EXTRA_FILE: config}))
+        return path
+    import onnx
+
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
+    axes.update({"scores": {0: "batch"}, "classes": {0: "batch"}})
+    axes["mask_logits"] = {0: "batch", 2: "height", 3: "width"}
+    buffer = io.BytesIO()  # < 2 GB: no external data
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,  # the TorchScript-based exporter: no onnxscript needed
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=axes if dynamic else None,
+            opset_version=ONNX_OPSET,
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = proto.metadata_props.add()
+    meta.key, meta.value = CONFIG_KEY, config
+    proto.producer_name = "iaunet"
+    onnx.checker.check_model(proto)
+    atomic_write(path, proto.SerializeToString())
+    return path
+
+
+def read_exported_config(path: str) -> Optional[str]:
+    """The config YAML stored in an exported file (None when it has none)."""
+    if path.endswith(".onnx"):
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+        return next((p.value for p in proto.metadata_props if p.key == CONFIG_KEY), None)
+    with zipfile.ZipFile(path) as archive:  # a TorchScript file is a zip: <name>/extra/<file>
+        names = [n for n in archive.namelist() if n.endswith("/extra/" + CONFIG_EXTRA_FILE)]
+        return archive.read(names[0]).decode() if names else None
