@@ -55,7 +55,7 @@ def suppress_duplicates(
 ) -> torch.Tensor:
     """New scores (..., N) of detections sorted by decreasing ``scores``: 0 where suppressed
     (``"mask"``), decayed (``"matrix"``) or unchanged (``"none"``). ``binary``: (..., N, h, w)."""
-    if mode == "none" or scores.shape[-1] == 0:
+    if mode == "none" or (not torch.jit.is_tracing() and scores.shape[-1] == 0):
         return scores
     same = labels[..., :, None] == labels[..., None, :]
     iou = (mask_overlap(binary, overlap) * same).triu(diagonal=1)  # [i, j]: i scores higher than j
