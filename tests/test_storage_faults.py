@@ -208,7 +208,7 @@ def _predict(weights, tmp_path, names=("a", "b", "c")):
         img = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
         cv2.imwrite(str(inp / f"{name}.png"), img)
     argv = ["--weights", weights, "--input", str(inp), "--output", str(tmp_path / "out")]
-    return predict_main(argv + ["--score-threshold", "0", "--device", "cpu"])
+    return predict_main(argv + ["--score-threshold", "0", "--device", "cpu", "--save", "labels,overlay"])
 
 
 def test_predict_per_file_write_error_skips_the_file(weights, tmp_path, monkeypatch, capsys):

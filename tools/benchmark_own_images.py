@@ -31,7 +31,6 @@ import tifffile
 from scipy.optimize import linear_sum_assignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SEED_BASE = 70_000_000  # synthetic_cells* use seeds 0..255 and 1_000_003..1_000_034
 SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")

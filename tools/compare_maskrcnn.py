@@ -2,62 +2,44 @@
 """Equal-budget accuracy: IAUNet against detectron2's Mask R-CNN, trained from scratch on the same
 data.
 
-    python tools/compare_maskrcnn.py                                   # quick config, synthetic
-    cells, CPU
+    python tools/compare_maskrcnn.py                            # quick config, synthetic cells, CPU
     python tools/compare_maskrcnn.py --iters 300 --batch 8 --output-dir output/compare_quick
-    python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813
-    --batch 8 \
-        --train revvity25_train --test revvity25_test --device cuda
+    python tools/compare_maskrcnn.py --equal-time              # Mask R-CNN gets IAUNet's train time
+    python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813 \
+        --batch 8 --train revvity25_train --test revvity25_test --device cuda
 
 Both models are trained from random weights for ``--iters`` iterations of ``--batch`` images (the
-same number of
-images seen), from the same data loader (``IAUNetDatasetMapper``: same image reading, same
-augmentations, same
-sample order for the same ``--seed``), then evaluated by the same ``COCOEvaluator`` (segm, max
-detections =
-``TEST.DETECTIONS_PER_IMAGE``) on the same split. AP / AP50 / AP75 (and AP_S/M/L) are printed side
-by side and
-written to ``<output-dir>/compare_maskrcnn.json``.
+same number of images seen), from the same data loader (``IAUNetDatasetMapper``: same image
+reading, augmentations and sample order for the same ``--seed``), then evaluated by the same
+``COCOEvaluator`` (segm, max detections = ``TEST.DETECTIONS_PER_IMAGE``) and matching evaluator on
+the same split. The table (AP, AP50, AP75, AP_S/M/L, F1 at IoU 0.5, predicted/true count) is printed
+and written to ``<output-dir>/compare_maskrcnn.json``.
 
-Mask R-CNN is detectron2's model-zoo R50-FPN
-(``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``, its
-standard heads), trained with the repository's ``Trainer`` (a detectron2 ``DefaultTrainer``). What
-is
-matched to the IAUNet config, and why:
+Mask R-CNN is detectron2's model-zoo R50-FPN (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x``,
+its standard heads), trained with the repository's ``Trainer``. What is matched to the IAUNet
+config, and why:
 
-* Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1 and
-  FREEZE_AT
-  (a ResNet-18 FPN for the quick config, R50-FPN for the thesis configs; R50 for a Swin IAUNet).
-  Same backbone,
-  so that the comparison is about the heads.
-* Input: IAUNet's mapper for both (longest side ``INPUT.IMAGE_SIZE``, scale jitter, fixed-size crop,
-  flips; 8/16-bit
-  reading) and IAUNet's PIXEL_MEAN/STD. ``--maskrcnn-mapper detectron2`` uses detectron2's
-  ``DatasetMapper``
-  instead (resize to ``INPUT.IMAGE_SIZE`` + horizontal flip; it reads 8-bit images such as the
-  synthetic PNGs,
-  but not 16-bit TIFFs, whose intensity normalization only our mapper does).
-* Anchors (``--anchor-scale auto``): detectron2's anchor sizes (32..512 px) are meant for images
-  resized to a
-  shortest side of 800; since both models see ``INPUT.IMAGE_SIZE`` images, they are scaled by
+* Backbone (``--maskrcnn-backbone auto``): the IAUNet config's ResNet depth, norm, stride-in-1x1
+  and FREEZE_AT (a ResNet-18 FPN for the quick config, R50-FPN for the thesis configs; R50 for a
+  Swin IAUNet): same backbone, so that the comparison is about the heads.
+* Input: IAUNet's mapper and PIXEL_MEAN/STD for both. ``--maskrcnn-mapper detectron2`` uses
+  detectron2's ``DatasetMapper`` instead (resize to ``INPUT.IMAGE_SIZE`` + horizontal flip; 8-bit
+  images only).
+* Anchors (``--anchor-scale auto``): detectron2's anchor sizes (32..512 px) are meant for a
+  shortest side of 800; both models see ``INPUT.IMAGE_SIZE`` images, so they are scaled by
   IMAGE_SIZE / 800.
-* Solver (``--maskrcnn-solver iaunet``): the IAUNet config's solver (AdamW, lr, schedule, warm-up,
-  clipping), so
-  that only the architecture differs. ``--maskrcnn-solver detectron2`` uses Mask R-CNN's own recipe
-  instead:
-  SGD momentum 0.9, lr 0.02 x batch / 16, weight decay 1e-4, steps at 2/3 and 8/9 of the run.
-* Test: ``TEST.DETECTIONS_PER_IMAGE`` and the score threshold (``ROI_HEADS.SCORE_THRESH_TEST`` =
-  IAUNet's
-  ``MODEL.IAUNET.TEST.SCORE_THRESH``) are the same.
+* Solver (``--maskrcnn-solver iaunet``): the IAUNet config's solver, so that only the architecture
+  differs. ``--maskrcnn-solver detectron2``: Mask R-CNN's own recipe (SGD momentum 0.9, lr 0.02 x
+  batch / 16, weight decay 1e-4, steps at 2/3 and 8/9 of the run).
+* Test: the same ``TEST.DETECTIONS_PER_IMAGE`` and score threshold (``ROI_HEADS.SCORE_THRESH_TEST``
+  = ``MODEL.IAUNET.TEST.SCORE_THRESH``).
 """
 
 import argparse
 import copy
 import json
 import logging
-import math
 import os
-import time
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -69,70 +51,24 @@ import iaunet  # noqa: F401
 # isort: split
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import (
-    DatasetCatalog,
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
-from detectron2.data import transforms as T
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
 from iaunet.config import exit_on_config_error, load_config, merge_config
 from iaunet.engine import Trainer
+from iaunet.utils.reports import comparison_report
+from iaunet.utils.training_runs import (
+    D2MapperTrainer,
+    seconds_per_iteration,
+    subset_dataset,
+    train_and_evaluate,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
 D2_REFERENCE_SIZE = 800  # detectron2's default shortest side, for which its anchor sizes are chosen
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 logger = logging.getLogger("iaunet.compare_maskrcnn")
-
-
-class D2MapperTrainer(Trainer):
-    """Trainer with detectron2's DatasetMapper (resize to INPUT.IMAGE_SIZE, horizontal flip)."""
-
-    @classmethod
-    def build_train_loader(cls, cfg):
-        size = cfg.INPUT.IMAGE_SIZE
-        augs = [
-            T.ResizeShortestEdge(size, max_size=size),
-            T.RandomFlip(horizontal=True, vertical=False),
-        ]
-        return build_detection_train_loader(
-            cfg, mapper=DatasetMapper(cfg, is_train=True, augmentations=augs)
-        )
-
-    @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False)
-        )
-
-
-def subset_dataset(name: str, limit: int) -> str:
-    """Register ``<name>_first<limit>``: the first ``limit`` images of a registered dataset, same
-    metadata."""
-    if not limit:
-        return name
-    new = f"{name}_first{limit}"
-    if new not in DatasetCatalog.list():
-        DatasetCatalog.register(new, lambda: DatasetCatalog.get(name)[:limit])
-        DatasetCatalog.get(
-            name
-        )  # loading fills the parent's metadata (class ids) before it is copied
-        meta = {
-            k: v
-            for k, v in MetadataCatalog.get(name).as_dict().items()
-            if k not in ("name", "json_file")
-        }
-        MetadataCatalog.get(new).set(
-            **meta
-        )  # no json_file: the evaluator converts the subset itself
-    return new
 
 
 def iaunet_cfg(args) -> CfgNode:
@@ -244,88 +180,6 @@ def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> No
         cfg.DATALOADER.NUM_WORKERS = args.num_workers
     cfg.SEED = args.seed
     cfg.OUTPUT_DIR = os.path.join(args.output_dir, name)
-
-
-def train_and_evaluate(cfg: CfgNode, trainer_cls, seed: int) -> Dict:
-    """Train from scratch with ``trainer_cls(cfg)`` (its final EvalHook evaluates); returns segm
-    metrics and timing."""
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
-    cfg.freeze()
-    seed_all_rng(seed)  # same seed -> same sample order and augmentations for both models
-    trainer = trainer_cls(cfg)
-    trainer.resume_or_load(resume=False)
-    params = sum(p.numel() for p in trainer.model.parameters())
-    start = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - start
-    # DefaultTrainer.train() returns the results only with TEST.EXPECTED_RESULTS; its final EvalHook
-    # keeps them here.
-    results = getattr(trainer, "_last_eval_results", None)
-    if results and "segm" not in results:  # several test sets: {dataset: {"segm": ...}}
-        results = results[cfg.DATASETS.TEST[0]]
-    segm = dict(results.get("segm", {})) if results else {}
-    matching = dict(results.get("matching", {})) if results else {}
-    return {
-        "params": params,
-        "iterations": cfg.SOLVER.MAX_ITER,
-        "batch": cfg.SOLVER.IMS_PER_BATCH,
-        "images_seen": cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH,
-        "train_and_eval_time_s": total,
-        "train_time_s": trainer.storage.history("time").global_avg() * cfg.SOLVER.MAX_ITER
-        if "time" in trainer.storage.histories()
-        else total,
-        "segm": segm,
-        "matching": matching,
-        "output_dir": cfg.OUTPUT_DIR,
-    }
-
-
-def seconds_per_iteration(cfg: CfgNode, trainer_cls, seed: int, iters: int = 10) -> float:
-    """Median training-step time of ``cfg`` over ``iters`` iterations (after 2 warm-up ones),
-    without evaluation or checkpoints: the probe that sizes an equal-time run."""
-    probe = cfg.clone()
-    probe.defrost()
-    probe.SOLVER.MAX_ITER = iters + 2
-    probe.DATASETS.TEST = ()
-    probe.OUTPUT_DIR = cfg.OUTPUT_DIR + "_probe"
-    os.makedirs(probe.OUTPUT_DIR, exist_ok=True)
-    probe.freeze()
-    seed_all_rng(seed)
-    trainer = trainer_cls(probe)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    times = trainer.storage.history("time").values()[2:]
-    return float(sorted(t for t, _ in times)[len(times) // 2])
-
-
-def _fmt(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
-
-
-def report(result: Dict) -> str:
-    s = result["settings"]
-    budget = "equal training time" if s.get("equal_time") else "equal images seen"
-    lines = [
-        f"{budget}, batch {s['batch']}, from scratch; train {s['train']}, test {s['test']} "
-        f"(COCOEvaluator segm, max {s['max_dets']} detections; matching F1 at IoU 0.5 of the "
-        f"detections scoring >= 0.5); device {s['device']}.",
-        "",
-        "| model | backbone | params | iterations | images seen | train time (s) | train+eval (s) "
-        "| " + " | ".join(METRICS) + " | F1@0.5 | pred/true |",
-        "|" + "---|" * (8 + len(METRICS)),
-    ]
-    for key in ("iaunet", "mask_rcnn"):
-        r = result[key]
-        lines.append(
-            f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['iterations']} | "
-            f"{r['images_seen']} | {r['train_time_s']:.0f} | {r['train_and_eval_time_s']:.0f} | "
-            + " | ".join(_fmt(r["segm"].get(m)) for m in METRICS)
-            + f" | {_fmt(r['matching'].get('F1@0.5'))} | "
-            f"{r['matching'].get('count_ratio', float('nan')):.2f} |"
-        )
-    return "\n".join(lines)
 
 
 def _backbone_name(cfg: CfgNode, fpn: bool) -> str:
@@ -454,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config
     )
 
-    table = report(result)
+    table = comparison_report(result)
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "compare_maskrcnn.json")
