@@ -278,6 +278,8 @@ def test_scale_from_checkpoint_flags_and_legacy(checkpoint, tmp_path, caplog):
         checkpoint[1], opts=["INPUT.OBJECT_DIAMETER", 12.0], diameter=24
     )
     assert p.scale == 0.5
+    with pytest.raises(ValueError, match="not both"):
+        IAUNetPredictor.from_checkpoint(checkpoint[1], scale=0.5, diameter=24)
     legacy = str(tmp_path / "legacy.pth")
     torch.save({"model": torch.load(checkpoint[1], weights_only=False)["model"]}, legacy)
     with pytest.raises(ConfigError, match="legacy.pth holds no config.*--config-file"):

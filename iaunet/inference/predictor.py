@@ -120,6 +120,11 @@ class IAUNetPredictor:
         self.tile_size = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
         overlap = int(cfg.TEST.TILE_OVERLAP) or round(2 * cfg.INPUT.OBJECT_DIAMETER)
         self.tile_overlap = min(overlap or self.tile_size // 4, self.tile_size // 2)
+        if cfg.TEST.TILE_OVERLAP > self.tile_overlap:
+            logger.warning(
+                f"TEST.TILE_OVERLAP {cfg.TEST.TILE_OVERLAP} is more than half a tile "
+                f"(TEST.TILE_SIZE {self.tile_size}): {self.tile_overlap} model px used"
+            )
 
     @classmethod
     def from_checkpoint(
@@ -175,6 +180,8 @@ class IAUNetPredictor:
     def _resolve_scale(self, scale: Optional[float], diameter: Optional[float]) -> Optional[float]:
         """The resize factor image px -> model px; None: per image, longest side IMAGE_SIZE."""
         recorded = self.cfg.INPUT.PIXEL_SCALE
+        if scale is not None and diameter is not None:
+            raise ValueError("give the scale (--scale) or the object diameter (--diameter), not both")
         if scale is not None:
             if not (scale > 0 and math.isfinite(scale)):
                 raise ValueError(f"the scale (--scale) must be a number > 0, got {scale}")
