@@ -4,6 +4,8 @@ import itertools
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -16,6 +18,32 @@ QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
 # which pytest-xvfb provides (a virtual X server, started for the session).
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def train_net_command(*args, python_args=()):
+    """``python [python_args] train_net.py --config-file <quick config> *args``."""
+    train_net = os.path.join(ROOT, "train_net.py")
+    return [sys.executable, *python_args, train_net, "--config-file", QUICK_CONFIG, *args]
+
+
+def run_train_net(datasets_root, *args, python_args=(), timeout=600):
+    """:func:`train_net_command` run in the repository root -> (exit status, stdout + stderr)."""
+    proc = subprocess.run(
+        train_net_command(*args, python_args=python_args),
+        cwd=ROOT,
+        env=train_net_env(datasets_root),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def train_net_env(datasets_root):
+    """The environment of a train_net.py subprocess: datasets root, one thread, unbuffered."""
+    return dict(
+        os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

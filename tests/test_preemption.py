@@ -11,12 +11,11 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, tiny_cfg, train_net_command, train_net_env
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
@@ -153,20 +152,9 @@ def test_resumable_sampler_continues_the_stream():
 
 
 def _command(out, max_iter, flags=(), extra=()):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "train_net.py"),
-        "--config-file",
-        QUICK_CONFIG,
-        *flags,
-        *TINY,
-        *("SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", str(out)),
-        *extra,
-    ]
-
-
-def _env(root):
-    return dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return train_net_command(
+        *flags, *TINY, *("SOLVER.MAX_ITER", str(max_iter), "OUTPUT_DIR", str(out)), *extra
+    )
 
 
 def _wait_for(path, text, proc, timeout=300):
@@ -184,7 +172,7 @@ def test_train_net_sigusr1_exit_status_and_resume(tmp_path, synthetic_ready):
     traceback; ``--resume`` continues at the next iteration and ends with the weights of an
     uninterrupted run (run alongside)."""
     max_iter = 8
-    env = _env(synthetic_ready)
+    env = train_net_env(synthetic_ready)
     full = subprocess.Popen(
         _command(tmp_path / "full", max_iter),
         cwd=ROOT,
@@ -244,7 +232,7 @@ def test_two_workers_stop_after_the_same_iteration(tmp_path, synthetic_ready):
     cmd = _command(out, 40, ["--num-gpus", "2", "--dist-url", "auto"], ["MODEL.DEVICE", "cpu"])
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=_env(synthetic_ready), stdout=log, stderr=subprocess.STDOUT
+            cmd, cwd=ROOT, env=train_net_env(synthetic_ready), stdout=log, stderr=subprocess.STDOUT
         )
         try:
             _wait_for(log_path, "SIGTERM/SIGUSR1 stop training", proc)

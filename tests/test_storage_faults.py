@@ -12,15 +12,13 @@ import errno
 import io
 import logging
 import os
-import subprocess
-import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, run_train_net, tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
@@ -161,25 +159,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_train_net_stops_on_a_full_disk_with_one_line(tmp_path, synthetic_ready):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            FULL_DISK_TRAIN_NET,
-            os.path.join(ROOT, "train_net.py"),
-            "--config-file",
-            QUICK_CONFIG,
-            *TINY,
-            *("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(out)),
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, DETECTRON2_DATASETS=synthetic_ready, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    code, log = run_train_net(
+        synthetic_ready,
+        *TINY,
+        *("SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", str(out)),
+        python_args=("-c", FULL_DISK_TRAIN_NET),
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == EXIT_WRITE_ERROR, log[-3000:]
+    assert code == EXIT_WRITE_ERROR, log[-3000:]
     assert "Traceback" not in log and "Exception during training" not in log
     errors = [line for line in log.splitlines() if "No space left on device" in line]
     assert len(errors) == 1, log[-3000:]
@@ -208,7 +194,9 @@ def _predict(weights, tmp_path, names=("a", "b", "c")):
         img = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
         cv2.imwrite(str(inp / f"{name}.png"), img)
     argv = ["--weights", weights, "--input", str(inp), "--output", str(tmp_path / "out")]
-    return predict_main(argv + ["--score-threshold", "0", "--device", "cpu", "--save", "labels,overlay"])
+    return predict_main(
+        argv + ["--score-threshold", "0", "--device", "cpu", "--save", "labels,overlay"]
+    )
 
 
 def test_predict_per_file_write_error_skips_the_file(weights, tmp_path, monkeypatch, capsys):
@@ -318,24 +306,10 @@ def test_trainer_resumes_after_the_fallback_checkpoint(tmp_path, synthetic_ready
 def test_train_net_resume_with_no_loadable_checkpoint_is_one_line(tmp_path, synthetic_ready):
     (tmp_path / "model_0000004.pth").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "train_net.py"),
-            "--config-file",
-            QUICK_CONFIG,
-            "--resume",
-            *TINY,
-            *("SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, DETECTRON2_DATASETS=synthetic_ready, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    code, log = run_train_net(
+        synthetic_ready, "--resume", *TINY, *("SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(tmp_path))
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == EXIT_NO_CHECKPOINT, log[-3000:]
+    assert code == EXIT_NO_CHECKPOINT, log[-3000:]
     assert "Traceback" not in log and "Starting training" not in log
     errors = [line for line in log.splitlines() if "train_net.py: error:" in line]
     assert len(errors) == 1 and f"cannot resume from {tmp_path}" in errors[0], log[-3000:]

@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import QUICK_CONFIG, ROOT
+from conftest import ROOT, run_train_net, train_net_command, train_net_env
 from detectron2.data import DatasetCatalog
 
 import iaunet.data.datasets  # noqa: F401  (registers synthetic_cells_train)
@@ -51,22 +50,15 @@ TINY = _TINY_MODEL + ["DATASETS.TEST", "()", "SEED", "42"]
 # -------------------------------------------------------------------------------------------------
 
 
-def _run(args, env):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train_net.py"),
-        "--config-file",
-        QUICK_CONFIG,
-    ] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+def _run(args, datasets_root):
+    code, log = run_train_net(datasets_root, *args)
+    assert code == 0, log[-6000:]
+    return log
 
 
 def test_train_then_eval_only(tmp_path, _datasets_root):
-    env = dict(os.environ, DETECTRON2_DATASETS=_datasets_root, OMP_NUM_THREADS="2")
     out_dir = str(tmp_path / "run")
-    log = _run(E2E_TINY + ["SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out_dir], env)
+    log = _run(E2E_TINY + ["SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out_dir], _datasets_root)
     assert "eta:" in log  # progress with ETA
     assert os.path.isfile(os.path.join(out_dir, "model_final.pth"))
     assert os.path.isfile(os.path.join(out_dir, "model_0000002.pth"))
@@ -81,7 +73,7 @@ def test_train_then_eval_only(tmp_path, _datasets_root):
         ["--eval-only"]
         + E2E_TINY
         + ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"), "OUTPUT_DIR", eval_dir],
-        env,
+        _datasets_root,
     )
     assert "Evaluation results for segm" in log and "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     res_file = os.path.join(
@@ -96,20 +88,7 @@ def test_train_then_eval_only(tmp_path, _datasets_root):
 
 
 def _train_command(opts, flags=()):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "train_net.py"),
-        "--config-file",
-        QUICK_CONFIG,
-        *flags,
-        *opts,
-    ]
-
-
-def _env(datasets_root):
-    return dict(
-        os.environ, DETECTRON2_DATASETS=datasets_root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
-    )
+    return train_net_command(*flags, *opts)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +110,7 @@ def test_kill_and_resume(tmp_path, synthetic_ready):
         proc = subprocess.Popen(
             _train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "3"]),
             cwd=ROOT,
-            env=_env(synthetic_ready),
+            env=train_net_env(synthetic_ready),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -159,16 +138,10 @@ def test_kill_and_resume(tmp_path, synthetic_ready):
                 name[6:13]
             )
 
-    proc = subprocess.run(
-        _train_command(opts + ["SOLVER.CHECKPOINT_PERIOD", "100"], ["--resume"]),
-        cwd=ROOT,
-        env=_env(synthetic_ready),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    code, log = run_train_net(
+        synthetic_ready, "--resume", *opts, "SOLVER.CHECKPOINT_PERIOD", "100", timeout=300
     )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    assert code == 0, log[-3000:]
     assert (
         "iaunet.checkpoint]: Saving checkpoint to" in log
     )  # the atomic checkpointer is the one in use
@@ -203,7 +176,7 @@ def test_training_is_deterministic_with_a_fixed_seed(tmp_path, synthetic_ready):
             subprocess.Popen(
                 _train_command(opts),
                 cwd=ROOT,
-                env=_env(synthetic_ready),
+                env=train_net_env(synthetic_ready),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -181,7 +181,7 @@ class IAUNetPredictor:
         """The resize factor image px -> model px; None: per image, longest side IMAGE_SIZE."""
         recorded = self.cfg.INPUT.PIXEL_SCALE
         if scale is not None and diameter is not None:
-            raise ValueError("give the scale (--scale) or the object diameter (--diameter), not both")
+            raise ValueError("give a scale (--scale) or an object diameter (--diameter), not both")
         if scale is not None:
             if not (scale > 0 and math.isfinite(scale)):
                 raise ValueError(f"the scale (--scale) must be a number > 0, got {scale}")

@@ -210,7 +210,7 @@ def masks_to_boxes(masks: torch.Tensor) -> Boxes:
     ``BitMasks.get_bounding_boxes`` without its per-mask loop and bool ``any`` passes (the same
     boxes; ~15x faster for 100 masks of 512²), on the masks' device."""
     n, h, w = masks.shape
-    # A bool -> uint8 view costs nothing; the tracer (fvcore's FLOP count) cannot record dtype views.
+    # A bool -> uint8 view costs nothing; the tracer (fvcore FLOP count) cannot record dtype views.
     u8 = masks.to(torch.uint8) if torch.jit.is_tracing() else masks.view(torch.uint8)
     cols, rows = u8.amax(1), u8.amax(2)  # (N, W), (N, H): any pixel in that column / row
     x0, y0 = cols.argmax(1), rows.argmax(1)  # the first set column / row
