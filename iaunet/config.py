@@ -200,4 +200,4 @@ def add_iaunet_config(cfg: CN) -> None:
     # tiled
     # when larger than a tile (docs/predict.md).
     cfg.TEST.TILE_SIZE = 0  # tile side in model pixels; 0 = INPUT.IMAGE_SIZE
-    cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = 2 x OBJECT_DIAMETER
+    cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = half a tile

@@ -130,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PX",
-        help="model px shared by neighbouring tiles (TEST.TILE_OVERLAP; default 2 object "
-        "diameters)",
+        help="model px shared by neighbouring tiles (TEST.TILE_OVERLAP; default half a tile)",
     )
     p.add_argument(
         "--device",

@@ -2,7 +2,8 @@
 """Peak memory (RSS) of ``iaunet-predict`` and of COCO evaluation under load; the figures of
 docs/robustness.md "Memory under load".
 
-    python tools/benchmark_memory.py --weights output/synthetic_quick/model_final.pth --work /tmp/mem
+    python tools/benchmark_memory.py --weights output/synthetic_quick/model_final.pth \
+        --work /tmp/mem
     python tools/benchmark_memory.py --weights W --work DIR --cases large --size 4096 \
         --predict-args=--scale=1
 
