@@ -105,3 +105,24 @@ def test_normalize_8bit_makes_8_and_16_bit_copies_alike():
     b = to_model_range(img16, "percentile", (0.5, 99.5))
     assert np.allclose(a, b, atol=1e-3) and a.max() == 255 and a.min() == 0
     assert np.array_equal(to_model_range(img8)[..., 0], img8)  # default: 8-bit kept as is
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, normalize_uint8",
+    [
+        (np.uint16, (300, 170), False),
+        (np.uint8, (300, 170, 3), False),
+        (np.uint8, (300, 170), True),
+        (np.float32, (130, 90), False),
+    ],
+)
+def test_uint8_rendering_in_row_blocks_equals_the_whole_image(dtype, shape, normalize_uint8):
+    """The overlay's 8-bit image, made 64 rows at a time with the whole image's range, is the
+    rounded model input of the whole image (blocks do not get their own percentiles)."""
+    from iaunet.data.image_io import to_model_range, to_uint8_rgb
+
+    rng = np.random.default_rng(0)
+    img = (rng.random(shape) * (255 if dtype == np.uint8 else 4000)).astype(dtype)
+    img[:64] //= 4  # a darker top block: its own percentiles would differ
+    whole = to_model_range(img, normalize_uint8=normalize_uint8).round().astype(np.uint8)
+    assert np.array_equal(to_uint8_rgb(img, normalize_uint8=normalize_uint8, rows=64), whole)

@@ -171,3 +171,22 @@ def to_model_range(
 def _check_finite(img: np.ndarray, name: str) -> None:
     if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
         raise ImageReadError(f"{name}: contains NaN or infinite values")
+
+
+def to_uint8_rgb(
+    img: np.ndarray,
+    rule: str = "percentile",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    normalize_uint8: bool = False,
+    rows: int = 512,
+) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB rendering of ``img`` as the model sees it (:func:`to_model_range`
+    with the whole image's intensity range, rounded), made ``rows`` rows at a time: the float32
+    (H, W, 3) copy that one call would make is 3.2 GB for an 8192² image."""
+    value_range = intensity_range(img, rule, percentiles, normalize_uint8=normalize_uint8)
+    out = np.empty((*img.shape[:2], 3), np.uint8)
+    for y in range(0, img.shape[0], rows):
+        part = to_model_range(img[y : y + rows], rule, percentiles, value_range=value_range)
+        np.rint(part, out=part)
+        out[y : y + rows] = part
+    return out

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.image_io import to_model_range
+from ..data.image_io import to_uint8_rgb
 from ..inference.mask_crops import MaskCrops
 from ..utils.atomic import atomic_write
 from . import coco, table
@@ -143,13 +143,10 @@ class PredictionWriter:
                 f"{stem}_labels.tif", tiff_bytes(label_image(masks, h, w))
             )
         if "overlay" in self.save:
-            image8 = to_model_range(
-                pred.image,
-                self.intensity_norm,
-                self.percentiles,
-                normalize_uint8=self.normalize_uint8,
+            image8 = to_uint8_rgb(
+                pred.image, self.intensity_norm, self.percentiles, self.normalize_uint8
             )
-            overlay = render_overlay(image8.round().astype(np.uint8), masks)
+            overlay = render_overlay(image8, masks)
             entry["overlay"] = self._write(f"{stem}_overlay.png", png_bytes(overlay))
         if "rois" in self.save:
             rois = instance_rois(masks, scores, names)
