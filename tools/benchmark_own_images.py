@@ -72,8 +72,11 @@ def run(cmd: List[str], log: str) -> str:
 
 
 def coco_ap(log: str) -> Dict[str, float]:
-    """AP, AP50, AP75 from detectron2's ``copypaste:`` lines (the last evaluation)."""
-    rows = re.findall(r"copypaste: ([\d.naN,]+)\n", log)
+    """AP, AP50, AP75 from detectron2's ``copypaste:`` lines of the last segm evaluation (the
+    matching evaluator prints its own rows after them)."""
+    rows = re.findall(
+        r"copypaste: Task: segm\n.*copypaste: AP,.*\n.*copypaste: ([\d.naN,]+)\n", log
+    )
     ap, ap50, ap75 = (float(v) for v in rows[-1].split(",")[:3])
     return {"AP": ap, "AP50": ap50, "AP75": ap75}
 
