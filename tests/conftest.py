@@ -14,6 +14,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
+# The model of tiny_cfg() as train_net.py options: ResNet-18, D = 32, 8 queries.
+TINY_MODEL_OPTS = [
+    *("MODEL.RESNETS.DEPTH", "18", "MODEL.IAUNET.HIDDEN_DIM", "32"),
+    *("MODEL.IAUNET.MASK_DIM", "32", "MODEL.IAUNET.DIM_FEEDFORWARD", "64"),
+    *("MODEL.IAUNET.NHEADS", "4", "MODEL.IAUNET.NUM_QUERIES", "8"),
+    *("MODEL.IAUNET.TRAIN_NUM_POINTS", "256"),
+]
+# ... and a seconds-long train_net.py run of the quick config with it (64-px crops, batch 2).
+TINY_RUN_OPTS = TINY_MODEL_OPTS + [
+    *("INPUT.IMAGE_SIZE", "64", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"),
+]
 # Qt without a window system (napari plugin tests); napari's OpenGL canvas still needs a display,
 # which pytest-xvfb provides (a virtual X server, started for the session).
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -83,24 +94,11 @@ def tiny_cfg(**overrides):
         [
             "MODEL.DEVICE",
             "cpu",
-            "MODEL.RESNETS.DEPTH",
-            18,
+            *TINY_MODEL_OPTS,
             "MODEL.RESNETS.RES2_OUT_CHANNELS",
             64,
             "MODEL.RESNETS.NORM",
             "SyncBN",
-            "MODEL.IAUNET.HIDDEN_DIM",
-            32,
-            "MODEL.IAUNET.MASK_DIM",
-            32,
-            "MODEL.IAUNET.DIM_FEEDFORWARD",
-            64,
-            "MODEL.IAUNET.NHEADS",
-            4,
-            "MODEL.IAUNET.NUM_QUERIES",
-            8,
-            "MODEL.IAUNET.TRAIN_NUM_POINTS",
-            256,
             "INPUT.IMAGE_SIZE",
             64,
             "SOLVER.AMP.ENABLED",

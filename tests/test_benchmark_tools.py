@@ -5,7 +5,7 @@ import math
 import os
 
 import numpy as np
-from conftest import ROOT, load_tool
+from conftest import ROOT, TINY_MODEL_OPTS, load_tool
 
 from iaunet.utils.benchmark import synthetic_sample
 
@@ -13,26 +13,7 @@ benchmark = load_tool("benchmark")
 compare_maskrcnn = load_tool("compare_maskrcnn")
 
 # tests/conftest.py tiny_cfg as command-line overrides
-TINY_OPTS = [
-    "MODEL.RESNETS.DEPTH",
-    "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "64",
-    "MODEL.RESNETS.NORM",
-    "BN",
-    "MODEL.IAUNET.HIDDEN_DIM",
-    "32",
-    "MODEL.IAUNET.MASK_DIM",
-    "32",
-    "MODEL.IAUNET.DIM_FEEDFORWARD",
-    "64",
-    "MODEL.IAUNET.NHEADS",
-    "4",
-    "MODEL.IAUNET.NUM_QUERIES",
-    "8",
-    "MODEL.IAUNET.TRAIN_NUM_POINTS",
-    "256",
-]
+TINY_OPTS = TINY_MODEL_OPTS + ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN"]
 
 
 def test_synthetic_sample_is_dense():

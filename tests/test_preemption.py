@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_cfg, train_net_command, train_net_env
+from conftest import ROOT, TINY_RUN_OPTS, tiny_cfg, train_net_command, train_net_env
 from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
@@ -29,15 +29,9 @@ from iaunet.engine.stopping import (
     uninstall_signal_handlers,
 )
 
-QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
-# train_net.py options of a tiny CPU run (as tests/test_robustness.py's TINY)
-TINY = [
-    *("MODEL.RESNETS.DEPTH", "18", "MODEL.IAUNET.HIDDEN_DIM", "32"),
-    *("MODEL.IAUNET.MASK_DIM", "32", "MODEL.IAUNET.DIM_FEEDFORWARD", "64"),
-    *("MODEL.IAUNET.NHEADS", "4", "MODEL.IAUNET.NUM_QUERIES", "8"),
-    *("MODEL.IAUNET.TRAIN_NUM_POINTS", "256", "INPUT.IMAGE_SIZE", "64"),
-    *("SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()"),
-    *("SEED", "42", "SOLVER.CHECKPOINT_PERIOD", "100"),
+# conftest's tiny train_net.py run, without the final evaluation, seeded
+TINY = TINY_RUN_OPTS + [
+    *("DATASETS.TEST", "()", "SEED", "42", "SOLVER.CHECKPOINT_PERIOD", "100"),
 ]
 
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_train_net, tiny_cfg
+from conftest import TINY_RUN_OPTS, run_train_net, tiny_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
@@ -29,14 +29,8 @@ from iaunet.engine.stopping import EXIT_NO_CHECKPOINT
 from iaunet.predict import main as predict_main
 from iaunet.utils.atomic import EXIT_WRITE_ERROR, atomic_write, is_storage_error
 
-QUICK_CONFIG = os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml")
-TINY = [
-    *("MODEL.RESNETS.DEPTH", "18", "MODEL.IAUNET.HIDDEN_DIM", "32"),
-    *("MODEL.IAUNET.MASK_DIM", "32", "MODEL.IAUNET.DIM_FEEDFORWARD", "64"),
-    *("MODEL.IAUNET.NHEADS", "4", "MODEL.IAUNET.NUM_QUERIES", "8"),
-    *("MODEL.IAUNET.TRAIN_NUM_POINTS", "256", "INPUT.IMAGE_SIZE", "64"),
-    *("SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()"),
-    *("SEED", "42"),
+TINY = TINY_RUN_OPTS + [
+    *("DATASETS.TEST", "()", "SEED", "42"),
 ]
 
 

@@ -11,38 +11,15 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_train_net, train_net_command, train_net_env
+from conftest import ROOT, TINY_RUN_OPTS, run_train_net, train_net_command, train_net_env
 from detectron2.data import DatasetCatalog
 
 import iaunet.data.datasets  # noqa: F401  (registers synthetic_cells_train)
 
-# train_net.py options for a tiny CPU run.
-_TINY_MODEL = [
-    "MODEL.RESNETS.DEPTH",
-    "18",
-    "MODEL.IAUNET.HIDDEN_DIM",
-    "32",
-    "MODEL.IAUNET.MASK_DIM",
-    "32",
-    "MODEL.IAUNET.DIM_FEEDFORWARD",
-    "64",
-    "MODEL.IAUNET.NHEADS",
-    "4",
-    "MODEL.IAUNET.NUM_QUERIES",
-    "8",
-    "MODEL.IAUNET.TRAIN_NUM_POINTS",
-    "256",
-    "INPUT.IMAGE_SIZE",
-    "64",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-]
-# ... with the final evaluation and checkpoints after iterations 2, 5, ...
-E2E_TINY = _TINY_MODEL + ["SOLVER.CHECKPOINT_PERIOD", "3"]
+# conftest's tiny run with the final evaluation and checkpoints after iterations 2, 5, ...
+E2E_TINY = TINY_RUN_OPTS + ["SOLVER.CHECKPOINT_PERIOD", "3"]
 # ... without the final evaluation, seeded.
-TINY = _TINY_MODEL + ["DATASETS.TEST", "()", "SEED", "42"]
+TINY = TINY_RUN_OPTS + ["DATASETS.TEST", "()", "SEED", "42"]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ from typing import Dict, Optional
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _fmt(v, digits=3):
-    return "—" if v is None else f"{v:.{digits}f}"
+def _fmt(v, digits=3) -> str:
+    """``v`` with ``digits`` decimals; a dash for a missing or NaN value."""
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _rss(r: Dict) -> Optional[float]:
@@ -97,10 +98,6 @@ def profile_report(name: str, prof: Dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt1(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
-
-
 def comparison_report(result: Dict) -> str:
     """The side-by-side table of ``tools/compare_maskrcnn.py``."""
     s = result["settings"]
@@ -119,8 +116,8 @@ def comparison_report(result: Dict) -> str:
         lines.append(
             f"| {r['name']} | {r['backbone']} | {r['params'] / 1e6:.1f}M | {r['iterations']} | "
             f"{r['images_seen']} | {r['train_time_s']:.0f} | {r['train_and_eval_time_s']:.0f} | "
-            + " | ".join(_fmt1(r["segm"].get(m)) for m in METRICS)
-            + f" | {_fmt1(r['matching'].get('F1@0.5'))} | "
+            + " | ".join(_fmt(r["segm"].get(m), 1) for m in METRICS)
+            + f" | {_fmt(r['matching'].get('F1@0.5'), 1)} | "
             f"{r['matching'].get('count_ratio', float('nan')):.2f} |"
         )
     return "\n".join(lines)
