@@ -175,6 +175,9 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
     cfg.INPUT.ROTATE90 = 0.0  # probability of a random 90/180/270-degree rotation at training time
+    # probability that a training sample is a mosaic of 4 crops cut at a random offset (YOLOv4;
+    # iaunet.data.mosaic): objects cut anywhere and unrelated content side by side, as in tiles
+    cfg.INPUT.MOSAIC = 0.0
     # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range of the dtype)
     cfg.INPUT.INTENSITY_NORM = "percentile"
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule

@@ -18,8 +18,10 @@ import itertools
 import logging
 from typing import Any, Dict, Iterator
 
-from detectron2.data import build_detection_train_loader
+from detectron2.data import DatasetFromList, build_detection_train_loader
 from torch.utils.data import Sampler
+
+from .mosaic import MosaicMapper
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,15 @@ class ResumableSampler(Sampler):
 def build_resumable_train_loader(cfg, mapper):
     """``build_detection_train_loader(cfg, mapper=mapper)`` with its sampler wrapped in a
     :class:`ResumableSampler`, reachable as ``loader.resumable_sampler`` (None when the dataset is
-    an iterable dataset without a sampler)."""
+    an iterable dataset without a sampler). ``INPUT.MOSAIC`` > 0 wraps ``mapper`` in a
+    :class:`~iaunet.data.mosaic.MosaicMapper` that draws its other crops from the same dataset."""
     kwargs = build_detection_train_loader.from_config(cfg, mapper=mapper)
+    if cfg.INPUT.MOSAIC > 0:
+        # serialized once, shared by the loader and the mosaic mapper (no copy per worker)
+        kwargs["dataset"] = DatasetFromList(kwargs["dataset"], copy=False)
+        kwargs["mapper"] = MosaicMapper(
+            mapper, kwargs["dataset"], cfg.INPUT.MOSAIC, cfg.INPUT.MIN_INSTANCE_AREA
+        )
     sampler = ResumableSampler(kwargs["sampler"]) if kwargs["sampler"] is not None else None
     if sampler is not None:
         kwargs["sampler"] = sampler

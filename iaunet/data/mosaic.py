@@ -1,0 +1,95 @@
+"""Mosaic augmentation (YOLOv4, Bochkovskiy et al. 2020, "Mosaic data augmentation"): a training
+sample made of four mapped crops laid out 2 x 2 and cut at a random offset.
+
+A model trained on whole scenes sees an image's content start at the image border only; a tile of
+a large image (``iaunet.inference.tiling``) starts anywhere, with objects and backgrounds of other
+regions next to each other. Mosaics show both: objects cut at any position, and the meeting of
+unrelated content (different backgrounds, objects cut by a seam) inside one crop.
+
+``INPUT.MOSAIC`` is the probability that a sample is a mosaic (0 = off, the thesis pipeline). The
+four crops are each mapped by :class:`~iaunet.data.dataset_mapper.IAUNetDatasetMapper` (resize,
+jitter, ``INPUT.IMAGE_SIZE`` crop, flips, rotations) and the mosaic keeps the crop size, so a
+batch and the cost of an iteration do not change.
+"""
+
+import logging
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.structures import BitMasks, Instances
+
+logger = logging.getLogger(__name__)
+
+
+def combine_mosaic(parts: Sequence[Dict], offset_y: int, offset_x: int, min_area: int = 1) -> Dict:
+    """Four mapped training samples of one size (H, W) -> one of the same size.
+
+    The parts fill a (2H, 2W) canvas row by row (top-left, top-right, bottom-left, bottom-right);
+    the sample is its window ``[offset_y, offset_y + H) x [offset_x, offset_x + W)``, offsets in
+    ``[0, H]`` / ``[0, W]``. Instances keep their visible part; those with fewer than ``min_area``
+    pixels there are dropped. The first part's other keys (file name, image id, ...) are kept.
+    """
+    if len(parts) != 4:
+        raise ValueError(f"a mosaic needs 4 samples, got {len(parts)}")
+    h, w = parts[0]["image"].shape[-2:]
+    for p in parts:
+        if tuple(p["image"].shape[-2:]) != (h, w):
+            raise ValueError(
+                f"mosaic samples must share one size (the INPUT.IMAGE_SIZE crop): {p['file_name']} "
+                f"is {tuple(p['image'].shape[-2:])}, {parts[0]['file_name']} is {(h, w)}"
+            )
+    if not (0 <= offset_y <= h and 0 <= offset_x <= w):
+        raise ValueError(f"mosaic offset ({offset_y}, {offset_x}) outside [0, {h}] x [0, {w}]")
+    image = torch.empty_like(parts[0]["image"])
+    masks: List[torch.Tensor] = []
+    classes: List[torch.Tensor] = []
+    for q, part in enumerate(parts):
+        # the part's rectangle on the canvas, in the window's coordinates
+        top, left = (q // 2) * h - offset_y, (q % 2) * w - offset_x
+        y0, y1 = max(top, 0), min(top + h, h)
+        x0, x1 = max(left, 0), min(left + w, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        src = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+        image[:, y0:y1, x0:x1] = part["image"][(slice(None), *src)]
+        inst = part["instances"]
+        m = torch.zeros((len(inst), h, w), dtype=torch.bool)
+        m[:, y0:y1, x0:x1] = inst.gt_masks.tensor[(slice(None), *src)]
+        masks.append(m)
+        classes.append(inst.gt_classes)
+    gt_masks = torch.cat(masks)
+    gt_classes = torch.cat(classes)
+    keep = gt_masks.flatten(1).sum(1) >= max(min_area, 1)
+    instances = Instances((h, w))
+    instances.gt_masks = BitMasks(gt_masks[keep])
+    instances.gt_classes = gt_classes[keep]
+    instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+    out = dict(parts[0])
+    out["image"], out["instances"] = image, instances
+    out["mosaic_of"] = [p["file_name"] for p in parts]
+    return out
+
+
+class MosaicMapper:
+    """Wraps a training mapper: with probability ``prob`` a sample is the mosaic
+    (:func:`combine_mosaic`) of the mapped dict and three others drawn at random from ``dataset``
+    (any indexable of dataset dicts, e.g. detectron2's ``DatasetFromList``)."""
+
+    def __init__(self, mapper: Callable[[Dict], Dict], dataset, prob: float, min_area: int = 1):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"INPUT.MOSAIC is a probability in [0, 1], got {prob}")
+        self.mapper, self.dataset, self.prob, self.min_area = mapper, dataset, prob, min_area
+        logger.info(f"[MosaicMapper] mosaics of 4 training crops with probability {prob}")
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        first = self.mapper(dataset_dict)
+        # np.random: detectron2 seeds it per data-loader worker, as for the other augmentations
+        if np.random.rand() >= self.prob:
+            return first
+        others = [
+            self.mapper(self.dataset[int(i)]) for i in np.random.randint(len(self.dataset), size=3)
+        ]
+        h, w = first["image"].shape[-2:]
+        oy, ox = int(np.random.randint(h + 1)), int(np.random.randint(w + 1))
+        return combine_mosaic([first, *others], oy, ox, self.min_area)
