@@ -95,6 +95,9 @@ def add_iaunet_config(cfg: CN) -> None:
     m.MASK_BRANCH_CONVS = 2  # 3x3 conv+norm+ReLU per mask-branch level
     # E = M(F(res2) + up(X_m)) at 1/4 (eq. 16); off: a full U-Net level at 1/4 feeds M
     m.LIGHT_MASK_HEAD = True
+    # stride of E and of the mask logits: 4 (thesis) | 2: E upsampled and joined with two convs on
+    # the image (beyond the thesis; iaunet.modeling.pixel_decoder.mask_head)
+    m.MASK_STRIDE = 4
     # bilinear x2 upsampling of the U-Net with align_corners (the reference's
     # nn.UpsamplingBilinear2d)
     m.ALIGN_CORNERS = False

@@ -78,6 +78,7 @@ class IAUNet(nn.Module):
             )
         self.nms, self.nms_thresh, self.nms_sigma = nms, nms_thresh, nms_sigma
         self.nms_overlap = nms_overlap
+        self.mask_stride = pixel_decoder.mask_stride  # E and the mask logits: 1/4 or 1/2
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.to(
@@ -183,11 +184,12 @@ class IAUNet(nn.Module):
             deep_supervision: also return every decoder block's prediction as ``aux_outputs``.
             targets: training targets (``prepare_targets``), for the denoising queries.
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]}
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]},
+            s = ``mask_stride``
             (``QueryDecoder.forward``).
         """
         features = self.backbone(images)
-        mask_features, multi_scale_features = self.pixel_decoder(features)
+        mask_features, multi_scale_features = self.pixel_decoder(features, images)
         return self.query_decoder(
             multi_scale_features, mask_features, deep_supervision=deep_supervision, targets=targets
         )
@@ -257,7 +259,7 @@ class IAUNet(nn.Module):
     ) -> Instances:
         """
         Args:
-            logits: (Q, K+1); masks: (Q, h, w) logits at 1/4 of the padded input.
+            logits: (Q, K+1); masks: (Q, h, w) logits at 1/``mask_stride`` of the padded input.
             image_size: (H, W) of the input before padding; output_size: (H0, W0) to resize to.
         Returns:
             Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes,
@@ -272,6 +274,7 @@ class IAUNet(nn.Module):
             output_size,
             score_thresh=self.score_thresh,
             mask_thresh=self.mask_thresh,
+            stride=self.mask_stride,
         )
 
     def topk_predictions(
@@ -291,6 +294,7 @@ class IAUNet(nn.Module):
             nms_thresh=self.nms_thresh,
             nms_sigma=self.nms_sigma,
             nms_overlap=self.nms_overlap,
+            stride=self.mask_stride,
         )
 
 

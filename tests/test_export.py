@@ -215,13 +215,19 @@ def test_exported_config_must_match_the_graph(exported):
 
 
 @pytest.mark.parametrize(
-    "config", ["configs/synthetic/iaunet_quick.yaml", "configs/revvity25/iaunet_R50.yaml"]
+    "config, opts",
+    [
+        ("configs/synthetic/iaunet_quick.yaml", []),
+        ("configs/synthetic/iaunet_quick.yaml", ["MODEL.IAUNET.MASK_STRIDE", 2]),
+        ("configs/revvity25/iaunet_R50.yaml", []),
+    ],
 )
-def test_export_real_configs(config, tmp_path):
-    """The quick config and the thesis R50 (random weights) export in both formats and run."""
+def test_export_real_configs(config, opts, tmp_path):
+    """The quick config (both mask strides) and the thesis R50 (random weights) export in both
+    formats and run."""
     from iaunet.config import load_config
 
-    cfg = load_config(os.path.join(ROOT, config), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(os.path.join(ROOT, config), ["MODEL.DEVICE", "cpu", *opts])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     images = _images(1, 64, 96, 0)

@@ -29,6 +29,27 @@ def test_pixel_decoder_shapes(fusion, light):
     (mask_features.mean() + sum(m.mean() for m in multi_scale_features)).backward()
 
 
+def test_mask_stride_2_adds_image_detail_at_half_resolution():
+    """MODEL.IAUNET.MASK_STRIDE 2: E at 1/2, and a single input pixel changes E around it (the
+    detail stage sees the image at 1/2, E at 1/4 could not place it)."""
+    cfg = tiny_cfg(**{"MODEL.IAUNET.MASK_STRIDE": 2})
+    backbone = build_backbone(cfg).eval()
+    decoder = UNetPixelDecoder(cfg, backbone.output_shape()).eval()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        e = decoder(backbone(x), x)[0]
+        x2 = x.clone()
+        x2[0, :, 41, 81] += 5.0
+        d = (decoder(backbone(x2), x2)[0] - e).abs().amax(1)[0]  # (48, 80)
+    assert e.shape == (1, 32, 48, 80)
+    near = d[19:22, 39:42].max()
+    assert near > 0 and near > 10 * d[:, :30].max()  # local change (the backbone's is tiny)
+    with pytest.raises(ValueError, match="MASK_STRIDE 2"):
+        decoder(backbone(x))
+    with pytest.raises(ValueError, match="MASK_STRIDE"):
+        UNetPixelDecoder(tiny_cfg(**{"MODEL.IAUNET.MASK_STRIDE": 8}), backbone.output_shape())
+
+
 def test_pixel_decoder_rejects_bad_fusion():
     cfg = tiny_cfg(**{"MODEL.IAUNET.SKIP_FUSION": "sum"})
     with pytest.raises(ValueError, match="SKIP_FUSION"):

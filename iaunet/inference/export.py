@@ -78,7 +78,7 @@ class ExportableIAUNet(nn.Module):
         scores, classes, mask_logits = model.topk_predictions(
             out["pred_logits"], out["pred_masks"], (h, w)
         )
-        return scores, classes, masks_at_input_size(mask_logits, (h, w))
+        return scores, classes, masks_at_input_size(mask_logits, (h, w), model.mask_stride)
 
 
 def graph_keys(cfg: CfgNode) -> Dict[str, object]:

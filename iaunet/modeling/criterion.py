@@ -90,7 +90,7 @@ class SetCriterion(nn.Module):
         """BCE and Dice of matched masks, each divided by ``num_masks``.
 
         Args:
-            masks: (B, Q, h, w) predicted mask logits at 1/4 of the padded input.
+            masks: (B, Q, h, w) predicted mask logits at 1/MASK_STRIDE of the padded input.
             gt_masks: (T, H, W) float, the gt masks of the whole batch concatenated image after
             image.
             target_offsets: first row of each image's targets in ``gt_masks``.

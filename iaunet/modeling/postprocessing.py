@@ -91,6 +91,7 @@ def topk_predictions(
     nms_thresh: float = 0.5,
     nms_sigma: float = 2.0,
     nms_overlap: str = "iou",
+    stride: int = 4,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1, for one image or a batch (the leading B dimension is optional).
 
@@ -98,8 +99,8 @@ def topk_predictions(
     (:mod:`iaunet.inference.export`) for any batch and image size.
 
     Args:
-        logits: ([B,] Q, K+1) class logits; masks: ([B,] Q, h, w) mask logits at 1/4 of the padded
-            input.
+        logits: ([B,] Q, K+1) class logits; masks: ([B,] Q, h, w) mask logits at 1/``stride`` of
+            the padded input.
         image_size: (H, W) of the input before padding.
         k: detections kept (at most Q x K).
     Returns:
@@ -119,6 +120,7 @@ def topk_predictions(
             nms_thresh=nms_thresh,
             nms_sigma=nms_sigma,
             nms_overlap=nms_overlap,
+            stride=stride,
         )
         return tuple(t[0] for t in out)
     logits, masks = logits.float(), masks.float()
@@ -127,10 +129,10 @@ def topk_predictions(
         k = min(k, probs.shape[-1])  # would become a constant here, with a TracerWarning)
     scores, idx = probs.topk(k, sorted=False)
     labels, query = idx % num_classes, idx // num_classes
-    # Padding removed at the mask stride: ceil(H / 4), written with non-negative operands (the ONNX
-    # exporter turns // into a division that truncates towards 0).
-    h4, w4 = (image_size[0] + 3) // 4, (image_size[1] + 3) // 4
-    prob = gather_rows(masks, query)[..., :h4, :w4].sigmoid()
+    # Padding removed at the mask stride: ceil(H / stride), written with non-negative operands (the
+    # ONNX exporter turns // into a division that truncates towards 0).
+    hs, ws = (image_size[0] + stride - 1) // stride, (image_size[1] + stride - 1) // stride
+    prob = gather_rows(masks, query)[..., :hs, :ws].sigmoid()
     binary = prob > mask_thresh
     if maskness == "mask":
         inside = (prob * binary).flatten(-2).sum(-1) / binary.flatten(-2).sum(-1).clamp(min=1)

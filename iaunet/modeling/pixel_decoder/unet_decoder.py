@@ -1,6 +1,6 @@
 """The U-Net pixel decoder (thesis §3.4, eq. 4-6) and its mask head (§3.5.3, eq. 16)."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ class UNetPixelDecoder(nn.Module):
         mask_branch_convs: int,
         light_mask_head: bool,
         align_corners: bool = False,
+        mask_stride: int = 4,
     ):
         super().__init__()
         if skip_fusion not in SKIP_FUSIONS:
@@ -95,11 +96,13 @@ class UNetPixelDecoder(nn.Module):
         # Levels the query decoder attends to: 1/32, 1/16, 1/8 (the heavy head's 1/4 level feeds E
         # only).
         self.num_levels = 3
+        self.mask_stride = mask_stride
         self.mask_head = MaskHead(
             self.out_channels,
             mask_dim,
             res2_channels=input_shape[self.res2_name].channels if light_mask_head else None,
             norm=norm,
+            stride=mask_stride,
         )
 
     @classmethod
@@ -117,6 +120,7 @@ class UNetPixelDecoder(nn.Module):
             "mask_branch_convs": m.MASK_BRANCH_CONVS,
             "light_mask_head": m.LIGHT_MASK_HEAD,
             "align_corners": m.ALIGN_CORNERS,
+            "mask_stride": m.MASK_STRIDE,
         }
 
     def _up(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -128,12 +132,15 @@ class UNetPixelDecoder(nn.Module):
     def _coords(self, x: torch.Tensor) -> torch.Tensor:
         return add_coords(x) if self.coord_conv else x
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def forward(
+        self, features: Dict[str, torch.Tensor], image: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
             features: backbone outputs, e.g. res2..res5 of shape (B, C_l, H/s_l, W/s_l).
+            image: (B, 3, H, W) normalized input, used by the mask head at ``MASK_STRIDE`` 2.
         Returns:
-            mask_features: E, (B, MASK_DIM, H/4, W/4).
+            mask_features: E, (B, MASK_DIM, H/s, W/s), s = ``MASK_STRIDE`` (4, or 2).
             multi_scale_features: X_m per level, coarse to fine:
                 [(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)], C = ``out_channels``.
         """
@@ -154,6 +161,6 @@ class UNetPixelDecoder(nn.Module):
                 xm = x
             multi_scale_features.append(xm)
         if self.light_mask_head:
-            return self.mask_head(xm, features[self.res2_name]), multi_scale_features
+            return self.mask_head(xm, features[self.res2_name], image), multi_scale_features
         # Heavy head: the 1/4 level is a full U-Net stage; it feeds E and is not attended to.
-        return self.mask_head(multi_scale_features.pop()), multi_scale_features
+        return self.mask_head(multi_scale_features.pop(), image=image), multi_scale_features

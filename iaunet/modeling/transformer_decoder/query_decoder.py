@@ -127,8 +127,8 @@ class QueryDecoder(nn.Module):
     def predict(
         self, queries: torch.Tensor, mask_features: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Q, D), E (B, C, H/4, W/4) -> logits (B, Q, K+1), mask logits (B, Q, H/4,
-        W/4)."""
+        """queries (B, Q, D), E (B, C, h, w) -> logits (B, Q, K+1), mask logits (B, Q, h, w); h, w:
+        H/4, W/4 (or H/2, W/2 with MASK_STRIDE 2)."""
         q = self.decoder_norm(queries)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
         return self.class_embed(q), masks
@@ -143,11 +143,11 @@ class QueryDecoder(nn.Module):
         """
         Args:
             multi_scale_features: X_m per level, coarse to fine, each (B, C, H_l, W_l); never
-            updated. mask_features: E, (B, MASK_DIM, H/4, W/4).
+            updated. mask_features: E, (B, MASK_DIM, h, w), at 1/MASK_STRIDE.
             deep_supervision: return every block's prediction as ``aux_outputs`` (training).
             targets: per image "labels" and "masks" (training, for the denoising queries).
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs": [...]};
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w), "aux_outputs": [...]};
             Q = N at inference and G * N in training with query groups, "query_groups": G. With
             denoising queries in training, "denoising": the same for them plus their "indices".
         """

@@ -89,7 +89,7 @@ class MaskDenoising(nn.Module):
         """
         Args:
             targets: per image "labels" (T,) and "masks" (T, H, W) at the padded input size.
-            mask_features: E, (B, C, H/4, W/4).
+            mask_features: E, (B, C, h, w) at 1/MASK_STRIDE.
         Returns:
             None without any object, else "queries" (B, M, D), "query_pos" (B, M, D), "valid"
             (B, M) bool (padding queries of images with fewer objects are not valid), "group" (B, M)
