@@ -218,7 +218,7 @@ def test_exported_config_must_match_the_graph(exported):
     "config, opts",
     [
         ("configs/synthetic/iaunet_quick.yaml", []),
-        ("configs/synthetic/iaunet_quick.yaml", ["MODEL.IAUNET.MASK_STRIDE", 2]),
+        ("configs/synthetic/iaunet_quick.yaml", ["MODEL.IAUNET.MASK_STRIDE", 4]),
         ("configs/revvity25/iaunet_R50.yaml", []),
     ],
 )
