@@ -22,7 +22,8 @@ class MaskHead(nn.Module):
     ``stride=2``: ``E_{1/2} = up2(E) + P(D(image))``, D two 3x3 convs (the first of stride 2) with
     ``mask_dim / 4`` channels on the normalized image and P a 1x1 projection: image detail for the
     mask boundaries of small objects, which E at 1/4 places only to a fraction of its pixels (a
-    cell 12 px across is 3 px of E). ~2% more FLOPs for the quick config.
+    cell 12 px across is 3 px of E). ~8% more FLOPs for the quick config (fvcore, 512²: 15.6 against
+    14.5 GFLOPs).
     """
 
     def __init__(
