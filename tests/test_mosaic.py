@@ -85,3 +85,6 @@ def test_training_loader_makes_mosaics_of_the_dataset():
     off = tiny_cfg(**{"DATALOADER.NUM_WORKERS": 0})
     sample = next(iter(build_resumable_train_loader(off, IAUNetDatasetMapper(off, True))))[0]
     assert "mosaic_of" not in sample
+    bad = tiny_cfg(**{"INPUT.MOSAIC": -0.5, "DATALOADER.NUM_WORKERS": 0})
+    with pytest.raises(ValueError, match="INPUT.MOSAIC"):  # not silently "off"
+        build_resumable_train_loader(bad, IAUNetDatasetMapper(bad, True))

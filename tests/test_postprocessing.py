@@ -59,13 +59,14 @@ def test_topk_with_nms_returns_fixed_size_sorted():
 
 @pytest.mark.parametrize("stride", [4, 2])
 def test_topk_removes_the_padding_at_the_mask_stride(stride):
-    """Maskness is measured on the unpadded image: a mask that lies in the padding only scores 0,
-    at the model's mask stride (a 30x30 input padded to 40: logits of 40 / stride)."""
+    """Maskness is measured on the unpadded image at the model's mask stride (a 30x30 input padded
+    to 40: logits of 40 / stride): a mask in the padding only scores 0, one in the last image rows
+    keeps its score (either fails when the crop uses the other stride)."""
     n = 40 // stride
     inside = -(-30 // stride)  # ceil(30 / stride) rows/columns hold image pixels
     masks = torch.full((2, n, n), -10.0)
     masks[0, inside:, :] = 10.0  # padding rows only
-    masks[1, :2, :2] = 10.0
+    masks[1, inside - 2 : inside, :2] = 10.0  # the last two rows of the image
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.8, 0.2]]))
     scores, _, _ = topk_predictions(logits, masks, (30, 30), num_classes=1, k=2, stride=stride)
     assert scores[0] == pytest.approx(0.8, abs=1e-3) and scores[1] == 0

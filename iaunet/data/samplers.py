@@ -59,10 +59,10 @@ class ResumableSampler(Sampler):
 def build_resumable_train_loader(cfg, mapper):
     """``build_detection_train_loader(cfg, mapper=mapper)`` with its sampler wrapped in a
     :class:`ResumableSampler`, reachable as ``loader.resumable_sampler`` (None when the dataset is
-    an iterable dataset without a sampler). ``INPUT.MOSAIC`` > 0 wraps ``mapper`` in a
+    an iterable dataset without a sampler). A non-zero ``INPUT.MOSAIC`` wraps ``mapper`` in a
     :class:`~iaunet.data.mosaic.MosaicMapper` that draws its other crops from the same dataset."""
     kwargs = build_detection_train_loader.from_config(cfg, mapper=mapper)
-    if cfg.INPUT.MOSAIC > 0:
+    if cfg.INPUT.MOSAIC != 0:  # MosaicMapper rejects values outside [0, 1]
         # serialized once, shared by the loader and the mosaic mapper (no copy per worker)
         kwargs["dataset"] = DatasetFromList(kwargs["dataset"], copy=False)
         kwargs["mapper"] = MosaicMapper(

@@ -96,7 +96,6 @@ class UNetPixelDecoder(nn.Module):
         # Levels the query decoder attends to: 1/32, 1/16, 1/8 (the heavy head's 1/4 level feeds E
         # only).
         self.num_levels = 3
-        self.mask_stride = mask_stride
         self.mask_head = MaskHead(
             self.out_channels,
             mask_dim,
@@ -104,6 +103,11 @@ class UNetPixelDecoder(nn.Module):
             norm=norm,
             stride=mask_stride,
         )
+
+    @property
+    def mask_stride(self) -> int:
+        """Stride of E (``mask_features``) and so of the mask logits: 4, or 2."""
+        return self.mask_head.stride
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
