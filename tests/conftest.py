@@ -236,15 +236,10 @@ def _ann(ann_id, image_id=1, category_id=1, polygon=None):
 
 def scene_masks(seed: int = 3):
     """A synthetic scene with overlapping cells: (H, W) uint16 image, (N, H, W) bool masks."""
-    import cv2
     import numpy as np
 
-    from iaunet.data.datasets.synthetic import render_scene
+    from iaunet.data.datasets.synthetic import polygon_mask, render_scene
 
     image, polygons = render_scene(seed, (96, 128))
-    masks = []
-    for poly in polygons:
-        m = np.zeros(image.shape, np.uint8)
-        cv2.fillPoly(m, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
-        masks.append(m.astype(bool))
+    masks = [polygon_mask(poly, image.shape) for poly in polygons]
     return np.round(500 + image * 30000).astype(np.uint16), np.stack(masks)

@@ -39,7 +39,7 @@ SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
 def write_scenes(folder: str, seeds, zoom: float) -> None:
     """``folder/images/<k>.tif`` (16-bit) and ``folder/masks/<k>.tif`` (label image, uint16; where
     cells overlap the later one wins, as in a label image drawn by hand)."""
-    from iaunet.data.datasets.synthetic import render_scene
+    from iaunet.data.datasets.synthetic import polygon_mask, render_scene
 
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -49,8 +49,7 @@ def write_scenes(folder: str, seeds, zoom: float) -> None:
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
         labels = np.zeros((h, w), np.uint16)
         for i, poly in enumerate(polygons, 1):
-            pts = np.round(poly * zoom * 16).astype(np.int32)
-            cv2.fillPoly(labels, [pts], i, lineType=cv2.LINE_8, shift=4)
+            labels[polygon_mask(poly * zoom, (h, w))] = i
         tifffile.imwrite(
             os.path.join(folder, "images", f"scene{k:03d}.tif"),
             (500 + 30000 * image).astype(np.uint16),

@@ -3,7 +3,9 @@
 Each scene is a dark, unevenly lit field with textured cells (irregular blobs with a nucleus), some
 touching and some overlapping (overlaps add up, as in brightfield/cytology images), blurred and
 noisy.
-Annotations are full (overlapping) cell polygons in COCO JSON. Written once under
+Annotations are full (overlapping) cell polygons in COCO JSON, and each cell is drawn on exactly
+the pixels its polygon covers in the COCO convention (pixel (i, j) spans [j, j+1) x [i, i+1)), the
+pixels pycocotools and detectron2 give its annotation. Written once under
 ``$DETECTRON2_DATASETS/synthetic_cells[16]/<split>/`` (default root ``./datasets``).
 """
 
@@ -16,6 +18,7 @@ from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
@@ -23,7 +26,9 @@ from .common import DATASET_FILES, datasets_root
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+# 2: cells drawn on their annotation's pixels. 1 drew them with OpenCV, half a pixel off and a
+# pixel wider than their masks (IoU 0.82 for the smallest cells; flips mirrored the offset).
+GENERATOR_VERSION = 2
 # name -> (split seed, number of images, bit depth)
 SPLITS = {
     "synthetic_cells_train": (0, 256, 8),
@@ -51,6 +56,14 @@ def _blob_polygon(
     return np.stack([xr, yr], 1)
 
 
+def polygon_mask(poly: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels polygon ``poly`` (P, 2 in x, y) covers, as pycocotools rasterizes it
+    for COCO evaluation and detectron2 for training."""
+    h, w = size
+    rles = mask_util.frPyObjects([np.asarray(poly, np.float64).flatten().tolist()], h, w)
+    return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
 def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float) -> np.ndarray:
     n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma)
     return n / (n.std() + 1e-6)
@@ -60,7 +73,8 @@ def render_scene(
     seed: int, size: Tuple[int, int] = IMAGE_SIZE
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
-    (P, 2) in x, y."""
+    (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
+    on ``polygon_mask(poly, size)``."""
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -86,16 +100,14 @@ def render_scene(
         else:
             continue
         centers.append((cx, cy, radius))
-        poly = _blob_polygon(rng, cx, cy, radius)
-        mask = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        poly = np.clip(_blob_polygon(rng, cx, cy, radius), 0, [w, h]).round(2)
+        mask = polygon_mask(poly, size).astype(np.uint8)
         if mask.sum() < 12:
             continue
         texture = 1.0 + 0.15 * _smooth_noise(rng, (h, w), 1.5)
         cell = mask.astype(np.float32) * rng.uniform(0.25, 0.45) * texture
-        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(
-            np.float32
-        )
+        # The bright membrane is the cell's own outermost pixels.
+        edge = (mask - cv2.erode(mask, np.ones((3, 3), np.uint8))).astype(np.float32)
         nucleus = np.zeros((h, w), np.uint8)
         ncx, ncy = cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius
         cv2.ellipse(
@@ -134,7 +146,6 @@ def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> No
         h, w = image.shape
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
         for poly in polygons:
-            poly = np.clip(poly, 0, [w, h])
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
             annotations.append(
@@ -142,7 +153,7 @@ def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> No
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
                     "category_id": 1,
-                    "segmentation": [poly.round(2).flatten().tolist()],
+                    "segmentation": [poly.flatten().tolist()],
                     "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                     "area": float(cv2.contourArea(poly.astype(np.float32))),
                     "iscrowd": 0,
