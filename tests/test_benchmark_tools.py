@@ -5,6 +5,8 @@ import math
 import os
 
 import numpy as np
+import torch
+import yaml
 from conftest import ROOT, TINY_MODEL_OPTS, load_tool
 
 from iaunet.utils.benchmark import synthetic_sample
@@ -119,6 +121,13 @@ def test_compare_maskrcnn_tiny(tmp_path):
     assert saved["mask_rcnn"]["backbone"].startswith("R18-FPN")
     assert saved["settings"]["test"] == "synthetic_cells_val_first2"
     assert os.path.isfile(os.path.join(str(tmp_path), "mask_rcnn", "model_final.pth"))
+    # The IAUNet checkpoint records its training scale, as train_net.py's: iaunet-predict tiles
+    # large images with it (without it, a 1024² mosaic was squeezed into one 128-px tile).
+    checkpoint = torch.load(
+        tmp_path / "iaunet" / "model_final.pth", map_location="cpu", weights_only=False
+    )
+    saved_input = yaml.safe_load(checkpoint["config"])["INPUT"]
+    assert saved_input["PIXEL_SCALE"] > 0 and saved_input["OBJECT_DIAMETER"] > 0
 
 
 def test_compare_maskrcnn_equal_time(tmp_path):

@@ -55,6 +55,7 @@ from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
 from iaunet.config import exit_on_config_error, load_config, merge_config
+from iaunet.data.auto_config import resolve_config_from_data
 from iaunet.engine import Trainer
 from iaunet.utils.reports import comparison_report
 from iaunet.utils.training_runs import (
@@ -74,6 +75,9 @@ logger = logging.getLogger("iaunet.compare_maskrcnn")
 def iaunet_cfg(args) -> CfgNode:
     cfg = load_config(args.config_file, args.opts)
     _common(cfg, args, "iaunet")
+    # As train_net.py: the auto keys sized from the training set, and the training scale recorded
+    # in the checkpoint, so that iaunet-predict tiles large images with this model as with any.
+    resolve_config_from_data(cfg)
     return cfg
 
 
