@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import torch
-import yaml
 from conftest import ROOT, TINY_MODEL_OPTS, load_tool
+from detectron2.config import CfgNode
 
 from iaunet.utils.benchmark import synthetic_sample
 
@@ -126,8 +126,8 @@ def test_compare_maskrcnn_tiny(tmp_path):
     checkpoint = torch.load(
         tmp_path / "iaunet" / "model_final.pth", map_location="cpu", weights_only=False
     )
-    saved_input = yaml.safe_load(checkpoint["config"])["INPUT"]
-    assert saved_input["PIXEL_SCALE"] > 0 and saved_input["OBJECT_DIAMETER"] > 0
+    saved_input = CfgNode.load_cfg(checkpoint["config"]).INPUT
+    assert saved_input.PIXEL_SCALE > 0 and saved_input.OBJECT_DIAMETER > 0
 
 
 def test_compare_maskrcnn_equal_time(tmp_path):
