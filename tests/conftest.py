@@ -237,9 +237,10 @@ def _ann(ann_id, image_id=1, category_id=1, polygon=None):
 def scene_masks(seed: int = 3):
     """A synthetic scene with overlapping cells: (H, W) uint16 image, (N, H, W) bool masks."""
     import numpy as np
+    from detectron2.structures import polygons_to_bitmask
 
-    from iaunet.data.datasets.synthetic import polygon_mask, render_scene
+    from iaunet.data.datasets.synthetic import render_scene
 
     image, polygons = render_scene(seed, (96, 128))
-    masks = [polygon_mask(poly, image.shape) for poly in polygons]
+    masks = [polygons_to_bitmask([poly.ravel()], *image.shape) for poly in polygons]
     return np.round(500 + image * 30000).astype(np.uint16), np.stack(masks)

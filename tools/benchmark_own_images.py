@@ -39,7 +39,9 @@ SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
 def write_scenes(folder: str, seeds, zoom: float) -> None:
     """``folder/images/<k>.tif`` (16-bit) and ``folder/masks/<k>.tif`` (label image, uint16; where
     cells overlap the later one wins, as in a label image drawn by hand)."""
-    from iaunet.data.datasets.synthetic import polygon_mask, render_scene
+    from detectron2.structures import polygons_to_bitmask
+
+    from iaunet.data.datasets.synthetic import render_scene
 
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -49,7 +51,7 @@ def write_scenes(folder: str, seeds, zoom: float) -> None:
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
         labels = np.zeros((h, w), np.uint16)
         for i, poly in enumerate(polygons, 1):
-            labels[polygon_mask(poly * zoom, (h, w))] = i
+            labels[polygons_to_bitmask([(poly * zoom).ravel()], h, w)] = i
         tifffile.imwrite(
             os.path.join(folder, "images", f"scene{k:03d}.tif"),
             (500 + 30000 * image).astype(np.uint16),

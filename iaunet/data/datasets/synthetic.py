@@ -18,9 +18,9 @@ from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.structures import polygons_to_bitmask
 
 from .common import DATASET_FILES, datasets_root
 
@@ -56,14 +56,6 @@ def _blob_polygon(
     return np.stack([xr, yr], 1)
 
 
-def polygon_mask(poly: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """(H, W) bool: the pixels polygon ``poly`` (P, 2 in x, y) covers, as pycocotools rasterizes it
-    for COCO evaluation and detectron2 for training."""
-    h, w = size
-    rles = mask_util.frPyObjects([np.asarray(poly, np.float64).flatten().tolist()], h, w)
-    return mask_util.decode(mask_util.merge(rles)).astype(bool)
-
-
 def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float) -> np.ndarray:
     n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma)
     return n / (n.std() + 1e-6)
@@ -74,7 +66,7 @@ def render_scene(
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
     (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
-    on ``polygon_mask(poly, size)``."""
+    on ``polygons_to_bitmask([poly.ravel()], H, W)``, the pixels of its annotation."""
     rng = np.random.default_rng(seed)
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -101,7 +93,7 @@ def render_scene(
             continue
         centers.append((cx, cy, radius))
         poly = np.clip(_blob_polygon(rng, cx, cy, radius), 0, [w, h]).round(2)
-        mask = polygon_mask(poly, size).astype(np.uint8)
+        mask = polygons_to_bitmask([poly.ravel()], h, w).astype(np.uint8)
         if mask.sum() < 12:
             continue
         texture = 1.0 + 0.15 * _smooth_noise(rng, (h, w), 1.5)
