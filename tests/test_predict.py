@@ -22,9 +22,7 @@ from iaunet.inference import IAUNetPredictor, MaskCrops
 from iaunet.inference.tiling import (
     Detection,
     stitch_detections,
-    tile_cores,
     tile_starts,
-    tile_windows,
 )
 from iaunet.outputs import label_image
 from iaunet.predict import main
@@ -400,27 +398,30 @@ def test_mask_crops_rle_and_labels():
     assert mask_util.area(empty.to_rles()[0]) == 0
 
 
-def test_tile_cores_partition_the_image():
-    windows = tile_windows(300, 260, 128, 32)
-    cores = tile_cores(windows, 300, 260)
-    cover = np.zeros((300, 260), int)
-    for y0, x0, y1, x1 in cores:
-        cover[int(np.ceil(y0)) : int(np.ceil(y1)), int(np.ceil(x0)) : int(np.ceil(x1))] += 1
-    assert (cover == 1).all()
-    for (wy0, wx0, wy1, wx1), (cy0, cx0, cy1, cx1) in zip(windows, cores):
-        assert wy0 <= cy0 < cy1 <= wy1 and wx0 <= cx0 < cx1 <= wx1
+def _det(tile, window, y0, x0, size, score, partial=False, width=None):
+    crop = np.ones((size, width or size), bool)
+    return Detection(tile, window, y0, x0, crop, score, 0, partial)
 
 
-def _det(tile, window, y0, x0, size, score, central, partial=False):
-    return Detection(tile, window, y0, x0, np.ones((size, size), bool), score, 0, partial, central)
-
-
-def test_stitching_keeps_one_view_per_object():
-    """An object seen whole by two tiles is kept once, whichever view is central (both, or neither:
-    an off-centre view is kept when no tile saw the object centrally); distinct objects stay."""
+def test_stitching_keeps_the_most_confident_whole_view():
+    """Of an object's whole views the most confident is kept, wherever it lies in its tile (a
+    low-scoring view, later cut by the user's score threshold, must not suppress a confident one);
+    a cut view, however confident, gives way to a whole view; distinct objects stay."""
     a, b = (0, 0, 100, 100), (0, 60, 100, 160)  # overlap x in [60, 100)
-    both = [_det(0, a, 10, 70, 20, 0.9, True), _det(1, b, 10, 71, 20, 0.8, True)]
-    neither = [_det(0, a, 40, 70, 20, 0.9, False), _det(1, b, 40, 69, 20, 0.8, False)]
-    other = [_det(1, b, 70, 120, 10, 0.7, True)]
-    kept = stitch_detections(both + neither + other)
-    assert sorted((d.y0, d.x0) for d in kept) == [(10, 70), (40, 70), (70, 120)]
+    # an object whole in both tiles, nearer the centre of a (centroid x 72) where it scores lower
+    whole = [_det(0, a, 10, 62, 20, 0.3), _det(1, b, 10, 63, 20, 0.9)]
+    # an object across tile a's inner edge (x = 100): cut in a (confident), whole in b
+    cut = [_det(0, a, 40, 90, 10, 0.95, partial=True), _det(1, b, 40, 90, 20, 0.6)]
+    other = [_det(1, b, 70, 120, 10, 0.7)]
+    kept = stitch_detections(whole + cut + other)
+    assert sorted((d.tile, d.y0, d.x0, d.score) for d in kept) == [
+        (1, 10, 63, 0.9),
+        (1, 40, 90, 0.6),
+        (1, 70, 120, 0.7),
+    ]
+    assert [d.crop.shape for d in kept] == [(20, 20), (10, 10), (20, 20)]  # by score, none joined
+    # an object larger than the overlap: cut by both tiles, its pieces are joined
+    a_piece = _det(0, a, 80, 50, 15, 0.8, partial=True, width=50)  # x 50..100
+    b_piece = _det(1, b, 80, 60, 15, 0.7, partial=True, width=60)  # x 60..120
+    (joined,) = stitch_detections([a_piece, b_piece])
+    assert (joined.x0, joined.box[3], joined.score) == (50, 120, 0.8) and joined.crop.all()

@@ -31,7 +31,6 @@ from .mask_crops import MaskCrops
 from .tiling import (
     detections_to_instances,
     stitch_detections,
-    tile_cores,
     tile_detections,
     tile_windows,
 )
@@ -255,12 +254,11 @@ class IAUNetPredictor:
         tile = max(1, round(self.tile_size / s))
         overlap = min(round(self.tile_overlap / s), tile - 1)
         windows = tile_windows(*size, tile, overlap)
-        cores = tile_cores(windows, *size)
         dets = []
-        for index, ((y0, x0, y1, x1), core) in enumerate(zip(windows, cores)):
+        for index, (y0, x0, y1, x1) in enumerate(windows):
             crop = self._model_range(image[y0:y1, x0:x1], value_range)
             inst = self._run_model(crop, (y1 - y0, x1 - x0), scale=s)
-            dets += tile_detections(index, (y0, x0, y1, x1), size, inst, core)
+            dets += tile_detections(index, (y0, x0, y1, x1), size, inst)
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
         return detections_to_instances(kept, size, full_masks)
