@@ -143,6 +143,25 @@ def test_compare_maskrcnn_equal_time(tmp_path):
     assert "F1@0.5" in result["iaunet"]["matching"]
 
 
+def test_compare_maskrcnn_equal_time_check(caplog):
+    """After --equal-time, a Mask R-CNN run that took longer than IAUNet's (its probe was off) is
+    reported with the iteration count for an equal-time rerun (--maskrcnn-iters)."""
+    result = {
+        "settings": {},
+        "iaunet": {"train_time_s": 800.0},
+        "mask_rcnn": {"train_time_s": 1600.0, "iterations": 240},
+    }
+    compare_maskrcnn._check_equal_time(result)
+    assert result["settings"]["maskrcnn_time_ratio"] == 2.0
+    assert "--maskrcnn-iters 120" in caplog.text
+    caplog.clear()
+    result["mask_rcnn"]["train_time_s"] = 840.0  # within 10 %
+    compare_maskrcnn._check_equal_time(result)
+    assert caplog.text == ""
+    args = compare_maskrcnn.parse_args(["--equal-time", "--maskrcnn-iters", "120"])
+    assert args.maskrcnn_iters == 120
+
+
 def test_profile_table_ranges_and_ops():
     import torch
     from torch.profiler import ProfilerActivity, profile
