@@ -5,6 +5,7 @@ data.
     python tools/compare_maskrcnn.py                            # quick config, synthetic cells, CPU
     python tools/compare_maskrcnn.py --iters 300 --batch 8 --output-dir output/compare_quick
     python tools/compare_maskrcnn.py --equal-time              # Mask R-CNN gets IAUNet's train time
+    python tools/compare_maskrcnn.py --equal-time --maskrcnn-iters 118  # as its warning suggests
     python tools/compare_maskrcnn.py --config-file configs/revvity25/iaunet_R50.yaml --iters 4813 \
         --batch 8 --train revvity25_train --test revvity25_test --device cuda
 
@@ -259,8 +260,9 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         "--maskrcnn-iters",
         type=int,
         default=0,
-        help="Mask R-CNN's iterations instead of the probe's estimate (with --equal-time): the "
-        "count that the warning after an --equal-time run suggests when the probe was off",
+        help="Mask R-CNN's iterations (default: IAUNet's, or with --equal-time the probe's "
+        "estimate): the count that the warning after an --equal-time run suggests when the "
+        "probe was off",
     )
     p.add_argument("--output-dir", default=os.path.join("output", "compare_maskrcnn"))
     p.add_argument(
@@ -318,16 +320,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     )
     logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
     trainer_cls = Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
-    if args.equal_time:  # as many Mask R-CNN iterations as fit in IAUNet's training time
-        if args.maskrcnn_iters:
-            iters = args.maskrcnn_iters
-        else:
-            per_iter = seconds_per_iteration(mcfg, trainer_cls, args.seed)
-            iters = max(1, int(result["iaunet"]["train_time_s"] / per_iter))
-            logger.info(
-                f"Equal time: IAUNet trained {result['iaunet']['train_time_s']:.0f} s; Mask R-CNN "
-                f"{per_iter:.2f} s/iteration -> {iters} iterations"
-            )
+    iters = args.maskrcnn_iters
+    if args.equal_time and not iters:  # as many iterations as fit in IAUNet's training time
+        per_iter = seconds_per_iteration(mcfg, trainer_cls, args.seed)
+        iters = max(1, int(result["iaunet"]["train_time_s"] / per_iter))
+        logger.info(
+            f"Equal time: IAUNet trained {result['iaunet']['train_time_s']:.0f} s; Mask R-CNN "
+            f"{per_iter:.2f} s/iteration -> {iters} iterations"
+        )
+    if iters:
         mcfg.SOLVER.MAX_ITER = iters
         mcfg.SOLVER.WARMUP_ITERS = min(mcfg.SOLVER.WARMUP_ITERS, iters)
         mcfg.SOLVER.CHECKPOINT_PERIOD = iters + 1
