@@ -158,8 +158,23 @@ def test_compare_maskrcnn_equal_time_check(caplog):
     result["mask_rcnn"]["train_time_s"] = 840.0  # within 10 %
     compare_maskrcnn._check_equal_time(result)
     assert caplog.text == ""
-    args = compare_maskrcnn.parse_args(["--equal-time", "--maskrcnn-iters", "120"])
-    assert args.maskrcnn_iters == 120
+
+
+def test_compare_maskrcnn_iterations_size_the_whole_schedule():
+    """Mask R-CNN's own iteration count (--maskrcnn-iters, or the equal-time estimate) sizes its
+    whole schedule: detectron2's lr steps at 2/3 and 8/9 of it, warm-up, one final checkpoint."""
+    from iaunet.config import load_config
+
+    args = compare_maskrcnn.parse_args(
+        ["--maskrcnn-solver", "detectron2", "--maskrcnn-iters", "120"]
+    )
+    icfg = load_config(os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml"), [])
+    cfg = compare_maskrcnn.maskrcnn_cfg(args, icfg, args.maskrcnn_iters)
+    assert cfg.SOLVER.MAX_ITER == 120 and tuple(cfg.SOLVER.STEPS) == (80, 106)
+    assert cfg.SOLVER.WARMUP_ITERS == 12 and cfg.SOLVER.CHECKPOINT_PERIOD == 121
+    cfg = compare_maskrcnn.maskrcnn_cfg(args, icfg)  # default: IAUNet's iterations
+    assert cfg.SOLVER.MAX_ITER == icfg.SOLVER.MAX_ITER == 1250
+    assert tuple(cfg.SOLVER.STEPS) == (833, 1111)
 
 
 def test_profile_table_ranges_and_ops():

@@ -82,9 +82,12 @@ def iaunet_cfg(args) -> CfgNode:
     return cfg
 
 
-def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
+def maskrcnn_cfg(args, icfg: CfgNode, iters: int = 0) -> CfgNode:
     """detectron2's model-zoo Mask R-CNN matched to the IAUNet config ``icfg`` as the module
-    docstring says."""
+    docstring says, trained for ``iters`` iterations (0: as many as IAUNet)."""
+    iters = iters or args_iters(args, icfg)
+    icfg = icfg.clone()  # may be frozen (trained already); its sub-nodes are copied below
+    icfg.defrost()
     cfg = get_cfg()
     add_iaunet_config(cfg)  # Trainer and our mapper read IAUNet's INPUT/SOLVER keys
     cfg.merge_from_file(model_zoo.get_config_file(args.maskrcnn_config))
@@ -138,7 +141,6 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
         cfg.SOLVER.OPTIMIZER = "SGD"
         cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
         cfg.SOLVER.BASE_LR = 0.02 * args_batch(args, icfg) / 16
-        iters = args_iters(args, icfg)
         cfg.SOLVER.STEPS = (int(iters * 2 / 3), int(iters * 8 / 9))
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
     else:
@@ -146,7 +148,7 @@ def maskrcnn_cfg(args, icfg: CfgNode) -> CfgNode:
             f"--maskrcnn-solver must be iaunet or detectron2, got {args.maskrcnn_solver!r}"
         )
     merge_config(cfg, opts=args.maskrcnn_opts)
-    _common(cfg, args, "mask_rcnn", icfg)
+    _common(cfg, args, "mask_rcnn", icfg, iters)
     return cfg
 
 
@@ -173,9 +175,9 @@ def args_batch(args, icfg: CfgNode) -> int:
     return args.batch or icfg.SOLVER.IMS_PER_BATCH
 
 
-def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> None:
-    """The settings both runs share: data, budget, device, seed, output folder, no periodic
-    evaluation."""
+def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None, iters: int = 0) -> None:
+    """The settings both runs share: data, budget (``iters``, default ``args_iters``), device,
+    seed, output folder, no periodic evaluation."""
     ref = icfg if icfg is not None else cfg
     if icfg is not None:  # the IAUNet run's data, already resolved
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
@@ -186,7 +188,7 @@ def _common(cfg: CfgNode, args, name: str, icfg: Optional[CfgNode] = None) -> No
         cfg.DATASETS.TRAIN = (args.train,) if args.train else tuple(cfg.DATASETS.TRAIN)
         cfg.DATASETS.TEST = (subset_dataset(args.test or cfg.DATASETS.TEST[0], args.test_limit),)
     cfg.SOLVER.IMS_PER_BATCH = args_batch(args, ref)
-    cfg.SOLVER.MAX_ITER = args_iters(args, ref)
+    cfg.SOLVER.MAX_ITER = iters or args_iters(args, ref)
     cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER)
     cfg.SOLVER.CHECKPOINT_PERIOD = cfg.SOLVER.MAX_ITER + 1  # only model_final.pth
     cfg.TEST.EVAL_PERIOD = 0  # evaluated once, after training
@@ -300,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     setup_logger(name="detectron2")
     setup_logger(name="iaunet")
     icfg = iaunet_cfg(args)
-    mcfg = maskrcnn_cfg(args, icfg)
+    mcfg = maskrcnn_cfg(args, icfg, args.maskrcnn_iters)
     result = {
         "settings": {
             **vars(args),
@@ -320,19 +322,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     )
     logger.info(f"Mask R-CNN: {args.maskrcnn_config} -> {mcfg.OUTPUT_DIR}")
     trainer_cls = Trainer if args.maskrcnn_mapper == "iaunet" else D2MapperTrainer
-    iters = args.maskrcnn_iters
-    if args.equal_time and not iters:  # as many iterations as fit in IAUNet's training time
+    if args.equal_time and not args.maskrcnn_iters:  # as many as fit in IAUNet's training time
         per_iter = seconds_per_iteration(mcfg, trainer_cls, args.seed)
         iters = max(1, int(result["iaunet"]["train_time_s"] / per_iter))
         logger.info(
             f"Equal time: IAUNet trained {result['iaunet']['train_time_s']:.0f} s; Mask R-CNN "
             f"{per_iter:.2f} s/iteration -> {iters} iterations"
         )
-    if iters:
-        mcfg.SOLVER.MAX_ITER = iters
-        mcfg.SOLVER.WARMUP_ITERS = min(mcfg.SOLVER.WARMUP_ITERS, iters)
-        mcfg.SOLVER.CHECKPOINT_PERIOD = iters + 1
-        result["settings"]["maskrcnn_iters"] = iters
+        mcfg = maskrcnn_cfg(args, icfg, iters)
+    result["settings"]["maskrcnn_iters"] = mcfg.SOLVER.MAX_ITER
     result["mask_rcnn"] = train_and_evaluate(mcfg, trainer_cls, args.seed)
     result["mask_rcnn"].update(
         name="Mask R-CNN", backbone=_backbone_name(mcfg, fpn=True), config=args.maskrcnn_config
