@@ -9,6 +9,9 @@ EXTRAS = {
     "napari": ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy", "pyqt5"],
     # tools/export_model.py --format onnx and the onnxruntime backend of iaunet-predict
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+    # tools/benchmark_few_shot.py: Cellpose 3 trained from scratch as the peer (not Cellpose 4,
+    # whose 300M-parameter model is impractical on a CPU)
+    "fewshot": ["cellpose==3.1.*"],
 }
 # Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
 # pytest-qt drives the napari widget; pytest-xvfb gives napari's OpenGL canvas a virtual X display

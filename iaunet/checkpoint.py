@@ -248,7 +248,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
             renamed = rename_legacy_keys(checkpoint["model"])
             if renamed:
                 logger.info(f"Renamed {renamed} state-dict keys of an older IAUNet checkpoint")
-            transfer_query_rows(self.model, checkpoint["model"])  # another NUM_QUERIES: fine-tuning
+            new_rows = (
+                self.config.MODEL.IAUNET.TRAIN.NEW_QUERIES if self.config is not None else "fresh"
+            )  # another NUM_QUERIES: fine-tuning
+            transfer_query_rows(self.model, checkpoint["model"], new_rows)
         return super()._load_model(checkpoint)
 
 

@@ -118,11 +118,17 @@ def add_iaunet_config(cfg: CN) -> None:
     m.LOSS_POINT_SAMPLING = False  # losses on sampled points (Mask2Former) instead of full masks
     m.OVERSAMPLE_RATIO = 3.0  # point-sampled losses: oversampling of uncertain points
     m.IMPORTANCE_SAMPLE_RATIO = 0.75  # point-sampled losses: share of importance-sampled points
+    # weight of the dense auxiliary losses (foreground, centre-ness) of a 1x1 probe on E, a training
+    # aid for few images (iaunet.modeling.dense_supervision); 0 = no probe (thesis)
+    m.DENSE_WEIGHT = 0.0
     # --- training-only accelerators (off in the thesis configs; the inference graph is unchanged)
     m.TRAIN = CN()
     m.TRAIN.FROM_SCRATCH = (
         False  # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
     )
+    # queries added when MODEL.WEIGHTS has fewer: fresh (random) | copy (of the trained ones,
+    # iaunet.utils.query_transfer)
+    m.TRAIN.NEW_QUERIES = "fresh"
     m.TRAIN.QUERY_GROUPS = 1  # Group DETR: groups of N queries, each matched one-to-one (1 = off)
     m.TRAIN.DENOISING = False  # DN-DETR / MaskDINO denoising queries from noised ground-truth boxes
     m.TRAIN.DENOISING_GROUPS = 5  # noised copies of each object (fewer when an image is crowded)
@@ -178,6 +184,11 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.INPUT.SCALE_RANGE = (0.8, 1.5)  # random scale jitter after the base resize (training)
     cfg.INPUT.FLIPS = ["horizontal", "vertical"]  # random flips at training time
     cfg.INPUT.ROTATE90 = 0.0  # probability of a random 90/180/270-degree rotation at training time
+    # probability of a rotation by any angle at training time (iaunet.data.augmentations)
+    cfg.INPUT.ROTATE = 0.0
+    # probability of contrast/brightness/gamma, blur and noise jitter of a training crop
+    # (iaunet.data.augmentations): other acquisitions of the same objects for a handful of images
+    cfg.INPUT.INTENSITY_AUG = 0.0
     # probability that a training sample is a mosaic of 4 crops cut at a random offset (YOLOv4;
     # iaunet.data.mosaic): objects cut anywhere and unrelated content side by side, as in tiles
     cfg.INPUT.MOSAIC = 0.0

@@ -12,6 +12,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .modeling.criterion import SetCriterion
+from .modeling.dense_supervision import DenseHead
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import UNetPixelDecoder
 from .modeling.postprocessing import (
@@ -51,6 +52,7 @@ class IAUNet(nn.Module):
         nms_sigma: float = 2.0,
         nms_overlap: str = "iou",
         channels_last: bool = False,
+        dense_head: Optional[DenseHead] = None,
     ):
         super().__init__()
         if maskness not in MASKNESS_MODES:
@@ -63,6 +65,7 @@ class IAUNet(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.query_decoder = query_decoder
         self.criterion = criterion
+        self.dense_head = dense_head  # training aid only (MODEL.IAUNET.DENSE_WEIGHT)
         self.num_classes = num_classes
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -123,7 +126,10 @@ class IAUNet(nn.Module):
             num_points=m.TRAIN_NUM_POINTS,
             oversample_ratio=m.OVERSAMPLE_RATIO,
             importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO,
+            dense_weight=m.DENSE_WEIGHT,
         )
+        if m.DENSE_WEIGHT < 0:
+            raise ValueError(f"MODEL.IAUNET.DENSE_WEIGHT must be >= 0, got {m.DENSE_WEIGHT}")
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
@@ -143,6 +149,7 @@ class IAUNet(nn.Module):
             "nms_sigma": m.TEST.NMS_SIGMA,
             "nms_overlap": m.TEST.NMS_OVERLAP,
             "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "dense_head": DenseHead(m.MASK_DIM) if m.DENSE_WEIGHT > 0 else None,
         }
 
     @property
@@ -186,13 +193,17 @@ class IAUNet(nn.Module):
         Returns:
             {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]},
             s = ``mask_stride``
-            (``QueryDecoder.forward``).
+            (``QueryDecoder.forward``); in training with a dense probe also "dense_logits"
+            (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
         """
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features, images)
-        return self.query_decoder(
+        outputs = self.query_decoder(
             multi_scale_features, mask_features, deep_supervision=deep_supervision, targets=targets
         )
+        if self.training and self.dense_head is not None:
+            outputs["dense_logits"] = self.dense_head(mask_features)
+        return outputs
 
     def forward(self, batched_inputs: List[Dict]):
         """

@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.inference import IAUNetPredictor
-from iaunet.utils.query_transfer import QUERY_KEYS
+from iaunet.utils.query_transfer import QUERY_KEYS, transfer_query_rows
 
 
 @pytest.mark.parametrize("n_old,n_new", [(8, 24), (24, 8)])
@@ -44,3 +44,27 @@ def test_predictor_loads_a_checkpoint_with_another_query_count(tmp_path):
         str(tmp_path / "model.pth"), opts=["MODEL.IAUNET.NUM_QUERIES", 12]
     )
     assert predictor.model.query_decoder.queries.weight.shape[0] == 12
+
+
+def test_new_queries_start_as_copies_of_trained_ones(tmp_path, caplog):
+    """MODEL.IAUNET.TRAIN.NEW_QUERIES copy: rows beyond the checkpoint's are its rows, cycled, with
+    a little noise (distinct from each other and from the originals)."""
+    torch.manual_seed(0)
+    cfg_old = tiny_cfg(**{"MODEL.IAUNET.NUM_QUERIES": 8})
+    source = build_model(cfg_old)
+    AtomicCheckpointer(source, str(tmp_path), config=cfg_old).save("model")
+    cfg = tiny_cfg(**{"MODEL.IAUNET.NUM_QUERIES": 20, "MODEL.IAUNET.TRAIN.NEW_QUERIES": "copy"})
+    target = build_model(cfg)
+    with caplog.at_level(logging.INFO):
+        AtomicCheckpointer(target, config=cfg).load(str(tmp_path / "model.pth"))
+    src, got = source.state_dict(), target.state_dict()
+    for key in QUERY_KEYS:
+        old, new = src[key], got[key]
+        assert torch.equal(new[:8], old)
+        for i in range(8, 20):
+            diff = (new[i] - old[i % 8]).abs().max()
+            assert 0 < diff < 0.2 * old.std()  # a copy, slightly moved
+        assert not torch.equal(new[8], new[16])  # copies of one row differ from each other
+    assert "rows 8..19 start as copies of the trained rows" in caplog.text
+    with pytest.raises(ValueError, match="NEW_QUERIES"):
+        transfer_query_rows(target, {QUERY_KEYS[0]: src[QUERY_KEYS[0]]}, "random")

@@ -13,6 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode
 
+from .augmentations import RandomIntensity, RandomRotation
 from .image_io import read_image, to_model_range
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ class RandomRotate90(T.Augmentation):
 
 def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """The base resize (``INPUT.RESIZE_MODE``): longest side ``INPUT.IMAGE_SIZE`` (thesis), or a
-    resize by ``INPUT.PIXEL_SCALE``. Training adds scale jitter ``INPUT.SCALE_RANGE``, a fixed
-    ``IMAGE_SIZE`` crop (padded with the pixel mean), ``INPUT.FLIPS`` and ``INPUT.ROTATE90``."""
+    resize by ``INPUT.PIXEL_SCALE``. Training adds scale jitter ``INPUT.SCALE_RANGE``, a free
+    rotation (``INPUT.ROTATE``), a fixed ``IMAGE_SIZE`` crop (padded with the pixel mean),
+    ``INPUT.FLIPS``, ``INPUT.ROTATE90`` and intensity jitter (``INPUT.INTENSITY_AUG``)."""
     size, mode = cfg.INPUT.IMAGE_SIZE, cfg.INPUT.RESIZE_MODE
     if mode not in ("longest_side", "scale"):
         raise ValueError(f'INPUT.RESIZE_MODE must be "longest_side" or "scale", got {mode!r}')
@@ -106,7 +108,10 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
         return [resize]
     # Pad with the mean so that padding normalizes to ~0, like the batch padding of the model.
     pad = float(np.mean(cfg.MODEL.PIXEL_MEAN))
-    augs = [resize, T.FixedSizeCrop((size, size), pad=True, pad_value=pad, seg_pad_value=0)]
+    augs = [resize]
+    if cfg.INPUT.ROTATE > 0:
+        augs.append(RandomRotation(cfg.INPUT.ROTATE, pad))
+    augs.append(T.FixedSizeCrop((size, size), pad=True, pad_value=pad, seg_pad_value=0))
     flips = {
         "horizontal": dict(horizontal=True, vertical=False),
         "vertical": dict(horizontal=False, vertical=True),
@@ -117,6 +122,8 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
         augs.append(T.RandomFlip(**flips[f]))
     if cfg.INPUT.ROTATE90 > 0:
         augs.append(RandomRotate90(cfg.INPUT.ROTATE90))
+    if cfg.INPUT.INTENSITY_AUG > 0:
+        augs.append(RandomIntensity(cfg.INPUT.INTENSITY_AUG))
     return augs
 
 

@@ -153,6 +153,19 @@ class Trainer(DefaultTrainer):
         return DatasetEvaluators([coco, matching])
 
     @classmethod
+    def test(cls, cfg: CfgNode, model, evaluators=None):
+        """detectron2's evaluation, then one warning line per test set whose matching F1 at IoU
+        0.5 is below ``POOR_F1`` (what a user of the label images would find), naming what to
+        try."""
+        results = super().test(cfg, model, evaluators)
+        per_set = results if "matching" not in results else {cfg.DATASETS.TEST[0]: results}
+        for name, res in per_set.items():
+            f1 = res.get("matching", {}).get("F1@0.5") if isinstance(res, dict) else None
+            if f1 is not None and f1 < POOR_F1:
+                logging.getLogger("iaunet").warning(poor_result_hint(name, res["matching"], cfg))
+        return results
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode):
         # detectron2's loader, with a sampler that --resume continues (iaunet.data.samplers)
         return build_resumable_train_loader(cfg, IAUNetDatasetMapper(cfg, is_train=True))
@@ -165,6 +178,30 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, model)
+
+
+POOR_F1 = 50.0  # matching F1@0.5 (%) below which the evaluation is flagged as poor
+
+
+def poor_result_hint(dataset: str, matching: dict, cfg: CfgNode) -> str:
+    """One line: the evaluation of ``dataset`` is poor, what the counts say, and what to try."""
+    ratio = matching.get("count_ratio", 1.0)
+    counts = (
+        "far fewer objects found than annotated"
+        if ratio < 0.7
+        else "far more objects found than annotated"
+        if ratio > 1.4
+        else "objects found at about the annotated count but badly outlined"
+    )
+    return (
+        f"!! Poor result on {dataset}: F1@0.5 {matching['F1@0.5']:.1f} % "
+        f"(precision {matching.get('precision@0.5', 0):.1f}, recall "
+        f"{matching.get('recall@0.5', 0):.1f}, predicted/true {ratio:.2f}: {counts}). Try: "
+        "annotate more images (every object in each), check the object size (iaunet-predict "
+        "--diameter PX, or INPUT.OBJECT_DIAMETER), train longer (SOLVER.MAX_ITER "
+        f"{2 * cfg.SOLVER.MAX_ITER}), or start from a model trained on similar images "
+        "(MODEL.WEIGHTS)."
+    )
 
 
 def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:

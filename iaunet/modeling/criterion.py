@@ -12,6 +12,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils.comm import get_world_size
 from torch import nn
 
+from .dense_supervision import dense_loss
 from .mask_losses import bce_loss, dice_loss, upsampled_mask_losses
 from .matcher import HungarianMatcher
 
@@ -52,6 +53,7 @@ class SetCriterion(nn.Module):
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
+        dense_weight: float = 0.0,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -64,6 +66,7 @@ class SetCriterion(nn.Module):
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
+        self.dense_weight = dense_weight
 
     def loss_labels(
         self, logits: torch.Tensor, labels: List[torch.Tensor], indices: Indices
@@ -179,6 +182,10 @@ class SetCriterion(nn.Module):
             )
 
         losses = losses_of(outputs)
+        if "dense_logits" in outputs:  # the dense probe on E (a training aid)
+            losses["loss_dense"] = self.dense_weight * dense_loss(
+                outputs["dense_logits"], gt_masks, counts
+            )
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in losses_of(aux).items()})
         dn = outputs.get("denoising")
