@@ -85,7 +85,7 @@ def test_otsu_watershed_splits_touching_nuclei():
     assert fs.median_diameter([two]) == pytest.approx(2 * np.sqrt((two == 1).sum() / np.pi), 0.1)
 
 
-def test_benchmark_tool_smoke(tmp_path):
+def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     """The tool end to end on one fold: IAUNet (tiny, 2 iterations, through the README commands),
     Otsu + watershed, Cellpose (1 epoch); table printed and results.json written."""
     image, labels = nuclei_image()
@@ -104,7 +104,7 @@ def test_benchmark_tool_smoke(tmp_path):
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
         *TINY_MODEL_OPTS,
     ]  # fmt: skip
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     assert tool.main(argv) == 0
     res = json.loads((work / "results.json").read_text())["results"]
     assert set(res) == {"IAUNet", "Otsu + watershed", "Cellpose 3 (scratch)"}
@@ -115,3 +115,7 @@ def test_benchmark_tool_smoke(tmp_path):
     assert res["Cellpose 3 (scratch)"]["fold3"]["epochs"] == 1
     assert res["Otsu + watershed"]["fold3"]["F1"] > 90  # easy, well separated blobs
     assert (work / "fold3" / "iaunet" / "predictions" / "bottom_right_labels.tif").is_file()
+    capsys.readouterr()
+    assert tool.main(["--collect", str(work)]) == 0  # the table again, from results.json
+    rows = [r for r in capsys.readouterr().out.splitlines() if "fold3 (bottom_right)" in r]
+    assert len(rows) == 3 and rows[1].startswith("| Otsu + watershed |")

@@ -67,3 +67,42 @@ def test_zero_predictions_and_zero_ground_truth(tmp_path):
     pred = torch.zeros(1, 32, 32, dtype=torch.bool)
     pred[0, 2:10, 2:10] = True
     assert math.isnan(_evaluate(empty_name, pred, 100)["AP"])  # no ground truth: AP undefined (NaN)
+
+
+def test_scale_mode_evaluates_what_iaunet_predict_writes(tmp_path, caplog):
+    """With INPUT.RESIZE_MODE "scale" the trainer evaluates the predictor's output (tiled at the
+    training scale), not one forward pass over the whole resized image; a poor result is one
+    warning line naming what to try."""
+    import logging
+
+    from conftest import tiny_cfg
+    from detectron2.modeling import build_model
+
+    from iaunet.data import read_image
+    from iaunet.engine.trainer import PredictorModel, Trainer
+    from iaunet.inference import IAUNetPredictor
+
+    torch.manual_seed(0)
+    anns = [_ann(1, polygon=_square(20, 20, 12)), _ann(2, polygon=_square(100, 90, 14))]
+    (tmp_path / "images").mkdir()
+    img = np.full((150, 160), 30, np.uint8)
+    img[20:32, 20:32] = img[90:104, 100:114] = 220
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), img)
+    images = [{"id": 1, "file_name": "a.png", "height": 150, "width": 160}]
+    name, _ = _coco_tree(tmp_path, images=images, annotations=anns)
+    cfg = tiny_cfg(**{"INPUT.RESIZE_MODE": "scale", "INPUT.PIXEL_SCALE": 1.0})
+    cfg.DATASETS.TEST = (name,)
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    model = build_model(cfg).eval()
+    wrapped = PredictorModel(model, cfg)
+    assert wrapped.predictor.will_tile((150, 160))  # 64-px tiles
+    path = str(tmp_path / "images" / "a.png")
+    with torch.no_grad():
+        got = wrapped([{"file_name": path}])[0]["instances"]
+        want = IAUNetPredictor(cfg, model=model)(read_image(path))
+    assert torch.equal(got.pred_masks, want.pred_masks) and torch.equal(got.scores, want.scores)
+    with caplog.at_level(logging.WARNING, logger="iaunet"):
+        results = Trainer.test(cfg, model)
+    assert "segm" in results and "matching" in results
+    poor = [r.getMessage() for r in caplog.records if "Poor result" in r.getMessage()]
+    assert len(poor) == 1 and name in poor[0] and "--diameter" in poor[0], caplog.text

@@ -8,9 +8,9 @@ quadrants; fold k tests on quadrant k and trains on the other three, written as 
 ``_labels.tif`` label images (the README's folder layout). Per fold:
 
 * IAUNet: ``train_net.py --config-file configs/custom/iaunet_small.yaml DATASETS.TRAIN
-  '("folder:train",)' DATASETS.TEST '("folder:val",)'`` (auto-sized, from the quick model) --
-  segm AP from its evaluation (README step 5), F1 and count from the ``_labels.tif`` that
-  ``iaunet-predict`` writes with its defaults (README step 6);
+  '("folder:train",)' DATASETS.TEST '("folder:val",)'`` (auto-sized, from the quick model),
+  segm AP from ``--eval-only`` (README step 5), F1 and count from the ``_labels.tif`` that
+  ``iaunet-predict`` writes with its defaults (README step 6); CPU seconds of the training;
 * Otsu + watershed (scikit-image, no training; seeds from the training objects' median diameter);
 * Cellpose 3 (when ``cellpose`` is importable: ``pip install "cellpose==3.1.*"``) trained from
   scratch on the same three images for IAUNet's training CPU seconds on that fold.
@@ -20,6 +20,7 @@ Prints a table per method (per fold and mean) and writes ``results.json`` in ``-
     python tools/benchmark_few_shot.py                       # 4 folds, all methods (~1.5 h CPU)
     python tools/benchmark_few_shot.py --folds 3 --no-cellpose
     python tools/benchmark_few_shot.py --opts SOLVER.MAX_ITER 500
+    python tools/benchmark_few_shot.py --collect runA runB     # one table from several runs
 """
 
 import argparse
@@ -73,27 +74,42 @@ def last_segm_ap(log: str) -> Dict[str, float]:
 
 
 def iaunet_fold(args, fold: Dict) -> Dict:
+    """README steps 4-6 on one fold: train, evaluate (``--eval-only``: AP), predict (labels)."""
     out = os.path.join(args.work, fold["name"], "iaunet")
-    c0, t0 = children_cpu(), time.time()
+    weights = os.path.join(out, "model_final.pth")
+    timing = os.path.join(out, "training_time.json")
+    if args.reuse and os.path.isfile(weights) and os.path.isfile(timing):
+        print(f"{fold['name']}: reusing {weights} (--reuse)", flush=True)
+        with open(timing) as f:
+            spent = json.load(f)
+    else:
+        c0, t0 = children_cpu(), time.time()
+        run(
+            [sys.executable, "train_net.py", "--config-file", SMALL, "OUTPUT_DIR", out,
+             "DATASETS.TRAIN", f'("folder:{fold["train"]}",)',
+             "DATASETS.TEST", f'("folder:{fold["val"]}",)', "MODEL.WEIGHTS", args.weights,
+             *args.opts],
+            out + "_train.log",
+        )  # fmt: skip
+        spent = {"cpu_s": children_cpu() - c0, "wall_s": time.time() - t0}
+        atomic_write(timing, json.dumps(spent))
     log = run(
-        [sys.executable, "train_net.py", "--config-file", SMALL, "OUTPUT_DIR", out,
-         "DATASETS.TRAIN", f'("folder:{fold["train"]}",)',
-         "DATASETS.TEST", f'("folder:{fold["val"]}",)', "MODEL.WEIGHTS", args.weights,
-         *args.opts],
-        out + "_train.log",
+        [sys.executable, "train_net.py", "--config-file", SMALL, "--eval-only",
+         "MODEL.WEIGHTS", weights, "DATASETS.TEST", f'("folder:{fold["val"]}",)',
+         "OUTPUT_DIR", os.path.join(out, "eval"), *args.opts],
+        out + "_eval.log",
     )  # fmt: skip
-    cpu, wall = children_cpu() - c0, time.time() - t0
     pred = os.path.join(out, "predictions")
     tests = fs.read_folder(fold["val"])
     run(
-        [sys.executable, "-m", "iaunet.predict", "--weights", os.path.join(out, "model_final.pth"),
+        [sys.executable, "-m", "iaunet.predict", "--weights", weights,
          "--output", pred, "--save", "labels", "--input",
          *(os.path.join(fold["val"], f"{stem}.tif") for stem, _, _ in tests)],
         out + "_predict.log",
     )  # fmt: skip
     labels = [tifffile.imread(os.path.join(pred, f"{stem}_labels.tif")) for stem, _, _ in tests]
     matching = fs.label_image_matching([lab for _, _, lab in tests], labels)
-    return {**last_segm_ap(log), **matching, "cpu_s": cpu, "wall_s": wall}
+    return {**last_segm_ap(log), **matching, **spent}
 
 
 def otsu_fold(fold: Dict) -> Dict:
@@ -138,6 +154,19 @@ def table(results: Dict[str, Dict[str, Dict]], folds: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def collect(works: List[str]) -> str:
+    """The table of several runs' ``results.json`` together (folds by name, later runs win)."""
+    results: Dict[str, Dict[str, Dict]] = {}
+    folds: Dict[str, Dict] = {}
+    for work in works:
+        with open(os.path.join(work, "results.json")) as f:
+            saved = json.load(f)
+        folds.update({fold["name"]: fold for fold in saved["folds"]})
+        for method, per_fold in saved["results"].items():
+            results.setdefault(method, {}).update(per_fold)
+    return table(results, [folds[k] for k in sorted(folds)])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="output/benchmark_few_shot", help="folds, runs, logs")
@@ -149,10 +178,19 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="output/synthetic_quick/model_final.pth",
                    help="starting model (the README's quick model)")  # fmt: skip
     p.add_argument("--no-cellpose", action="store_true", help="skip Cellpose")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not train a fold again whose model_final.pth (and its training time) "
+                   "is in --work")  # fmt: skip
     p.add_argument("--cellpose-max-epochs", type=int, default=None,
                    help="cap Cellpose's epochs (smoke tests)")  # fmt: skip
+    p.add_argument("--collect", nargs="+", metavar="WORK",
+                   help="print one table from the results.json of earlier runs (e.g. folds run in "
+                   "parallel) and exit")  # fmt: skip
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="IAUNet config overrides")
     args = p.parse_args(argv)
+    if args.collect:
+        print(collect(args.collect))
+        return 0
     args.work = os.path.abspath(args.work)
     args.weights = os.path.abspath(args.weights) if args.weights else ""
     if bool(args.image) != bool(args.labels):

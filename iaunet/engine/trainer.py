@@ -10,7 +10,7 @@ visualization hook. It lives in the package, not in ``train_net.py``, because th
 import logging
 import os
 import weakref
-from typing import List
+from typing import Dict, List
 
 import detectron2.utils.comm as comm
 import torch
@@ -34,12 +34,13 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
 from ..config import ConfigError, load_config
-from ..data import IAUNetDatasetMapper
+from ..data import IAUNetDatasetMapper, read_image
 from ..data.auto_config import resolve_config_from_data
 from ..data.datasets.folder import safe_file_name
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
+from ..inference import IAUNetPredictor
 from ..solver import build_optimizer
 from .hooks import ExactResume, PreemptionHook
 from .stopping import TrainingStopped, stop_on_write_error
@@ -156,7 +157,11 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg: CfgNode, model, evaluators=None):
         """detectron2's evaluation, then one warning line per test set whose matching F1 at IoU
         0.5 is below ``POOR_F1`` (what a user of the label images would find), naming what to
-        try."""
+        try. With ``INPUT.RESIZE_MODE "scale"`` the predictions are ``iaunet-predict``'s
+        (:class:`PredictorModel`: tiles at the training scale), so that the evaluation scores
+        what a user gets."""
+        if cfg.INPUT.RESIZE_MODE == "scale":
+            model = PredictorModel(model, cfg)
         results = super().test(cfg, model, evaluators)
         per_set = results if "matching" not in results else {cfg.DATASETS.TEST[0]: results}
         for name, res in per_set.items():
@@ -178,6 +183,22 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, model)
+
+
+class PredictorModel(torch.nn.Module):
+    """The model as ``iaunet-predict`` runs it, for detectron2's evaluation loop: each test image is
+    read from its file and predicted by :class:`IAUNetPredictor` around ``model`` (resized by
+    ``INPUT.PIXEL_SCALE``, tiled at ``INPUT.IMAGE_SIZE`` as in training and stitched). Evaluating
+    the whole resized image at once instead would score something users never see when the
+    images are larger than the training crops."""
+
+    def __init__(self, model: torch.nn.Module, cfg: CfgNode):
+        super().__init__()
+        self.model = model.module if hasattr(model, "module") else model  # DDP
+        self.predictor = IAUNetPredictor(cfg, model=self.model)
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+        return [{"instances": self.predictor(read_image(x["file_name"]))} for x in batched_inputs]
 
 
 POOR_F1 = 50.0  # matching F1@0.5 (%) below which the evaluation is flagged as poor

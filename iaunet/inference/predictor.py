@@ -75,6 +75,9 @@ class IAUNetPredictor:
     ``INPUT.PIXEL_SCALE``. A config without a recorded scale (older checkpoints) falls back to the
     evaluation transform (longest side ``INPUT.IMAGE_SIZE``) with a warning.
 
+    ``model``: an IAUNet already built and loaded (the trainer's, for evaluation) instead of one
+    built from ``cfg`` and its weights.
+
     Backend: ``"pytorch"`` (the eager model, default) or an exported file (``model_file``, see
     :mod:`iaunet.inference.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
     and outputs are the same (:mod:`iaunet.inference.backends`).
@@ -96,13 +99,16 @@ class IAUNetPredictor:
         backend: str = "pytorch",
         model_file: str = "",
         threads: Optional[int] = None,
+        model: Optional[torch.nn.Module] = None,
     ):
         self.cfg = cfg.clone()
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
         self.backend = backend
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "pytorch":
+        if model is not None:  # an IAUNet already built and loaded (evaluation during training)
+            self.model = model
+        elif backend == "pytorch":
             self.model = build_model(self.cfg).eval()
             checkpointer = AtomicCheckpointer(self.model)
             if checkpoint is not None:
