@@ -127,7 +127,7 @@ def add_iaunet_config(cfg: CN) -> None:
         False  # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
     )
     # queries added when MODEL.WEIGHTS has fewer: fresh (random) | copy (of the trained ones,
-    # iaunet.utils.query_transfer)
+    # iaunet.checkpoint.transfer_query_rows)
     m.TRAIN.NEW_QUERIES = "fresh"
     m.TRAIN.QUERY_GROUPS = 1  # Group DETR: groups of N queries, each matched one-to-one (1 = off)
     m.TRAIN.DENOISING = False  # DN-DETR / MaskDINO denoising queries from noised ground-truth boxes

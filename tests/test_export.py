@@ -14,13 +14,13 @@ import torch
 from conftest import ROOT, load_tool, tiny_cfg
 from detectron2.modeling import build_model
 
+from iaunet.bench.benchmark import synthetic_sample
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
 from iaunet.inference import IAUNetPredictor
 from iaunet.inference.backends import load_backend
 from iaunet.inference.export import CONFIG_KEY, ExportableIAUNet, export_model
 from iaunet.modeling.postprocessing import mask_overlap
-from iaunet.utils.benchmark import synthetic_sample
 
 export_tool = load_tool("export_model")
 

@@ -29,8 +29,8 @@ What is measured (every model with random weights, no checkpoint is read):
   ``--train-batch`` synthetic images with ``--instances`` random ellipses each (data loading
   excluded).
 * Peak memory per call and the dense-image conditions of both models: see
-  :mod:`iaunet.utils.measure` and
-  :mod:`iaunet.utils.benchmark`. The detection counts are checked and reported (``--as-configured``
+  :mod:`iaunet.bench.measure` and
+  :mod:`iaunet.bench.benchmark`. The detection counts are checked and reported (``--as-configured``
   keeps
   both models' own test thresholds).
 """
@@ -44,8 +44,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from iaunet.config import exit_on_config_error
-from iaunet.utils.benchmark import (
+from iaunet.bench.benchmark import (
     BACKENDS,
     MASK_RCNN_CONFIG,
     BenchModel,
@@ -58,8 +57,9 @@ from iaunet.utils.benchmark import (
     make_batch,
     train_step,
 )
-from iaunet.utils.measure import module_ranges, profile_table
-from iaunet.utils.reports import benchmark_report, profile_report
+from iaunet.bench.measure import module_ranges, profile_table
+from iaunet.bench.reports import benchmark_report, profile_report
+from iaunet.config import exit_on_config_error
 
 COMPARE_CHOICES = ("mask_rcnn",)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -175,8 +175,7 @@ def _saved_config(weights: str) -> Optional[CfgNode]:
 
 def checkpoint_queries(weights: str) -> Optional[int]:
     """The number of queries of the IAUNet checkpoint ``weights`` (None: no such file or table)."""
-    from ..checkpoint import read_checkpoint
-    from ..utils.query_transfer import QUERY_KEYS
+    from ..checkpoint import QUERY_KEYS, read_checkpoint
 
     if not weights or not os.path.isfile(weights.split("?")[0]):
         return None

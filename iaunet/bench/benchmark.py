@@ -1,7 +1,7 @@
 """Models and inputs of the speed/memory benchmark (``tools/benchmark.py``): IAUNet configs and
 detectron2's
 Mask R-CNN under dense-image conditions, synthetic dense "cell" images, inference and training-step
-measurements interleaved across the models (:mod:`iaunet.utils.measure`).
+measurements interleaved across the models (:mod:`iaunet.bench.measure`).
 
 Dense-image conditions (thesis §4): the cost of both models depends on how many instances reach the
 mask
