@@ -128,6 +128,16 @@ def transfer_query_rows(
     return changed
 
 
+def checkpoint_queries(checkpoint: Optional[Mapping]) -> Optional[int]:
+    """The number of queries of an IAUNet checkpoint dict (None: no checkpoint or no query
+    table)."""
+    model = checkpoint.get("model", {}) if checkpoint else {}
+    for key in (QUERY_KEYS[0], "module." + QUERY_KEYS[0]):
+        if key in model and len(model[key].shape) == 2:
+            return int(model[key].shape[0])
+    return None
+
+
 class CheckpointError(RuntimeError):
     """A file that cannot be loaded as a checkpoint; the message names it."""
 

@@ -7,7 +7,7 @@ reference code where the thesis is silent.
 
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -58,6 +58,29 @@ def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
     cfg = get_cfg()
     add_iaunet_config(cfg)
     return merge_config(cfg, config_file, opts)
+
+
+def trained_config(saved: str) -> CN:
+    """The config a model was trained with, from the YAML dump saved in its checkpoint
+    (``"config"``, :class:`iaunet.checkpoint.AtomicCheckpointer`) or exported file: IAUNet's
+    defaults (keys added since then keep their default) merged with it."""
+    cfg = load_config()
+    cfg.merge_from_other_cfg(cfg.load_cfg(saved))
+    return cfg
+
+
+def get_key(cfg: CN, key: str) -> Any:
+    """The value of the dotted ``key`` (e.g. ``"MODEL.IAUNET.NUM_QUERIES"``) in ``cfg``."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_key(cfg: CN, key: str, value: Any) -> None:
+    """Set the dotted ``key`` of ``cfg`` to ``value``."""
+    path, _, leaf = key.rpartition(".")
+    (get_key(cfg, path) if path else cfg)[leaf] = value
 
 
 def exit_on_config_error(main, prog: str):

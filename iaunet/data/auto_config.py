@@ -39,7 +39,8 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import ConfigError, load_config
+from ..checkpoint import checkpoint_queries, read_checkpoint
+from ..config import ConfigError, get_key, set_key, trained_config
 from .datasets.folder import hold_out_validation, register_path_datasets
 from .statistics import object_diameters, resolve_data_keys
 
@@ -58,21 +59,6 @@ CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 6, 32, (64, 512)
 PASSES, ITER_STEP, ITER_RANGE = 100, 100, (1000, 10000)
 QUICK_WEIGHTS = "synthetic_quick/model_final.pth"
 QUICK_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_quick.yaml"
-
-
-def get_key(cfg: CfgNode, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def set_key(cfg: CfgNode, key: str, value) -> None:
-    *path, leaf = key.split(".")
-    node = cfg
-    for part in path:
-        node = node[part]
-    node[leaf] = value
 
 
 def fill_auto_keys(cfg: CfgNode, trained: CfgNode, keys: Sequence[str] = AUTO_KEYS) -> List[str]:
@@ -159,31 +145,11 @@ def _check_weights(cfg: CfgNode, resume: bool) -> None:
     raise ConfigError(f"MODEL.WEIGHTS {weights} not found: {hint}")
 
 
-def _saved_config(weights: str) -> Optional[CfgNode]:
-    """The config saved in checkpoint ``weights`` (None when it holds none or is not a file)."""
-    from ..checkpoint import read_checkpoint
-
+def _read_weights(weights: str) -> Optional[Dict]:
+    """The checkpoint dict of ``MODEL.WEIGHTS`` (None when it is not a local file)."""
     if not weights or not os.path.isfile(weights.split("?")[0]):
         return None
-    saved = read_checkpoint(weights).get("config")
-    if not saved:
-        return None
-    trained = load_config()
-    trained.merge_from_other_cfg(trained.load_cfg(saved))
-    return trained
-
-
-def checkpoint_queries(weights: str) -> Optional[int]:
-    """The number of queries of the IAUNet checkpoint ``weights`` (None: no such file or table)."""
-    from ..checkpoint import QUERY_KEYS, read_checkpoint
-
-    if not weights or not os.path.isfile(weights.split("?")[0]):
-        return None
-    model = read_checkpoint(weights).get("model", {})
-    for key in (QUERY_KEYS[0], "module." + QUERY_KEYS[0]):
-        if key in model and len(model[key].shape) == 2:
-            return int(model[key].shape[0])
-    return None
+    return read_checkpoint(weights)
 
 
 def _load(names: Sequence[str]) -> List[Dict]:
@@ -210,7 +176,9 @@ def resolve_config_from_data(
     if eval_only:
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only with an empty DATASETS.TEST: nothing to evaluate")
-        trained = _saved_config(cfg.MODEL.WEIGHTS) if auto else None
+        checkpoint = _read_weights(cfg.MODEL.WEIGHTS) if auto else None
+        saved = checkpoint.get("config") if checkpoint else None
+        trained = trained_config(saved) if saved else None
         for key in fill_auto_keys(cfg, trained) if trained is not None else []:
             filled[key] = get_key(cfg, key)
         # What evaluation cannot do without: the model's shape and the test resize.
@@ -257,7 +225,7 @@ def resolve_config_from_data(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.MODEL.IAUNET.NUM_QUERIES <= 0:
-        start = 0 if eval_only else checkpoint_queries(cfg.MODEL.WEIGHTS) or 0
+        start = 0 if eval_only else checkpoint_queries(_read_weights(cfg.MODEL.WEIGHTS)) or 0
         cfg.MODEL.IAUNET.NUM_QUERIES = max(auto_num_queries(stats.max_objects), start)
         if cfg.TEST.DETECTIONS_PER_IMAGE < cfg.MODEL.IAUNET.NUM_QUERIES:
             cfg.TEST.DETECTIONS_PER_IMAGE = cfg.MODEL.IAUNET.NUM_QUERIES

@@ -33,7 +33,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
-from ..config import ConfigError, load_config
+from ..config import ConfigError, get_key, load_config, set_key
 from ..data import IAUNetDatasetMapper
 from ..data.auto_config import resolve_config_from_data
 from ..data.datasets.folder import safe_file_name
@@ -220,11 +220,8 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
         notes.append("SOLVER.AMP.ENABLED turned off: detectron2's AMP training needs CUDA")
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         for key in SYNC_BN_KEYS:
-            node, leaf = cfg, key.split(".")
-            for part in leaf[:-1]:
-                node = node[part]
-            if node[leaf[-1]] == "SyncBN":
-                node[leaf[-1]] = "naiveSyncBN"
+            if get_key(cfg, key) == "SyncBN":
+                set_key(cfg, key, "naiveSyncBN")
                 notes.append(
                     f"{key} SyncBN -> naiveSyncBN: synchronized BN on {world_size} CPU workers"
                 )

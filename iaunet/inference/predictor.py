@@ -22,7 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from ..checkpoint import AtomicCheckpointer, read_checkpoint
-from ..config import ConfigError, load_config, merge_config
+from ..config import ConfigError, load_config, merge_config, trained_config
 from ..data.auto_config import fill_auto_keys
 from ..data.image_io import intensity_range, to_model_range
 from .backends import BACKENDS, exported_config, load_backend
@@ -52,8 +52,7 @@ def config_from_checkpoint(
         )
     cfg = load_config(config_file)
     if saved:
-        trained = load_config()
-        trained.merge_from_other_cfg(trained.load_cfg(saved))
+        trained = trained_config(saved)
         if not config_file:
             cfg = trained
         fill_auto_keys(cfg, trained)  # e.g. NUM_QUERIES 0 in configs/custom/iaunet_small.yaml
@@ -62,7 +61,8 @@ def config_from_checkpoint(
 
 class IAUNetPredictor:
     """Like detectron2's ``DefaultPredictor``: builds the model from ``cfg``, loads
-    ``cfg.MODEL.WEIGHTS`` (or the given ``checkpoint`` dict) and runs single images in eval mode.
+    ``cfg.MODEL.WEIGHTS`` (or the already read ``checkpoint`` dict; for an exported model the
+    file's ``{"config": YAML}``) and runs single images in eval mode.
 
     Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4),
     RGB(A)
@@ -110,7 +110,8 @@ class IAUNetPredictor:
             else:
                 checkpointer.load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
         else:
-            self.model = self._load_exported(model_file, threads)
+            saved = checkpoint.get("config") if checkpoint is not None else None
+            self.model = self._load_exported(model_file, threads, saved)
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
         self.image_format = cfg.INPUT.FORMAT
@@ -153,15 +154,14 @@ class IAUNetPredictor:
         backend = backend or ("onnxruntime" if model_file.endswith(".onnx") else "torchscript")
         saved = {"config": exported_config(model_file)}
         cfg = config_from_checkpoint(saved, config_file, opts, model_file)
-        return cls(cfg, backend=backend, model_file=model_file, **kwargs)
+        return cls(cfg, checkpoint=saved, backend=backend, model_file=model_file, **kwargs)
 
-    def _load_exported(self, model_file: str, threads: Optional[int]):
-        """The exported model, after checking that the config agrees with the graph."""
+    def _load_exported(self, model_file: str, threads: Optional[int], saved: Optional[str]):
+        """The exported model, after checking that the config agrees with the graph (``saved``:
+        the file's config YAML when already read)."""
         if not model_file:
             raise ValueError(f"backend {self.backend} needs an exported model file (--model)")
-        exported = load_config()
-        exported.merge_from_other_cfg(exported.load_cfg(exported_config(model_file)))
-        baked = graph_keys(exported)
+        baked = graph_keys(trained_config(saved or exported_config(model_file)))
         changed = {k: v for k, v in graph_keys(self.cfg).items() if baked[k] != v}
         if changed:
             raise ConfigError(
