@@ -32,6 +32,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import load_config, merge_config
+from ..modeling.postprocessing import PostProcessing
 from ..solver import build_optimizer
 from .measure import autocast, interleaved, sync
 
@@ -106,8 +107,7 @@ def backend_model(model: torch.nn.Module, cfg: CfgNode, backend: str, folder: st
         path = os.path.join(folder, f"{len(os.listdir(folder))}.{backend}")
         fmt = "onnx" if backend == "onnxruntime" else backend
         export_model(model, cfg, path, fmt, (size, size))
-        m = cfg.MODEL.IAUNET.TEST
-        return load_backend(path, backend, m.SCORE_THRESH, m.MASK_THRESH, cfg.MODEL.DEVICE)
+        return load_backend(path, backend, PostProcessing.from_config(cfg), cfg.MODEL.DEVICE)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     runner = build_model(cfg).eval()

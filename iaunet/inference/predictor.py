@@ -25,6 +25,7 @@ from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config, trained_config
 from ..data.auto_config import fill_auto_keys
 from ..data.image_io import intensity_range, to_model_range
+from ..modeling.postprocessing import PostProcessing
 from .backends import BACKENDS, exported_config, load_backend
 from .export import graph_keys
 from .mask_crops import MaskCrops
@@ -172,8 +173,7 @@ class IAUNetPredictor:
         return load_backend(
             model_file,
             self.backend,
-            self.cfg.MODEL.IAUNET.TEST.SCORE_THRESH,
-            self.cfg.MODEL.IAUNET.TEST.MASK_THRESH,
+            PostProcessing.from_config(self.cfg),
             device=self.cfg.MODEL.DEVICE,
             threads=threads,
         )
