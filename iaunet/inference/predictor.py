@@ -80,6 +80,9 @@ class IAUNetPredictor:
     :mod:`iaunet.inference.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
     and outputs are the same (:mod:`iaunet.inference.backends`).
 
+    ``min_score``: the lowest score the caller keeps (``iaunet-predict --score-threshold``);
+    ``MODEL.IAUNET.TEST.SCORE_THRESH`` is lowered to it when above, never raised.
+
     Example::
 
         predictor = IAUNetPredictor.from_checkpoint("output/synthetic_quick/model_final.pth")
@@ -97,8 +100,16 @@ class IAUNetPredictor:
         backend: str = "pytorch",
         model_file: str = "",
         threads: Optional[int] = None,
+        min_score: Optional[float] = None,
     ):
-        self.cfg = cfg.clone()
+        cfg = self.cfg = cfg.clone()
+        cfg.defrost()  # the predictor's own copy
+        if min_score is not None:  # the model must not drop instances that the caller keeps
+            cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(cfg.MODEL.IAUNET.TEST.SCORE_THRESH, min_score)
+        if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu"
+            )
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
         self.backend = backend
         if backend not in BACKENDS:
