@@ -42,7 +42,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..checkpoint import checkpoint_queries, read_checkpoint
 from ..config import ConfigError, get_key, set_key, trained_config
 from .datasets.folder import hold_out_validation, register_path_datasets
-from .statistics import object_diameters, resolve_data_keys
+from .statistics import object_diameters, objects, resolve_data_keys
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _round_up(x: float, step: int) -> int:
 def auto_crop(dicts: Sequence[Dict], scale: float, diameter: float) -> int:
     """Training crop side (model px) for ``RESIZE_MODE "scale"``; see the module docstring."""
     sides = [max(d["height"], d["width"]) * scale for d in dicts]
-    dia = [x * scale for d in dicts for x in object_diameters(_objects(d))] or [diameter]
+    dia = [x * scale for d in dicts for x in object_diameters(objects(d))] or [diameter]
     crop = max(CROP_DIAMETERS * diameter, 2 * float(np.percentile(dia, 95)))
     crop = min(_round_up(crop, CROP_STEP), _round_up(float(np.median(sides)), CROP_STEP))
     return int(min(max(crop, CROP_RANGE[0]), CROP_RANGE[1]))
@@ -101,15 +101,11 @@ def auto_max_iter(dicts: Sequence[Dict], scale: Optional[float], crop: int, batc
     return int(min(max(iters, ITER_RANGE[0]), ITER_RANGE[1]))
 
 
-def _objects(d: Dict) -> List[Dict]:
-    return [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
-
-
 def warn_too_few_queries(dicts: Sequence[Dict], num_queries: int) -> List[str]:
     """Warn (naming them) about training images with more objects than ``num_queries``; returns
     their file names."""
     over = sorted(
-        ((len(_objects(d)), d["file_name"]) for d in dicts if len(_objects(d)) > num_queries),
+        ((len(objects(d)), d["file_name"]) for d in dicts if len(objects(d)) > num_queries),
         reverse=True,
     )
     if over:
@@ -210,7 +206,7 @@ def resolve_config_from_data(
             + "); a folder of label images or ROI sets has the one class 'object': name the COCO "
             "categories alike"
         )
-    num_classes = max((a["category_id"] for d in dicts for a in _objects(d)), default=-1) + 1
+    num_classes = max((a["category_id"] for d in dicts for a in objects(d)), default=-1) + 1
     if num_classes > cfg.MODEL.IAUNET.NUM_CLASSES:
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
         raise ConfigError(

@@ -36,11 +36,11 @@ from ..checkpoint import AtomicCheckpointer
 from ..config import ConfigError, get_key, load_config, set_key
 from ..data import IAUNetDatasetMapper
 from ..data.auto_config import resolve_config_from_data
-from ..data.datasets.folder import safe_file_name
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..solver import build_optimizer
+from ..utils.file_names import safe_file_name
 from .hooks import ExactResume, PreemptionHook
 from .stopping import TrainingStopped, stop_on_write_error
 

@@ -21,7 +21,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.dataset_mapper import IAUNetDatasetMapper
-from ..data.datasets.folder import safe_file_name
+from ..utils.file_names import safe_file_name
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from detectron2.structures import Instances
 from ..checkpoint import AtomicCheckpointer, read_checkpoint
 from ..config import ConfigError, load_config, merge_config, trained_config
 from ..data.auto_config import fill_auto_keys
+from ..data.dataset_mapper import scaled_size
 from ..data.image_io import intensity_range, to_model_range
 from ..modeling.postprocessing import PostProcessing
 from .backends import BACKENDS, exported_config, load_backend
@@ -224,7 +225,7 @@ class IAUNetPredictor:
         """The (h, w) an image of ``image_size`` has as the model sees it."""
         h, w = image_size
         s = self.scale if self.scale is not None else self.cfg.INPUT.IMAGE_SIZE / max(h, w)
-        return max(1, round(h * s)), max(1, round(w * s))
+        return scaled_size((h, w), s)
 
     def will_tile(self, image_size: Tuple[int, int]) -> bool:
         return max(self.model_size(image_size)) > self.tile_size
@@ -280,10 +281,7 @@ class IAUNetPredictor:
         """(h, w, 3) float image on the 0..255 scale, resized by ``scale`` (default: the
         predictor's) -> CPU Instances at ``out_size``."""
         h, w = image.shape[:2]
-        if scale is None:
-            new = self.model_size((h, w))
-        else:
-            new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        new = self.model_size((h, w)) if scale is None else scaled_size((h, w), scale)
         if new != (h, w):
             image = T.ResizeTransform(h, w, *new).apply_image(np.ascontiguousarray(image))
         tensor = torch.as_tensor(

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +43,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
 from ...utils.atomic import atomic_write
+from ...utils.file_names import safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ ENV_CACHE = "IAUNET_DATASET_CACHE"
 # Registered name -> the paths (relative to the datasets root) it reads; ``iaunet-check`` reports
 # which are on disk without loading anything.
 DATASET_FILES: Dict[str, Tuple[str, ...]] = {}
-_CACHE_VERSION = 1  # bump when the normalization changes, so that old cache files are not reused
+# Part of every cache key (normalized COCO files here, folder datasets in folder.py): bump it when
+# the normalization or the folder reading changes, so that old cache files are not reused.
+CACHE_VERSION = 1
 
 CocoDict = Dict
 Transform = Callable[[CocoDict, str], CocoDict]
@@ -212,20 +214,19 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     return changed
 
 
+def cache_dir() -> str:
+    """The dataset cache folder (created): ``$IAUNET_DATASET_CACHE``, default
+    ``<tmp>/iaunet_dataset_cache``."""
+    path = os.environ.get(ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _cache_file(json_file: str, dataset_name: str) -> str:
     st = os.stat(json_file)
-    key = "|".join(
-        map(
-            str,
-            (_CACHE_VERSION, os.path.abspath(json_file), st.st_size, st.st_mtime_ns, dataset_name),
-        )
-    )
-    cache_dir = os.environ.get(
-        ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache")
-    )
-    os.makedirs(cache_dir, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name).strip("_")[-80:]  # coco:/a/b.json
-    return os.path.join(cache_dir, f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json")
+    parts = (CACHE_VERSION, os.path.abspath(json_file), st.st_size, st.st_mtime_ns, dataset_name)
+    key = hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"{safe_file_name(dataset_name)}_{key}.json")
 
 
 def default_image_resolver(image_root: str, file_name: str) -> str:
