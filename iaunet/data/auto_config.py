@@ -25,7 +25,7 @@ checkpoint, so that evaluation and ``iaunet-predict`` use them (:func:`fill_auto
 * ``SOLVER.MAX_ITER``: ``PASSES`` (100) passes over the training set counted in crops (an image at
   the training scale covers ``h w / IMAGE_SIZE^2`` crops, at least 1), divided by the batch,
   rounded up to 100 and kept in [1000, 10000]: 1000 iterations is what fine-tuning the synthetic
-  model on three real images needed (issue 19), and the cap keeps a CPU run within hours.
+  model on three real images needed, and the cap keeps a CPU run within hours.
 
 In every config, a training image with more objects than ``NUM_QUERIES`` is a warning naming it.
 """
