@@ -1,12 +1,10 @@
 """Crash-safe checkpoints: a checkpoint file is never half-written, ``last_checkpoint`` always names
-a
-complete file, and a file that is not a checkpoint fails with an error naming it.
+a complete file, and a file that is not a checkpoint fails with an error naming it.
 
 detectron2 (fvcore) writes ``model_XXXXXXX.pth`` in place and then ``last_checkpoint``: a job killed
 during the write (preemption, OOM killer, Ctrl-C) leaves a truncated file that ``--resume`` then
-fails
-to load. Here both go through :func:`iaunet.utils.atomic.atomic_write`; the temporary file of a save
-killed by SIGKILL stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
+fails to load. Here both go through :func:`iaunet.utils.atomic.atomic_write`; the temporary file of
+a save killed by SIGKILL stays as ``.<name>.tmp-<pid>``, which ``resume_or_load`` reports.
 
 ``resume_or_load`` falls back to the newest checkpoint that loads when the one named in
 ``last_checkpoint`` is missing, truncated or corrupt (torch's zip records carry CRC-32s, which

@@ -1,8 +1,7 @@
 """Config keys added by IAUNet on top of detectron2's defaults.
 
 Every key carries a one-line comment; defaults follow the thesis (Prytula 2025, §3-§4) and the
-authors'
-reference code where the thesis is silent.
+authors' reference code where the thesis is silent.
 """
 
 import os
@@ -19,8 +18,7 @@ class ConfigError(ValueError):
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message, prefixed with its type unless it is a
-    ValueError/OSError or one of
-    yacs' validation assertions ("Non-existent key: ...")."""
+    ValueError/OSError or one of yacs' validation assertions ("Non-existent key: ...")."""
     msg = str(e).strip().replace("\n", " ")
     return (
         msg
@@ -31,9 +29,8 @@ def one_line(e: BaseException) -> str:
 
 def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
     """``cfg.merge_from_file(config_file)`` (if given) then ``cfg.merge_from_list(opts)``, with a
-    ConfigError
-    naming the file or the override instead of yacs' assertion traceback (unknown key, odd list,
-    wrong type)."""
+    ConfigError naming the file or the override instead of yacs' assertion traceback (unknown key,
+    odd list, wrong type)."""
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
@@ -146,9 +143,8 @@ def add_iaunet_config(cfg: CN) -> None:
     m.DENSE_WEIGHT = 0.0
     # --- training-only accelerators (off in the thesis configs; the inference graph is unchanged)
     m.TRAIN = CN()
-    m.TRAIN.FROM_SCRATCH = (
-        False  # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
-    )
+    # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
+    m.TRAIN.FROM_SCRATCH = False
     # queries added when MODEL.WEIGHTS has fewer: fresh (random) | copy (of the trained ones,
     # iaunet.checkpoint.transfer_query_rows)
     m.TRAIN.NEW_QUERIES = "fresh"
@@ -237,7 +233,6 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.MODEL.CHANNELS_LAST = False
 
     # Prediction (IAUNetPredictor, iaunet-predict): images are resized by INPUT.PIXEL_SCALE and
-    # tiled
-    # when larger than a tile (docs/predict.md).
+    # tiled when larger than a tile (docs/predict.md).
     cfg.TEST.TILE_SIZE = 0  # tile side in model pixels; 0 = INPUT.IMAGE_SIZE
     cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = half a tile

@@ -156,10 +156,9 @@ class IAUNet(nn.Module):
             deep_supervision: also return every decoder block's prediction as ``aux_outputs``.
             targets: training targets (``prepare_targets``), for the denoising queries.
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]},
-            s = ``mask_stride``
-            (``QueryDecoder.forward``); in training with a dense probe also "dense_logits"
-            (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]}
+            with s = ``mask_stride`` (``QueryDecoder.forward``); in training with a dense probe
+            also "dense_logits" (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
         """
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features, images)

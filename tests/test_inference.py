@@ -83,8 +83,7 @@ def test_bad_input_shape_is_named(model):
 @pytest.mark.parametrize("backbone", ["resnet", "swin"])
 def test_channels_last_matches_contiguous(backbone, tmp_path):
     """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as
-    NCHW with the
-    same weights; a checkpoint of either layout loads into the other."""
+    NCHW with the same weights; a checkpoint of either layout loads into the other."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     opts = {"TEST.DETECTIONS_PER_IMAGE": 4, "MODEL.IAUNET.TEST.SCORE_THRESH": -1.0}

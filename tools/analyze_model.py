@@ -8,8 +8,7 @@
 What is counted is described in :mod:`iaunet.bench.analysis`. By default the model is counted as
 configured: at inference only the last block's prediction head runs. ``--thesis-count`` sets
 ``MODEL.IAUNET.TEST.AUX_PREDICTIONS True`` so that all prediction heads (9 with 3 blocks per level)
-run,
-as in the reference code whose FLOPs the thesis reports; ``docs/fidelity.md`` uses it.
+run, as in the reference code whose FLOPs the thesis reports; ``docs/fidelity.md`` uses it.
 """
 
 import argparse

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 class _AtLeastOnePixel:
     """Mixin for resize augmentations: no side shrinks to 0 px. Very elongated images (e.g. 8 x 2000
-    at
-    IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the interpolation."""
+    at IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the
+    interpolation."""
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
         t = super().get_transform(image)
@@ -139,10 +139,9 @@ def polygons_to_rle(segmentation, height: int, width: int):
 
     Masks are rasterized where COCO evaluates them, then transformed as bitmaps (exact for flips and
     crops, nearest for resizes). Transforming the polygons first, as detectron2 does by default,
-    shifts
-    flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates,
-    detectron2's
-    flips map x to W - x (pixel edges); a 1-px shift costs 12 % IoU on a cell 20 px across.
+    shifts flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates,
+    detectron2's flips map x to W - x (pixel edges); a 1-px shift costs 12 % IoU on a cell 20 px
+    across.
     """
     if not isinstance(segmentation, list):
         return segmentation
@@ -158,13 +157,10 @@ class IAUNetDatasetMapper:
 
     The image is read by :func:`read_image` (8/16-bit, float, gray/RGB) and brought to 0..255 by
     ``INPUT.INTENSITY_NORM``, in ``INPUT.FORMAT`` channel order. Annotations (polygons, rasterized
-    first
-    by :func:`polygons_to_rle`, or RLE) are transformed with the image by detectron2's
+    first by :func:`polygons_to_rle`, or RLE) are transformed with the image by detectron2's
     ``transform_instance_annotations`` / ``annotations_to_instances(mask_format="bitmask")``;
-    ``gt_boxes``
-    are the masks' boxes; instances that the crop empties, or that keep fewer than
-    ``min_instance_area``
-    pixels, are dropped (``filter_empty_instances``).
+    ``gt_boxes`` are the masks' boxes; instances that the crop empties, or that keep fewer than
+    ``min_instance_area`` pixels, are dropped (``filter_empty_instances``).
     """
 
     @configurable

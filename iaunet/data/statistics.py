@@ -5,17 +5,15 @@ image, object diameters. ``resolve_data_keys`` fills the data-dependent config k
 
 * ``INPUT.PIXEL_SCALE``: the resize factor from an image's pixels to the pixels the model sees. With
   ``INPUT.RESIZE_MODE "longest_side"`` (the thesis protocol: longest side -> ``INPUT.IMAGE_SIZE``)
-  it is
-  recorded, the median over the training images; with ``"scale"`` it is the resize itself, chosen so
-  that objects are ``INPUT.OBJECT_DIAMETER`` pixels across.
+  it is recorded, the median over the training images; with ``"scale"`` it is the resize itself,
+  chosen so that objects are ``INPUT.OBJECT_DIAMETER`` pixels across.
 * ``INPUT.OBJECT_DIAMETER``: the median object diameter as the model sees it (model pixels).
 
 Both end up in the config saved with every checkpoint, so that ``IAUNetPredictor`` resizes any image
 to the pixel scale the model was trained at (docs/predict.md, "Scale").
 
 An object's diameter is that of the disc of the same area, taken from its box as ``sqrt(w h)``
-(exact
-for ellipses; COCO annotations in detectron2's dicts keep boxes, not areas).
+(exact for ellipses; COCO annotations in detectron2's dicts keep boxes, not areas).
 """
 
 import logging

@@ -2,8 +2,7 @@
 
 ``Trainer`` is a ``DefaultTrainer`` whose builders call into the package: the dataset mapper
 (``iaunet.data``), the optimizer (``iaunet.solver``), COCO evaluation, the atomic checkpointer and
-the
-visualization hook. It lives in the package, not in ``train_net.py``, because the tools
+the visualization hook. It lives in the package, not in ``train_net.py``, because the tools
 (``tools/compare_maskrcnn.py``) and the tests train with it too.
 """
 

@@ -3,10 +3,9 @@
 Every image is intensity-normalized as in training (``INPUT.INTENSITY_NORM``), resized by the scale
 the model was trained at (``INPUT.PIXEL_SCALE``, recorded in the checkpoint's config; see
 :mod:`iaunet.data.statistics`), and predicted whole when it then fits in a tile of
-``TEST.TILE_SIZE``
-model pixels, or tile by tile otherwise (:mod:`iaunet.inference.tiling`). Masks come back at the
-image's own size. The scale can be overridden (``scale=``, or ``diameter=``: the typical object
-diameter in the image's pixels, as Cellpose users give it).
+``TEST.TILE_SIZE`` model pixels, or tile by tile otherwise (:mod:`iaunet.inference.tiling`). Masks
+come back at the image's own size. The scale can be overridden (``scale=``, or ``diameter=``: the
+typical object diameter in the image's pixels, as Cellpose users give it).
 """
 
 import logging
@@ -67,9 +66,8 @@ class IAUNetPredictor:
     file's ``{"config": YAML}``) and runs single images in eval mode.
 
     Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4),
-    RGB(A)
-    order, any numeric dtype. Output: ``Instances`` of the original (H, W) on the CPU, sorted by
-    decreasing score, with ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with
+    RGB(A) order, any numeric dtype. Output: ``Instances`` of the original (H, W) on the CPU, sorted
+    by decreasing score, with ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with
     ``full_masks=False``), ``scores``, ``pred_classes`` and ``pred_boxes``.
 
     Scale (image px -> model px): ``scale`` if given, else the recorded

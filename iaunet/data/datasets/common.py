@@ -9,14 +9,13 @@ misplaced download fail with a message naming the file (or key) at fault:
 * an image listed in the json is missing -> ``FileNotFoundError`` naming the json and the image
   path;
 * duplicate image ids or annotation ids, an annotation whose ``category_id`` is not in
-  ``categories``,
-  or category ids that are not ``1..K`` for the K registered classes -> ``ValueError`` naming the
-  json;
+  ``categories``, or category ids that are not ``1..K`` for the K registered classes ->
+  ``ValueError`` naming the json;
 * a polygon with fewer than 3 points (< 6 coordinates, or an odd count) is **dropped with a
-  warning**
-  naming the json and the annotation ids (detectron2 drops them too, reporting only a count); an
-  annotation left without any valid polygon, or without a ``segmentation``, is dropped the same way.
-  Dropping rather than failing keeps official releases with a few degenerate outlines usable.
+  warning** naming the json and the annotation ids (detectron2 drops them too, reporting only a
+  count); an annotation left without any valid polygon, or without a ``segmentation``, is dropped
+  the same way. Dropping rather than failing keeps official releases with a few degenerate outlines
+  usable.
 
 Images without annotations stay in the list; ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` removes them
 for training (the standard detectron2 switch), evaluation keeps them. A json without any image is an
@@ -249,15 +248,14 @@ def load_coco_instances(
         dataset_name: registered name; used in messages and for the cache file name.
         num_classes: expected number of categories (default: the metadata's ``thing_classes``).
         transform: ``f(coco_dict, json_file) -> coco_dict`` applied after the category check and
-        before
-            the remaining checks (e.g. :func:`keep_classes`, or Revvity-25's amodal outlines).
+            before the remaining checks (e.g. :func:`keep_classes`, or Revvity-25's amodal
+            outlines).
         resolve_image: ``f(image_root, file_name) -> path`` for layouts with sub-folders.
 
     Returns:
         detectron2 dataset dicts; ``category_id`` is contiguous (json id - 1), ``file_name`` the
         resolved image path. Sets metadata ``json_file`` (the file actually loaded) and
-        ``image_root``
-        unless already set.
+        ``image_root`` unless already set.
     """
     meta = MetadataCatalog.get(dataset_name)
     registered = meta.get("thing_classes")
