@@ -6,9 +6,8 @@ in either naming:
 
 * challenge files: ``isbi_train.mat`` (``ISBI_Train``, 45 images) + ``isbi_train_GT.mat``
   (``train_Cytoplasm``: per image a cell array of cytoplasm masks; ``train_Nuclei``: per image one
-  mask
-  of all nuclei), ``isbi_test90.mat`` + ``isbi_test90_GT.mat`` (``test_*``), and the full test set
-  ``testset.mat`` + ``testset_GT.mat`` (900 images, MATLAB v7.3 / HDF5; the first 90 are
+  mask of all nuclei), ``isbi_test90.mat`` + ``isbi_test90_GT.mat`` (``test_*``), and the full test
+  set ``testset.mat`` + ``testset_GT.mat`` (900 images, MATLAB v7.3 / HDF5; the first 90 are
   ``test90``);
 * the later ``Dataset/Synthetic`` naming: ``trainset.mat`` + ``trainset_GT.mat``, ``testset.mat`` +
   ``testset_GT.mat``.
@@ -20,8 +19,7 @@ Output (``--out``, default ``$DETECTRON2_DATASETS/isbi2014``), the thesis split 
 
 Each cytoplasm mask is one instance (category 1 "cytoplasm"); nuclei masks are split into connected
 components (category 2 "nucleus"). Masks are stored as COCO RLE, so overlapping cells keep their
-full
-extent. The conversion is deterministic. v7.3 files need ``h5py``.
+full extent. The conversion is deterministic. v7.3 files need ``h5py``.
 """
 import argparse
 import json

@@ -3,8 +3,8 @@
 the mapper).
 
 Input: the LIVECell tree of ``datasets/README.md`` (``--root``, default
-``$DETECTRON2_DATASETS/livecell``).
-Output (``--out``, default ``$DETECTRON2_DATASETS/livecell_crops``)::
+``$DETECTRON2_DATASETS/livecell``). Output (``--out``, default
+``$DETECTRON2_DATASETS/livecell_crops``)::
 
     {train,val,test}/<image stem>_<k>.png    # crops, same dtype as the source
     {train,val,test}.json                    # COCO: RLE masks, bbox, area; image entries keep
@@ -14,8 +14,7 @@ Crop positions: ``--mode random`` (default) draws ``--crops-per-image`` windows 
 generator seeded with (``--seed``, image id), so the result does not depend on file order or on the
 other images; ``--mode grid`` tiles every image (the last row/column aligned to the border). Each
 instance is rasterized on the crop (pycocotools) and kept when at least ``--min-area`` pixels
-remain;
-overlapping cells stay overlapping.
+remain; overlapping cells stay overlapping.
 """
 import argparse
 import json

@@ -1,13 +1,12 @@
 """Config keys added by IAUNet on top of detectron2's defaults.
 
 Every key carries a one-line comment; defaults follow the thesis (Prytula 2025, §3-§4) and the
-authors'
-reference code where the thesis is silent.
+authors' reference code where the thesis is silent.
 """
 
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -19,8 +18,7 @@ class ConfigError(ValueError):
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message, prefixed with its type unless it is a
-    ValueError/OSError or one of
-    yacs' validation assertions ("Non-existent key: ...")."""
+    ValueError/OSError or one of yacs' validation assertions ("Non-existent key: ...")."""
     msg = str(e).strip().replace("\n", " ")
     return (
         msg
@@ -31,9 +29,8 @@ def one_line(e: BaseException) -> str:
 
 def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
     """``cfg.merge_from_file(config_file)`` (if given) then ``cfg.merge_from_list(opts)``, with a
-    ConfigError
-    naming the file or the override instead of yacs' assertion traceback (unknown key, odd list,
-    wrong type)."""
+    ConfigError naming the file or the override instead of yacs' assertion traceback (unknown key,
+    odd list, wrong type)."""
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
@@ -58,6 +55,29 @@ def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
     cfg = get_cfg()
     add_iaunet_config(cfg)
     return merge_config(cfg, config_file, opts)
+
+
+def trained_config(saved: str) -> CN:
+    """The config a model was trained with, from the YAML dump saved in its checkpoint
+    (``"config"``, :class:`iaunet.checkpoint.AtomicCheckpointer`) or exported file: IAUNet's
+    defaults (keys added since then keep their default) merged with it."""
+    cfg = load_config()
+    cfg.merge_from_other_cfg(cfg.load_cfg(saved))
+    return cfg
+
+
+def get_key(cfg: CN, key: str) -> Any:
+    """The value of the dotted ``key`` (e.g. ``"MODEL.IAUNET.NUM_QUERIES"``) in ``cfg``."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_key(cfg: CN, key: str, value: Any) -> None:
+    """Set the dotted ``key`` of ``cfg`` to ``value``."""
+    path, _, leaf = key.rpartition(".")
+    (get_key(cfg, path) if path else cfg)[leaf] = value
 
 
 def exit_on_config_error(main, prog: str):
@@ -123,11 +143,10 @@ def add_iaunet_config(cfg: CN) -> None:
     m.DENSE_WEIGHT = 0.0
     # --- training-only accelerators (off in the thesis configs; the inference graph is unchanged)
     m.TRAIN = CN()
-    m.TRAIN.FROM_SCRATCH = (
-        False  # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
-    )
+    # allow random initial weights on a real dataset (MODEL.WEIGHTS "")
+    m.TRAIN.FROM_SCRATCH = False
     # queries added when MODEL.WEIGHTS has fewer: fresh (random) | copy (of the trained ones,
-    # iaunet.utils.query_transfer)
+    # iaunet.checkpoint.transfer_query_rows)
     m.TRAIN.NEW_QUERIES = "fresh"
     m.TRAIN.QUERY_GROUPS = 1  # Group DETR: groups of N queries, each matched one-to-one (1 = off)
     m.TRAIN.DENOISING = False  # DN-DETR / MaskDINO denoising queries from noised ground-truth boxes
@@ -214,7 +233,6 @@ def add_iaunet_config(cfg: CN) -> None:
     cfg.MODEL.CHANNELS_LAST = False
 
     # Prediction (IAUNetPredictor, iaunet-predict): images are resized by INPUT.PIXEL_SCALE and
-    # tiled
-    # when larger than a tile (docs/predict.md).
+    # tiled when larger than a tile (docs/predict.md).
     cfg.TEST.TILE_SIZE = 0  # tile side in model pixels; 0 = INPUT.IMAGE_SIZE
     cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = half a tile

@@ -15,13 +15,7 @@ from .modeling.criterion import SetCriterion
 from .modeling.dense_supervision import DenseHead
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import UNetPixelDecoder
-from .modeling.postprocessing import (
-    MASKNESS_MODES,
-    NMS_MODES,
-    NMS_OVERLAPS,
-    instances_from_topk,
-    topk_predictions,
-)
+from .modeling.postprocessing import PostProcessing, instances_from_topk, topk_predictions
 from .modeling.transformer_decoder import QueryDecoder
 
 
@@ -43,24 +37,11 @@ class IAUNet(nn.Module):
         pixel_std: Tuple[float, ...],
         size_divisibility: int,
         deep_supervision: bool,
-        detections_per_image: int,
-        score_thresh: float,
-        mask_thresh: float,
-        maskness: str,
-        nms: str = "none",
-        nms_thresh: float = 0.5,
-        nms_sigma: float = 2.0,
-        nms_overlap: str = "iou",
+        postprocessing: PostProcessing,
         channels_last: bool = False,
         dense_head: Optional[DenseHead] = None,
     ):
         super().__init__()
-        if maskness not in MASKNESS_MODES:
-            raise ValueError(
-                f"MODEL.IAUNET.TEST.MASKNESS must be one of {MASKNESS_MODES}, got {maskness!r}"
-            )
-        if nms not in NMS_MODES:
-            raise ValueError(f"MODEL.IAUNET.TEST.NMS must be one of {NMS_MODES}, got {nms!r}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.query_decoder = query_decoder
@@ -71,16 +52,7 @@ class IAUNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.deep_supervision = deep_supervision
-        self.detections_per_image = detections_per_image
-        self.score_thresh = score_thresh
-        self.mask_thresh = mask_thresh
-        self.maskness = maskness
-        if nms_overlap not in NMS_OVERLAPS:
-            raise ValueError(
-                f"MODEL.IAUNET.TEST.NMS_OVERLAP must be one of {NMS_OVERLAPS}, got {nms_overlap!r}"
-            )
-        self.nms, self.nms_thresh, self.nms_sigma = nms, nms_thresh, nms_sigma
-        self.nms_overlap = nms_overlap
+        self.postprocessing = postprocessing  # inference settings (MODEL.IAUNET.TEST.*)
         self.mask_stride = pixel_decoder.mask_stride  # E and the mask logits: 1/4 or 1/2
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -140,14 +112,7 @@ class IAUNet(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "deep_supervision": m.DEEP_SUPERVISION,
-            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "score_thresh": m.TEST.SCORE_THRESH,
-            "mask_thresh": m.TEST.MASK_THRESH,
-            "maskness": m.TEST.MASKNESS,
-            "nms": m.TEST.NMS,
-            "nms_thresh": m.TEST.NMS_THRESH,
-            "nms_sigma": m.TEST.NMS_SIGMA,
-            "nms_overlap": m.TEST.NMS_OVERLAP,
+            "postprocessing": PostProcessing.from_config(cfg),
             "channels_last": cfg.MODEL.CHANNELS_LAST,
             "dense_head": DenseHead(m.MASK_DIM) if m.DENSE_WEIGHT > 0 else None,
         }
@@ -191,10 +156,9 @@ class IAUNet(nn.Module):
             deep_supervision: also return every decoder block's prediction as ``aux_outputs``.
             targets: training targets (``prepare_targets``), for the denoising queries.
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]},
-            s = ``mask_stride``
-            (``QueryDecoder.forward``); in training with a dense probe also "dense_logits"
-            (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]}
+            with s = ``mask_stride`` (``QueryDecoder.forward``); in training with a dense probe
+            also "dense_logits" (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
         """
         features = self.backbone(images)
         mask_features, multi_scale_features = self.pixel_decoder(features, images)
@@ -283,8 +247,7 @@ class IAUNet(nn.Module):
             mask_logits,
             image_size,
             output_size,
-            score_thresh=self.score_thresh,
-            mask_thresh=self.mask_thresh,
+            self.postprocessing,
             stride=self.mask_stride,
         )
 
@@ -293,18 +256,14 @@ class IAUNet(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fixed-size part of post-processing (exportable): see
         ``postprocessing.topk_predictions``."""
+        k = min(self.postprocessing.detections_per_image, self.num_queries * self.num_classes)
         return topk_predictions(
             logits,
             masks,
             image_size,
+            self.postprocessing,
             num_classes=self.num_classes,
-            k=min(self.detections_per_image, self.num_queries * self.num_classes),
-            mask_thresh=self.mask_thresh,
-            maskness=self.maskness,
-            nms=self.nms,
-            nms_thresh=self.nms_thresh,
-            nms_sigma=self.nms_sigma,
-            nms_overlap=self.nms_overlap,
+            k=k,
             stride=self.mask_stride,
         )
 

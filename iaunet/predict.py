@@ -27,17 +27,15 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
-from .inference.backends import BACKENDS, exported_config
-from .inference.predictor import config_from_checkpoint
+from .inference.backends import BACKENDS
 from .outputs.coco import category_ids
 from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
 from .utils.atomic import EXIT_WRITE_ERROR, describe_write_error, is_storage_error
@@ -149,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
-    """The predictor of the command line: the checkpoint's config (or ``--config-file``),
-    ``--opts``,
-    then the flags. A bad command line, config or checkpoint is a UsageError naming it."""
+    """The predictor of the command line, built as the napari widget builds it
+    (:meth:`IAUNetPredictor.from_checkpoint` / :meth:`~IAUNetPredictor.from_exported`): the saved
+    config (or ``--config-file``), ``--opts``, then the flags. A bad command line, config or
+    checkpoint is a UsageError naming it."""
     exported = args.backend != "pytorch"
     if exported and not args.model:
         raise UsageError(f"--backend {args.backend} needs --model (an exported model file)")
@@ -161,53 +160,34 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
         raise UsageError(f"model file not found: {args.model}")
     if args.weights and "://" not in args.weights and not os.path.isfile(args.weights):
         raise UsageError(f"weights file not found: {args.weights}")
-    if args.scale is not None and args.diameter is not None:
-        raise UsageError("give --scale or --diameter, not both")
     if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
         raise UsageError("--tile and --tile-overlap must be >= 0")
-    source = args.weights or args.model  # the config: the checkpoint's, else the exported file's
-    try:
-        if args.weights:
-            checkpoint = read_checkpoint(args.weights)
-        else:
-            checkpoint = {"config": exported_config(args.model)}
-        cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, source)
-    except (ConfigError, CheckpointError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    cfg.MODEL.WEIGHTS = args.weights
-    if args.device:
-        cfg.MODEL.DEVICE = args.device
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu"
-        )
-    if args.tile_overlap is not None:
-        cfg.TEST.TILE_OVERLAP = args.tile_overlap
-    if args.tile:
-        cfg.TEST.TILE_SIZE = args.tile
-        if cfg.TEST.TILE_OVERLAP >= args.tile:
-            raise UsageError(
-                f"the tile overlap ({cfg.TEST.TILE_OVERLAP}) must be smaller than --tile "
-                f"({args.tile})"
-            )
+    flags = {
+        "MODEL.DEVICE": args.device,
+        "TEST.TILE_OVERLAP": args.tile_overlap,
+        "TEST.TILE_SIZE": args.tile or None,
+    }
+    opts = list(args.opts) + [x for kv in flags.items() if kv[1] is not None for x in kv]
     # The model's own threshold must not hide instances the user asked for.
-    thresh = cfg.MODEL.IAUNET.TEST.SCORE_THRESH
-    cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(thresh, args.score_threshold)
-    cfg.freeze()
+    kwargs = dict(scale=args.scale, diameter=args.diameter, min_score=args.score_threshold)
+    source = args.model if exported else args.weights
     try:
-        return IAUNetPredictor(
-            cfg,
-            scale=args.scale,
-            diameter=args.diameter,
-            checkpoint=checkpoint if args.weights else None,
-            backend=args.backend,
-            model_file=args.model,
-        )
-    except Exception as e:  # a config value the model/predictor rejects
-        raise UsageError(
-            f"cannot set up the predictor ({args.model if exported else args.weights}): "
-            f"{one_line(e)}"
-        ) from None
+        if exported:
+            predictor = IAUNetPredictor.from_exported(
+                args.model, args.backend, args.config_file, opts, **kwargs
+            )
+        else:
+            predictor = IAUNetPredictor.from_checkpoint(
+                args.weights, args.config_file, opts, **kwargs
+            )
+    except (ConfigError, CheckpointError) as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # a file or config value the model/predictor rejects
+        raise UsageError(f"cannot set up the predictor ({source}): {one_line(e)}") from None
+    overlap = predictor.cfg.TEST.TILE_OVERLAP
+    if args.tile and overlap >= args.tile:
+        raise UsageError(f"the tile overlap ({overlap}) must be smaller than --tile ({args.tile})")
+    return predictor
 
 
 def expand_inputs(paths: Sequence[str]) -> List[str]:

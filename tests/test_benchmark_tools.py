@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, TINY_MODEL_OPTS, load_tool
 from detectron2.config import CfgNode
 
-from iaunet.utils.benchmark import synthetic_sample
+from iaunet.bench.benchmark import synthetic_sample
 
 benchmark = load_tool("benchmark")
 compare_maskrcnn = load_tool("compare_maskrcnn")
@@ -181,7 +181,7 @@ def test_profile_table_ranges_and_ops():
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from iaunet.utils.measure import module_ranges, profile_table
+    from iaunet.bench.measure import module_ranges, profile_table
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
     handles = module_ranges(model)

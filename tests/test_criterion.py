@@ -122,10 +122,8 @@ def _reference_mask_losses(logits, targets):
 )
 def test_upsampled_mask_losses_match_autograd(low, high, chunk_pixels):
     """The fused loss (closed-form gradient, chunks, transposed-upsampling matmuls) gives the values
-    and gradients
-    of the plain autograd formulation: factor 4 as in the model, odd sizes, non-integer factors, one
-    mask per chunk
-    and several; targets gathered through the row index."""
+    and gradients of the plain autograd formulation: factor 4 as in the model, odd sizes,
+    non-integer factors, one mask per chunk and several; targets gathered through the row index."""
     # small chunk_pixels force several chunks (and a last partial one)
     torch.manual_seed(0)
     logits = (torch.randn(5, *low) * 4).requires_grad_(True)
@@ -161,8 +159,7 @@ def test_upsampled_mask_losses_without_grad():
 
 def test_criterion_pairs_masks_across_images():
     """Two images: each matched query's loss is taken against its own image's target (row offsets of
-    the batch's
-    concatenated masks), as computed by hand from the matcher's indices."""
+    the batch's concatenated masks), as computed by hand from the matcher's indices."""
     torch.manual_seed(0)
     targets = []
     for n in (3, 2):

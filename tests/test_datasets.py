@@ -553,9 +553,8 @@ def test_coco_evaluator_on_registered_metadata(root, tmp_path):
 @pytest.mark.parametrize("config", ["iaunet_R50.yaml", "iaunet_swin_s.yaml"])
 def test_revvity25_config_starts_training(root, config):
     """The design-card command (`train_net.py --config-file configs/revvity25/<config>`) builds its
-    model,
-    optimizer and data loader on a Revvity-25 tree and takes a training step (images shrunk for
-    speed)."""
+    model, optimizer and data loader on a Revvity-25 tree and takes a training step (images shrunk
+    for speed)."""
 
     import torch
     from detectron2.config import get_cfg

@@ -2,8 +2,7 @@
 runs them.
 
 * One optimizer step of ``Trainer`` (SyncBN, DDP, AdamW + clipping) with the global batch split over
-  2
-  workers gives the gradients and weights of one step in a single process on the whole batch.
+  2 workers gives the gradients and weights of one step in a single process on the whole batch.
 * The loss normalization (number of masks, CE weights) does not depend on the split, even with fewer
   target masks than workers; the training sampler gives the workers disjoint shards of one
   permutation.
@@ -35,10 +34,9 @@ def _matcher_with_same_points(criterion) -> None:
     """Make ``criterion``'s matcher sample the same points at every call.
 
     The matcher draws its points from the worker's RNG stream, so which points an image gets depends
-    on
-    the images processed before it on that worker: splitting a batch changes the sampling noise of
-    the
-    costs (not their expectation). Fixing the points makes the 1- and 2-process matchings identical.
+    on the images processed before it on that worker: splitting a batch changes the sampling noise
+    of the costs (not their expectation). Fixing the points makes the 1- and 2-process matchings
+    identical.
     """
     from iaunet.modeling.matcher import HungarianMatcher
 
@@ -217,11 +215,9 @@ def test_split_batch_step_matches_single_process(tmp_path):
     # SyncBN: every BatchNorm of the model (backbone and pixel decoder) is synchronized.
     assert ranks[0]["sync_bn"] > 0 and ranks[0]["plain_bn"] == 0
     # Gradients after DDP's averaging equal the single-process gradients on the whole batch, up to
-    # fp32
-    # rounding (other summation orders, NaiveSyncBatchNorm's E[x^2] - E[x]^2). Tensors whose
-    # gradient is
-    # rounding noise only (the biases of convolutions followed by BN) are left out of the per-tensor
-    # check.
+    # fp32 rounding (other summation orders, NaiveSyncBatchNorm's E[x^2] - E[x]^2). Tensors whose
+    # gradient is rounding noise only (the biases of convolutions followed by BN) are left out of
+    # the per-tensor check.
     assert grads.keys() == ranks[0]["grads"].keys()
     ref = torch.cat([g.flatten() for g in grads.values()])
     diff = torch.cat([ranks[0]["grads"][k].flatten() for k in grads]) - ref
@@ -230,9 +226,8 @@ def test_split_batch_step_matches_single_process(tmp_path):
         rel = ((ranks[0]["grads"][k] - g).norm() / g.norm()).item()
         assert g.norm() <= 1e-4 * ref.norm() or rel <= 5e-5, (k, rel)
     # Updated weights (AdamW + full-model clipping): equal to 0.2% of a step where the gradient is
-    # clearly
-    # non-zero. AdamW's first step is about +-lr by the gradient's sign, which noise-level gradients
-    # do not fix.
+    # clearly non-zero. AdamW's first step is about +-lr by the gradient's sign, which noise-level
+    # gradients do not fix.
     lr, g_max = cfg.SOLVER.BASE_LR, ref.abs().max()
     state = model.state_dict()
     init = torch.load(os.path.join(tmp, "init.pth"))
@@ -254,8 +249,7 @@ def test_split_batch_step_matches_single_process(tmp_path):
         assert torch.equal(ranks[1]["state"][k], v), k
 
     # Loss normalization with a single target mask for 2 workers: DDP's average of the worker
-    # gradients
-    # and the mean of the logged worker losses are those of the whole batch.
+    # gradients and the mean of the logged worker losses are those of the whole batch.
     for r in range(WORLD_SIZE):
         for leaf, worker_grad in zip(leaves, ranks[r]["criterion_grads"]):
             torch.testing.assert_close(

@@ -14,13 +14,13 @@ import torch
 from conftest import ROOT, load_tool, tiny_cfg
 from detectron2.modeling import build_model
 
+from iaunet.bench.benchmark import synthetic_sample
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
 from iaunet.inference import IAUNetPredictor
 from iaunet.inference.backends import load_backend
 from iaunet.inference.export import CONFIG_KEY, ExportableIAUNet, export_model
 from iaunet.modeling.postprocessing import mask_overlap
-from iaunet.utils.benchmark import synthetic_sample
 
 export_tool = load_tool("export_model")
 
@@ -101,7 +101,7 @@ def test_onnx_file_is_valid_and_carries_the_config(exported):
 def test_exported_matches_eager(exported, backend):
     model, _, files = exported
     run = load_backend(
-        files["onnx" if backend == "onnxruntime" else "torchscript"], backend, 0, 0.5
+        files["onnx" if backend == "onnxruntime" else "torchscript"], backend, model.postprocessing
     )
     for seed, (batch, h, w) in enumerate(SIZES):
         images = _images(batch, h, w, seed)
@@ -236,7 +236,7 @@ def test_export_real_configs(config, opts, tmp_path):
     for fmt, backend in (("onnx", "onnxruntime"), ("torchscript", "torchscript")):
         path = str(tmp_path / f"model.{fmt}")
         export_model(model, cfg, path, fmt, size=(64, 64))
-        got = load_backend(path, backend, 0, 0.5).run(images)
+        got = load_backend(path, backend, model.postprocessing).run(images)
         assert_same_detections([t[0] for t in got], [t[0] for t in expected])
 
 

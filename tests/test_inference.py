@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -48,14 +49,15 @@ def test_maskness_modes(model):
     logits = _logits([[0.5, 0.25, 0.25]])
     out = model.instance_inference(logits, masks, (64, 64), (64, 64))
     assert out.scores.max() == pytest.approx(0.5, abs=1e-3)  # mean prob inside the mask ~ 1
-    model.maskness = "image"
+    settings = model.postprocessing
+    model.postprocessing = dataclasses.replace(settings, maskness="image")
     try:
         out = model.instance_inference(logits, masks, (64, 64), (64, 64))
         assert out.scores.max() == pytest.approx(
             0.5 * 16 / 256, abs=1e-3
         )  # mean over the whole image
     finally:
-        model.maskness = "mask"
+        model.postprocessing = settings
 
 
 def test_forward_odd_sizes_returns_original_size(model):
@@ -81,8 +83,7 @@ def test_bad_input_shape_is_named(model):
 @pytest.mark.parametrize("backbone", ["resnet", "swin"])
 def test_channels_last_matches_contiguous(backbone, tmp_path):
     """MODEL.CHANNELS_LAST: NHWC weights and input, the same predictions and losses (to rounding) as
-    NCHW with the
-    same weights; a checkpoint of either layout loads into the other."""
+    NCHW with the same weights; a checkpoint of either layout loads into the other."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     opts = {"TEST.DETECTIONS_PER_IMAGE": 4, "MODEL.IAUNET.TEST.SCORE_THRESH": -1.0}

@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from own_images import write_folder
 
 from iaunet.checkpoint import AtomicCheckpointer, read_checkpoint
-from iaunet.config import load_config
+from iaunet.config import load_config, trained_config
 from iaunet.predict import main as predict_main
 
 SMALL = os.path.join("configs", "custom", "iaunet_small.yaml")
@@ -69,10 +69,7 @@ def test_label_tiffs_train_evaluate_predict(work, monkeypatch):
     assert "folder:labels#val: held out for validation (1 images): img0" in log
     assert "The checkpoint has 8 queries, the model 10" in log
     assert "copypaste: AP,AP50" in log
-    saved = load_config()
-    saved.merge_from_other_cfg(
-        saved.load_cfg(read_checkpoint(str(out / "model_final.pth"))["config"])
-    )
+    saved = trained_config(read_checkpoint(str(out / "model_final.pth"))["config"])
     assert saved.MODEL.IAUNET.NUM_QUERIES == 10 and saved.INPUT.IMAGE_SIZE == 128
     assert saved.DATASETS.TEST == ("folder:labels#val",) and saved.INPUT.PIXEL_SCALE > 0
 

@@ -2,9 +2,8 @@
 weights.
 
 The weights are a deterministic function of each tensor's *name as the 0.1 release spelled it* and
-are
-loaded through ``AtomicCheckpointer`` from a checkpoint in that old naming, so this also checks the
-legacy-key mapping. The expected numbers were computed with the 0.1 code (before the layout of
+are loaded through ``AtomicCheckpointer`` from a checkpoint in that old naming, so this also checks
+the legacy-key mapping. The expected numbers were computed with the 0.1 code (before the layout of
 docs/architecture.md); any change of the forward pass, the losses or the post-processing moves them.
 ``MODEL.IAUNET.ALIGN_CORNERS False`` keeps the 0.1 upsampling.
 """
@@ -117,8 +116,7 @@ def pinned_model(tmp_path_factory):
 
 def test_old_checkpoint_keys_load(pinned_model):
     """Every key of a 0.1 checkpoint maps onto the current model (checked in the fixture), and the
-    mapping
-    renames the mask head and U-Net stage keys."""
+    mapping renames the mask head and U-Net stage keys."""
     keys = list(pinned_model.state_dict())
     assert any(k.startswith("pixel_decoder.mask_head.lateral.") for k in keys)
     assert any(old_name(k).startswith("pixel_decoder.stages.0.1.") for k in keys)

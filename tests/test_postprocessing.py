@@ -1,15 +1,24 @@
 """Post-processing steps (iaunet.modeling.postprocessing): duplicate suppression and top-k."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from iaunet.config import load_config
 from iaunet.modeling.postprocessing import (
+    PostProcessing,
     mask_overlap,
     suppress_duplicates,
     topk_predictions,
     upsample_masks,
 )
+
+
+def _settings(**changes) -> PostProcessing:
+    """The default config's post-processing settings with ``changes``."""
+    return dataclasses.replace(PostProcessing.from_config(load_config()), **changes)
 
 
 def _masks():
@@ -49,12 +58,21 @@ def test_matrix_nms_decays_by_overlap():
 def test_topk_with_nms_returns_fixed_size_sorted():
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.85, 0.15], [0.8, 0.2], [0.7, 0.3]]))
     masks = torch.where(_masks(), 10.0, -10.0)
+    post = _settings(nms="mask", nms_thresh=0.5)
     scores, labels, mask_logits = topk_predictions(
-        logits, masks, (80, 80), num_classes=1, k=4, nms="mask", nms_thresh=0.5
+        logits, masks, (80, 80), post, num_classes=1, k=4, stride=4
     )
     assert scores.shape == (4,) and mask_logits.shape == (4, 20, 20)
     assert (scores[:-1] >= scores[1:]).all() and scores[-1] == 0  # the copy sorted last, at 0
     assert torch.equal(mask_logits[-1] > 0, _masks()[1])
+
+
+def test_settings_come_from_the_config_and_are_checked():
+    cfg = load_config(opts=["MODEL.IAUNET.TEST.NMS", "matrix", "TEST.DETECTIONS_PER_IMAGE", 7])
+    post = PostProcessing.from_config(cfg)
+    assert post.nms == "matrix" and post.detections_per_image == 7
+    with pytest.raises(ValueError, match="MODEL.IAUNET.TEST.MASKNESS must be one of"):
+        _settings(maskness="pixel")
 
 
 @pytest.mark.parametrize("stride", [4, 2])
@@ -68,7 +86,9 @@ def test_topk_removes_the_padding_at_the_mask_stride(stride):
     masks[0, inside:, :] = 10.0  # padding rows only
     masks[1, inside - 2 : inside, :2] = 10.0  # the last two rows of the image
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.8, 0.2]]))
-    scores, _, _ = topk_predictions(logits, masks, (30, 30), num_classes=1, k=2, stride=stride)
+    scores, _, _ = topk_predictions(
+        logits, masks, (30, 30), _settings(), num_classes=1, k=2, stride=stride
+    )
     assert scores[0] == pytest.approx(0.8, abs=1e-3) and scores[1] == 0
 
 
@@ -88,7 +108,7 @@ def test_upsample_masks_matches_the_reference():
         ((60, 50), (60, 50)),
         ((60, 50), (97, 81)),
     ):
-        got = upsample_masks(logits, image_size, output_size, 0.5)
+        got = upsample_masks(logits, image_size, output_size, 0.5, stride=4)
         assert torch.equal(got, reference(image_size, output_size))
 
 
@@ -135,7 +155,7 @@ def test_upsample_masks_thresholds_logits_like_probabilities(mask_thresh):
     logits = torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
     up = F.interpolate(logits[None], scale_factor=4, mode="bilinear")[0, :, :60, :50]
     expected = up.sigmoid() > mask_thresh
-    assert torch.equal(upsample_masks(logits, (60, 50), (60, 50), mask_thresh), expected)
+    assert torch.equal(upsample_masks(logits, (60, 50), (60, 50), mask_thresh, 4), expected)
     # the exported graph's masks: already at the input size (stride 1), then resized
     resized = F.interpolate(up[None], size=(90, 75), mode="bilinear")[0].sigmoid() > mask_thresh
-    assert torch.equal(upsample_masks(up, (60, 50), (90, 75), mask_thresh, stride=1), resized)
+    assert torch.equal(upsample_masks(up, (60, 50), (90, 75), mask_thresh, 1), resized)

@@ -332,8 +332,7 @@ def _disc_image():
 
 def _components(tile: np.ndarray) -> Instances:
     """A deterministic stand-in for the model: each bright connected component of the tile is an
-    instance,
-    scores depend on the tile content (so that duplicates of different tiles differ)."""
+    instance, scores depend on the tile content (so that duplicates of different tiles differ)."""
     n, lab = cv2.connectedComponents((tile[..., 0] > 127).astype(np.uint8))
     inst = Instances(tile.shape[:2])
     inst.pred_masks = torch.from_numpy(

@@ -1,4 +1,4 @@
-"""Preemption (SIGTERM / SIGUSR1) and exact resumes (issue 18; docs/robustness.md "Preemption").
+"""Preemption (SIGTERM / SIGUSR1) and exact resumes (docs/robustness.md "Preemption").
 
 A signal stops training after the current step with a checkpoint of that iteration and exit status
 75; ``--resume`` then continues with the same LR schedule, images, order and random draws as an

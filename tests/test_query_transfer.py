@@ -7,9 +7,8 @@ import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
 
-from iaunet.checkpoint import AtomicCheckpointer
+from iaunet.checkpoint import QUERY_KEYS, AtomicCheckpointer, transfer_query_rows
 from iaunet.inference import IAUNetPredictor
-from iaunet.utils.query_transfer import QUERY_KEYS, transfer_query_rows
 
 
 @pytest.mark.parametrize("n_old,n_new", [(8, 24), (24, 8)])

@@ -1,4 +1,4 @@
-"""Full disks, unwritable folders and corrupt checkpoints (issue 18; docs/robustness.md).
+"""Full disks, unwritable folders and corrupt checkpoints (docs/robustness.md).
 
 A write that fails (ENOSPC, EROFS, EACCES) leaves the previous checkpoint and ``last_checkpoint``
 untouched and no temporary file; training stops with one line naming the file and the cause (exit

@@ -5,11 +5,10 @@
     python tools/analyze_model.py --config-file configs/revvity25/iaunet_R50.yaml --thesis-count \
         MODEL.IAUNET.NUM_QUERIES 300
 
-What is counted is described in :mod:`iaunet.utils.analysis`. By default the model is counted as
+What is counted is described in :mod:`iaunet.bench.analysis`. By default the model is counted as
 configured: at inference only the last block's prediction head runs. ``--thesis-count`` sets
 ``MODEL.IAUNET.TEST.AUX_PREDICTIONS True`` so that all prediction heads (9 with 3 blocks per level)
-run,
-as in the reference code whose FLOPs the thesis reports; ``docs/fidelity.md`` uses it.
+run, as in the reference code whose FLOPs the thesis reports; ``docs/fidelity.md`` uses it.
 """
 
 import argparse
@@ -18,8 +17,8 @@ from typing import Any, Dict, Sequence
 import torch
 from detectron2.config import CfgNode
 
+from iaunet.bench.analysis import build_eval_model, count_flops, count_parameters
 from iaunet.config import exit_on_config_error, load_config
-from iaunet.utils.analysis import build_eval_model, count_flops, count_parameters
 
 TASKS = ("parameter", "flop")
 

@@ -2,37 +2,30 @@
 """Speed and memory of IAUNet configs against detectron2's Mask R-CNN R50-FPN, in one process,
 interleaved.
 
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --compare mask_rcnn
-    --device cpu
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml
-    configs/revvity25/iaunet_swin_s.yaml \
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml \
+        --compare mask_rcnn --device cpu
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml \
+        configs/revvity25/iaunet_swin_s.yaml \
         --compare mask_rcnn --device cuda --amp --runs 20 --sizes 512 1024 --batch-sizes 1 8
-    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml --profile --no-train
-    # + torch.profiler
+    python tools/benchmark.py --config-file configs/revvity25/iaunet_R50.yaml \
+        --profile --no-train  # + torch.profiler
     python tools/benchmark.py --compare mask_rcnn --backends onnxruntime torchscript --threads 2 \
         --sizes 512 --batch-sizes 1 --no-train     # exported models (docs/deploy.md) as well
 
 What is measured (every model with random weights, no checkpoint is read):
 
 * Inference latency: one ``model([{"image": ...}])`` call in eval mode under
-  ``torch.inference_mode``, with
-  pre- and post-processing (full-resolution masks out), after ``--warmup`` calls; median and p90
-  over ``--runs``,
-  for a batch of 1 at each of ``--sizes``. Models are interleaved call by call, so that load from
-  other
-  processes hits all of them alike.
+  ``torch.inference_mode``, with pre- and post-processing (full-resolution masks out), after
+  ``--warmup`` calls; median and p90 over ``--runs``, for a batch of 1 at each of ``--sizes``.
+  Models are interleaved call by call, so that load from other processes hits all of them alike.
 * Images/s at each of ``--batch-sizes`` (first size): batch 1 comes from the latency runs.
 * Training step: forward + backward + optimizer step (each model's own optimizer: IAUNet's AdamW
-  with
-  full-model clipping from ``iaunet.solver.build_optimizer``; Mask R-CNN's SGD from detectron2), for
-  a batch of
-  ``--train-batch`` synthetic images with ``--instances`` random ellipses each (data loading
-  excluded).
+  with full-model clipping from ``iaunet.solver.build_optimizer``; Mask R-CNN's SGD from
+  detectron2), for a batch of ``--train-batch`` synthetic images with ``--instances`` random
+  ellipses each (data loading excluded).
 * Peak memory per call and the dense-image conditions of both models: see
-  :mod:`iaunet.utils.measure` and
-  :mod:`iaunet.utils.benchmark`. The detection counts are checked and reported (``--as-configured``
-  keeps
-  both models' own test thresholds).
+  :mod:`iaunet.bench.measure` and :mod:`iaunet.bench.benchmark`. The detection counts are checked
+  and reported (``--as-configured`` keeps both models' own test thresholds).
 """
 
 import argparse
@@ -44,8 +37,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from iaunet.config import exit_on_config_error
-from iaunet.utils.benchmark import (
+from iaunet.bench.benchmark import (
     BACKENDS,
     MASK_RCNN_CONFIG,
     BenchModel,
@@ -58,8 +50,9 @@ from iaunet.utils.benchmark import (
     make_batch,
     train_step,
 )
-from iaunet.utils.measure import module_ranges, profile_table
-from iaunet.utils.reports import benchmark_report, profile_report
+from iaunet.bench.measure import module_ranges, profile_table
+from iaunet.bench.reports import benchmark_report, profile_report
+from iaunet.config import exit_on_config_error
 
 COMPARE_CHOICES = ("mask_rcnn",)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

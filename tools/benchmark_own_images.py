@@ -7,8 +7,8 @@ zoomed so that the cells are not at the size the starting model was trained at),
 commands exactly as the README gives them -- train (``configs/custom/iaunet_small.yaml``), evaluate
 (``--eval-only``), predict (``iaunet-predict`` without a config) -- and prints a table: COCO segm AP
 from the evaluation, and precision / recall / F1 at IoU 0.5 from the predicted instances
-(``predictions.json``, score >= 0.5) matched one-to-one to the label images' objects (Hungarian
-matching on IoU, pairs below 0.5 unmatched). This trains (minutes on a CPU); it is not a test.
+(``predictions.json``, score >= 0.5) matched one-to-one to the label images' objects as by every
+other tool (:mod:`iaunet.evaluation.matching`). This trains (minutes on a CPU); it is not a test.
 
     python tools/benchmark_own_images.py                        # starts from the quick model
     python tools/benchmark_own_images.py --scratch              # also a run from scratch
@@ -28,7 +28,6 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import tifffile
-from scipy.optimize import linear_sum_assignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,13 +82,16 @@ def coco_ap(log: str) -> Dict[str, float]:
 
 
 def matching_f1(pred_dir: str, masks_dir: str, thresh: float = 0.5) -> Dict[str, float]:
-    """Precision, recall and F1 at IoU ``thresh``, one-to-one (Hungarian) matching, counts summed
-    over the images."""
+    """Precision, recall and F1 at IoU ``thresh`` as every tool reports them
+    (:mod:`iaunet.evaluation.matching`: one-to-one, the most pairs of IoU >= ``thresh``; counts
+    summed over the images)."""
+    from iaunet.evaluation.matching import image_counts, summarize
+
     with open(os.path.join(pred_dir, "images.json")) as f:
         images = json.load(f)["images"]
     with open(os.path.join(pred_dir, "predictions.json")) as f:
         preds = json.load(f)
-    tp = fp = fn = 0
+    counts, num_gt, num_pred = np.zeros((1, 4)), 0, 0
     for img in images:
         stem = os.path.splitext(os.path.basename(img["file_name"]))[0]
         labels = tifffile.imread(os.path.join(masks_dir, f"{stem}.tif"))
@@ -99,17 +101,14 @@ def matching_f1(pred_dir: str, masks_dir: str, thresh: float = 0.5) -> Dict[str,
             if i
         ]
         dt = [p["segmentation"] for p in preds if p["image_id"] == img["id"]]
-        iou = mask_util.iou(dt, gt, [0] * len(gt)) if dt and gt else np.zeros((len(dt), len(gt)))
-        iou = np.asarray(iou).reshape(len(dt), len(gt))
-        rows, cols = linear_sum_assignment(-iou)
-        matched = int((iou[rows, cols] >= thresh).sum())
-        tp, fp, fn = tp + matched, fp + len(dt) - matched, fn + len(gt) - matched
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        counts += image_counts(gt, dt, taus=(thresh,))
+        num_gt, num_pred = num_gt + len(gt), num_pred + len(dt)
+    res = summarize(counts, num_gt, num_pred, taus=(thresh,))
     return {
-        "precision": 100 * precision,
-        "recall": 100 * recall,
-        "F1": 100 * 2 * tp / max(2 * tp + fp + fn, 1),
-        "objects": tp + fn,
+        "precision": res[f"precision@{thresh:g}"],
+        "recall": res[f"recall@{thresh:g}"],
+        "F1": res[f"F1@{thresh:g}"],
+        "objects": num_gt,
     }
 
 

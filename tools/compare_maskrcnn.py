@@ -55,16 +55,16 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
-from iaunet.config import exit_on_config_error, load_config, merge_config
-from iaunet.data.auto_config import resolve_config_from_data
-from iaunet.engine import Trainer
-from iaunet.utils.reports import comparison_report
-from iaunet.utils.training_runs import (
+from iaunet.bench.reports import comparison_report
+from iaunet.bench.training_runs import (
     D2MapperTrainer,
     seconds_per_iteration,
     subset_dataset,
     train_and_evaluate,
 )
+from iaunet.config import exit_on_config_error, load_config, merge_config
+from iaunet.data.auto_config import resolve_config_from_data
+from iaunet.engine import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"

@@ -4,7 +4,7 @@
     python tools/eval_backends.py --weights output/synthetic_quick/model_final.pth \\
         --backends pytorch onnxruntime torchscript int8
 
-Backends (``iaunet.utils.benchmark.backend_model``): ``pytorch`` (the eager model), ``onnxruntime``
+Backends (``iaunet.bench.benchmark.backend_model``): ``pytorch`` (the eager model), ``onnxruntime``
 / ``torchscript`` (the model exported with ``iaunet.inference.export``, then the eager
 post-processing), ``int8`` (the query decoder's Linear layers dynamically quantized), ``compile``.
 Each is evaluated by ``Trainer.test`` (the dataset's evaluators, as ``train_net.py --eval-only``)
@@ -21,11 +21,11 @@ from typing import Dict, Optional, Sequence
 import torch
 from detectron2.modeling import build_model
 
+from iaunet.bench.benchmark import BACKENDS, backend_model
 from iaunet.checkpoint import AtomicCheckpointer, read_checkpoint
 from iaunet.config import exit_on_config_error
 from iaunet.engine import Trainer
 from iaunet.inference.predictor import config_from_checkpoint
-from iaunet.utils.benchmark import BACKENDS, backend_model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ checkpoint, so that evaluation and ``iaunet-predict`` use them (:func:`fill_auto
 * ``SOLVER.MAX_ITER``: ``PASSES`` (100) passes over the training set counted in crops (an image at
   the training scale covers ``h w / IMAGE_SIZE^2`` crops, at least 1), divided by the batch,
   rounded up to 100 and kept in [1000, 10000]: 1000 iterations is what fine-tuning the synthetic
-  model on three real images needed (issue 19), and the cap keeps a CPU run within hours.
+  model on three real images needed, and the cap keeps a CPU run within hours.
 
 In every config, a training image with more objects than ``NUM_QUERIES`` is a warning naming it.
 """
@@ -39,9 +39,10 @@ import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..config import ConfigError, load_config
+from ..checkpoint import checkpoint_queries, read_checkpoint
+from ..config import ConfigError, get_key, set_key, trained_config
 from .datasets.folder import hold_out_validation, register_path_datasets
-from .statistics import object_diameters, resolve_data_keys
+from .statistics import object_diameters, objects, resolve_data_keys
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +59,6 @@ CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 6, 32, (64, 512)
 PASSES, ITER_STEP, ITER_RANGE = 100, 100, (1000, 10000)
 QUICK_WEIGHTS = "synthetic_quick/model_final.pth"
 QUICK_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_quick.yaml"
-
-
-def get_key(cfg: CfgNode, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def set_key(cfg: CfgNode, key: str, value) -> None:
-    *path, leaf = key.split(".")
-    node = cfg
-    for part in path:
-        node = node[part]
-    node[leaf] = value
 
 
 def fill_auto_keys(cfg: CfgNode, trained: CfgNode, keys: Sequence[str] = AUTO_KEYS) -> List[str]:
@@ -98,7 +84,7 @@ def _round_up(x: float, step: int) -> int:
 def auto_crop(dicts: Sequence[Dict], scale: float, diameter: float) -> int:
     """Training crop side (model px) for ``RESIZE_MODE "scale"``; see the module docstring."""
     sides = [max(d["height"], d["width"]) * scale for d in dicts]
-    dia = [x * scale for d in dicts for x in object_diameters(_objects(d))] or [diameter]
+    dia = [x * scale for d in dicts for x in object_diameters(objects(d))] or [diameter]
     crop = max(CROP_DIAMETERS * diameter, 2 * float(np.percentile(dia, 95)))
     crop = min(_round_up(crop, CROP_STEP), _round_up(float(np.median(sides)), CROP_STEP))
     return int(min(max(crop, CROP_RANGE[0]), CROP_RANGE[1]))
@@ -115,15 +101,11 @@ def auto_max_iter(dicts: Sequence[Dict], scale: Optional[float], crop: int, batc
     return int(min(max(iters, ITER_RANGE[0]), ITER_RANGE[1]))
 
 
-def _objects(d: Dict) -> List[Dict]:
-    return [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
-
-
 def warn_too_few_queries(dicts: Sequence[Dict], num_queries: int) -> List[str]:
     """Warn (naming them) about training images with more objects than ``num_queries``; returns
     their file names."""
     over = sorted(
-        ((len(_objects(d)), d["file_name"]) for d in dicts if len(_objects(d)) > num_queries),
+        ((len(objects(d)), d["file_name"]) for d in dicts if len(objects(d)) > num_queries),
         reverse=True,
     )
     if over:
@@ -159,32 +141,11 @@ def _check_weights(cfg: CfgNode, resume: bool) -> None:
     raise ConfigError(f"MODEL.WEIGHTS {weights} not found: {hint}")
 
 
-def _saved_config(weights: str) -> Optional[CfgNode]:
-    """The config saved in checkpoint ``weights`` (None when it holds none or is not a file)."""
-    from ..checkpoint import read_checkpoint
-
+def _read_weights(weights: str) -> Optional[Dict]:
+    """The checkpoint dict of ``MODEL.WEIGHTS`` (None when it is not a local file)."""
     if not weights or not os.path.isfile(weights.split("?")[0]):
         return None
-    saved = read_checkpoint(weights).get("config")
-    if not saved:
-        return None
-    trained = load_config()
-    trained.merge_from_other_cfg(trained.load_cfg(saved))
-    return trained
-
-
-def checkpoint_queries(weights: str) -> Optional[int]:
-    """The number of queries of the IAUNet checkpoint ``weights`` (None: no such file or table)."""
-    from ..checkpoint import read_checkpoint
-    from ..utils.query_transfer import QUERY_KEYS
-
-    if not weights or not os.path.isfile(weights.split("?")[0]):
-        return None
-    model = read_checkpoint(weights).get("model", {})
-    for key in (QUERY_KEYS[0], "module." + QUERY_KEYS[0]):
-        if key in model and len(model[key].shape) == 2:
-            return int(model[key].shape[0])
-    return None
+    return read_checkpoint(weights)
 
 
 def _load(names: Sequence[str]) -> List[Dict]:
@@ -211,7 +172,9 @@ def resolve_config_from_data(
     if eval_only:
         if not cfg.DATASETS.TEST:
             raise ConfigError("--eval-only with an empty DATASETS.TEST: nothing to evaluate")
-        trained = _saved_config(cfg.MODEL.WEIGHTS) if auto else None
+        checkpoint = _read_weights(cfg.MODEL.WEIGHTS) if auto else None
+        saved = checkpoint.get("config") if checkpoint else None
+        trained = trained_config(saved) if saved else None
         for key in fill_auto_keys(cfg, trained) if trained is not None else []:
             filled[key] = get_key(cfg, key)
         # What evaluation cannot do without: the model's shape and the test resize.
@@ -243,7 +206,7 @@ def resolve_config_from_data(
             + "); a folder of label images or ROI sets has the one class 'object': name the COCO "
             "categories alike"
         )
-    num_classes = max((a["category_id"] for d in dicts for a in _objects(d)), default=-1) + 1
+    num_classes = max((a["category_id"] for d in dicts for a in objects(d)), default=-1) + 1
     if num_classes > cfg.MODEL.IAUNET.NUM_CLASSES:
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
         raise ConfigError(
@@ -258,7 +221,7 @@ def resolve_config_from_data(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.MODEL.IAUNET.NUM_QUERIES <= 0:
-        start = 0 if eval_only else checkpoint_queries(cfg.MODEL.WEIGHTS) or 0
+        start = 0 if eval_only else checkpoint_queries(_read_weights(cfg.MODEL.WEIGHTS)) or 0
         cfg.MODEL.IAUNET.NUM_QUERIES = max(auto_num_queries(stats.max_objects), start)
         if cfg.TEST.DETECTIONS_PER_IMAGE < cfg.MODEL.IAUNET.NUM_QUERIES:
             cfg.TEST.DETECTIONS_PER_IMAGE = cfg.MODEL.IAUNET.NUM_QUERIES

@@ -3,7 +3,7 @@
 
 import copy
 import logging
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -15,14 +15,15 @@ from detectron2.structures import BitMasks, BoxMode
 
 from .augmentations import RandomIntensity, RandomRotation
 from .image_io import read_image, to_model_range
+from .statistics import objects, resize_mode
 
 logger = logging.getLogger(__name__)
 
 
 class _AtLeastOnePixel:
     """Mixin for resize augmentations: no side shrinks to 0 px. Very elongated images (e.g. 8 x 2000
-    at
-    IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the interpolation."""
+    at IMAGE_SIZE 64) would otherwise round their short side to 0 and fail inside the
+    interpolation."""
 
     def get_transform(self, image: np.ndarray) -> T.Transform:
         t = super().get_transform(image)
@@ -39,6 +40,13 @@ class ResizeScale(_AtLeastOnePixel, T.ResizeScale):
     """detectron2's ``ResizeScale`` whose output sides stay >= 1 px."""
 
 
+def scaled_size(size: Tuple[int, int], scale: float) -> Tuple[int, int]:
+    """The (h, w) of an image of ``size`` resized by ``scale``: rounded, at least 1 px (training
+    and prediction resize alike)."""
+    h, w = size
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 class ScaleBy(T.Augmentation):
     """Resize by ``factor`` x U(``jitter``) (``INPUT.RESIZE_MODE "scale"``), sides at least 1 px."""
 
@@ -51,7 +59,7 @@ class ScaleBy(T.Augmentation):
     def get_transform(self, image: np.ndarray) -> T.Transform:
         h, w = image.shape[:2]
         f = self.factor * np.random.uniform(*self.jitter)
-        return T.ResizeTransform(h, w, max(1, round(h * f)), max(1, round(w * f)))
+        return T.ResizeTransform(h, w, *scaled_size((h, w), f))
 
 
 class Rot90Transform(T.Transform):
@@ -94,9 +102,7 @@ def build_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     resize by ``INPUT.PIXEL_SCALE``. Training adds scale jitter ``INPUT.SCALE_RANGE``, a free
     rotation (``INPUT.ROTATE``), a fixed ``IMAGE_SIZE`` crop (padded with the pixel mean),
     ``INPUT.FLIPS``, ``INPUT.ROTATE90`` and intensity jitter (``INPUT.INTENSITY_AUG``)."""
-    size, mode = cfg.INPUT.IMAGE_SIZE, cfg.INPUT.RESIZE_MODE
-    if mode not in ("longest_side", "scale"):
-        raise ValueError(f'INPUT.RESIZE_MODE must be "longest_side" or "scale", got {mode!r}')
+    size, mode = cfg.INPUT.IMAGE_SIZE, resize_mode(cfg)
     jitter = tuple(cfg.INPUT.SCALE_RANGE) if is_train else (1.0, 1.0)
     if mode == "scale":
         resize = ScaleBy(cfg.INPUT.PIXEL_SCALE, jitter)
@@ -133,10 +139,9 @@ def polygons_to_rle(segmentation, height: int, width: int):
 
     Masks are rasterized where COCO evaluates them, then transformed as bitmaps (exact for flips and
     crops, nearest for resizes). Transforming the polygons first, as detectron2 does by default,
-    shifts
-    flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates,
-    detectron2's
-    flips map x to W - x (pixel edges); a 1-px shift costs 12 % IoU on a cell 20 px across.
+    shifts flipped targets by one pixel: pycocotools puts pixel centres at integer coordinates,
+    detectron2's flips map x to W - x (pixel edges); a 1-px shift costs 12 % IoU on a cell 20 px
+    across.
     """
     if not isinstance(segmentation, list):
         return segmentation
@@ -152,13 +157,10 @@ class IAUNetDatasetMapper:
 
     The image is read by :func:`read_image` (8/16-bit, float, gray/RGB) and brought to 0..255 by
     ``INPUT.INTENSITY_NORM``, in ``INPUT.FORMAT`` channel order. Annotations (polygons, rasterized
-    first
-    by :func:`polygons_to_rle`, or RLE) are transformed with the image by detectron2's
+    first by :func:`polygons_to_rle`, or RLE) are transformed with the image by detectron2's
     ``transform_instance_annotations`` / ``annotations_to_instances(mask_format="bitmask")``;
-    ``gt_boxes``
-    are the masks' boxes; instances that the crop empties, or that keep fewer than
-    ``min_instance_area``
-    pixels, are dropped (``filter_empty_instances``).
+    ``gt_boxes`` are the masks' boxes; instances that the crop empties, or that keep fewer than
+    ``min_instance_area`` pixels, are dropped (``filter_empty_instances``).
     """
 
     @configurable
@@ -224,7 +226,8 @@ class IAUNetDatasetMapper:
         dataset_dict["image"] = torch.as_tensor(
             np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
         )
-        annos = [a for a in dataset_dict.pop("annotations", []) if not a.get("iscrowd", 0)]
+        annos = objects(dataset_dict)
+        dataset_dict.pop("annotations", None)
         if not self.is_train:
             return dataset_dict
         size = image.shape[:2]

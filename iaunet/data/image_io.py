@@ -40,10 +40,9 @@ def read_image(path: str) -> np.ndarray:
     """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
 
     TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected: pick a plane
-    or
-    project it first (the error says so). A stack is a TIFF whose metadata (ImageJ/OME) has a Z or T
-    axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long (e.g.
-    (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
+    or project it first (the error says so). A stack is a TIFF whose metadata (ImageJ/OME) has a Z
+    or T axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long
+    (e.g. (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
     """
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")

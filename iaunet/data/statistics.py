@@ -5,17 +5,15 @@ image, object diameters. ``resolve_data_keys`` fills the data-dependent config k
 
 * ``INPUT.PIXEL_SCALE``: the resize factor from an image's pixels to the pixels the model sees. With
   ``INPUT.RESIZE_MODE "longest_side"`` (the thesis protocol: longest side -> ``INPUT.IMAGE_SIZE``)
-  it is
-  recorded, the median over the training images; with ``"scale"`` it is the resize itself, chosen so
-  that objects are ``INPUT.OBJECT_DIAMETER`` pixels across.
+  it is recorded, the median over the training images; with ``"scale"`` it is the resize itself,
+  chosen so that objects are ``INPUT.OBJECT_DIAMETER`` pixels across.
 * ``INPUT.OBJECT_DIAMETER``: the median object diameter as the model sees it (model pixels).
 
 Both end up in the config saved with every checkpoint, so that ``IAUNetPredictor`` resizes any image
 to the pixel scale the model was trained at (docs/predict.md, "Scale").
 
 An object's diameter is that of the disc of the same area, taken from its box as ``sqrt(w h)``
-(exact
-for ellipses; COCO annotations in detectron2's dicts keep boxes, not areas).
+(exact for ellipses; COCO annotations in detectron2's dicts keep boxes, not areas).
 """
 
 import logging
@@ -29,6 +27,20 @@ from detectron2.structures import BoxMode
 logger = logging.getLogger(__name__)
 
 RESIZE_MODES = ("longest_side", "scale")
+
+
+def resize_mode(cfg: CfgNode) -> str:
+    """``INPUT.RESIZE_MODE``, checked: "longest_side" (thesis) or "scale"."""
+    mode = cfg.INPUT.RESIZE_MODE
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"INPUT.RESIZE_MODE must be one of {RESIZE_MODES}, got {mode!r}")
+    return mode
+
+
+def objects(record: Dict) -> List[Dict]:
+    """The annotations of a detectron2 dataset dict that are objects: crowd regions (``iscrowd``)
+    are neither learned, counted nor matched."""
+    return [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
 
 
 @dataclass
@@ -65,7 +77,7 @@ def dataset_statistics(dicts: Sequence[Dict]) -> DatasetStatistics:
         raise ValueError("the training set is empty")
     counts, sizes, diameters = [], [], []
     for d in dicts:
-        annos = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+        annos = objects(d)
         counts.append(len(annos))
         sizes.append(max(d["height"], d["width"]))
         diameters += object_diameters(annos)
@@ -90,20 +102,13 @@ def resolve_data_keys(cfg: CfgNode, dicts: Sequence[Dict]) -> DatasetStatistics:
     """Fill ``INPUT.PIXEL_SCALE`` and ``INPUT.OBJECT_DIAMETER`` where they are 0 (auto), in
     place."""
     stats = dataset_statistics(dicts)
-    mode = cfg.INPUT.RESIZE_MODE
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"INPUT.RESIZE_MODE must be one of {RESIZE_MODES}, got {mode!r}")
-    if mode == "longest_side":
+    if resize_mode(cfg) == "longest_side":
         scales = longest_side_scales(dicts, cfg.INPUT.IMAGE_SIZE)
         if cfg.INPUT.PIXEL_SCALE <= 0:
             cfg.INPUT.PIXEL_SCALE = round(float(np.median(scales)), 4)
         if cfg.INPUT.OBJECT_DIAMETER <= 0 and stats.num_objects:
             per_object = [
-                dia * s
-                for d, s in zip(dicts, scales)
-                for dia in object_diameters(
-                    [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
-                )
+                dia * s for d, s in zip(dicts, scales) for dia in object_diameters(objects(d))
             ]
             cfg.INPUT.OBJECT_DIAMETER = round(float(np.median(per_object)), 2)
     else:

@@ -2,8 +2,7 @@
 
 ``Trainer`` is a ``DefaultTrainer`` whose builders call into the package: the dataset mapper
 (``iaunet.data``), the optimizer (``iaunet.solver``), COCO evaluation, the atomic checkpointer and
-the
-visualization hook. It lives in the package, not in ``train_net.py``, because the tools
+the visualization hook. It lives in the package, not in ``train_net.py``, because the tools
 (``tools/compare_maskrcnn.py``) and the tests train with it too.
 """
 
@@ -33,15 +32,15 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
-from ..config import ConfigError, load_config
+from ..config import ConfigError, get_key, load_config, set_key
 from ..data import IAUNetDatasetMapper, read_image
 from ..data.auto_config import resolve_config_from_data
-from ..data.datasets.folder import safe_file_name
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..inference import IAUNetPredictor
 from ..solver import build_optimizer
+from ..utils.file_names import safe_file_name
 from .hooks import ExactResume, PreemptionHook
 from .stopping import TrainingStopped, stop_on_write_error
 
@@ -241,11 +240,8 @@ def adapt_config_to_machine(cfg: CfgNode, world_size: int) -> List[str]:
         notes.append("SOLVER.AMP.ENABLED turned off: detectron2's AMP training needs CUDA")
     if cfg.MODEL.DEVICE == "cpu" and world_size > 1:
         for key in SYNC_BN_KEYS:
-            node, leaf = cfg, key.split(".")
-            for part in leaf[:-1]:
-                node = node[part]
-            if node[leaf[-1]] == "SyncBN":
-                node[leaf[-1]] = "naiveSyncBN"
+            if get_key(cfg, key) == "SyncBN":
+                set_key(cfg, key, "naiveSyncBN")
                 notes.append(
                     f"{key} SyncBN -> naiveSyncBN: synchronized BN on {world_size} CPU workers"
                 )

@@ -26,6 +26,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from scipy.optimize import linear_sum_assignment
 
+from ..data.statistics import objects
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCORE_THRESH = 0.5  # iaunet-predict's default --score-threshold: what users keep
@@ -110,9 +112,7 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
     def gt_rles(record: dict) -> List[dict]:
         h, w = record["height"], record["width"]
         rles = []
-        for a in record.get("annotations", []):
-            if a.get("iscrowd", 0):
-                continue
+        for a in objects(record):
             seg = a["segmentation"]
             if isinstance(seg, list):
                 rles.append(mask_util.merge(mask_util.frPyObjects(seg, h, w)))

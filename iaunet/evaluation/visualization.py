@@ -2,8 +2,7 @@
 
 Images go to ``OUTPUT_DIR/vis/<dataset>_<k>_<iterNNNNNNN|eval>.png`` and to TensorBoard: through the
 active detectron2 ``EventStorage`` during training (written by the trainer's TensorBoard writer), or
-a
-``SummaryWriter`` on ``OUTPUT_DIR`` otherwise (``--eval-only``).
+a ``SummaryWriter`` on ``OUTPUT_DIR`` otherwise (``--eval-only``).
 """
 
 import logging
@@ -21,7 +20,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.dataset_mapper import IAUNetDatasetMapper
-from ..data.datasets.folder import safe_file_name
+from ..utils.file_names import safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +33,8 @@ def render_prediction_and_gt(
     score_thresh: float = 0.5,
 ) -> np.ndarray:
     """(H', 2W', 3) uint8 RGB: predictions scoring at least ``score_thresh`` (left), ground truth
-    (right).
-    Small images are drawn enlarged (longest side up to 512) so that outlines and labels stay
-    legible."""
+    (right). Small images are drawn enlarged (longest side up to 512) so that outlines and labels
+    stay legible."""
     inputs = mapper(dataset_dict)
     with torch.inference_mode():
         instances = model([inputs])[0]["instances"].to("cpu")
@@ -62,9 +60,9 @@ def visualize_predictions(
 
     Args:
         model: the model (DDP-wrapped or not); put in eval mode for the call, its mode restored
-        after.
+            after.
         iteration: training iteration for file names and TensorBoard steps; None after
-        ``--eval-only``.
+            ``--eval-only``.
     Returns:
         Paths of the PNG files written (empty on other processes).
     """

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..modeling.postprocessing import instances_from_topk
+from ..modeling.postprocessing import PostProcessing, instances_from_topk
 from .export import INPUT_NAME, read_exported_config
 
 logger = logging.getLogger(__name__)
@@ -30,19 +30,16 @@ class ExportedModel:
 
     Args:
         run: the exported graph.
-        score_thresh, mask_thresh: ``MODEL.IAUNET.TEST.SCORE_THRESH`` / ``MASK_THRESH``.
+        postprocessing: the settings; what is left after the graph uses the score and mask
+            thresholds (``MODEL.IAUNET.TEST.SCORE_THRESH`` / ``MASK_THRESH``).
         name: the backend's name (logs, benchmark tables).
     """
 
     def __init__(
-        self,
-        run: Callable[[torch.Tensor], Outputs],
-        score_thresh: float,
-        mask_thresh: float,
-        name: str,
+        self, run: Callable[[torch.Tensor], Outputs], postprocessing: PostProcessing, name: str
     ):
         self.run, self.name = run, name
-        self.score_thresh, self.mask_thresh = score_thresh, mask_thresh
+        self.postprocessing = postprocessing
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
         results = []
@@ -62,8 +59,7 @@ class ExportedModel:
                 mask_logits[0],
                 size,
                 output_size,
-                score_thresh=self.score_thresh,
-                mask_thresh=self.mask_thresh,
+                self.postprocessing,
                 stride=1,  # the graph's masks are at the input size already
             )
             results.append({"instances": instances})
@@ -139,20 +135,19 @@ def torchscript_runner(path: str, device: str = "cpu") -> Callable[[torch.Tensor
 def load_backend(
     path: str,
     backend: str,
-    score_thresh: float,
-    mask_thresh: float,
+    postprocessing: PostProcessing,
     device: str = "cpu",
     threads: Optional[int] = None,
 ) -> ExportedModel:
     """An :class:`ExportedModel` running exported file ``path`` with ``backend``
-    ("onnxruntime": CPU; "torchscript": on ``device``)."""
+    ("onnxruntime": CPU; "torchscript": on ``device``), finishing with ``postprocessing``."""
     if backend == "onnxruntime":
         run = onnxruntime_runner(onnxruntime_session(path, threads))
     elif backend == "torchscript":
         run = torchscript_runner(path, device)
     else:
         raise ValueError(f"an exported model runs with onnxruntime or torchscript, not {backend!r}")
-    return ExportedModel(run, score_thresh, mask_thresh, backend)
+    return ExportedModel(run, postprocessing, backend)
 
 
 def exported_config(path: str) -> str:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
+from ..config import get_key
 from ..modeling.postprocessing import masks_at_input_size
 from ..utils.atomic import atomic_write
 
@@ -85,10 +86,8 @@ def graph_keys(cfg: CfgNode) -> Dict[str, object]:
     """The values of :data:`GRAPH_KEYS` in ``cfg``."""
     values = {}
     for key in GRAPH_KEYS:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        values[key] = list(node) if isinstance(node, (list, tuple)) else node
+        value = get_key(cfg, key)
+        values[key] = list(value) if isinstance(value, (list, tuple)) else value
     return values
 
 

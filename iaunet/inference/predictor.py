@@ -3,10 +3,9 @@
 Every image is intensity-normalized as in training (``INPUT.INTENSITY_NORM``), resized by the scale
 the model was trained at (``INPUT.PIXEL_SCALE``, recorded in the checkpoint's config; see
 :mod:`iaunet.data.statistics`), and predicted whole when it then fits in a tile of
-``TEST.TILE_SIZE``
-model pixels, or tile by tile otherwise (:mod:`iaunet.inference.tiling`). Masks come back at the
-image's own size. The scale can be overridden (``scale=``, or ``diameter=``: the typical object
-diameter in the image's pixels, as Cellpose users give it).
+``TEST.TILE_SIZE`` model pixels, or tile by tile otherwise (:mod:`iaunet.inference.tiling`). Masks
+come back at the image's own size. The scale can be overridden (``scale=``, or ``diameter=``: the
+typical object diameter in the image's pixels, as Cellpose users give it).
 """
 
 import logging
@@ -22,9 +21,11 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from ..checkpoint import AtomicCheckpointer, read_checkpoint
-from ..config import ConfigError, load_config, merge_config
+from ..config import ConfigError, load_config, merge_config, trained_config
 from ..data.auto_config import fill_auto_keys
+from ..data.dataset_mapper import scaled_size
 from ..data.image_io import intensity_range, to_model_range
+from ..modeling.postprocessing import PostProcessing
 from .backends import BACKENDS, exported_config, load_backend
 from .export import graph_keys
 from .mask_crops import MaskCrops
@@ -52,8 +53,7 @@ def config_from_checkpoint(
         )
     cfg = load_config(config_file)
     if saved:
-        trained = load_config()
-        trained.merge_from_other_cfg(trained.load_cfg(saved))
+        trained = trained_config(saved)
         if not config_file:
             cfg = trained
         fill_auto_keys(cfg, trained)  # e.g. NUM_QUERIES 0 in configs/custom/iaunet_small.yaml
@@ -62,12 +62,12 @@ def config_from_checkpoint(
 
 class IAUNetPredictor:
     """Like detectron2's ``DefaultPredictor``: builds the model from ``cfg``, loads
-    ``cfg.MODEL.WEIGHTS`` (or the given ``checkpoint`` dict) and runs single images in eval mode.
+    ``cfg.MODEL.WEIGHTS`` (or the already read ``checkpoint`` dict; for an exported model the
+    file's ``{"config": YAML}``) and runs single images in eval mode.
 
     Input: a numpy image as read by :func:`iaunet.data.read_image` -- (H, W) or (H, W, 1|3|4),
-    RGB(A)
-    order, any numeric dtype. Output: ``Instances`` of the original (H, W) on the CPU, sorted by
-    decreasing score, with ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with
+    RGB(A) order, any numeric dtype. Output: ``Instances`` of the original (H, W) on the CPU, sorted
+    by decreasing score, with ``pred_masks`` (bool (N, H, W), or :class:`MaskCrops` with
     ``full_masks=False``), ``scores``, ``pred_classes`` and ``pred_boxes``.
 
     Scale (image px -> model px): ``scale`` if given, else the recorded
@@ -81,6 +81,9 @@ class IAUNetPredictor:
     Backend: ``"pytorch"`` (the eager model, default) or an exported file (``model_file``, see
     :mod:`iaunet.inference.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
     and outputs are the same (:mod:`iaunet.inference.backends`).
+
+    ``min_score``: the lowest score the caller keeps (``iaunet-predict --score-threshold``);
+    ``MODEL.IAUNET.TEST.SCORE_THRESH`` is lowered to it when above, never raised.
 
     Example::
 
@@ -99,9 +102,17 @@ class IAUNetPredictor:
         backend: str = "pytorch",
         model_file: str = "",
         threads: Optional[int] = None,
+        min_score: Optional[float] = None,
         model: Optional[torch.nn.Module] = None,
     ):
-        self.cfg = cfg.clone()
+        cfg = self.cfg = cfg.clone()
+        cfg.defrost()  # the predictor's own copy
+        if min_score is not None:  # the model must not drop instances that the caller keeps
+            cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(cfg.MODEL.IAUNET.TEST.SCORE_THRESH, min_score)
+        if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda (MODEL.DEVICE) requested but CUDA is not available; use --device cpu"
+            )
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
         self.backend = backend
         if backend not in BACKENDS:
@@ -116,7 +127,8 @@ class IAUNetPredictor:
             else:
                 checkpointer.load(cfg.MODEL.WEIGHTS)  # names the file when it is no checkpoint
         else:
-            self.model = self._load_exported(model_file, threads)
+            saved = checkpoint.get("config") if checkpoint is not None else None
+            self.model = self._load_exported(model_file, threads, saved)
         self.intensity_norm = cfg.INPUT.INTENSITY_NORM
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
         self.image_format = cfg.INPUT.FORMAT
@@ -159,15 +171,14 @@ class IAUNetPredictor:
         backend = backend or ("onnxruntime" if model_file.endswith(".onnx") else "torchscript")
         saved = {"config": exported_config(model_file)}
         cfg = config_from_checkpoint(saved, config_file, opts, model_file)
-        return cls(cfg, backend=backend, model_file=model_file, **kwargs)
+        return cls(cfg, checkpoint=saved, backend=backend, model_file=model_file, **kwargs)
 
-    def _load_exported(self, model_file: str, threads: Optional[int]):
-        """The exported model, after checking that the config agrees with the graph."""
+    def _load_exported(self, model_file: str, threads: Optional[int], saved: Optional[str]):
+        """The exported model, after checking that the config agrees with the graph (``saved``:
+        the file's config YAML when already read)."""
         if not model_file:
             raise ValueError(f"backend {self.backend} needs an exported model file (--model)")
-        exported = load_config()
-        exported.merge_from_other_cfg(exported.load_cfg(exported_config(model_file)))
-        baked = graph_keys(exported)
+        baked = graph_keys(trained_config(saved or exported_config(model_file)))
         changed = {k: v for k, v in graph_keys(self.cfg).items() if baked[k] != v}
         if changed:
             raise ConfigError(
@@ -178,8 +189,7 @@ class IAUNetPredictor:
         return load_backend(
             model_file,
             self.backend,
-            self.cfg.MODEL.IAUNET.TEST.SCORE_THRESH,
-            self.cfg.MODEL.IAUNET.TEST.MASK_THRESH,
+            PostProcessing.from_config(self.cfg),
             device=self.cfg.MODEL.DEVICE,
             threads=threads,
         )
@@ -219,7 +229,7 @@ class IAUNetPredictor:
         """The (h, w) an image of ``image_size`` has as the model sees it."""
         h, w = image_size
         s = self.scale if self.scale is not None else self.cfg.INPUT.IMAGE_SIZE / max(h, w)
-        return max(1, round(h * s)), max(1, round(w * s))
+        return scaled_size((h, w), s)
 
     def will_tile(self, image_size: Tuple[int, int]) -> bool:
         return max(self.model_size(image_size)) > self.tile_size
@@ -275,10 +285,7 @@ class IAUNetPredictor:
         """(h, w, 3) float image on the 0..255 scale, resized by ``scale`` (default: the
         predictor's) -> CPU Instances at ``out_size``."""
         h, w = image.shape[:2]
-        if scale is None:
-            new = self.model_size((h, w))
-        else:
-            new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        new = self.model_size((h, w)) if scale is None else scaled_size((h, w), scale)
         if new != (h, w):
             image = T.ResizeTransform(h, w, *new).apply_image(np.ascontiguousarray(image))
         tensor = torch.as_tensor(

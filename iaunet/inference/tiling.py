@@ -93,8 +93,7 @@ def _intersection(a: Detection, b: Detection) -> int:
 
 def _cut_overlap(a: Detection, b: Detection) -> float:
     """Overlap over the smaller mask, each mask restricted to the other's tile window (where both
-    tiles
-    looked), so that a cut view and a whole view of one object score ~1."""
+    tiles looked), so that a cut view and a whole view of one object score ~1."""
     smaller = min(_area_in(a, b.window), _area_in(b, a.window))
     return _intersection(a, b) / smaller if smaller else 0.0
 

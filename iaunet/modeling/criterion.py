@@ -21,12 +21,9 @@ Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 def _global_mean_denominator(value: torch.Tensor, min_total: float = 0.0) -> torch.Tensor:
     """Sum ``value`` over all workers, clamp the sum to ``min_total`` and divide by the world size,
-    so that
-    DDP's gradient averaging yields exactly the gradient of (global sum / global count), whatever
-    the
-    per-worker split. The clamp applies to the global count (clamping the per-worker share instead
-    would
-    change the loss scale when there are fewer targets than workers)."""
+    so that DDP's gradient averaging yields exactly the gradient of (global sum / global count),
+    whatever the per-worker split. The clamp applies to the global count (clamping the per-worker
+    share instead would change the loss scale when there are fewer targets than workers)."""
     value = value.detach().clone()
     world_size = get_world_size()
     if world_size > 1:
@@ -95,7 +92,7 @@ class SetCriterion(nn.Module):
         Args:
             masks: (B, Q, h, w) predicted mask logits at 1/MASK_STRIDE of the padded input.
             gt_masks: (T, H, W) float, the gt masks of the whole batch concatenated image after
-            image.
+                image.
             target_offsets: first row of each image's targets in ``gt_masks``.
             indices: per image, (query indices, target indices within the image).
         """
@@ -146,8 +143,8 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         """
         Args:
-            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w), "aux_outputs" (list of
-            the same).
+            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w), "aux_outputs" (list
+                of the same).
             targets: per image, "labels" (T,) int64 and "masks" (T, H, W) of the padded image.
         Returns:
             weighted losses: loss_ce, loss_mask, loss_dice, and loss_{ce,mask,dice}_{i} per

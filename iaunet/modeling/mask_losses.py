@@ -2,12 +2,9 @@
 full-resolution masks.
 
 ``upsampled_mask_losses`` computes them on predicted mask logits bilinearly upsampled to the target
-size,
-fused: the gradient is written in closed form in the forward pass and taken back to mask resolution
-with the
-transpose of the upsampling, so that no full-size activation is kept for backward
-(docs/performance.md,
-"Fused full-resolution mask loss", has the measurements).
+size, fused: the gradient is written in closed form in the forward pass and taken back to mask
+resolution with the transpose of the upsampling, so that no full-size activation is kept for
+backward (docs/performance.md, "Fused full-resolution mask loss", has the measurements).
 """
 
 from typing import Optional, Tuple
@@ -32,9 +29,8 @@ def bce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _linear_upsampling_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) matrix of 1-D linear upsampling (align_corners=False), built by upsampling the
-    identity so
-    that its weights are exactly those F.interpolate uses. Bilinear upsampling of X is A_h @ X @
-    A_w^T."""
+    identity so that its weights are exactly those F.interpolate uses. Bilinear upsampling of X is
+    A_h @ X @ A_w^T."""
     eye = torch.eye(n_in, dtype=like.dtype, device=like.device)[None]
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].t()
 
@@ -42,15 +38,13 @@ def _linear_upsampling_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torc
 class _UpsampledMaskLosses(torch.autograd.Function):
     """Per-mask mean sigmoid BCE and Dice of mask logits bilinearly upsampled to the target size
     (thesis §3.6), summed over the masks. Same values and gradients as F.interpolate + ``bce_loss``
-    /
-    ``dice_loss`` with autograd, without any full-size activation kept for backward:
+    / ``dice_loss`` with autograd, without any full-size activation kept for backward:
 
     * masks are processed a few at a time, so every temporary is a small buffer that the allocator
       reuses;
     * the gradient is computed in closed form in the forward pass and brought back to mask
-      resolution
-      with the transpose of the upsampling, A_h^T G A_w (two matmuls, cheaper than aten's upsample
-      backward on CPU);
+      resolution with the transpose of the upsampling, A_h^T G A_w (two matmuls, cheaper than aten's
+      upsample backward on CPU);
     * only the low-resolution gradients (2 x M x h x w) are saved.
     """
 

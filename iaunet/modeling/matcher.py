@@ -21,9 +21,8 @@ def batch_bce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pairwise mean sigmoid BCE. inputs: (Q, P) logits, targets: (T, P) in [0, 1] -> (Q, T).
 
     BCE(x, t) = softplus(x) - x t, so the mean over points is (sum softplus(x) - x . t) / P: one
-    softplus and
-    one matmul (the pos/neg formulation needs two BCE passes and two matmuls; same values to fp32
-    rounding)."""
+    softplus and one matmul (the pos/neg formulation needs two BCE passes and two matmuls; same
+    values to fp32 rounding)."""
     return (F.softplus(inputs).sum(-1)[:, None] - inputs @ targets.T) / inputs.shape[-1]
 
 
@@ -32,8 +31,7 @@ class HungarianMatcher(nn.Module):
     w_dice*Dice.
 
     Mask costs are computed on ``num_points`` uniformly sampled points, the same points for
-    predictions
-    and targets, in fp32. Pure: no state, no side effects.
+    predictions and targets, in fp32. Pure: no state, no side effects.
     """
 
     def __init__(

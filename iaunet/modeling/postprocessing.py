@@ -11,7 +11,8 @@ model and the exported graph (docs/deploy.md):
 
 :func:`instances_from_topk` runs steps 2 and 3. The exported graph (:mod:`iaunet.inference.export`)
 is the network, step 1 and :func:`masks_at_input_size`; the predictor's exported-model backends
-finish with :func:`instances_from_topk` (``stride=1``).
+finish with :func:`instances_from_topk` (``stride=1``). The settings are one
+:class:`PostProcessing`, built from the config.
 
 Duplicate suppression: a query-based model trained with one-to-one matching should not need NMS, but
 short schedules leave near-identical copies of one object (docs/performance.md, "Duplicates").
@@ -22,6 +23,7 @@ dropped when a higher-scoring one of the same class overlaps it by more than ``N
 """
 
 import math
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -31,6 +33,46 @@ from detectron2.structures import Boxes, Instances
 NMS_MODES = ("none", "mask", "matrix")
 NMS_OVERLAPS = ("iou", "ios")
 MASKNESS_MODES = ("mask", "image")
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """The settings of inference post-processing, one object built from the config
+    (:meth:`from_config`) and shared by the eager model, its exported graph and the exported-model
+    backends. The mask stride is not a setting: it belongs to the mask logits (the model's
+    ``mask_stride``; 1 for the exported graph's output) and is passed with them."""
+
+    detections_per_image: int  # TEST.DETECTIONS_PER_IMAGE: top-k over queries x classes
+    score_thresh: float  # MODEL.IAUNET.TEST.SCORE_THRESH: detections kept score above it
+    mask_thresh: float  # MODEL.IAUNET.TEST.MASK_THRESH: binarization of mask probabilities
+    maskness: str  # MODEL.IAUNET.TEST.MASKNESS: "mask" | "image" (eq. 17)
+    nms: str  # MODEL.IAUNET.TEST.NMS: duplicate suppression "none" | "mask" | "matrix"
+    nms_thresh: float  # MODEL.IAUNET.TEST.NMS_THRESH: overlap above which "mask" NMS drops
+    nms_sigma: float  # MODEL.IAUNET.TEST.NMS_SIGMA: Gaussian decay of "matrix" NMS
+    nms_overlap: str  # MODEL.IAUNET.TEST.NMS_OVERLAP: "iou" | "ios"
+
+    def __post_init__(self):
+        for key, value, modes in (
+            ("MASKNESS", self.maskness, MASKNESS_MODES),
+            ("NMS", self.nms, NMS_MODES),
+            ("NMS_OVERLAP", self.nms_overlap, NMS_OVERLAPS),
+        ):
+            if value not in modes:
+                raise ValueError(f"MODEL.IAUNET.TEST.{key} must be one of {modes}, got {value!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "PostProcessing":
+        t = cfg.MODEL.IAUNET.TEST
+        return cls(
+            detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            score_thresh=t.SCORE_THRESH,
+            mask_thresh=t.MASK_THRESH,
+            maskness=t.MASKNESS,
+            nms=t.NMS,
+            nms_thresh=t.NMS_THRESH,
+            nms_sigma=t.NMS_SIGMA,
+            nms_overlap=t.NMS_OVERLAP,
+        )
 
 
 def mask_overlap(binary: torch.Tensor, kind: str = "iou") -> torch.Tensor:
@@ -82,16 +124,11 @@ def topk_predictions(
     logits: torch.Tensor,
     masks: torch.Tensor,
     image_size: Tuple[int, int],
+    post: PostProcessing,
     *,
     num_classes: int,
     k: int,
-    mask_thresh: float = 0.5,
-    maskness: str = "mask",
-    nms: str = "none",
-    nms_thresh: float = 0.5,
-    nms_sigma: float = 2.0,
-    nms_overlap: str = "iou",
-    stride: int = 4,
+    stride: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 1, for one image or a batch (the leading B dimension is optional).
 
@@ -102,6 +139,7 @@ def topk_predictions(
         logits: ([B,] Q, K+1) class logits; masks: ([B,] Q, h, w) mask logits at 1/``stride`` of
             the padded input.
         image_size: (H, W) of the input before padding.
+        post: maskness, mask threshold and duplicate suppression.
         k: detections kept (at most Q x K).
     Returns:
         scores ([B,] k) sorted decreasingly, labels ([B,] k), mask logits ([B,] k, h, w) (still
@@ -109,18 +147,7 @@ def topk_predictions(
     """
     if logits.dim() == 2:  # one image
         out = topk_predictions(
-            logits[None],
-            masks[None],
-            image_size,
-            num_classes=num_classes,
-            k=k,
-            mask_thresh=mask_thresh,
-            maskness=maskness,
-            nms=nms,
-            nms_thresh=nms_thresh,
-            nms_sigma=nms_sigma,
-            nms_overlap=nms_overlap,
-            stride=stride,
+            logits[None], masks[None], image_size, post, num_classes=num_classes, k=k, stride=stride
         )
         return tuple(t[0] for t in out)
     logits, masks = logits.float(), masks.float()
@@ -133,17 +160,19 @@ def topk_predictions(
     # ONNX exporter turns // into a division that truncates towards 0).
     hs, ws = (image_size[0] + stride - 1) // stride, (image_size[1] + stride - 1) // stride
     prob = gather_rows(masks, query)[..., :hs, :ws].sigmoid()
-    binary = prob > mask_thresh
-    if maskness == "mask":
+    binary = prob > post.mask_thresh
+    if post.maskness == "mask":
         inside = (prob * binary).flatten(-2).sum(-1) / binary.flatten(-2).sum(-1).clamp(min=1)
         scores = scores * inside
     else:  # eq. (17): mean over the whole image
         scores = scores * prob.flatten(-2).mean(-1)
     order = scores.argsort(dim=-1, descending=True)
     scores, labels, query = (t.gather(-1, order) for t in (scores, labels, query))
-    if nms != "none":
+    if post.nms != "none":
         binary = gather_rows(binary, order)
-    scores = suppress_duplicates(scores, labels, binary, nms, nms_thresh, nms_sigma, nms_overlap)
+    scores = suppress_duplicates(
+        scores, labels, binary, post.nms, post.nms_thresh, post.nms_sigma, post.nms_overlap
+    )
     order = scores.argsort(dim=-1, descending=True)  # Matrix NMS may reorder
     scores, labels, query = (t.gather(-1, order) for t in (scores, labels, query))
     return scores, labels, gather_rows(masks, query)
@@ -162,7 +191,7 @@ def is_prefix(index: torch.Tensor) -> bool:
 
 
 def masks_at_input_size(
-    mask_logits: torch.Tensor, image_size: Tuple[int, int], stride: int = 4
+    mask_logits: torch.Tensor, image_size: Tuple[int, int], stride: int
 ) -> torch.Tensor:
     """Step 3a (exportable): ([B,] M, h, w) mask logits at 1/``stride`` of the padded input ->
     ([B,] M, H, W) logits at the input size (upsampled, padding removed)."""
@@ -184,9 +213,9 @@ def upsample_masks(
     mask_logits: torch.Tensor,
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
-    mask_thresh: float = 0.5,
+    mask_thresh: float,
+    stride: int,
     chunk: int = 32,
-    stride: int = 4,
 ) -> torch.Tensor:
     """Step 3: (M, h, w) logits at 1/``stride`` of the padded input -> (M, H0, W0) bool: at the
     input size (:func:`masks_at_input_size`; ``image_size``), resized to ``output_size``,
@@ -227,20 +256,20 @@ def instances_from_topk(
     mask_logits: torch.Tensor,
     image_size: Tuple[int, int],
     output_size: Tuple[int, int],
+    post: PostProcessing,
     *,
-    score_thresh: float,
-    mask_thresh: float = 0.5,
-    stride: int = 4,
+    stride: int,
 ) -> Instances:
     """Steps 2 and 3 on step 1's output for one image (the eager model and the exported-model
-    backends of the predictor share them): ``Instances`` of ``output_size`` with pred_masks
-    (bool), scores, pred_classes and pred_boxes, by decreasing score."""
-    keep = select_detections(scores, score_thresh)
+    backends of the predictor share them; ``post``: the score and mask thresholds):
+    ``Instances`` of ``output_size`` with pred_masks (bool), scores, pred_classes and pred_boxes,
+    by decreasing score."""
+    keep = select_detections(scores, post.score_thresh)
     # Sorted scores keep the first N: a slice, not a copy of N full-size masks (stride 1).
     rows = slice(0, len(keep)) if is_prefix(keep) else keep
     result = Instances(tuple(output_size))
     result.pred_masks = upsample_masks(
-        mask_logits[rows], image_size, output_size, mask_thresh, stride=stride
+        mask_logits[rows], image_size, output_size, post.mask_thresh, stride
     )
     result.scores = scores[keep]
     result.pred_classes = labels[keep]

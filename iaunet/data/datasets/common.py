@@ -9,14 +9,13 @@ misplaced download fail with a message naming the file (or key) at fault:
 * an image listed in the json is missing -> ``FileNotFoundError`` naming the json and the image
   path;
 * duplicate image ids or annotation ids, an annotation whose ``category_id`` is not in
-  ``categories``,
-  or category ids that are not ``1..K`` for the K registered classes -> ``ValueError`` naming the
-  json;
+  ``categories``, or category ids that are not ``1..K`` for the K registered classes ->
+  ``ValueError`` naming the json;
 * a polygon with fewer than 3 points (< 6 coordinates, or an odd count) is **dropped with a
-  warning**
-  naming the json and the annotation ids (detectron2 drops them too, reporting only a count); an
-  annotation left without any valid polygon, or without a ``segmentation``, is dropped the same way.
-  Dropping rather than failing keeps official releases with a few degenerate outlines usable.
+  warning** naming the json and the annotation ids (detectron2 drops them too, reporting only a
+  count); an annotation left without any valid polygon, or without a ``segmentation``, is dropped
+  the same way. Dropping rather than failing keeps official releases with a few degenerate outlines
+  usable.
 
 Images without annotations stay in the list; ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` removes them
 for training (the standard detectron2 switch), evaluation keeps them. A json without any image is an
@@ -35,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +42,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 
 from ...utils.atomic import atomic_write
+from ...utils.file_names import safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,9 @@ ENV_CACHE = "IAUNET_DATASET_CACHE"
 # Registered name -> the paths (relative to the datasets root) it reads; ``iaunet-check`` reports
 # which are on disk without loading anything.
 DATASET_FILES: Dict[str, Tuple[str, ...]] = {}
-_CACHE_VERSION = 1  # bump when the normalization changes, so that old cache files are not reused
+# Part of every cache key (normalized COCO files here, folder datasets in folder.py): bump it when
+# the normalization or the folder reading changes, so that old cache files are not reused.
+CACHE_VERSION = 1
 
 CocoDict = Dict
 Transform = Callable[[CocoDict, str], CocoDict]
@@ -212,20 +213,19 @@ def validate_coco(data: CocoDict, json_file: str, num_classes: int) -> bool:
     return changed
 
 
+def cache_dir() -> str:
+    """The dataset cache folder (created): ``$IAUNET_DATASET_CACHE``, default
+    ``<tmp>/iaunet_dataset_cache``."""
+    path = os.environ.get(ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _cache_file(json_file: str, dataset_name: str) -> str:
     st = os.stat(json_file)
-    key = "|".join(
-        map(
-            str,
-            (_CACHE_VERSION, os.path.abspath(json_file), st.st_size, st.st_mtime_ns, dataset_name),
-        )
-    )
-    cache_dir = os.environ.get(
-        ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache")
-    )
-    os.makedirs(cache_dir, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name).strip("_")[-80:]  # coco:/a/b.json
-    return os.path.join(cache_dir, f"{name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.json")
+    parts = (CACHE_VERSION, os.path.abspath(json_file), st.st_size, st.st_mtime_ns, dataset_name)
+    key = hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"{safe_file_name(dataset_name)}_{key}.json")
 
 
 def default_image_resolver(image_root: str, file_name: str) -> str:
@@ -248,15 +248,14 @@ def load_coco_instances(
         dataset_name: registered name; used in messages and for the cache file name.
         num_classes: expected number of categories (default: the metadata's ``thing_classes``).
         transform: ``f(coco_dict, json_file) -> coco_dict`` applied after the category check and
-        before
-            the remaining checks (e.g. :func:`keep_classes`, or Revvity-25's amodal outlines).
+            before the remaining checks (e.g. :func:`keep_classes`, or Revvity-25's amodal
+            outlines).
         resolve_image: ``f(image_root, file_name) -> path`` for layouts with sub-folders.
 
     Returns:
         detectron2 dataset dicts; ``category_id`` is contiguous (json id - 1), ``file_name`` the
         resolved image path. Sets metadata ``json_file`` (the file actually loaded) and
-        ``image_root``
-        unless already set.
+        ``image_root`` unless already set.
     """
     meta = MetadataCatalog.get(dataset_name)
     registered = meta.get("thing_classes")

@@ -13,8 +13,7 @@ files carry no usable ``bbox`` / ``area`` (users of detectron2 and the IAUNet au
 preprocessing step); they are computed from the outlines on loading. Categories: 1 Cell, 2 Nucleus.
 
 Registered: ``evican2_{train,val,eval_easy,eval_medium,eval_difficult}`` (2 classes; thesis AP =
-mean
-over both) and ``evican2_cell_*`` for the same splits (nucleus outlines dropped, 1 class: the
+mean over both) and ``evican2_cell_*`` for the same splits (nucleus outlines dropped, 1 class: the
 reference code's setting; use with ``MODEL.IAUNET.NUM_CLASSES 1``).
 """
 

@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,9 +49,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ...utils.atomic import atomic_write
+from ...utils.file_names import safe_file_name
 from ..annotations_io import LABEL_EXTENSIONS, DatasetError, read_annotation_file
 from ..image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
-from .common import ENV_CACHE, load_coco_instances
+from .common import CACHE_VERSION, cache_dir, load_coco_instances
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ PREFIXES = ("folder:", "coco:")
 SPLITS = ("train", "val")
 HOLDOUT_FRACTION = 0.2
 CLASS_NAMES = ["object"]  # label images and ROI sets carry no class: one class
-_CACHE_VERSION = 1  # bump when the folder reading changes, so that old cache files are not reused
 ANNOTATION_DIRS = ("masks", "labels", "rois")
 _SUFFIXES = ("_labels", "_masks")
 _MEMO: Dict[str, Tuple[str, List[Dict]]] = {}  # name -> (cache file, dicts): read once per process
@@ -102,11 +101,6 @@ def parse_name(name: str) -> Optional[PathDataset]:
     path = os.path.expanduser(rest)
     images = os.path.expanduser(images) if images else os.path.dirname(os.path.abspath(path))
     return PathDataset(kind, path, images, split, base)
-
-
-def safe_file_name(name: str) -> str:
-    """A dataset name usable as one file-name component (for output folders and pictures)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-80:] or "dataset"
 
 
 # --- folder scanning --------------------------------------------------------------------------
@@ -194,14 +188,8 @@ def scan_folder(folder: str) -> Tuple[List[Tuple[str, str]], Optional[str]]:
     return pairs, None
 
 
-def _cache_dir() -> str:
-    d = os.environ.get(ENV_CACHE, os.path.join(tempfile.gettempdir(), "iaunet_dataset_cache"))
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def _files_key(folder: str, files: Sequence[str]) -> str:
-    parts = [str(_CACHE_VERSION), os.path.abspath(folder)]
+    parts = [str(CACHE_VERSION), os.path.abspath(folder)]
     for f in files:
         st = os.stat(f)
         parts.append(f"{os.path.relpath(f, folder)}|{st.st_size}|{st.st_mtime_ns}")
@@ -278,7 +266,7 @@ def _load_folder(ds: PathDataset) -> Tuple[List[Dict], str]:
         return _load_coco(PathDataset("coco", coco_json, ds.path, None, ds.base))
     key = _files_key(ds.path, [f for pair in pairs for f in pair])
     base = os.path.basename(os.path.abspath(ds.path))
-    cache = os.path.join(_cache_dir(), f"folder_{safe_file_name(base)}_{key}.json")
+    cache = os.path.join(cache_dir(), f"folder_{safe_file_name(base)}_{key}.json")
     if ds.base in _MEMO and _MEMO[ds.base][0] == cache:
         return copy.deepcopy(_MEMO[ds.base][1]), cache
     if os.path.isfile(cache):
@@ -340,7 +328,7 @@ def _select(ds: PathDataset, dicts: List[Dict], json_file: str) -> Tuple[List[Di
     ids = {d["image_id"] for d in keep}
     stem, _ = os.path.splitext(os.path.basename(json_file))
     key = hashlib.sha1(f"{os.path.abspath(json_file)}|{sorted(ids)}".encode()).hexdigest()[:16]
-    out = os.path.join(_cache_dir(), f"{safe_file_name(stem)}_{ds.split}_{key}.json")
+    out = os.path.join(cache_dir(), f"{safe_file_name(stem)}_{ds.split}_{key}.json")
     if not os.path.isfile(out):
         with open(json_file) as f:
             coco = json.load(f)

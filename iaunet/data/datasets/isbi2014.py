@@ -1,6 +1,5 @@
 """ISBI 2014 Overlapping Cervical Cytology (Lu et al.): 945 synthetic gray images, 45 train / 90 val
-/
-810 test, classes cytoplasm and nucleus, heavy overlap.
+/ 810 test, classes cytoplasm and nucleus, heavy overlap.
 
 The challenge release is MATLAB files; ``datasets/prepare_isbi2014.py`` converts it to::
 

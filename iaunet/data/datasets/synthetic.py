@@ -2,10 +2,9 @@
 
 Each scene is a dark, unevenly lit field with textured cells (irregular blobs with a nucleus), some
 touching and some overlapping (overlaps add up, as in brightfield/cytology images), blurred and
-noisy.
-Annotations are full (overlapping) cell polygons in COCO JSON, and each cell is drawn on exactly
-the pixels its polygon covers in the COCO convention (pixel (i, j) spans [j, j+1) x [i, i+1)), the
-pixels pycocotools and detectron2 give its annotation. Written once under
+noisy. Annotations are full (overlapping) cell polygons in COCO JSON, and each cell is drawn on
+exactly the pixels its polygon covers in the COCO convention (pixel (i, j) spans [j, j+1) x [i,
+i+1)), the pixels pycocotools and detectron2 give its annotation. Written once under
 ``$DETECTRON2_DATASETS/synthetic_cells[16]/<split>/`` (default root ``./datasets``).
 """
 

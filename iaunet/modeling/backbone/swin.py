@@ -3,8 +3,7 @@
 The layers are timm's ``SwinTransformer`` modules, so parameter names are timm's
 (``patch_embed.*``, ``layers.{i}.downsample.*``, ``layers.{i}.blocks.{j}.*``) plus one LayerNorm per
 output (``norm{i}``, as in Mask2Former's ``D2SwinTransformer``); ``tools/convert_pretrained.py``
-maps
-official and timm ImageNet checkpoints onto them.
+maps official and timm ImageNet checkpoints onto them.
 """
 
 import logging
@@ -33,14 +32,11 @@ class PadFirstSwinBlock(SwinTransformerBlock):
     """timm's Swin block with the padding order of the official (detection) Swin.
 
     The official implementation pads a feature map to a multiple of the window *before* the cyclic
-    shift
-    and builds the shift mask on the padded map. timm rolls first and pads after, so whenever
-    padding is
-    needed the rows/columns wrapped around by the shift share a mask region (and attend) with the
-    opposite
-    border. Detection inputs (e.g. 512 / 4 = 128, not a multiple of 7) nearly always need padding,
-    so the
-    blocks of our backbone use this order; without padding both orders give the same result.
+    shift and builds the shift mask on the padded map. timm rolls first and pads after, so whenever
+    padding is needed the rows/columns wrapped around by the shift share a mask region (and attend)
+    with the opposite border. Detection inputs (e.g. 512 / 4 = 128, not a multiple of 7) nearly
+    always need padding, so the blocks of our backbone use this order; without padding both orders
+    give the same result.
     """
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +66,9 @@ class D2SwinTransformer(Backbone):
     """Swin-T/S/B backbone configured by ``cfg.MODEL.SWIN``.
 
     Accepts any input size: the patch embedding pads to the patch size, patch merging pads odd sizes
-    and
-    every block pads its feature map to a multiple of the window (the window size is fixed, as in
-    the
-    official detection Swin, not shrunk to small feature maps). Inputs padded to
-    ``size_divisibility``
-    (32) give outputs of exactly ``H / stride x W / stride``.
+    and every block pads its feature map to a multiple of the window (the window size is fixed, as
+    in the official detection Swin, not shrunk to small feature maps). Inputs padded to
+    ``size_divisibility`` (32) give outputs of exactly ``H / stride x W / stride``.
     """
 
     def __init__(self, cfg: CfgNode, input_shape: ShapeSpec):

@@ -18,13 +18,10 @@ class UNetPixelDecoder(nn.Module):
     """Coarse-to-fine decoder over res5 (1/32), res4 (1/16), res3 (1/8), plus the mask head at 1/4.
 
     Per level ``l`` (coarse to fine): ``skip = skip_proj(res_l)``; ``x = G_x([coord, skip])`` at the
-    first
-    level and ``x = G_x([up2([coord, x]), skip])`` after (SE on ``G_x``'s output, eq. 4-5); the mask
-    branch
-    ``X_m = G_m(x)`` then ``X_m = G_m(up2(X_m) + x)`` (eq. 6). ``multi_scale_features`` are the X_m
-    of
-    every level, which the query decoder attends to; the mask head gives
-    ``mask_features`` E = M(F(res2) + up(X_m at 1/8)) (eq. 16).
+    first level and ``x = G_x([up2([coord, x]), skip])`` after (SE on ``G_x``'s output, eq. 4-5);
+    the mask branch ``X_m = G_m(x)`` then ``X_m = G_m(up2(X_m) + x)`` (eq. 6).
+    ``multi_scale_features`` are the X_m of every level, which the query decoder attends to; the
+    mask head gives ``mask_features`` E = M(F(res2) + up(X_m at 1/8)) (eq. 16).
     """
 
     @configurable

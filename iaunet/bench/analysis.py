@@ -1,22 +1,18 @@
 """Parameters and FLOPs of an IAUNet model, per component (thesis Tables 1-5 count the same way).
 
 * Parameters: every parameter of the model, backbone included (buffers such as FrozenBN statistics
-  are not
-  parameters).
+  are not parameters).
 * FLOPs: fvcore, through detectron2's ``FlopCountAnalysis`` as for detectron2's and the thesis'
-  tables
-  (one fused multiply-add = one FLOP; convolutions, linear layers, matmuls/einsum, norms and
-  bilinear
-  upsampling are counted, element-wise ops and softmax are not), for one ``size x size`` image in
-  eval
-  mode on the CPU. fvcore has no handle for ``aten::scaled_dot_product_attention`` (what
-  ``nn.MultiheadAttention`` and timm's Swin call), so one is added: ``Q @ K^T`` and ``attn @ V`` are
-  counted as the matmuls they are, as fvcore counts ``aten::bmm`` in the reference code's attention.
+  tables (one fused multiply-add = one FLOP; convolutions, linear layers, matmuls/einsum, norms and
+  bilinear upsampling are counted, element-wise ops and softmax are not), for one ``size x size``
+  image in eval mode on the CPU. fvcore has no handle for ``aten::scaled_dot_product_attention``
+  (what ``nn.MultiheadAttention`` and timm's Swin call), so one is added: ``Q @ K^T`` and
+  ``attn @ V`` are counted as the matmuls they are, as fvcore counts ``aten::bmm`` in the reference
+  code's attention.
 * The total is the network (``IAUNet.forward_network`` on a normalized image). Inference
-  post-processing
-  (top-k, maskness, upsampling the kept masks, ``IAUNet.instance_inference``) is reported on its own
-  and
-  excluded: it depends on how many detections are kept, and the thesis counts the network.
+  post-processing (top-k, maskness, upsampling the kept masks, ``IAUNet.instance_inference``) is
+  reported on its own and excluded: it depends on how many detections are kept, and the thesis
+  counts the network.
 * With ``MODEL.IAUNET.TEST.AUX_PREDICTIONS`` every block's prediction head runs (9 with 3 blocks per
   level), as in the reference code whose FLOPs the thesis reports; otherwise only the last one.
 """
@@ -47,13 +43,10 @@ def breakdown_groups(model: nn.Module) -> List[Tuple[str, List[str]]]:
     submodule.
 
     The U-Net row is the whole pixel decoder minus the mask head (``pixel_decoder.mask_head``, eq.
-    16), so
-    the upsampling that runs in the pixel decoder's own ``forward`` lands there. With
-    ``LIGHT_MASK_HEAD
-    False`` the extra 1/4 U-Net level belongs to the mask head. The prediction-heads row is the
-    query
-    decoder minus its attention/FFN blocks, so the mask einsum of ``QueryDecoder.predict`` lands
-    there.
+    16), so the upsampling that runs in the pixel decoder's own ``forward`` lands there. With
+    ``LIGHT_MASK_HEAD False`` the extra 1/4 U-Net level belongs to the mask head. The
+    prediction-heads row is the query decoder minus its attention/FFN blocks, so the mask einsum of
+    ``QueryDecoder.predict`` lands there.
     """
     pd = model.pixel_decoder
     mask_head = ["pixel_decoder.mask_head"]
@@ -140,12 +133,9 @@ def count_flops(cfg: CfgNode, size: int = 512, model: Optional[nn.Module] = None
     """fvcore FLOPs of one ``size x size`` image (see the module docstring for what is counted).
 
     Returns ``{"total": f, <breakdown row>: f, ..., "postprocess": f, "kept": n, "operators":
-    Counter,
-    "unsupported": Counter}``. ``total`` is the network and ``operators`` splits it by op;
-    ``postprocess``
-    is ``instance_inference`` on its output (``kept`` detections survive the score threshold with
-    these
-    weights); ``unsupported`` counts the calls of ops without a FLOP handle.
+    Counter, "unsupported": Counter}``. ``total`` is the network and ``operators`` splits it by op;
+    ``postprocess`` is ``instance_inference`` on its output (``kept`` detections survive the score
+    threshold with these weights); ``unsupported`` counts the calls of ops without a FLOP handle.
     """
     model = (model or build_eval_model(cfg)).eval()
     padded = -(-size // model.size_divisibility) * model.size_divisibility

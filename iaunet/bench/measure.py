@@ -1,11 +1,9 @@
 """Measurement helpers of the benchmark scripts (``tools/benchmark.py``): peak memory per call,
-interleaved
-timing of several models, torch.profiler tables.
+interleaved timing of several models, torch.profiler tables.
 
 Peak memory per call: CPU RSS high-water mark (``/proc/self/status`` VmHWM, reset through
 ``/proc/self/clear_refs`` before each call, freed heap returned by ``malloc_trim`` first), reported
-as the
-process peak and as the increase over the RSS before the call; on CUDA
+as the process peak and as the increase over the RSS before the call; on CUDA
 ``torch.cuda.max_memory_allocated``.
 """
 

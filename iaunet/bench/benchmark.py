@@ -1,19 +1,14 @@
 """Models and inputs of the speed/memory benchmark (``tools/benchmark.py``): IAUNet configs and
-detectron2's
-Mask R-CNN under dense-image conditions, synthetic dense "cell" images, inference and training-step
-measurements interleaved across the models (:mod:`iaunet.utils.measure`).
+detectron2's Mask R-CNN under dense-image conditions, synthetic dense "cell" images, inference and
+training-step measurements interleaved across the models (:mod:`iaunet.bench.measure`).
 
 Dense-image conditions (thesis §4): the cost of both models depends on how many instances reach the
-mask
-stage. A randomly initialised Mask R-CNN sends only a couple of boxes to its mask head; here its RPN
-objectness/delta layers and box classifier/regressor are zeroed and ``ROI_HEADS.SCORE_THRESH_TEST``
-is 0, so
-that ``POST_NMS_TOPK_TEST`` (1000) proposals reach the box head and ``TEST.DETECTIONS_PER_IMAGE``
-(100)
-detections reach the mask head. Likewise a randomly initialised IAUNet scores every query below its
-0.01
-threshold and would upsample no mask, so its ``TEST.SCORE_THRESH`` is set to -1: all
-``DETECTIONS_PER_IMAGE`` top-k masks are post-processed.
+mask stage. A randomly initialised Mask R-CNN sends only a couple of boxes to its mask head; here
+its RPN objectness/delta layers and box classifier/regressor are zeroed and
+``ROI_HEADS.SCORE_THRESH_TEST`` is 0, so that ``POST_NMS_TOPK_TEST`` (1000) proposals reach the box
+head and ``TEST.DETECTIONS_PER_IMAGE`` (100) detections reach the mask head. Likewise a randomly
+initialised IAUNet scores every query below its 0.01 threshold and would upsample no mask, so its
+``TEST.SCORE_THRESH`` is set to -1: all ``DETECTIONS_PER_IMAGE`` top-k masks are post-processed.
 """
 
 import os
@@ -32,6 +27,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 
 from ..config import load_config, merge_config
+from ..modeling.postprocessing import PostProcessing
 from ..solver import build_optimizer
 from .measure import autocast, interleaved, sync
 
@@ -106,8 +102,7 @@ def backend_model(model: torch.nn.Module, cfg: CfgNode, backend: str, folder: st
         path = os.path.join(folder, f"{len(os.listdir(folder))}.{backend}")
         fmt = "onnx" if backend == "onnxruntime" else backend
         export_model(model, cfg, path, fmt, (size, size))
-        m = cfg.MODEL.IAUNET.TEST
-        return load_backend(path, backend, m.SCORE_THRESH, m.MASK_THRESH, cfg.MODEL.DEVICE)
+        return load_backend(path, backend, PostProcessing.from_config(cfg), cfg.MODEL.DEVICE)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     runner = build_model(cfg).eval()
@@ -181,10 +176,9 @@ def zero_dense_heads_(model: torch.nn.Module) -> None:
     """Zero the RPN objectness/delta convs and the box classifier/regressor of a GeneralizedRCNN.
 
     Every anchor then has the same objectness and stays where it is, so NMS keeps POST_NMS_TOPK_TEST
-    proposals;
-    every proposal scores 1/(K+1) for every class, so with SCORE_THRESH_TEST 0 the box NMS keeps
-    DETECTIONS_PER_IMAGE detections, all of which go through the mask head, as for a trained model
-    on a dense image.
+    proposals; every proposal scores 1/(K+1) for every class, so with SCORE_THRESH_TEST 0 the box
+    NMS keeps DETECTIONS_PER_IMAGE detections, all of which go through the mask head, as for a
+    trained model on a dense image.
     """
     rpn_head = model.proposal_generator.rpn_head
     predictor = model.roi_heads.box_predictor
@@ -205,8 +199,7 @@ def synthetic_sample(
     background.
 
     Returns: image (3, S, S) float32 on the 0..255 scale (gray replicated), masks (N, S, S) bool (N
-    may be less
-    than ``num_instances`` only when an ellipse falls outside the image).
+    may be less than ``num_instances`` only when an ellipse falls outside the image).
     """
     image = rng.normal(40.0, 8.0, (size, size)).astype(np.float32)
     masks = []
@@ -311,8 +304,7 @@ def benchmark_training(models, args) -> Dict[str, Dict]:
         bench.model.train()
         optimizers[bench.name] = bench.optimizer_fn(bench.model)
         # The lr of a real run's first (warm-up) iterations: the step costs the same, and
-        # random-init Mask R-CNN
-        # diverges within a few steps at its full SGD lr 0.02.
+        # random-init Mask R-CNN diverges within a few steps at its full SGD lr 0.02.
         for group in optimizers[bench.name].param_groups:
             group["lr"] *= bench.cfg.SOLVER.WARMUP_FACTOR
     phases = {b.name: [] for b in models}
