@@ -26,9 +26,7 @@ Prints a table per method (per fold and mean) and writes ``results.json`` in ``-
 import argparse
 import json
 import os
-import re
 import resource
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -40,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from iaunet.bench import few_shot as fs  # noqa: E402
+from iaunet.bench.commands import last_segm_ap, run_logged  # noqa: E402
 from iaunet.utils.atomic import atomic_write  # noqa: E402
 
 SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
@@ -52,25 +51,7 @@ def children_cpu() -> float:
 
 
 def run(cmd: List[str], log: str) -> str:
-    """Run a command in the repository, its output to ``log``; stop the benchmark on failure."""
-    print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    with open(log) as f:
-        out = f.read()
-    if proc.returncode:
-        sys.exit(f"command failed (exit {proc.returncode}), see {log}:\n{out[-3000:]}")
-    return out
-
-
-def last_segm_ap(log: str) -> Dict[str, float]:
-    """AP, AP50, AP75 of the last ``copypaste: Task: segm`` block of a detectron2 log."""
-    rows = re.findall(r"copypaste: Task: segm\n.*copypaste: AP,.*\n.*copypaste: ([\d.naN,-]+)", log)
-    if not rows:
-        raise RuntimeError("no segm evaluation in the training log")
-    ap, ap50, ap75 = (float(v) for v in rows[-1].split(",")[:3])
-    return {"AP": ap, "AP50": ap50, "AP75": ap75}
+    return run_logged(cmd, log, ROOT)
 
 
 def iaunet_fold(args, fold: Dict) -> Dict:

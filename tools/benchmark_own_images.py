@@ -18,8 +18,6 @@ other tool (:mod:`iaunet.evaluation.matching`). This trains (minutes on a CPU); 
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -30,6 +28,9 @@ import pycocotools.mask as mask_util
 import tifffile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from iaunet.bench.commands import last_segm_ap, run_logged  # noqa: E402
 
 SEED_BASE = 70_000_000  # synthetic_cells* use seeds 0..255 and 1_000_003..1_000_034
 SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
@@ -59,26 +60,7 @@ def write_scenes(folder: str, seeds, zoom: float) -> None:
 
 
 def run(cmd: List[str], log: str) -> str:
-    """Run a command (cwd: the repository), tee its output to ``log``; stop on failure."""
-    print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-    with open(log) as f:
-        out = f.read()
-    if proc.returncode:
-        sys.exit(f"command failed (exit {proc.returncode}), see {log}:\n{out[-2000:]}")
-    return out
-
-
-def coco_ap(log: str) -> Dict[str, float]:
-    """AP, AP50, AP75 from detectron2's ``copypaste:`` lines of the last segm evaluation (the
-    matching evaluator prints its own rows after them)."""
-    rows = re.findall(
-        r"copypaste: Task: segm\n.*copypaste: AP,.*\n.*copypaste: ([\d.naN,]+)\n", log
-    )
-    ap, ap50, ap75 = (float(v) for v in rows[-1].split(",")[:3])
-    return {"AP": ap, "AP50": ap50, "AP75": ap75}
+    return run_logged(cmd, log, ROOT)
 
 
 def matching_f1(pred_dir: str, masks_dir: str, thresh: float = 0.5) -> Dict[str, float]:
@@ -136,7 +118,11 @@ def benchmark(args, name: str, weights: str) -> Dict[str, float]:
          "--input", os.path.join(val, "images"), "--output", pred],
         os.path.join(work, f"{name}_predict.log"),
     )  # fmt: skip
-    return {**coco_ap(log), **matching_f1(pred, os.path.join(val, "masks")), "minutes": minutes}
+    return {
+        **last_segm_ap(log),
+        **matching_f1(pred, os.path.join(val, "masks")),
+        "minutes": minutes,
+    }
 
 
 def main(argv=None) -> int:
