@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,6 +46,7 @@ from .bioimageio_rdf import (
     SIZE_STEP,
     PackageFiles,
     PackageInfo,
+    check_package_info,
     input_kind,
     model_description,
     package_readme,
@@ -267,7 +269,14 @@ def save_package(descr, output: str) -> str:
     from bioimageio.spec import save_bioimageio_package_as_folder, save_bioimageio_package_to_stream
 
     if output.lower().endswith(".zip"):
-        atomic_write(output, lambda f: save_bioimageio_package_to_stream(descr, output_stream=f))
+        # Stored, not deflated: weights hardly compress, and every reader (bioimage.io's test
+        # loads them once per check) would inflate them again.
+        atomic_write(
+            output,
+            lambda f: save_bioimageio_package_to_stream(
+                descr, output_stream=f, compression=zipfile.ZIP_STORED
+            ),
+        )
         return output
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output} exists and is not a folder")
@@ -305,6 +314,7 @@ def export_bioimageio(
         ``output``. ValueError (one line) when the config has no pixel scale or the test image
         gives no detection.
     """
+    check_package_info(info)
     scale = float(cfg.INPUT.PIXEL_SCALE)
     if scale <= 0:
         raise ValueError(
@@ -334,8 +344,8 @@ def export_bioimageio(
         files = write_package_files(module, cfg, test_image, folder, info)
         try:
             descr = model_description(files, cfg, info, module)
-        except ValidationError as e:  # e.g. a --name with characters the spec does not allow
-            problems = [f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
+        except ValidationError as e:  # a field that check_package_info does not cover
+            problems = [f"{'.'.join(map(str, x['loc']))}: {x['msg'][:200]}" for x in e.errors()]
             raise ValueError(f"invalid package description: {'; '.join(problems)}") from None
         return save_package(descr, output)
 

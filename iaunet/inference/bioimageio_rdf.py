@@ -60,6 +60,33 @@ class PackageInfo:
     tags: Sequence[str] = field(default_factory=list)
 
 
+def check_package_info(info: PackageInfo) -> None:
+    """ValueError (one line, naming the field) for a field of ``info`` that the spec refuses,
+    checked with the spec's own types before the slow part of an export."""
+    from typing import Annotated
+
+    from bioimageio.spec.model import v0_5 as spec
+    from pydantic import TypeAdapter, ValidationError
+
+    fields = spec.ModelDescr.model_fields
+    values = {"name": info.name, "license": info.license, "git_repo": info.project_url or None}
+    for key, value in values.items():
+        field_info = fields[key]
+        kind = field_info.annotation
+        if field_info.metadata:
+            kind = Annotated[(kind, *field_info.metadata)]
+        try:
+            TypeAdapter(kind).validate_python(value)
+        except ValidationError as e:
+            if key == "license":  # the spec's message lists every SPDX id
+                raise ValueError(
+                    f"--license {value!r} is not an SPDX license id (https://spdx.org/licenses/, "
+                    "e.g. CC-BY-4.0)"
+                ) from None
+            flag = {"name": "--name", "git_repo": "--project-url"}[key]
+            raise ValueError(f"{flag} {value!r}: {e.errors()[0]['msg']}") from None
+
+
 def input_kind(cfg: CfgNode) -> Tuple[str, bool]:
     """(input dtype, normalized): ``float32`` and True when the package maps each image's
     ``INPUT.PERCENTILES`` to 0..255 (``INPUT.INTENSITY_NORM percentile`` with
