@@ -82,8 +82,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     b.add_argument(
         "--test-image",
         metavar="IMAGE",
-        help="image the package records as its test (default: a synthetic scene of one training "
-        "crop); the model must find objects in it",
+        help="image the package records as its test, and the smallest input size it describes "
+        "(default: a synthetic scene of half a training crop); the model must find objects in it",
     )
     b.add_argument(
         "--score-threshold",

@@ -43,7 +43,6 @@ from ..utils.atomic import atomic_write
 from .bioimageio_rdf import (
     INPUT_ID,
     OUTPUT_IDS,
-    SIZE_STEP,
     PackageFiles,
     PackageInfo,
     check_package_info,
@@ -256,7 +255,7 @@ def write_package_files(
     with open(os.path.join(folder, "cover.png"), "wb") as f:
         f.write(png_bytes(np.hstack([image8, overlay])))
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(package_readme(cfg, info, module, len(masks)))
+        f.write(package_readme(cfg, info, module, len(masks), labels.shape))
     names = {"test_input": "test_input.npy", "cover": "cover.png", "readme": "README.md"}
     names.update({f"test_{k}": f"test_output_{k}.npy" for k in test_outputs})
     names.update({f"sample_{n[7:-4]}": n for n in arrays if n.startswith("sample_")})
@@ -308,7 +307,9 @@ def export_bioimageio(
         score_thresh: detections scoring at least this are kept (in the graph).
         channels: 1 (gray images) or 3 (RGB).
         test_image: (H, W) or (H, W, 3) image whose prediction the package records as its test
-            (the centre of one tile at most); default a synthetic scene of one training crop.
+            (the centre of one tile at most); default a synthetic scene of half a training crop
+            (``INPUT.IMAGE_SIZE`` model px). Its size is the smallest input the rdf describes: the
+            package and ``iaunet-predict`` agree from there up to one tile.
         labels_only: only the label image as output (no data-dependent axes).
     Returns:
         ``output``. ValueError (one line) when the config has no pixel scale or the test image
@@ -323,14 +324,14 @@ def export_bioimageio(
         )
     dtype = input_kind(cfg)[0]
     if test_image is None:
-        side = max(SIZE_STEP, round(cfg.INPUT.IMAGE_SIZE / scale))
+        side = max(1, round(cfg.INPUT.IMAGE_SIZE / scale / 2))
         test_image = synthetic_test_image((side, side), dtype)
         if channels == 3:
             test_image = np.repeat(test_image[:, :, None], 3, axis=2)
     elif test_image.ndim == 3 and test_image.shape[2] in (1, 4):  # one channel; RGBA
         test_image = test_image[:, :, 0] if test_image.shape[2] == 1 else test_image[:, :, :3]
     tile = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
-    test_image = centre_crop(test_image, max(SIZE_STEP, round(tile / scale)))
+    test_image = centre_crop(test_image, max(1, round(tile / scale)))
     module = PackagedIAUNet(
         model,
         scale=scale,

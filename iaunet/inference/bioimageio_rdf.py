@@ -26,7 +26,11 @@ logger = logging.getLogger(__name__)
 
 INPUT_ID = "image"
 OUTPUT_IDS = ("labels", "masks", "scores")
-SIZE_STEP = 16  # the input axes' ParameterizedSize step (image px)
+# The input axes' ParameterizedSize: from the test image's size up, in steps of 1 px. The graph
+# takes any size, but bioimageio.core refuses sizes off the min + n * step grid, and tools that
+# pad an image to the grid (deepImageJ) would add mirrored objects; the minimum keeps bioimage.io's
+# test (sizes min + 0, 1, 2 steps: the test image cropped or padded) on an image with objects.
+SIZE_STEP = 1
 PAPER_CITATION = (
     "Prytula, Tsiporenko, Zeynalli, Fishman. IAUNet: Instance-Aware U-Net. CVPR 2025 Workshops "
     "(CVMI), pp. 4739-4748."
@@ -131,6 +135,12 @@ class PackageFiles:
     input_size: Tuple[int, int]  # (H, W) of the test input: the smallest size described
 
 
+def max_detections(cfg: CfgNode) -> int:
+    """k: the graph's top-k (``postprocessing.topk_predictions``), the most instances per image."""
+    queries = cfg.MODEL.IAUNET.NUM_QUERIES * cfg.MODEL.IAUNET.NUM_CLASSES
+    return min(int(cfg.TEST.DETECTIONS_PER_IMAGE), int(queries))
+
+
 def _rdf_name(text: str) -> str:
     """``text`` with the characters that rdf names may not have (all but letters, digits, spaces
     and ``_+-()``) replaced by "-": dataset names such as ``folder:my_cells/train``."""
@@ -160,8 +170,15 @@ def _model_text(cfg: CfgNode, module: "PackagedIAUNet") -> Dict[str, str]:
     }
 
 
-def package_readme(cfg: CfgNode, info: PackageInfo, module: "PackagedIAUNet", n_test: int) -> str:
-    """The package's README.md (the rdf's ``documentation``), with its "# Validation" section."""
+def package_readme(
+    cfg: CfgNode,
+    info: PackageInfo,
+    module: "PackagedIAUNet",
+    n_test: int,
+    input_size: Tuple[int, int],
+) -> str:
+    """The package's README.md (the rdf's ``documentation``), with its "# Validation" section;
+    ``n_test`` instances in the test image of ``input_size`` (H, W)."""
     from .. import __version__
 
     t = _model_text(cfg, module)
@@ -198,13 +215,16 @@ masks resized back to the input size.
 
 Detections scoring at least {module.score_thresh:g} are kept (`iaunet-predict --score-threshold`);
 a pixel belongs to a mask where its probability exceeds {cfg.MODEL.IAUNET.TEST.MASK_THRESH:g}; at
-most {cfg.TEST.DETECTIONS_PER_IMAGE} detections.
+most {max_detections(cfg)} instances per image ({cfg.MODEL.IAUNET.NUM_QUERIES} queries).
 
 ## Limits
 
 - Whole images, no tiling: `iaunet-predict` tiles images larger than
   {int(cfg.TEST.TILE_SIZE or cfg.INPUT.IMAGE_SIZE)} model px (one tile) and stitches the tiles;
-  this package predicts the whole image at once (memory grows with N x H x W).
+  this package predicts the whole image at once: at most {max_detections(cfg)} instances, and
+  memory growing with the image size. Give it images of about one tile, or use `iaunet-predict`.
+- Input size: at least {input_size[0]} x {input_size[1]} px (the test image's size), any size
+  above; pad smaller images.
 - Objects of another size than in the training images: resize your images first by (training
   object size / your object size); `iaunet-predict --diameter` does it for you.
 - An image without detections gives N = 0, below the minimum of 1 that the spec allows for a
@@ -275,7 +295,7 @@ def model_description(
         spec.SpaceOutputAxis(id=a, size=spec.SizeReference(tensor_id=image, axis_id=a))
         for a in (y, x)
     ]
-    k = int(cfg.TEST.DETECTIONS_PER_IMAGE)
+    k = max_detections(cfg)
     instances = spec.IndexOutputAxis(
         id=spec.AxisId("instance"), size=spec.DataDependentSize(min=1, max=k if k > 1 else None)
     )
