@@ -26,7 +26,7 @@ export_tool = load_tool("export_model")
 
 # A tiny Swin backbone (0.9M parameters: 4 MB weights, where tiny_cfg's ResNet-18 has 46 MB that
 # every check of bioimage.io's test reads again) and a widened class head (see `package`): on these
-# scenes seven detections score 0.51-0.52, the eighth 0.02.
+# scenes (40 x 40 and 101 x 87 px) seven detections score 0.51-0.52, the eighth 0.02.
 SWIN = {
     "MODEL.BACKBONE.NAME": "D2SwinTransformer",
     "MODEL.SWIN.EMBED_DIM": 24,
@@ -79,7 +79,10 @@ def test_package_contents(package):
     steps = [p.id for p in descr.inputs[0].preprocessing]
     assert steps == ["ensure_dtype", "scale_range", "clip", "scale_linear", "ensure_dtype"]
     assert [o.id for o in descr.outputs] == ["labels", "masks", "scores"]
-    assert descr.outputs[1].axes[1].size.min == 1  # masks: a data-dependent instance axis
+    instances = descr.outputs[1].axes[1].size  # masks: a data-dependent instance axis
+    assert (instances.min, instances.max) == (1, 8)  # at most the 8 queries
+    y = descr.inputs[0].axes[2].size  # from the test image's size (half a 64 / 0.8 crop) up
+    assert (y.min, y.step) == (40, 1)
 
 
 def test_bioimageio_core_test_passes(package):
@@ -122,7 +125,7 @@ def test_bioimageio_prediction_matches_iaunet_predict(package, tmp_path):
     iaunet-predict (checkpoint, eager model): the same instances (count, mask IoU >= 0.99,
     scores) and label image."""
     weights, path = package
-    image = synthetic_test_image((112, 96), "uint16", seed=7)  # sizes 80 + n * 16
+    image = synthetic_test_image((101, 87), "uint16", seed=7)  # the test image's: 40 x 40
     tifffile.imwrite(tmp_path / "unseen.tif", image)
     args = ["--weights", weights, "--input", str(tmp_path / "unseen.tif"), "--output"]
     args += [str(tmp_path / "out"), "--save", "labels,coco", "--score-threshold", str(SCORE_THRESH)]
