@@ -9,6 +9,15 @@ EXTRAS = {
     "napari": ["napari>=0.5", "npe2>=0.7", "magicgui>=0.8", "qtpy", "pyqt5"],
     # tools/export_model.py --format onnx and the onnxruntime backend of iaunet-predict
     "export": ["onnx>=1.14", "onnxruntime>=1.16"],
+    # tools/export_model.py --format bioimageio: bioimage.io model packages (the spec's
+    # description, ONNX weights) and bioimage.io's own test and prediction (bioimageio.core)
+    "bioimageio": [
+        "bioimageio.core>=0.11",
+        "bioimageio.spec>=0.5.12",
+        "pydantic>=2",
+        "onnx>=1.14",
+        "onnxruntime>=1.16",
+    ],
     # tools/benchmark_few_shot.py: Cellpose 3 trained from scratch as the peer (not Cellpose 4,
     # whose 300M-parameter model is impractical on a CPU)
     "fewshot": ["cellpose==3.1.*"],

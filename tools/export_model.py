@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Export a trained IAUNet with its post-processing to ONNX or TorchScript (docs/deploy.md).
+"""Export a trained IAUNet with its post-processing to ONNX, TorchScript or a bioimage.io model
+package (docs/deploy.md).
 
     python tools/export_model.py --weights output/model_final.pth --format onnx --output model.onnx
     python tools/export_model.py --weights W --format torchscript --output model.pt --size 512 512
     python tools/export_model.py --weights W --config-file CFG --format onnx --output m.onnx \\
         --opts TEST.DETECTIONS_PER_IMAGE 300
+    python tools/export_model.py --weights W --format bioimageio --output iaunet.zip \\
+        --author "Your Name" [--test-image cells.tif] [--score-threshold 0.5]
 
 The graph takes a float32 batch (B, 3, H, W) on the 0..255 scale (normalized and padded inside)
 and returns scores (B, k), classes (B, k) and mask logits (B, k, H, W): see
 :mod:`iaunet.inference.export`. The ONNX graph has dynamic batch, height and width unless
 ``--size H W`` is given without ``--dynamic``; a TorchScript trace runs at any size. After writing,
 the file is run once on a random image and compared with the eager model (``--no-check`` skips it).
+
+``--format bioimageio`` writes a folder, or a zip when ``--output`` ends with .zip: rdf.yaml,
+TorchScript and ONNX weights, test tensors, cover and README (:mod:`iaunet.inference.bioimageio`);
+then bioimageio.core's own test runs on it (``--no-check`` skips it).
 """
 
 import argparse
@@ -24,7 +31,10 @@ from detectron2.modeling import build_model
 
 from iaunet.checkpoint import AtomicCheckpointer, CheckpointError, read_checkpoint
 from iaunet.config import ConfigError, exit_on_config_error
+from iaunet.data.image_io import read_image
+from iaunet.evaluation.matching import DEFAULT_SCORE_THRESH
 from iaunet.inference.backends import load_backend
+from iaunet.inference.bioimageio_rdf import PackageInfo
 from iaunet.inference.export import FORMATS, ExportableIAUNet, export_model
 from iaunet.inference.predictor import config_from_checkpoint
 
@@ -42,8 +52,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         metavar="CFG",
         help="config the model was trained with (default: the config saved in the checkpoint)",
     )
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--output", required=True, metavar="FILE", help="e.g. model.onnx / model.pt")
+    p.add_argument("--format", required=True, choices=(*FORMATS, "bioimageio"))
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="PATH",
+        help="e.g. model.onnx / model.pt; bioimageio: a folder, or a .zip",
+    )
     p.add_argument(
         "--size",
         type=int,
@@ -58,7 +73,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="dynamic batch, height and width (the default without --size)",
     )
-    p.add_argument("--no-check", action="store_true", help="skip the exported-vs-eager check")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the exported-vs-eager check (bioimageio: bioimageio.core's test)",
+    )
+    b = p.add_argument_group("bioimage.io package (--format bioimageio; docs/deploy.md)")
+    b.add_argument(
+        "--test-image",
+        metavar="IMAGE",
+        help="image the package records as its test, and the smallest input size it describes "
+        "(default: a synthetic scene of half a training crop); the model must find objects in it",
+    )
+    b.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESH,
+        help="detections scoring at least this are in the outputs (as iaunet-predict's)",
+    )
+    b.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: gray images; 3: RGB")
+    b.add_argument(
+        "--labels-only",
+        action="store_true",
+        help="only the label image as output (for tools that read no data-dependent axis)",
+    )
+    b.add_argument("--name", default=PackageInfo.name, help="model name in the rdf")
+    b.add_argument("--description", default="", help="one paragraph (default: from the config)")
+    b.add_argument("--author", action="append", default=[], help="author name (repeatable)")
+    b.add_argument("--license", default=PackageInfo.license, help="SPDX license id")
+    b.add_argument(
+        "--project-url", default="", help="public repository of this project (cited, git_repo)"
+    )
+    b.add_argument("--tag", action="append", default=[], help="extra rdf tag (repeatable)")
     p.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ..."
     )
@@ -81,6 +127,50 @@ def check_export(model, path: str, fmt: str, size: Sequence[int]) -> dict:
     }
 
 
+def export_package(model, cfg, args: argparse.Namespace) -> int:
+    """``--format bioimageio``: write the package, then run bioimageio.core's test on it."""
+    if args.size or args.dynamic:
+        raise ConfigError("--size / --dynamic do not apply to --format bioimageio")
+    try:
+        from iaunet.inference.bioimageio import export_bioimageio, validate_package
+    except ImportError as e:
+        raise ConfigError(
+            f"--format bioimageio needs the bioimageio extra ({e.name} is missing): "
+            'python -m pip install -e ".[bioimageio]"'
+        ) from None
+    try:
+        image = read_image(args.test_image) if args.test_image else None
+        info = PackageInfo(
+            name=args.name,
+            authors=args.author,
+            license=args.license,
+            project_url=args.project_url,
+            description=args.description,
+            tags=args.tag,
+        )
+        start = time.perf_counter()
+        export_bioimageio(
+            model,
+            cfg,
+            args.output,
+            info,
+            score_thresh=args.score_threshold,
+            channels=args.channels,
+            test_image=image,
+            labels_only=args.labels_only,
+        )
+    except ValueError as e:  # a bad test image, config or rdf field: one line
+        raise ConfigError(f"{args.output}: {e}") from None
+    logger.info(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    if args.no_check:
+        return 0
+    summary = validate_package(args.output)
+    for error in summary.errors:
+        logger.error(f"{'.'.join(map(str, error.loc))}: {error.msg}")
+    logger.info(f"bioimageio.core test of {args.output}: {summary.status}")
+    return 0 if summary.status == "passed" else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     args = parse_args(argv)
@@ -93,6 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.MODEL.WEIGHTS = args.weights
     model = build_model(cfg).eval()
     AtomicCheckpointer(model).load_checkpoint(checkpoint)
+    if args.format == "bioimageio":
+        return export_package(model, cfg, args)
     size = tuple(args.size) if args.size else (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
     dynamic = args.dynamic or not args.size
     start = time.perf_counter()

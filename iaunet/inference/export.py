@@ -91,7 +91,8 @@ def graph_keys(cfg: CfgNode) -> Dict[str, object]:
     return values
 
 
-def _trace(module: ExportableIAUNet, example: torch.Tensor) -> torch.jit.ScriptModule:
+def trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of an inference module (no gradients, no trace check)."""
     with torch.no_grad():
         return torch.jit.trace(module, example, check_trace=False)
 
@@ -122,7 +123,7 @@ def export_model(
     example = torch.rand(batch, 3, *size) * 255
     config = cfg.dump()
     if fmt == "torchscript":
-        traced = _trace(module, example)
+        traced = trace(module, example)
         atomic_write(path, lambda f: torch.jit.save(traced, f, {CONFIG_EXTRA_FILE: config}))
         return path
     import onnx

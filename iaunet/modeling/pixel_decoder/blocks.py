@@ -9,12 +9,20 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
 
+def _linspace(n, x: torch.Tensor) -> torch.Tensor:
+    """``linspace(-1, 1, n)`` on ``x``'s device and dtype. A trace (the exported graphs) computes it
+    from ``arange``: the ONNX exporter writes ``linspace`` with the step 2 / (n - 1), NaN for n = 1
+    (a 1-px map: res5 of a 32-px input); the values differ from ``linspace``'s by float rounding."""
+    if not torch.jit.is_tracing():
+        return torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype)
+    step = 2 / torch.as_tensor(n - 1).clamp(min=1).to(x.dtype)
+    return torch.arange(n, device=x.device, dtype=x.dtype) * step - 1
+
+
 def coord_planes(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 2, H, W): x and y coordinates, each ``linspace(-1, 1)`` over the map."""
     b, _, h, w = x.shape
-    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
-    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    yy, xx = torch.meshgrid(_linspace(h, x), _linspace(w, x), indexing="ij")
     return torch.stack([xx, yy]).unsqueeze(0).expand(b, -1, -1, -1)
 
 
