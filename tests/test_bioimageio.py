@@ -15,7 +15,7 @@ import tifffile
 import torch
 from bioimageio.core import create_prediction_pipeline, predict
 from bioimageio.spec import InvalidDescr, ModelDescr, load_description
-from conftest import load_tool, tiny_cfg
+from conftest import ROOT, load_tool, tiny_cfg
 from detectron2.modeling import build_model
 
 from iaunet.checkpoint import AtomicCheckpointer
@@ -146,6 +146,28 @@ def test_bioimageio_prediction_matches_iaunet_predict(package, tmp_path):
             iou = mask_util.iou([rle], [det["segmentation"]], [0])[0, 0]
             assert iou >= 0.99 and abs(score - det["score"]) <= 1e-4, weights_format
         assert (labels == expected_labels).mean() >= 0.999, weights_format
+
+
+def test_quick_config_model_exports_and_passes_bioimageio_test(tmp_path, one_thread):
+    """The README's quick-config architecture (random weights: no trained model in CI), exported
+    by the tool with its default check: bioimageio.core's test of the package passes."""
+    from iaunet.config import load_config
+
+    # INPUT.PIXEL_SCALE 0 (auto) is sized and recorded by training; the synthetic cells give 1.0.
+    cfg = load_config(
+        os.path.join(ROOT, "configs/synthetic/iaunet_quick.yaml"), ["INPUT.PIXEL_SCALE", 1.0]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # separate the queries' scores (see `package`)
+        if hasattr(m, "class_embed"):
+            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
+    AtomicCheckpointer(model, str(tmp_path), config=cfg).save("quick")
+    out = str(tmp_path / "quick.zip")
+    args = ["--weights", str(tmp_path / "quick.pth"), "--format", "bioimageio", "--output", out]
+    args += ["--score-threshold", "0.3"]
+    assert export_tool.main(args) == 0  # 1 when bioimageio.core's test does not pass
+    assert load_description(out).name.startswith("IAUNet")
 
 
 @pytest.mark.parametrize(
