@@ -22,6 +22,7 @@ import os
 from typing import Dict, List
 
 from .common import (
+    AMODAL_FIELD,
     DATASET_FILES,
     check_dataset_dir,
     load_coco_instances,
@@ -32,7 +33,6 @@ from .common import (
 DATASET_DIR = "revvity25"
 SPLITS = {"train": "train", "test": "valid"}  # registered split -> json stem
 AMODAL_FILES = ("annotations/amodal/{stem}.json", "annotations/{stem}_amodal.json")
-AMODAL_FIELD = "amodal_segmentation"
 METADATA = {"thing_classes": ["cell"]}
 
 
