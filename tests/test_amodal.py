@@ -242,3 +242,108 @@ def test_whole_outline_evaluator_scores_the_whole_masks():
     ev.reset()
     ev.process([{"image_id": d["image_id"]}], [{"instances": inst}])
     assert ev.evaluate()["matching_hidden"]["F1@0.9"] < 100
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_carries_both_outputs_and_matches_eager(amodal_model, tmp_path, fmt):
+    from test_export import _images, assert_same_detections
+
+    from iaunet.inference.backends import load_backend
+    from iaunet.inference.export import ExportableIAUNet, export_model
+
+    cfg = tiny_cfg(**{"MODEL.IAUNET.AMODAL": True})
+    path = export_model(amodal_model, cfg, str(tmp_path / f"m.{fmt}"), fmt, size=(64, 64))
+    backend = "onnxruntime" if fmt == "onnx" else "torchscript"
+    run = load_backend(path, backend, amodal_model.postprocessing)
+    if fmt == "onnx":
+        import onnx
+
+        names = [o.name for o in onnx.load(path).graph.output]
+        assert names == ["scores", "classes", "mask_logits", "amodal_mask_logits"]
+    images = _images(2, 50, 77, 1)
+    with torch.no_grad():
+        expected = ExportableIAUNet(amodal_model)(images)
+    got = run.run(images)
+    assert len(got) == len(expected) == 4 and got[3].shape == (2, 8, 50, 77)
+    for i in range(2):
+        for masks in (2, 3):  # visible parts, then whole outlines, of the same detections
+            assert_same_detections(
+                [got[0][i], got[1][i], got[masks][i]],
+                [t[i] for t in expected[:2]] + [expected[masks][i]],
+            )
+    # the backend's instances: both kinds of mask, visible inside whole, as the eager model's
+    out = run([{"image": images[0]}])[0]["instances"]
+    with torch.no_grad():
+        ref = amodal_model([{"image": images[0]}])[0]["instances"]
+    assert not (out.pred_masks & ~out.pred_amodal_masks).any()
+    for field in ("pred_masks", "pred_amodal_masks"):
+        assert_same_detections(
+            (out.scores, out.pred_classes, out.get(field)),
+            (ref.scores, ref.pred_classes, ref.get(field)),
+        )
+
+
+def _hand_made_prediction():
+    """Three cells on a 20 x 30 image: 1 lies on top of 2 and 3; 3 is also under 2."""
+    from iaunet.inference.mask_crops import MaskCrops
+
+    whole = np.zeros((3, 20, 30), bool)
+    whole[0, 2:10, 2:12] = True  # 80 px, on top
+    whole[1, 6:16, 8:20] = True  # 120 px
+    whole[2, 8:18, 16:28] = True  # 120 px, at the bottom
+    visible = whole.copy()
+    visible[1] &= ~whole[0]
+    visible[2] &= ~(whole[0] | whole[1])
+    return MaskCrops.from_bitmasks(visible), MaskCrops.from_bitmasks(whole), visible, whole
+
+
+def test_csv_amodal_columns_from_hand_made_masks():
+    from iaunet.outputs.table import amodal_rows
+
+    visible, whole, vis, who = _hand_made_prediction()
+    rows = amodal_rows(visible, whole)
+    assert [r["area_whole"] for r in rows] == [80, 120, 120]
+    hidden_2 = int((who[1] & who[0]).sum())  # rows 6:10, cols 8:12 -> 16 px
+    hidden_3 = int((who[2] & (who[0] | who[1])).sum())  # rows 8:16, cols 16:20 -> 32 px
+    assert [r["area_visible"] for r in rows] == [80, 120 - hidden_2, 120 - hidden_3]
+    assert rows[1]["hidden_fraction"] == round(hidden_2 / 120, 4)
+    assert rows[2]["hidden_fraction"] == round(hidden_3 / 120, 4)
+    assert [r["on_top_ids"] for r in rows] == ["", "1", "2"]
+
+
+def test_writer_outputs_visible_labels_and_whole_outlines(tmp_path):
+    import csv
+    import zipfile
+
+    import tifffile
+
+    from iaunet.outputs.writer import PredictionWriter, image_prediction
+
+    _, _, vis, who = _hand_made_prediction()
+    inst = Instances((20, 30))
+    inst.pred_masks, inst.pred_amodal_masks = torch.from_numpy(vis), torch.from_numpy(who)
+    inst.scores = torch.tensor([0.9, 0.8, 0.7])
+    inst.pred_classes = torch.zeros(3, dtype=torch.int64)
+    image = np.zeros((20, 30), np.uint8)
+    pred = image_prediction(inst, image, 0.5, stem="s")
+    writer = PredictionWriter(str(tmp_path), cat_ids=[1], class_names=["cell"])
+    writer.write_image(pred)
+    writer.finish()
+    labels = tifffile.imread(tmp_path / "s_labels.tif")
+    expected = np.zeros((20, 30), int)
+    for k in range(3):
+        expected[vis[k]] = k + 1
+    np.testing.assert_array_equal(labels, expected)  # visible parts: one pixel, one cell
+    pages = tifffile.imread(tmp_path / "s_masks.tif")
+    for k in range(3):  # every whole outline on some page
+        assert any(
+            np.array_equal(p == k + 1, who[k]) for p in np.atleast_3d(pages).reshape(-1, 20, 30)
+        )
+    for name in ("s_rois.zip", "s_rois_visible.zip"):
+        assert len(zipfile.ZipFile(tmp_path / name).namelist()) == 3
+    with open(tmp_path / "s_objects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["area"] for r in rows] == ["80", "120", "120"]  # measured on the whole outlines
+    assert [r["on_top_ids"] for r in rows] == ["", "1", "2"]
+    with open(tmp_path / "objects.csv") as f:
+        assert "hidden_fraction" in next(csv.reader(f))
