@@ -347,3 +347,20 @@ def test_writer_outputs_visible_labels_and_whole_outlines(tmp_path):
     assert [r["on_top_ids"] for r in rows] == ["", "1", "2"]
     with open(tmp_path / "objects.csv") as f:
         assert "hidden_fraction" in next(csv.reader(f))
+
+
+def test_napari_layers_show_visible_labels_and_whole_pages():
+    from iaunet.napari_plugin.layers import prediction_layers
+    from iaunet.outputs.writer import ImagePrediction
+
+    visible, whole, vis, who = _hand_made_prediction()
+    pred = ImagePrediction(
+        1, "", "s", np.zeros((20, 30)), visible, np.array([0.9, 0.8, 0.7]), np.zeros(3, int), whole
+    )
+    layers = prediction_layers(pred, "img")
+    names = [kw["name"] for _, kw, _ in layers]
+    assert names[0] == "img visible" and all("whole page" in n for n in names[1:-1])
+    labels = layers[0][0]
+    for k in range(3):
+        np.testing.assert_array_equal(labels == k + 1, vis[k])
+        assert any(np.array_equal(page == k + 1, who[k]) for page, _, _ in layers[1:-1])
