@@ -364,3 +364,48 @@ def test_napari_layers_show_visible_labels_and_whole_pages():
     for k in range(3):
         np.testing.assert_array_equal(labels == k + 1, vis[k])
         assert any(np.array_equal(page == k + 1, who[k]) for page, _, _ in layers[1:-1])
+
+
+def test_folder_dataset_with_whole_outlines_and_visible_parts(tmp_path, monkeypatch):
+    import cv2
+    import tifffile
+
+    from iaunet.data.datasets.folder import register_path_datasets
+
+    monkeypatch.setenv("IAUNET_DATASET_CACHE", str(tmp_path / "cache"))
+    _, _, vis, who = _hand_made_prediction()
+    root = tmp_path / "cells"
+    root.mkdir()
+    cv2.imwrite(str(root / "img.png"), np.zeros((20, 30), np.uint8))
+    pages = np.zeros((2, 20, 30), np.uint16)  # overlapping whole outlines on two pages
+    pages[0][who[0]] = 1
+    pages[0][who[2]] = 3
+    pages[1][who[1]] = 7
+    tifffile.imwrite(root / "img_masks.tif", pages)
+    labels = np.zeros((20, 30), np.uint16)
+    for k, v in zip((5, 6, 9), vis):  # other ids than the pages'
+        labels[v] = k
+    tifffile.imwrite(root / "img_labels.tif", labels)
+    name = f"folder:{root}"
+    register_path_datasets([name])
+    (d,) = DatasetCatalog.get(name)
+    got = {
+        (
+            mask_util.decode(a["segmentation"]).sum(),
+            mask_util.decode(a["amodal_segmentation"]).sum(),
+        )
+        for a in d["annotations"]
+    }
+    assert got == {(int(v.sum()), int(w.sum())) for v, w in zip(vis, who)}
+    for a in d["annotations"]:
+        v, w = (
+            mask_util.decode(a[k]).astype(bool) for k in ("segmentation", "amodal_segmentation")
+        )
+        assert not (v & ~w).any()
+    # a visible part outside its cell is an error naming the label file
+    labels[0, 29] = 5
+    tifffile.imwrite(root / "img_labels.tif", labels)
+    bad = f"folder:{root}#train"
+    with pytest.raises(Exception, match="img_labels.tif: label 5 reaches outside"):
+        register_path_datasets([bad])
+        DatasetCatalog.get(bad)
