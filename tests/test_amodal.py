@@ -409,3 +409,26 @@ def test_folder_dataset_with_whole_outlines_and_visible_parts(tmp_path, monkeypa
     with pytest.raises(Exception, match="img_labels.tif: label 5 reaches outside"):
         register_path_datasets([bad])
         DatasetCatalog.get(bad)
+
+
+def test_hidden_fraction_error_of_matched_cells():
+    from iaunet.evaluation.amodal import HiddenFractionEvaluator
+
+    d = DatasetCatalog.get(VAL)[0]
+    h, w = d["height"], d["width"]
+    whole = np.stack(
+        [polygons_to_bitmask(a["amodal_segmentation"], h, w) for a in d["annotations"]]
+    )
+    visible = np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in d["annotations"]])
+    truth = np.array([hidden_fraction(a, h, w) for a in d["annotations"]])
+    inst = Instances((h, w))
+    inst.pred_masks, inst.pred_amodal_masks = torch.from_numpy(visible), torch.from_numpy(whole)
+    inst.scores = torch.ones(len(whole))
+    ev = HiddenFractionEvaluator(VAL, 0.5, distributed=False)
+    for pred_masks, expected in ((visible, 0.0), (whole, np.median(truth))):
+        inst.pred_masks = torch.from_numpy(pred_masks)  # whole as visible: nothing hidden
+        ev.reset()
+        ev.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+        r = ev.evaluate()["hidden_fraction"]
+        assert r["matched"] == len(whole)
+        assert r["median_abs_error"] == pytest.approx(expected, abs=1e-9)

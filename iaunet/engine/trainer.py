@@ -37,7 +37,13 @@ from ..data import IAUNetDatasetMapper, read_image
 from ..data.auto_config import resolve_config_from_data
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
-from ..evaluation.amodal import SUBSETS, WholeOutlineEvaluator, has_amodal, register_whole_cells
+from ..evaluation.amodal import (
+    SUBSETS,
+    HiddenFractionEvaluator,
+    WholeOutlineEvaluator,
+    has_amodal,
+    register_whole_cells,
+)
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..inference import IAUNetPredictor
 from ..solver import build_optimizer
@@ -151,6 +157,7 @@ class Trainer(DefaultTrainer):
                     WholeOutlineEvaluator(e, suffix)
                     for e in segm_evaluators(cfg, name, folder, ignore_crowd=subset == "hidden")
                 ]
+            evaluators.append(HiddenFractionEvaluator(dataset_name, DEFAULT_SCORE_THRESH))
         return DatasetEvaluators(evaluators)
 
     @classmethod

@@ -10,12 +10,18 @@ its visible part) is evaluated three times in one ``--eval-only``, each by detec
 * ``segm_hidden`` / ``matching_hidden``: the same, on the objects at least ``HIDDEN_MIN`` hidden
   (the others become COCO crowd regions: a prediction on them counts neither way).
 
+and ``hidden_fraction`` (:class:`HiddenFractionEvaluator`): how well the predicted share of each
+cell that is hidden, 1 - visible / whole, matches the truth on the cells found (whole outlines
+matched one-to-one at IoU >= 0.5, score >= 0.5).
+
 The two ground truths are derived datasets, ``<name>_whole`` and ``<name>_hidden``, registered on
 demand from the dataset's own dicts; ``COCOEvaluator`` converts them to COCO json as for any
 dataset without a json file.
 """
 
 import copy
+import itertools
+import logging
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -23,8 +29,12 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
 
 from ..data.datasets.common import AMODAL_FIELD
+from .matching import match_pairs
+
+logger = logging.getLogger(__name__)
 
 HIDDEN_MIN = 0.2  # share of an object hidden from which it counts as hidden (segm_hidden)
 # derived dataset suffix -> result-name suffix
@@ -137,3 +147,66 @@ def _with_masks(instances, masks):
         out.set(k, v)
     out.pred_masks = masks
     return out
+
+
+class HiddenFractionEvaluator(DatasetEvaluator):
+    """Median and mean absolute error of the hidden fraction (1 - visible area / whole area) of the
+    predicted cells (score >= ``score_thresh``) matched to true cells by whole-outline IoU >= 0.5
+    (:func:`~iaunet.evaluation.matching.match_pairs`). A prediction without whole outlines has
+    nothing hidden."""
+
+    def __init__(self, dataset_name: str, score_thresh: float, distributed: bool = True):
+        self.dataset_name, self.score_thresh, self.distributed = (
+            dataset_name,
+            score_thresh,
+            distributed,
+        )
+        self._gt: Optional[Dict] = None
+
+    def reset(self) -> None:
+        self._errors: List[float] = []
+
+    def process(self, inputs, outputs) -> None:
+        if self._gt is None:
+            self._gt = {d["image_id"]: d for d in DatasetCatalog.get(self.dataset_name)}
+        for inp, out in zip(inputs, outputs):
+            record = self._gt[inp["image_id"]]
+            h, w = record["height"], record["width"]
+            objects = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+            gt_whole = [to_rle(a.get(AMODAL_FIELD, a["segmentation"]), h, w) for a in objects]
+            gt_hidden = np.array([hidden_fraction(a, h, w) for a in objects])
+            inst = out["instances"].to("cpu")
+            inst = inst[inst.scores >= self.score_thresh]
+            if not len(inst) or not objects:
+                continue
+            visible = inst.pred_masks.flatten(1).sum(1).double().numpy()
+            whole_masks = (
+                inst.pred_amodal_masks if inst.has("pred_amodal_masks") else inst.pred_masks
+            )
+            whole = whole_masks.flatten(1).sum(1).double().numpy()
+            pred_hidden = 1 - visible / np.maximum(whole, 1)
+            rles = mask_util.encode(
+                np.asfortranarray(whole_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+            )
+            iou = np.asarray(mask_util.iou(gt_whole, rles, [0] * len(rles)))
+            g, p = match_pairs(iou, 0.5)
+            self._errors += np.abs(pred_hidden[p] - gt_hidden[g]).tolist()
+
+    def evaluate(self):
+        errors = self._errors
+        if self.distributed:
+            comm.synchronize()
+            errors = list(itertools.chain(*comm.gather(errors, dst=0)))
+            if not comm.is_main_process():
+                return {}
+        if not errors:
+            return {}
+        e = np.asarray(errors)
+        res = {"median_abs_error": float(np.median(e)), "mean_abs_error": float(e.mean())}
+        res["matched"] = len(e)
+        logger.info(
+            f"Hidden fraction on {self.dataset_name}: median absolute error "
+            f"{res['median_abs_error']:.4f}, mean {res['mean_abs_error']:.4f} "
+            f"({len(e)} matched cells)"
+        )
+        return {"hidden_fraction": res}
