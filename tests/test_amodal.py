@@ -432,3 +432,7 @@ def test_hidden_fraction_error_of_matched_cells():
         r = ev.evaluate()["hidden_fraction"]
         assert r["matched"] == len(whole)
         assert r["median_abs_error"] == pytest.approx(expected, abs=1e-9)
+        assert r["matched_hidden"] == (truth >= HIDDEN_MIN).sum() > 0
+        assert r["median_abs_error_hidden"] == pytest.approx(
+            0.0 if expected == 0 else np.median(truth[truth >= HIDDEN_MIN]), abs=1e-9
+        )

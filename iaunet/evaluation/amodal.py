@@ -164,7 +164,7 @@ class HiddenFractionEvaluator(DatasetEvaluator):
         self._gt: Optional[Dict] = None
 
     def reset(self) -> None:
-        self._errors: List[float] = []
+        self._errors: List[tuple] = []  # (absolute error, true hidden fraction) per matched cell
 
     def process(self, inputs, outputs) -> None:
         if self._gt is None:
@@ -190,7 +190,7 @@ class HiddenFractionEvaluator(DatasetEvaluator):
             )
             iou = np.asarray(mask_util.iou(gt_whole, rles, [0] * len(rles)))
             g, p = match_pairs(iou, 0.5)
-            self._errors += np.abs(pred_hidden[p] - gt_hidden[g]).tolist()
+            self._errors += zip(np.abs(pred_hidden[p] - gt_hidden[g]).tolist(), gt_hidden[g])
 
     def evaluate(self):
         errors = self._errors
@@ -201,12 +201,18 @@ class HiddenFractionEvaluator(DatasetEvaluator):
                 return {}
         if not errors:
             return {}
-        e = np.asarray(errors)
+        e, truth = np.asarray(errors).T
         res = {"median_abs_error": float(np.median(e)), "mean_abs_error": float(e.mean())}
         res["matched"] = len(e)
+        # most cells hide nothing, where predicting "nothing hidden" is exact: the same on the
+        # cells at least HIDDEN_MIN hidden
+        hidden = e[truth >= HIDDEN_MIN]
+        res["median_abs_error_hidden"] = float(np.median(hidden)) if len(hidden) else float("nan")
+        res["matched_hidden"] = len(hidden)
         logger.info(
             f"Hidden fraction on {self.dataset_name}: median absolute error "
             f"{res['median_abs_error']:.4f}, mean {res['mean_abs_error']:.4f} "
-            f"({len(e)} matched cells)"
+            f"({len(e)} matched cells); median {res['median_abs_error_hidden']:.4f} on the "
+            f"{len(hidden)} matched cells >= {HIDDEN_MIN:.0%} hidden"
         )
         return {"hidden_fraction": res}
