@@ -129,6 +129,9 @@ def add_iaunet_config(cfg: CN) -> None:
     m.BLOCKS_PER_LEVEL = 3  # decoder blocks per pixel-decoder level (3 levels -> 9 blocks)
     m.DECODER_ORDER = "seq"  # seq: all blocks of 1/32, then 1/16, then 1/8 | round_robin
     m.DEEP_SUPERVISION = True  # losses on every block's prediction (fresh matching each)
+    # each query also predicts its object's whole (amodal) outline with a second mask embedding
+    # on the same E; pred_masks stay the visible parts (docs/amodal.md; thesis §5.1 future work)
+    m.AMODAL = False
     # --- losses and matching, thesis §3.6
     m.CLASS_WEIGHT = 1.0  # weight of the classification loss and cost
     m.MASK_WEIGHT = 5.0  # weight of the sigmoid BCE mask loss and cost
@@ -218,6 +221,9 @@ def add_iaunet_config(cfg: CN) -> None:
     # image is stored in 8 or 16 bits (off: 8-bit images are used as they are, as in the thesis)
     cfg.INPUT.NORMALIZE_8BIT = False
     cfg.INPUT.SIZE_DIVISIBILITY = 32  # pad images to a multiple of this
+    # which outline a single-mask model learns: "visible" (the annotation's segmentation) |
+    # "amodal" (its amodal_segmentation, the whole object; docs/amodal.md)
+    cfg.INPUT.MASK_KIND = "visible"
     cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer pixels after augmentation are dropped
 
     # Optimizer, thesis §4.2.

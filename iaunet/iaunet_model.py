@@ -157,7 +157,9 @@ class IAUNet(nn.Module):
             targets: training targets (``prepare_targets``), for the denoising queries.
         Returns:
             {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs": [...]}
-            with s = ``mask_stride`` (``QueryDecoder.forward``); in training with a dense probe
+            (and "pred_amodal_masks" (B, Q, H/s, W/s), the whole outlines, with
+            ``MODEL.IAUNET.AMODAL``) with s = ``mask_stride`` (``QueryDecoder.forward``); in
+            training with a dense probe
             also "dense_logits" (B, 2, H/s, W/s) (:mod:`iaunet.modeling.dense_supervision`).
         """
         features = self.backbone(images)
@@ -201,11 +203,13 @@ class IAUNet(nn.Module):
             for i, x in enumerate(batched_inputs):
                 height = x.get("height", images.image_sizes[i][0])
                 width = x.get("width", images.image_sizes[i][1])
+                amodal = outputs.get("pred_amodal_masks")
                 instances = self.instance_inference(
                     outputs["pred_logits"][i],
                     outputs["pred_masks"][i],
                     images.image_sizes[i],
                     (height, width),
+                    amodal_masks=None if amodal is None else amodal[i],
                 )
                 results.append({"instances": instances})
         return results
@@ -214,14 +218,21 @@ class IAUNet(nn.Module):
     def prepare_targets(
         instances: List[Instances], images: ImageList
     ) -> List[Dict[str, torch.Tensor]]:
-        """gt_masks (T, h, w) zero-padded to the batch's padded size (T, H, W)."""
+        """gt_masks (T, h, w) zero-padded to the batch's padded size (T, H, W): "masks", and
+        "amodal_masks" from gt_amodal_masks (the whole outlines) when the instances have them."""
         h_pad, w_pad = images.tensor.shape[-2:]
         targets = []
         for inst in instances:
-            masks = inst.gt_masks.tensor if isinstance(inst.gt_masks, BitMasks) else inst.gt_masks
-            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
-            padded[:, : masks.shape[1], : masks.shape[2]] = masks
-            targets.append({"labels": inst.gt_classes.long(), "masks": padded})
+            target = {"labels": inst.gt_classes.long()}
+            for field, key in (("gt_masks", "masks"), ("gt_amodal_masks", "amodal_masks")):
+                if not inst.has(field):
+                    continue
+                masks = inst.get(field)
+                masks = masks.tensor if isinstance(masks, BitMasks) else masks
+                padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
+                padded[:, : masks.shape[1], : masks.shape[2]] = masks
+                target[key] = padded
+            targets.append(target)
         return targets
 
     @torch.no_grad()
@@ -231,16 +242,21 @@ class IAUNet(nn.Module):
         masks: torch.Tensor,
         image_size: Tuple[int, int],
         output_size: Tuple[int, int],
+        amodal_masks: Optional[torch.Tensor] = None,
     ) -> Instances:
         """
         Args:
             logits: (Q, K+1); masks: (Q, h, w) logits at 1/``mask_stride`` of the padded input.
             image_size: (H, W) of the input before padding; output_size: (H0, W0) to resize to.
+            amodal_masks: (Q, h, w) whole-outline logits (``MODEL.IAUNET.AMODAL``).
         Returns:
             Instances of size output_size with pred_masks (bool), scores, pred_classes, pred_boxes,
-            by decreasing score (:mod:`iaunet.modeling.postprocessing`).
+            by decreasing score (:mod:`iaunet.modeling.postprocessing`); with ``amodal_masks``
+            also pred_amodal_masks (bool), pred_masks being the visible parts inside them.
         """
-        scores, labels, mask_logits = self.topk_predictions(logits, masks, image_size)
+        scores, labels, mask_logits, *amodal = self.topk_predictions(
+            logits, masks, image_size, amodal_masks
+        )
         return instances_from_topk(
             scores,
             labels,
@@ -249,11 +265,16 @@ class IAUNet(nn.Module):
             output_size,
             self.postprocessing,
             stride=self.mask_stride,
+            amodal_mask_logits=amodal[0] if amodal else None,
         )
 
     def topk_predictions(
-        self, logits: torch.Tensor, masks: torch.Tensor, image_size: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        logits: torch.Tensor,
+        masks: torch.Tensor,
+        image_size: Tuple[int, int],
+        amodal_masks: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, ...]:
         """The fixed-size part of post-processing (exportable): see
         ``postprocessing.topk_predictions``."""
         k = min(self.postprocessing.detections_per_image, self.num_queries * self.num_classes)
@@ -265,6 +286,7 @@ class IAUNet(nn.Module):
             num_classes=self.num_classes,
             k=k,
             stride=self.mask_stride,
+            amodal_masks=amodal_masks,
         )
 
 

@@ -109,6 +109,7 @@ def make_revvity(root, amodal_field=False):
 
 def test_names_and_metadata_without_data():
     expected = [f"revvity25_{s}" for s in ("train", "test", "amodal_train", "amodal_test")]
+    expected += ["revvity25_both_train", "revvity25_both_test"]
     expected += [f"livecell_{s}" for s in ("train", "val", "test")]
     expected += [f"livecell_crops_{s}" for s in ("train", "val", "test")]
     evican = ("train", "val", "eval_easy", "eval_medium", "eval_difficult")
@@ -179,6 +180,32 @@ def test_revvity25_amodal_separate_file(root):
         [ann(3, 7, square(2, 2, 20)), ann(4, 7, square(10, 10, 20))],
     )
     assert len(DatasetCatalog.get("revvity25_amodal_test")[0]["annotations"]) == 2
+
+
+def test_revvity25_both_outlines(root):
+    d = make_revvity(root, amodal_field=True)
+    both = DatasetCatalog.get("revvity25_both_train")[0]["annotations"]
+    assert [a["segmentation"] for a in both] == [[square(5, 5, 30)], [square(20, 20, 30)]]
+    assert both[0]["amodal_segmentation"] == [square(5, 5, 40)]
+    assert "amodal_segmentation" not in both[1]  # no hidden part: its whole outline is its own
+    write_json(  # a separate amodal file, matched by annotation id
+        str(d / "annotations/valid_amodal.json"),
+        [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
+        [ann(3, 7, square(2, 2, 20))],
+    )
+    (a,) = DatasetCatalog.get("revvity25_both_test")[0]["annotations"]
+    assert a["segmentation"] == [square(2, 2, 10)] and a["amodal_segmentation"] == [
+        square(2, 2, 20)
+    ]
+    write_json(
+        str(d / "annotations/valid_amodal.json"),
+        [{"id": 7, "file_name": "t.tif", "height": 64, "width": 64}],
+        [ann(4, 7, square(2, 2, 20))],
+    )
+    with pytest.raises(
+        ValueError, match=r"valid_amodal\.json: no amodal outline for annotation id 3"
+    ):
+        DatasetCatalog.get("revvity25_both_test")
 
 
 def test_bad_inputs_name_the_file(root, caplog):

@@ -104,7 +104,8 @@ class _Network(nn.Module):
         aux = self.model.query_decoder.aux_predictions_at_test
         out = self.model.forward_network(x, deep_supervision=aux)
         preds = [out] + out["aux_outputs"]
-        return tuple(t for p in preds for t in (p["pred_logits"], p["pred_masks"]))
+        # every prediction tensor: class logits, masks and, with MODEL.IAUNET.AMODAL, whole outlines
+        return tuple(v for p in preds for k, v in p.items() if k.startswith("pred_"))
 
 
 class _PostProcess(nn.Module):

@@ -20,6 +20,11 @@ as str so that they can be written to JSON), with their boxes (XYWH, pixel exten
   and angle ROIs carry no area and are skipped with a warning naming them; a ROI's slice/channel
   position is ignored (every ROI belongs to the image).
 
+**Whole outlines and visible parts** (:func:`read_whole_and_visible`, docs/amodal.md): a masks
+TIFF (``<stem>_masks.tif``, overlapping whole outlines) together with a label image
+(``<stem>_labels.tif``, the visible parts, one cell per pixel) give each instance both: its visible
+part is the label that covers most of its whole outline, and must lie inside it.
+
 Every error is a :class:`DatasetError` (a ``ConfigError``: the command-line tools end with its
 one line) whose message starts with the file at fault.
 """
@@ -216,6 +221,64 @@ def read_roi_file(path: str, image_size: Tuple[int, int]) -> List[Instance]:
             f"{path}: skipped ROIs that cover no pixel of the {h}x{w} image (outside it, or "
             f"degenerate): {', '.join(outside)}"
         )
+    return instances
+
+
+def _read_sized(path: str, image_size: Tuple[int, int]) -> np.ndarray:
+    pages = read_label_pages(path)
+    if pages.shape[1:] != tuple(image_size):
+        raise DatasetError(
+            f"{path}: labels of size {pages.shape[1]}x{pages.shape[2]} (HxW) but the image is "
+            f"{image_size[0]}x{image_size[1]}"
+        )
+    return pages
+
+
+def _instance(mask: np.ndarray) -> Instance:
+    xs, ys = np.nonzero(mask.T)  # column-major, as instance_from_pixels wants
+    return instance_from_pixels(ys, xs, *mask.shape)
+
+
+def read_whole_and_visible(
+    masks_path: str, labels_path: str, image_size: Tuple[int, int]
+) -> List[Instance]:
+    """Instances with ``segmentation`` = visible part (from the label image ``labels_path``) and
+    ``amodal_segmentation`` = whole outline (from the masks TIFF ``masks_path``); box and area are
+    the visible part's. A whole outline that no label covers (a cell hidden entirely) is skipped
+    with a warning; a label matched to two whole outlines, or reaching outside its own, is a
+    DatasetError."""
+    whole_pages = _read_sized(masks_path, image_size)
+    labels = _read_sized(labels_path, image_size)
+    if labels.shape[0] != 1:
+        raise DatasetError(
+            f"{labels_path}: {labels.shape[0]} pages; visible parts are one label image"
+        )
+    labels = labels[0]
+    instances, used = [], {}
+    for page in whole_pages:
+        for k in np.unique(page[page > 0]):
+            whole = page == k
+            ids, counts = np.unique(labels[whole], return_counts=True)
+            counts, ids = counts[ids > 0], ids[ids > 0]
+            if not len(ids):
+                logger.warning(f"{masks_path}: instance {k} has no visible part in {labels_path}")
+                continue
+            v = int(ids[np.argmax(counts)])
+            if v in used:
+                raise DatasetError(
+                    f"{labels_path}: label {v} is the visible part of two whole outlines of "
+                    f"{masks_path} (ids {used[v]} and {k})"
+                )
+            used[v] = int(k)
+            visible = labels == v
+            if (visible & ~whole).any():
+                raise DatasetError(
+                    f"{labels_path}: label {v} reaches outside its whole outline (id {k} of "
+                    f"{masks_path}); a visible part lies inside its cell"
+                )
+            inst = _instance(visible)
+            inst["amodal_segmentation"] = _instance(whole)["segmentation"]
+            instances.append(inst)
     return instances
 
 

@@ -14,10 +14,32 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, BoxMode
 
 from .augmentations import RandomIntensity, RandomRotation
+from .datasets.common import AMODAL_FIELD
 from .image_io import read_image, to_model_range
 from .statistics import objects, resize_mode
 
 logger = logging.getLogger(__name__)
+
+# INPUT.MASK_KIND -> the annotation field a single-mask model learns (docs/amodal.md)
+MASK_KINDS = {"visible": "segmentation", "amodal": AMODAL_FIELD}
+# instance field of each annotation field: one mask per object, or both with MODEL.IAUNET.AMODAL
+TARGET_FIELDS = {"segmentation": "gt_masks", AMODAL_FIELD: "gt_amodal_masks"}
+
+
+def mask_fields(cfg) -> Tuple[str, ...]:
+    """The annotation fields the targets are made from: the visible part (``segmentation``) and,
+    with ``MODEL.IAUNET.AMODAL``, the whole outline; else the one ``INPUT.MASK_KIND`` names."""
+    kind = cfg.INPUT.MASK_KIND
+    if kind not in MASK_KINDS:
+        raise ValueError(f"INPUT.MASK_KIND must be one of {sorted(MASK_KINDS)}, got {kind!r}")
+    if cfg.MODEL.IAUNET.AMODAL:
+        if kind != "visible":
+            raise ValueError(
+                "MODEL.IAUNET.AMODAL True learns both outlines: INPUT.MASK_KIND must stay "
+                f"'visible', got {kind!r}"
+            )
+        return ("segmentation", AMODAL_FIELD)
+    return (MASK_KINDS[kind],)
 
 
 class _AtLeastOnePixel:
@@ -161,6 +183,11 @@ class IAUNetDatasetMapper:
     ``transform_instance_annotations`` / ``annotations_to_instances(mask_format="bitmask")``;
     ``gt_boxes`` are the masks' boxes; instances that the crop empties, or that keep fewer than
     ``min_instance_area`` pixels, are dropped (``filter_empty_instances``).
+
+    ``fields``: the annotation outlines the targets hold (:func:`mask_fields`): ``gt_masks`` from
+    the first, ``gt_amodal_masks`` from ``amodal_segmentation`` when it is the second. An
+    annotation without ``amodal_segmentation`` has no hidden part: its whole outline is its
+    ``segmentation``.
     """
 
     @configurable
@@ -174,8 +201,10 @@ class IAUNetDatasetMapper:
         percentiles=(0.5, 99.5),
         min_instance_area: int = 1,
         normalize_uint8: bool = False,
+        fields: Tuple[str, ...] = ("segmentation",),
     ):
         self.is_train = is_train
+        self.fields = tuple(fields)
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.intensity_norm = intensity_norm
@@ -195,6 +224,7 @@ class IAUNetDatasetMapper:
             "percentiles": cfg.INPUT.PERCENTILES,
             "min_instance_area": cfg.INPUT.MIN_INSTANCE_AREA,
             "normalize_uint8": cfg.INPUT.NORMALIZE_8BIT,
+            "fields": mask_fields(cfg),
         }
 
     def load_image(self, file_name: str) -> np.ndarray:
@@ -231,18 +261,29 @@ class IAUNetDatasetMapper:
         if not self.is_train:
             return dataset_dict
         size = image.shape[:2]
+        masks = {}
         try:
-            for a in annos:
-                a["segmentation"] = polygons_to_rle(a["segmentation"], h, w)
-                if "bbox" not in a:  # the transforms need one; the masks' boxes replace it below
-                    a["bbox"] = mask_util.toBbox(a["segmentation"]).tolist()
-                    a["bbox_mode"] = BoxMode.XYWH_ABS
-            annos = [utils.transform_instance_annotations(a, transforms, size) for a in annos]
-            instances = utils.annotations_to_instances(annos, size, mask_format="bitmask")
+            for field in self.fields:
+                kind = []
+                for a in annos:
+                    a = dict(a, segmentation=a.get(field, a["segmentation"]))
+                    a["segmentation"] = polygons_to_rle(a["segmentation"], h, w)
+                    if "bbox" not in a:  # the transforms need one; the masks' boxes replace it
+                        a["bbox"] = mask_util.toBbox(a["segmentation"]).tolist()
+                        a["bbox_mode"] = BoxMode.XYWH_ABS
+                    kind.append(utils.transform_instance_annotations(a, transforms, size))
+                masks[field] = utils.annotations_to_instances(kind, size, mask_format="bitmask")
         except (ValueError, TypeError, AssertionError) as e:
             raise ValueError(f"{file_name}: cannot use its annotations: {e}") from None
+        instances = masks[self.fields[0]]
         if not instances.has("gt_masks"):  # no annotation at all
             instances.gt_masks = BitMasks(torch.zeros((0, *size), dtype=torch.bool))
+        for field in self.fields[1:]:
+            extra = masks[field]
+            instances.set(
+                TARGET_FIELDS[field],
+                extra.gt_masks if extra.has("gt_masks") else BitMasks(instances.gt_masks.tensor),
+            )
         instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         instances = utils.filter_empty_instances(instances)
         if self.min_instance_area > 1:

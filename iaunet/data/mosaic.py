@@ -21,6 +21,8 @@ from detectron2.structures import BitMasks, Instances
 
 logger = logging.getLogger(__name__)
 
+MASK_FIELDS = ("gt_masks", "gt_amodal_masks")  # the instance mask fields a mosaic carries
+
 
 def combine_mosaic(parts: Sequence[Dict], offset_y: int, offset_x: int, min_area: int = 1) -> Dict:
     """Four mapped training samples of one size (H, W) -> one of the same size.
@@ -42,7 +44,9 @@ def combine_mosaic(parts: Sequence[Dict], offset_y: int, offset_x: int, min_area
     if not (0 <= offset_y <= h and 0 <= offset_x <= w):
         raise ValueError(f"mosaic offset ({offset_y}, {offset_x}) outside [0, {h}] x [0, {w}]")
     image = torch.empty_like(parts[0]["image"])
-    masks: List[torch.Tensor] = []
+    # gt_masks, and the whole outlines too when the targets have them (MODEL.IAUNET.AMODAL)
+    fields = [f for f in MASK_FIELDS if parts[0]["instances"].has(f)]
+    masks: Dict[str, List[torch.Tensor]] = {f: [] for f in fields}
     classes: List[torch.Tensor] = []
     for q, part in enumerate(parts):
         # the part's rectangle on the canvas, in the window's coordinates
@@ -54,15 +58,17 @@ def combine_mosaic(parts: Sequence[Dict], offset_y: int, offset_x: int, min_area
         src = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
         image[:, y0:y1, x0:x1] = part["image"][(slice(None), *src)]
         inst = part["instances"]
-        m = torch.zeros((len(inst), h, w), dtype=torch.bool)
-        m[:, y0:y1, x0:x1] = inst.gt_masks.tensor[(slice(None), *src)]
-        masks.append(m)
+        for f in fields:
+            m = torch.zeros((len(inst), h, w), dtype=torch.bool)
+            m[:, y0:y1, x0:x1] = inst.get(f).tensor[(slice(None), *src)]
+            masks[f].append(m)
         classes.append(inst.gt_classes)
-    gt_masks = torch.cat(masks)
+    gt_masks = {f: torch.cat(masks[f]) for f in fields}
     gt_classes = torch.cat(classes)
-    keep = gt_masks.flatten(1).sum(1) >= max(min_area, 1)
+    keep = gt_masks["gt_masks"].flatten(1).sum(1) >= max(min_area, 1)
     instances = Instances((h, w))
-    instances.gt_masks = BitMasks(gt_masks[keep])
+    for f in fields:
+        instances.set(f, BitMasks(gt_masks[f][keep]))
     instances.gt_classes = gt_classes[keep]
     instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
     out = dict(parts[0])

@@ -27,7 +27,7 @@ from detectron2.engine import (
     default_setup,
 )
 from detectron2.engine import hooks as d2_hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
@@ -37,6 +37,13 @@ from ..data import IAUNetDatasetMapper, read_image
 from ..data.auto_config import resolve_config_from_data
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
+from ..evaluation.amodal import (
+    SUBSETS,
+    HiddenFractionEvaluator,
+    WholeOutlineEvaluator,
+    has_amodal,
+    register_whole_cells,
+)
 from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..inference import IAUNetPredictor
 from ..solver import build_optimizer
@@ -141,16 +148,17 @@ class Trainer(DefaultTrainer):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
             raise NotImplementedError(f"no evaluator for {dataset_name} of type {evaluator_type}")
-        coco = COCOEvaluator(
-            dataset_name,
-            tasks=("segm",),
-            distributed=True,
-            output_dir=output_folder,
-            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        )
-        # F1 / PQ / counts at the CLI's default score threshold, next to COCO AP.
-        matching = InstanceMatchingEvaluator(dataset_name, score_thresh=DEFAULT_SCORE_THRESH)
-        return DatasetEvaluators([coco, matching])
+        evaluators = segm_evaluators(cfg, dataset_name, output_folder)
+        if has_amodal(dataset_name):  # whole outlines: all, and those of hidden objects
+            for subset, suffix in SUBSETS.items():
+                name = register_whole_cells(dataset_name, subset)
+                folder = os.path.join(output_folder, subset)
+                evaluators += [
+                    WholeOutlineEvaluator(e, suffix)
+                    for e in segm_evaluators(cfg, name, folder, ignore_crowd=subset == "hidden")
+                ]
+            evaluators.append(HiddenFractionEvaluator(dataset_name, DEFAULT_SCORE_THRESH))
+        return DatasetEvaluators(evaluators)
 
     @classmethod
     def test(cls, cfg: CfgNode, model, evaluators=None):
@@ -182,6 +190,24 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, model)
+
+
+def segm_evaluators(
+    cfg: CfgNode, dataset_name: str, output_folder: str, ignore_crowd: bool = False
+) -> List[DatasetEvaluator]:
+    """COCO segm AP and, at the CLI's default score threshold, F1 / PQ / counts of
+    ``dataset_name`` (``ignore_crowd``: see :class:`InstanceMatchingEvaluator`)."""
+    coco = COCOEvaluator(
+        dataset_name,
+        tasks=("segm",),
+        distributed=True,
+        output_dir=output_folder,
+        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+    matching = InstanceMatchingEvaluator(
+        dataset_name, score_thresh=DEFAULT_SCORE_THRESH, ignore_crowd=ignore_crowd
+    )
+    return [coco, matching]
 
 
 class PredictorModel(torch.nn.Module):

@@ -17,7 +17,7 @@ import copy
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -34,36 +34,52 @@ DEFAULT_SCORE_THRESH = 0.5  # iaunet-predict's default --score-threshold: what u
 TAUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.5 ... 0.9
 
 
-def match(iou: np.ndarray, tau: float) -> np.ndarray:
-    """(G, P) IoU matrix -> the IoU of each matched pair (IoU >= ``tau``), one-to-one, maximising
-    the number of matches first and their total IoU second."""
+def match_pairs(iou: np.ndarray, tau: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(G, P) IoU matrix -> (gt indices, prediction indices) of the matched pairs (IoU >=
+    ``tau``), one-to-one, maximising the number of matches first and their total IoU second."""
+    none = np.zeros(0, dtype=np.int64)
     if iou.size == 0:
-        return np.zeros(0)
+        return none, none
     ok = iou >= tau
     if not ok.any():
-        return np.zeros(0)
+        return none, none
     # A match is worth 1 + IoU / (n + 1) < 2: more matches always win, then the higher IoU sum.
     cost = -(ok * (1.0 + iou / (min(iou.shape) + 1)))
     g, p = linear_sum_assignment(cost)
     keep = ok[g, p]
-    return iou[g[keep], p[keep]]
+    return g[keep], p[keep]
+
+
+def match(iou: np.ndarray, tau: float) -> np.ndarray:
+    """(G, P) IoU matrix -> the IoU of each matched pair (:func:`match_pairs`)."""
+    g, p = match_pairs(iou, tau)
+    return iou[g, p] if len(g) else np.zeros(0)
+
+
+def _iou(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
+    if not (len(a) and len(b)):
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask_util.iou(list(a), list(b), [0] * len(b)))
 
 
 def image_counts(
-    gt: Sequence[dict], pred: Sequence[dict], taus: Sequence[float] = TAUS
+    gt: Sequence[dict],
+    pred: Sequence[dict],
+    taus: Sequence[float] = TAUS,
+    ignore: Sequence[dict] = (),
 ) -> np.ndarray:
     """Counts of one image from COCO RLEs: (len(taus), 4) rows of (TP, FP, FN, sum of matched
-    IoU)."""
+    IoU). ``ignore``: objects outside the evaluated subset (COCO's crowd regions): an unmatched
+    prediction with IoU >= tau to one of them is neither a TP nor an FP."""
     out = np.zeros((len(taus), 4))
-    iou = (
-        np.asarray(mask_util.iou(list(gt), list(pred), [0] * len(pred)))
-        if len(gt) and len(pred)
-        else np.zeros((len(gt), len(pred)))
-    )
+    iou, iou_ignored = _iou(gt, pred), _iou(ignore, pred)
     for i, tau in enumerate(taus):
-        matched = match(iou, tau)
-        tp = len(matched)
-        out[i] = (tp, len(pred) - tp, len(gt) - tp, matched.sum())
+        g, p = match_pairs(iou, tau)
+        tp = len(g)
+        unmatched = np.ones(len(pred), dtype=bool)
+        unmatched[p] = False
+        ignored = unmatched & (iou_ignored >= tau).any(0)
+        out[i] = (tp, len(pred) - tp - ignored.sum(), len(gt) - tp, iou[g, p].sum())
     return out
 
 
@@ -93,10 +109,14 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
         dataset_name: str,
         score_thresh: float = DEFAULT_SCORE_THRESH,
         distributed: bool = True,
+        ignore_crowd: bool = False,
     ):
         self.dataset_name = dataset_name
         self.score_thresh = score_thresh
         self.distributed = distributed
+        # crowd annotations as regions whose predictions are not counted (image_counts' ignore);
+        # off: they are not objects, and predictions on them are false positives
+        self.ignore_crowd = ignore_crowd
         self._gt = None
 
     def reset(self) -> None:
@@ -109,10 +129,14 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
         return self._gt
 
     @staticmethod
-    def gt_rles(record: dict) -> List[dict]:
+    def gt_rles(record: dict, crowd: bool = False) -> List[dict]:
+        """COCO RLEs of the objects of ``record`` (of its crowd regions with ``crowd``)."""
         h, w = record["height"], record["width"]
         rles = []
-        for a in objects(record):
+        annotations = objects(record)
+        if crowd:
+            annotations = [a for a in record.get("annotations", []) if a.get("iscrowd", 0)]
+        for a in annotations:
             seg = a["segmentation"]
             if isinstance(seg, list):
                 rles.append(mask_util.merge(mask_util.frPyObjects(seg, h, w)))
@@ -129,8 +153,10 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
             inst = inst[inst.scores >= self.score_thresh]
             masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
             pred = mask_util.encode(masks) if len(inst) else []
-            gts = self.gt_rles(gt[inp["image_id"]])
-            self._counts.append(image_counts(gts, pred))
+            record = gt[inp["image_id"]]
+            gts = self.gt_rles(record)
+            ignore = self.gt_rles(record, crowd=True) if self.ignore_crowd else ()
+            self._counts.append(image_counts(gts, pred, ignore=ignore))
             self._num_gt += len(gts)
             self._num_pred += len(pred)
 

@@ -21,12 +21,14 @@ from .export import INPUT_NAME, read_exported_config
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("pytorch", "onnxruntime", "torchscript")
-Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # scores, classes, mask logits
+# scores, classes, mask logits [, whole-outline mask logits (MODEL.IAUNET.AMODAL)]
+Outputs = Tuple[torch.Tensor, ...]
 
 
 class ExportedModel:
-    """A runtime function ``images (B, 3, H, W) -> (scores, classes, mask_logits)`` (the exported
-    graph's outputs) with the eager model's post-processing after it.
+    """A runtime function ``images (B, 3, H, W) -> (scores, classes, mask_logits[,
+    amodal_mask_logits])`` (the exported graph's outputs) with the eager model's post-processing
+    after it.
 
     Args:
         run: the exported graph.
@@ -51,7 +53,7 @@ class ExportedModel:
                     f"{x.get('file_name', 'an input')}"
                 )
             size = tuple(image.shape[-2:])
-            scores, classes, mask_logits = self.run(image[None].float())
+            scores, classes, mask_logits, *amodal = self.run(image[None].float())
             output_size = (x.get("height", size[0]), x.get("width", size[1]))
             instances = instances_from_topk(
                 scores[0],
@@ -61,6 +63,7 @@ class ExportedModel:
                 output_size,
                 self.postprocessing,
                 stride=1,  # the graph's masks are at the input size already
+                amodal_mask_logits=amodal[0][0] if amodal else None,
             )
             results.append({"instances": instances})
         return results

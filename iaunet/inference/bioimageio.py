@@ -113,7 +113,8 @@ class PackagedIAUNet(nn.Module):
         if self.scale != 1.0:  # the predictor's resize (detectron2 ResizeTransform on floats)
             size = (_scaled(h, self.scale), _scaled(w, self.scale))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        scores, _, mask_logits = self.net(x)
+        # a MODEL.IAUNET.AMODAL model: the package carries the visible parts (one pixel, one cell)
+        scores, _, mask_logits, *_ = self.net(x)
         if self.scale != 1.0:  # postprocessing.upsample_masks: bilinear to the image size
             mask_logits = F.interpolate(
                 mask_logits, size=(h, w), mode="bilinear", align_corners=False

@@ -10,7 +10,10 @@ The graph is the eager inference path up to the one data-dependent step:
       -> scores (B, k) float32, sorted decreasingly; classes (B, k) int64;
          mask_logits (B, k, H, W) float32 (mask = mask_logits > logit(MASK_THRESH), 0 for 0.5)
 
-with k = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES x NUM_CLASSES). What is left is the score
+with k = min(TEST.DETECTIONS_PER_IMAGE, NUM_QUERIES x NUM_CLASSES). A model predicting whole
+outlines too (``MODEL.IAUNET.AMODAL``, docs/amodal.md) has a fourth output, ``amodal_mask_logits``
+(B, k, H, W), the whole outlines of the same detections; ``mask_logits`` are then their visible
+parts (kept inside the whole outlines by ``topk_predictions``). What is left is the score
 threshold (``postprocessing.select_detections``) and, for another output size, the resize of
 ``postprocessing.upsample_masks``; ``postprocessing.instances_from_topk(..., stride=1)`` does both,
 as the eager model does after ``topk_predictions``. The functions are the eager model's own: there
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "classes", "mask_logits")
+AMODAL_OUTPUT = "amodal_mask_logits"  # the fourth output of a MODEL.IAUNET.AMODAL model
 CONFIG_KEY = "iaunet.config"  # ONNX metadata_props key
 CONFIG_EXTRA_FILE = "iaunet_config.yaml"  # TorchScript extra file
 ONNX_OPSET = 17
@@ -65,9 +69,9 @@ class ExportableIAUNet(nn.Module):
         super().__init__()
         self.model = model.eval()
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """images (B, 3, H, W) float, 0..255 -> scores (B, k), classes (B, k), mask_logits
-        (B, k, H, W)."""
+        (B, k, H, W) [, amodal_mask_logits (B, k, H, W)]."""
         model = self.model
         h, w = images.shape[-2:]
         x = (images.float() - model.pixel_mean) / model.pixel_std
@@ -76,10 +80,14 @@ class ExportableIAUNet(nn.Module):
         x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
         x = x.contiguous(memory_format=model.memory_format)
         out = model.forward_network(x)
-        scores, classes, mask_logits = model.topk_predictions(
-            out["pred_logits"], out["pred_masks"], (h, w)
+        scores, classes, *masks = model.topk_predictions(
+            out["pred_logits"], out["pred_masks"], (h, w), out.get("pred_amodal_masks")
         )
-        return scores, classes, masks_at_input_size(mask_logits, (h, w), model.mask_stride)
+        return (
+            scores,
+            classes,
+            *(masks_at_input_size(m, (h, w), model.mask_stride) for m in masks),
+        )
 
 
 def graph_keys(cfg: CfgNode) -> Dict[str, object]:
@@ -128,9 +136,11 @@ def export_model(
         return path
     import onnx
 
+    outputs = list(OUTPUT_NAMES) + ([AMODAL_OUTPUT] if cfg.MODEL.IAUNET.AMODAL else [])
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
     axes.update({"scores": {0: "batch"}, "classes": {0: "batch"}})
-    axes["mask_logits"] = {0: "batch", 2: "height", 3: "width"}
+    for name in outputs[2:]:
+        axes[name] = {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()  # < 2 GB: no external data
     with torch.no_grad():
         torch.onnx.export(
@@ -139,7 +149,7 @@ def export_model(
             buffer,
             dynamo=False,  # the TorchScript-based exporter: no onnxscript needed
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=outputs,
             dynamic_axes=axes if dynamic else None,
             opset_version=ONNX_OPSET,
             do_constant_folding=True,

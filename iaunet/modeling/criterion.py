@@ -1,5 +1,6 @@
 """Set criterion: CE over K+1 classes, sigmoid BCE and Dice on matched masks, deep supervision
-(thesis §3.6)."""
+(thesis §3.6). With whole outlines predicted too (``MODEL.IAUNET.AMODAL``), the mask losses are
+taken for each kind of mask (visible part, whole outline) of the same matched pairs."""
 
 from typing import Dict, List, Sequence, Tuple
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from .dense_supervision import dense_loss
 from .mask_losses import bce_loss, dice_loss, upsampled_mask_losses
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, mask_kinds
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,6 +57,7 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        self.weights.update(loss_mask_amodal=mask_weight, loss_dice_amodal=dice_weight)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
@@ -124,20 +126,20 @@ class SetCriterion(nn.Module):
         self,
         outputs: Dict,
         labels: List[torch.Tensor],
-        gt_masks: torch.Tensor,
+        gt_masks: Dict[str, torch.Tensor],
         target_offsets: Sequence[int],
         indices: Indices,
         num_masks: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
-        """Weighted loss_ce / loss_mask / loss_dice of one decoder output for the given matching."""
-        loss_mask, loss_dice = self.loss_masks(
-            outputs["pred_masks"], gt_masks, target_offsets, indices, num_masks
-        )
-        raw = {
-            "loss_ce": self.loss_labels(outputs["pred_logits"], labels, indices),
-            "loss_mask": loss_mask,
-            "loss_dice": loss_dice,
-        }
+        """Weighted loss_ce / loss_mask / loss_dice of one decoder output for the given matching,
+        and loss_mask_amodal / loss_dice_amodal when it predicts whole outlines too. ``gt_masks``:
+        target key ("masks", "amodal_masks") -> (T, H, W) of the batch (:meth:`loss_masks`)."""
+        raw = {"loss_ce": self.loss_labels(outputs["pred_logits"], labels, indices)}
+        for pred_key, target_key, suffix in mask_kinds(outputs):
+            loss_mask, loss_dice = self.loss_masks(
+                outputs[pred_key], gt_masks[target_key], target_offsets, indices, num_masks
+            )
+            raw["loss_mask" + suffix], raw["loss_dice" + suffix] = loss_mask, loss_dice
         return {k: v * self.weights[k] for k, v in raw.items()}
 
     def forward(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -145,10 +147,11 @@ class SetCriterion(nn.Module):
         Args:
             outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w), "aux_outputs" (list
                 of the same).
-            targets: per image, "labels" (T,) int64 and "masks" (T, H, W) of the padded image.
+            targets: per image, "labels" (T,) int64 and "masks" (T, H, W) of the padded image
+                (and "amodal_masks" (T, H, W) when the outputs have "pred_amodal_masks").
         Returns:
-            weighted losses: loss_ce, loss_mask, loss_dice, and loss_{ce,mask,dice}_{i} per
-            auxiliary output.
+            weighted losses: loss_ce, loss_mask, loss_dice (and loss_{mask,dice}_amodal), and the
+            same with suffix _{i} per auxiliary output.
         """
         sizes = {tuple(t["masks"].shape[-2:]) for t in targets}
         if len(sizes) != 1:
@@ -157,12 +160,13 @@ class SetCriterion(nn.Module):
             )
         # One float copy of all gt masks of the batch, shared by the matcher and the losses of every
         # decoder output, instead of a conversion and a gather per output and image.
-        gt_masks = torch.cat([t["masks"] for t in targets]).float()
+        keys = [t for _, t, _ in mask_kinds(outputs)]
+        gt_masks = {k: torch.cat([t[k] for t in targets]).float() for k in keys}
         counts = [len(t["labels"]) for t in targets]
         target_offsets = [sum(counts[:b]) for b in range(len(counts))]
         labels = [t["labels"] for t in targets]
         matcher_targets = [
-            {"labels": lab, "masks": gt_masks[o : o + n]}
+            {"labels": lab, **{k: gt_masks[k][o : o + n] for k in keys}}
             for lab, o, n in zip(labels, target_offsets, counts)
         ]
         device = outputs["pred_logits"].device
@@ -181,7 +185,7 @@ class SetCriterion(nn.Module):
         losses = losses_of(outputs)
         if "dense_logits" in outputs:  # the dense probe on E (a training aid)
             losses["loss_dense"] = self.dense_weight * dense_loss(
-                outputs["dense_logits"], gt_masks, counts
+                outputs["dense_logits"], gt_masks["masks"], counts
             )
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in losses_of(aux).items()})
@@ -206,10 +210,8 @@ class SetCriterion(nn.Module):
         parts = []
         for g in range(groups):
             block = slice(g * per_group, (g + 1) * per_group)
-            sub = {
-                "pred_logits": outputs["pred_logits"][:, block],
-                "pred_masks": outputs["pred_masks"][:, block],
-            }
+            keys = ["pred_logits", *(p for p, _, _ in mask_kinds(outputs))]
+            sub = {k: outputs[k][:, block] for k in keys}
             parts.append([(q + g * per_group, t) for q, t in self.matcher(sub, targets)])
         return [
             (torch.cat([p[b][0] for p in parts]), torch.cat([p[b][1] for p in parts]))

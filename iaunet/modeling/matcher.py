@@ -1,12 +1,23 @@
 """Hungarian matching between predicted and ground-truth instances (thesis §3.6)."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+
+# The kinds of mask a query predicts: (output key, target key, loss-name suffix). The visible part
+# always; the whole (amodal) outline too with MODEL.IAUNET.AMODAL (a second mask embedding).
+MASK_KINDS = (("pred_masks", "masks", ""), ("pred_amodal_masks", "amodal_masks", "_amodal"))
+
+Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def mask_kinds(outputs: Dict) -> List[Tuple[str, str, str]]:
+    """The entries of :data:`MASK_KINDS` that ``outputs`` predicts."""
+    return [kind for kind in MASK_KINDS if kind[0] in outputs]
 
 
 def batch_dice_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,7 +42,9 @@ class HungarianMatcher(nn.Module):
     w_dice*Dice.
 
     Mask costs are computed on ``num_points`` uniformly sampled points, the same points for
-    predictions and targets, in fp32. Pure: no state, no side effects.
+    predictions and targets, in fp32. A query predicting two masks (visible part and whole
+    outline, ``pred_amodal_masks``) is matched on the sum of both mask costs. Pure: no state, no
+    side effects.
     """
 
     def __init__(
@@ -50,28 +63,32 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(
         self,
         logits: torch.Tensor,
-        masks: torch.Tensor,
+        masks: Masks,
         tgt_labels: torch.Tensor,
-        tgt_masks: torch.Tensor,
+        tgt_masks: Masks,
     ) -> torch.Tensor:
-        """logits (Q, K+1), masks (Q, h, w), tgt_labels (T,), tgt_masks (T, H, W) -> cost (Q, T)."""
+        """logits (Q, K+1), masks (Q, h, w), tgt_labels (T,), tgt_masks (T, H, W) -> cost (Q, T).
+
+        ``masks`` and ``tgt_masks`` may also be sequences, one (Q, h, w) / (T, H, W) per mask kind
+        (visible, whole): their mask costs, on the same points, add up."""
+        if isinstance(masks, torch.Tensor):
+            masks, tgt_masks = (masks,), (tgt_masks,)
         prob = logits.float().softmax(-1)
-        cost_class = -prob[:, tgt_labels]
-        points = torch.rand(1, self.num_points, 2, device=masks.device)
-        tgt = point_sample(
-            tgt_masks[:, None].float(),
-            points.expand(tgt_masks.shape[0], -1, -1),
-            align_corners=False,
-        )
-        pred = point_sample(
-            masks[:, None].float(), points.expand(masks.shape[0], -1, -1), align_corners=False
-        )
-        tgt, pred = tgt[:, 0], pred[:, 0]
-        return (
-            self.cost_class * cost_class
-            + self.cost_mask * batch_bce_cost(pred, tgt)
-            + self.cost_dice * batch_dice_cost(pred, tgt)
-        )
+        cost = self.cost_class * -prob[:, tgt_labels]
+        points = torch.rand(1, self.num_points, 2, device=masks[0].device)
+        for pred, tgt in zip(masks, tgt_masks):
+            tgt = point_sample(
+                tgt[:, None].float(), points.expand(tgt.shape[0], -1, -1), align_corners=False
+            )[:, 0]
+            pred = point_sample(
+                pred[:, None].float(), points.expand(pred.shape[0], -1, -1), align_corners=False
+            )[:, 0]
+            cost = (
+                cost
+                + self.cost_mask * batch_bce_cost(pred, tgt)
+                + self.cost_dice * batch_dice_cost(pred, tgt)
+            )
+        return cost
 
     @torch.no_grad()
     def forward(
@@ -79,8 +96,9 @@ class HungarianMatcher(nn.Module):
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
-            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w).
-            targets: per image, "labels" (T,) and "masks" (T, H, W).
+            outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, h, w) [and
+                "pred_amodal_masks" (B, Q, h, w)].
+            targets: per image, "labels" (T,) and "masks" (T, H, W) [and "amodal_masks"].
         Returns:
             per image, (query indices, target indices), int64 tensors of length min(Q, T).
         """
@@ -91,8 +109,12 @@ class HungarianMatcher(nn.Module):
                     empty = torch.zeros(0, dtype=torch.int64)
                     indices.append((empty, empty))
                     continue
+                kinds = mask_kinds(outputs)
                 cost = self.cost_matrix(
-                    outputs["pred_logits"][b], outputs["pred_masks"][b], tgt["labels"], tgt["masks"]
+                    outputs["pred_logits"][b],
+                    [outputs[p][b] for p, _, _ in kinds],
+                    tgt["labels"],
+                    [tgt[t] for _, t, _ in kinds],
                 )
                 cost = cost.cpu()
                 if not torch.isfinite(cost).all():

@@ -24,7 +24,7 @@ dropped when a higher-scoring one of the same class overlaps it by more than ``N
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,8 @@ def topk_predictions(
     num_classes: int,
     k: int,
     stride: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    amodal_masks: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, ...]:
     """Step 1, for one image or a batch (the leading B dimension is optional).
 
     Tensors only and no data-dependent shapes, so that it traces into the exported graph
@@ -141,16 +142,30 @@ def topk_predictions(
         image_size: (H, W) of the input before padding.
         post: maskness, mask threshold and duplicate suppression.
         k: detections kept (at most Q x K).
+        amodal_masks: ([B,] Q, h, w) whole-outline logits of the same queries
+            (``MODEL.IAUNET.AMODAL``); ``masks`` are then their visible parts, kept inside the
+            whole outline as min(visible, whole) logits (any threshold: visible <= whole pixel by
+            pixel, and the bilinear resizes after, with their non-negative weights, keep it).
     Returns:
         scores ([B,] k) sorted decreasingly, labels ([B,] k), mask logits ([B,] k, h, w) (still
-        padded).
+        padded), and with ``amodal_masks`` their rows of the same detections ([B,] k, h, w).
     """
     if logits.dim() == 2:  # one image
         out = topk_predictions(
-            logits[None], masks[None], image_size, post, num_classes=num_classes, k=k, stride=stride
+            logits[None],
+            masks[None],
+            image_size,
+            post,
+            num_classes=num_classes,
+            k=k,
+            stride=stride,
+            amodal_masks=None if amodal_masks is None else amodal_masks[None],
         )
         return tuple(t[0] for t in out)
     logits, masks = logits.float(), masks.float()
+    if amodal_masks is not None:
+        amodal_masks = amodal_masks.float()
+        masks = torch.minimum(masks, amodal_masks)
     probs = logits.softmax(-1)[..., :num_classes].flatten(-2)  # (B, Q*K), query-major
     if not torch.jit.is_tracing():  # traced: the caller passes k <= Q x K (a traced size
         k = min(k, probs.shape[-1])  # would become a constant here, with a TracerWarning)
@@ -175,6 +190,8 @@ def topk_predictions(
     )
     order = scores.argsort(dim=-1, descending=True)  # Matrix NMS may reorder
     scores, labels, query = (t.gather(-1, order) for t in (scores, labels, query))
+    if amodal_masks is not None:
+        return scores, labels, gather_rows(masks, query), gather_rows(amodal_masks, query)
     return scores, labels, gather_rows(masks, query)
 
 
@@ -259,11 +276,13 @@ def instances_from_topk(
     post: PostProcessing,
     *,
     stride: int,
+    amodal_mask_logits: Optional[torch.Tensor] = None,
 ) -> Instances:
     """Steps 2 and 3 on step 1's output for one image (the eager model and the exported-model
     backends of the predictor share them; ``post``: the score and mask thresholds):
     ``Instances`` of ``output_size`` with pred_masks (bool), scores, pred_classes and pred_boxes,
-    by decreasing score."""
+    by decreasing score; with ``amodal_mask_logits`` also pred_amodal_masks (bool), the whole
+    outlines (pred_masks are then the visible parts, inside them)."""
     keep = select_detections(scores, post.score_thresh)
     # Sorted scores keep the first N: a slice, not a copy of N full-size masks (stride 1).
     rows = slice(0, len(keep)) if is_prefix(keep) else keep
@@ -271,6 +290,10 @@ def instances_from_topk(
     result.pred_masks = upsample_masks(
         mask_logits[rows], image_size, output_size, post.mask_thresh, stride
     )
+    if amodal_mask_logits is not None:
+        result.pred_amodal_masks = upsample_masks(
+            amodal_mask_logits[rows], image_size, output_size, post.mask_thresh, stride
+        )
     result.scores = scores[keep]
     result.pred_classes = labels[keep]
     result.pred_boxes = masks_to_boxes(result.pred_masks)

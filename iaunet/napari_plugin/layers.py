@@ -14,11 +14,13 @@ from ..outputs.writer import ImagePrediction
 LayerData = Tuple[Any, Dict[str, Any], str]
 
 
-def page_layers(pages: np.ndarray, name: str, placement: Dict[str, Any]) -> List[LayerData]:
+def page_layers(
+    pages: np.ndarray, name: str, placement: Dict[str, Any], kind: str = "masks"
+) -> List[LayerData]:
     """One Labels layer per page (overlapping instances are on different pages, so showing all
-    pages at once shows every instance whole)."""
+    pages at once shows every instance whole), named ``<name> <kind> page <p>``."""
     return [
-        (page, dict(placement, name=f"{name} masks page {p + 1}", opacity=0.5), "labels")
+        (page, dict(placement, name=f"{name} {kind} page {p + 1}", opacity=0.5), "labels")
         for p, page in enumerate(pages)
     ]
 
@@ -32,6 +34,9 @@ def prediction_layers(
     """Labels (flattened; overlaps: the higher score), mask pages, and a Points layer at the
     instances' centroids with their id, score and class as features (the score as text).
 
+    A prediction with whole outlines (``MODEL.IAUNET.AMODAL``, docs/amodal.md): the labels are the
+    visible parts ("<name> visible"), the pages the whole outlines ("<name> whole page <p>").
+
     ``placement``: layer kwargs shared with the image layer (``scale``, ``translate``) so that the
     results sit on the image."""
     placement = dict(placement or {})
@@ -39,7 +44,9 @@ def prediction_layers(
     h, w = masks.image_size
     names = list(class_names or [])
     labels = label_image(masks, h, w)
-    pages = mask_pages(masks, h, w, instance_overlaps(masks))
+    amodal = pred.whole_masks is not None
+    whole = pred.whole_masks if amodal else masks
+    pages = mask_pages(whole, h, w, instance_overlaps(whole))
     centroids = np.zeros((len(masks), 2))
     for i, (y0, x0, crop) in enumerate(masks):
         ys, xs = np.nonzero(crop)
@@ -60,7 +67,7 @@ def prediction_layers(
         text={"string": "{score:.2f}", "size": 9, "color": "yellow", "anchor": "upper_left"},
     )
     return [
-        (labels, dict(placement, name=f"{name} labels"), "labels"),
-        *page_layers(pages, name, placement),
+        (labels, dict(placement, name=f"{name} {'visible' if amodal else 'labels'}"), "labels"),
+        *page_layers(pages, name, placement, "whole" if amodal else "masks"),
         (centroids, points, "points"),
     ]

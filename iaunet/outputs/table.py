@@ -21,6 +21,16 @@ normalization). Columns:
 =====================  ==========================================================================
 
 The run table adds ``image`` (the input file) and ``image_id`` (its id in ``images.json``) first.
+
+A model that predicts whole outlines next to visible parts (``MODEL.IAUNET.AMODAL``, docs/amodal.md)
+is measured on the whole outlines, with four more columns (:func:`amodal_rows`):
+
+=====================  ==========================================================================
+``area_visible``       pixels of the visible part
+``area_whole``         pixels of the whole outline
+``hidden_fraction``    1 - area_visible / area_whole
+``on_top_ids``         ids of the instances whose visible part covers this one's hidden part
+=====================  ==========================================================================
 """
 
 import csv
@@ -49,6 +59,7 @@ BASE_COLUMNS = [
     "perimeter",
 ]
 OVERLAP_COLUMNS = ["overlap_px", "overlap_ids", "overlap_px_per_id"]
+AMODAL_COLUMNS = ["area_visible", "area_whole", "hidden_fraction", "on_top_ids"]
 RUN_COLUMNS = ["image", "image_id"]
 
 
@@ -133,8 +144,52 @@ def csv_bytes(rows: Sequence[Dict], columns: Sequence[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def table_columns(image: np.ndarray) -> List[str]:
-    """The columns of one image's table."""
+def table_columns(image: np.ndarray, amodal: bool = False) -> List[str]:
+    """The columns of one image's table (``amodal``: with :data:`AMODAL_COLUMNS`)."""
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
-    return BASE_COLUMNS + intensity_columns(image) + OVERLAP_COLUMNS
+    extra = AMODAL_COLUMNS if amodal else []
+    return BASE_COLUMNS + intensity_columns(image) + OVERLAP_COLUMNS + extra
+
+
+def _in_box(crop: np.ndarray, offset, box) -> np.ndarray:
+    """``crop`` (at ``offset`` (y, x) in the image) cut or padded to ``box`` (y0, x0, y1, x1)."""
+    out = np.zeros((box[2] - box[0], box[3] - box[1]), bool)
+    y0, x0 = max(offset[0], box[0]), max(offset[1], box[1])
+    y1 = min(offset[0] + crop.shape[0], box[2])
+    x1 = min(offset[1] + crop.shape[1], box[3])
+    if y1 > y0 and x1 > x0:
+        out[y0 - box[0] : y1 - box[0], x0 - box[1] : x1 - box[1]] = crop[
+            y0 - offset[0] : y1 - offset[0], x0 - offset[1] : x1 - offset[1]
+        ]
+    return out
+
+
+def amodal_rows(visible: MaskCrops, whole: MaskCrops) -> List[Dict]:
+    """The :data:`AMODAL_COLUMNS` of each instance from its visible part and whole outline (same
+    order, ids 1..N). The hidden part is the whole outline minus the visible part; the instances
+    on top are those whose visible part covers some of it."""
+    if len(visible) != len(whole):
+        raise ValueError(f"{len(visible)} visible masks but {len(whole)} whole outlines")
+    wholes = list(whole)
+    visibles = list(visible)
+    rows = []
+    for i, (y0, x0, crop) in enumerate(wholes):
+        box = (y0, x0, y0 + crop.shape[0], x0 + crop.shape[1])
+        vy, vx, vcrop = visibles[i]
+        hidden = crop & ~_in_box(vcrop, (vy, vx), box)
+        on_top = [
+            j + 1
+            for j, (oy, ox, other) in enumerate(visibles)
+            if j != i and hidden.any() and (hidden & _in_box(other, (oy, ox), box)).any()
+        ]
+        area_whole, area_visible = int(crop.sum()), int(vcrop.sum())
+        rows.append(
+            {
+                "area_visible": area_visible,
+                "area_whole": area_whole,
+                "hidden_fraction": round(1 - area_visible / area_whole, 4) if area_whole else 0.0,
+                "on_top_ids": ";".join(map(str, on_top)),
+            }
+        )
+    return rows

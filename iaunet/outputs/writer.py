@@ -11,6 +11,11 @@ masks      ``<stem>_masks.tif``: overlap-preserving label pages (:mod:`.masks`)
 csv        ``<stem>_objects.csv`` and ``objects.csv`` for the run (:mod:`.table`)
 coco       ``predictions.json`` (COCO results, RLE) and ``images.json`` (:mod:`.coco`)
 =========  ===================================================================================
+
+A model predicting whole outlines too (``MODEL.IAUNET.AMODAL``, docs/amodal.md): the label image,
+the overlay and the COCO results are the visible parts (one pixel, one cell); the masks TIFF and
+``_rois.zip`` are the whole outlines (overlapping), ``<stem>_rois_visible.zip`` the visible parts
+(same ROI names); the CSV measures the whole outlines and adds the ``table.AMODAL_COLUMNS``.
 """
 
 import logging
@@ -62,6 +67,7 @@ class ImagePrediction:
     masks: MaskCrops
     scores: np.ndarray
     classes: np.ndarray
+    whole_masks: Optional[MaskCrops] = None  # whole outlines (MODEL.IAUNET.AMODAL); masks: visible
 
 
 def image_prediction(
@@ -79,8 +85,11 @@ def image_prediction(
     instances = instances[instances.scores >= score_threshold]
     instances = instances[instances.scores.argsort(descending=True)]
     masks = instances.pred_masks
+    whole = instances.pred_amodal_masks if instances.has("pred_amodal_masks") else None
     if not isinstance(masks, MaskCrops):
         masks = MaskCrops.from_bitmasks(masks)
+    if whole is not None and not isinstance(whole, MaskCrops):
+        whole = MaskCrops.from_bitmasks(whole)
     return ImagePrediction(
         image_id=image_id,
         path=path,
@@ -89,6 +98,7 @@ def image_prediction(
         masks=masks,
         scores=instances.scores.numpy(),
         classes=instances.pred_classes.numpy(),
+        whole_masks=whole,
     )
 
 
@@ -136,7 +146,8 @@ class PredictionWriter:
             "height": h,
             "width": w,
         }
-        overlaps = instance_overlaps(masks) if {"masks", "csv"} & set(self.save) else None
+        whole = pred.whole_masks if pred.whole_masks is not None else masks  # overlapping outputs
+        overlaps = instance_overlaps(whole) if {"masks", "csv"} & set(self.save) else None
         stem = pred.stem
         if "labels" in self.save:
             entry["labels"] = self._write(
@@ -149,14 +160,21 @@ class PredictionWriter:
             overlay = render_overlay(image8, masks)
             entry["overlay"] = self._write(f"{stem}_overlay.png", png_bytes(overlay))
         if "rois" in self.save:
-            rois = instance_rois(masks, scores, names)
+            rois = instance_rois(whole, scores, names)
             entry["rois"] = self._write(f"{stem}_rois.zip", rois_zip_bytes(rois))
+            if pred.whole_masks is not None:
+                rois = instance_rois(masks, scores, names)
+                name = f"{stem}_rois_visible.zip"
+                entry["rois_visible"] = self._write(name, rois_zip_bytes(rois))
         if "masks" in self.save:
-            pages = mask_pages(masks, h, w, overlaps)
+            pages = mask_pages(whole, h, w, overlaps)
             entry["masks"] = self._write(f"{stem}_masks.tif", pages_tiff_bytes(pages))
         if "csv" in self.save:
-            rows = table.object_rows(masks, scores, names, pred.image, overlaps)
-            columns = table.table_columns(pred.image)
+            rows = table.object_rows(whole, scores, names, pred.image, overlaps)
+            if pred.whole_masks is not None:
+                for row, extra in zip(rows, table.amodal_rows(masks, pred.whole_masks)):
+                    row.update(extra)
+            columns = table.table_columns(pred.image, amodal=pred.whole_masks is not None)
             entry["objects"] = self._write(f"{stem}_objects.csv", table.csv_bytes(rows, columns))
             run_rows = [dict(r, image=pred.path, image_id=pred.image_id) for r in rows]
             self.rows.extend(run_rows)
@@ -172,9 +190,11 @@ class PredictionWriter:
         """Write the run files; returns their names."""
         written = []
         if "csv" in self.save:
-            fixed = table.BASE_COLUMNS + table.OVERLAP_COLUMNS
+            amodal = [c for c in table.AMODAL_COLUMNS if c in self.columns]
+            fixed = table.BASE_COLUMNS + table.OVERLAP_COLUMNS + table.AMODAL_COLUMNS
             intensity = [c for c in self.columns if c not in fixed]  # gray and colour images
             columns = table.RUN_COLUMNS + table.BASE_COLUMNS + intensity + table.OVERLAP_COLUMNS
+            columns += amodal
             written.append(self._write("objects.csv", table.csv_bytes(self.rows, columns)))
         if "coco" in self.save:
             cats = coco.categories(self.cat_ids, self.class_names)

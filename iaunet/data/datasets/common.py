@@ -54,6 +54,9 @@ DATASET_FILES: Dict[str, Tuple[str, ...]] = {}
 # Part of every cache key (normalized COCO files here, folder datasets in folder.py): bump it when
 # the normalization or the folder reading changes, so that old cache files are not reused.
 CACHE_VERSION = 1
+# The whole (amodal) outline of an annotation whose ``segmentation`` is its visible part (COCO
+# amodal convention, as in KINS/COCOA): kept in the dataset dicts when present (docs/amodal.md).
+AMODAL_FIELD = "amodal_segmentation"
 
 CocoDict = Dict
 Transform = Callable[[CocoDict, str], CocoDict]
@@ -306,7 +309,9 @@ def load_coco_instances(
             # concurrent workers never read a partial file
             atomic_write(load_file, json.dumps(data))
         logger.info(f"{dataset_name}: loading a normalized copy of {json_file}: {load_file}")
-    dicts = load_coco_json(load_file, image_root, dataset_name=None)
+    dicts = load_coco_json(
+        load_file, image_root, dataset_name=None, extra_annotation_keys=[AMODAL_FIELD]
+    )
     for record in dicts:
         record["file_name"] = paths[record["image_id"]]
         for obj in record["annotations"]:

@@ -15,6 +15,9 @@ are relative to the working directory (not ``$DETECTRON2_DATASETS``).
 * ``PATH/images/img.tif`` with the annotation in ``PATH/masks/``, ``PATH/labels/`` or
   ``PATH/rois/`` under the image's own name (``img.tif``, ``img.png``, ``img.zip``) or any of the
   names above; or
+* whole outlines and visible parts (docs/amodal.md): ``img_masks.tif`` (overlapping whole outlines)
+  together with ``img_labels.tif|.png`` (the visible parts, one cell per pixel), read by
+  :func:`~iaunet.data.annotations_io.read_whole_and_visible`; or
 * ``PATH/*.json``: one COCO instances file whose ``file_name`` s are relative to ``PATH`` (or
   ``PATH/images``); the same as ``coco:PATH/that.json``.
 
@@ -50,9 +53,14 @@ from detectron2.structures import BoxMode
 
 from ...utils.atomic import atomic_write
 from ...utils.file_names import safe_file_name
-from ..annotations_io import LABEL_EXTENSIONS, DatasetError, read_annotation_file
+from ..annotations_io import (
+    LABEL_EXTENSIONS,
+    DatasetError,
+    read_annotation_file,
+    read_whole_and_visible,
+)
 from ..image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
-from .common import CACHE_VERSION, cache_dir, load_coco_instances
+from .common import AMODAL_FIELD, CACHE_VERSION, cache_dir, load_coco_instances
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,8 @@ HOLDOUT_FRACTION = 0.2
 CLASS_NAMES = ["object"]  # label images and ROI sets carry no class: one class
 ANNOTATION_DIRS = ("masks", "labels", "rois")
 _SUFFIXES = ("_labels", "_masks")
+# joins the whole-outline masks TIFF and the visible-part label image of one image
+WHOLE_VISIBLE_SEP = "|"
 _MEMO: Dict[str, Tuple[str, List[Dict]]] = {}  # name -> (cache file, dicts): read once per process
 _ANNOUNCED = set()  # hold-outs already listed in the log by this process
 
@@ -172,12 +182,14 @@ def scan_folder(folder: str) -> Tuple[List[Tuple[str, str]], Optional[str]]:
                     else ""
                 )
             )
-        if len(found) > 1:
+        whole_and_visible = _whole_and_visible(found)
+        if len(found) > 1 and whole_and_visible is None:
             raise DatasetError(
-                f"{os.path.join(image_dir, name)}: several annotations {found}; keep one"
+                f"{os.path.join(image_dir, name)}: several annotations {found}; keep one (or a "
+                "_masks.tif of whole outlines and a _labels file of visible parts)"
             )
-        pairs.append((os.path.join(image_dir, name), found[0]))
-    used = {os.path.basename(a) for _, a in pairs}
+        pairs.append((os.path.join(image_dir, name), whole_and_visible or found[0]))
+    used = {os.path.basename(f) for _, a in pairs for f in _files(a)}
     orphans = [
         f
         for f in sorted(listing[image_dir])
@@ -186,6 +198,23 @@ def scan_folder(folder: str) -> Tuple[List[Tuple[str, str]], Optional[str]]:
     if orphans:
         logger.warning(f"{folder}: annotation files without an image, ignored: {orphans[:10]}")
     return pairs, None
+
+
+def _whole_and_visible(found: Sequence[str]) -> Optional[str]:
+    """``masks|labels`` when ``found`` is a ``_masks.tif`` (whole outlines) and a ``_labels`` image
+    (visible parts) of one image (docs/amodal.md), else None."""
+    if len(found) != 2:
+        return None
+    masks = [f for f in found if os.path.splitext(f)[0].endswith("_masks")]
+    labels = [f for f in found if os.path.splitext(f)[0].endswith("_labels")]
+    if len(masks) == len(labels) == 1:
+        return f"{masks[0]}{WHOLE_VISIBLE_SEP}{labels[0]}"
+    return None
+
+
+def _files(annotation: str) -> List[str]:
+    """The file(s) of an annotation entry: one, or masks and labels (:func:`_whole_and_visible`)."""
+    return annotation.split(WHOLE_VISIBLE_SEP)
 
 
 def _files_key(folder: str, files: Sequence[str]) -> str:
@@ -205,7 +234,11 @@ def build_folder_coco(folder: str, pairs: Sequence[Tuple[str, str]]) -> Dict:
             h, w = read_image(image_path).shape[:2]
         except ImageReadError as e:
             raise DatasetError(str(e)) from None
-        instances = read_annotation_file(ann_path, (h, w))
+        files = _files(ann_path)
+        if len(files) == 2:  # whole outlines and visible parts
+            instances = read_whole_and_visible(*files, (h, w))
+        else:
+            instances = read_annotation_file(ann_path, (h, w))
         if not instances:
             warnings.append(
                 f"{ann_path}: no objects; {image_path} is kept as background only (dropped from "
@@ -217,7 +250,9 @@ def build_folder_coco(folder: str, pairs: Sequence[Tuple[str, str]]) -> Dict:
                 "file_name": os.path.relpath(image_path, folder),
                 "height": h,
                 "width": w,
-                "annotation_file": os.path.relpath(ann_path, folder),
+                "annotation_file": WHOLE_VISIBLE_SEP.join(
+                    os.path.relpath(f, folder) for f in files
+                ),
             }
         )
         for inst in instances:
@@ -245,6 +280,7 @@ def coco_to_dicts(coco: Dict, root: str) -> List[Dict]:
                 "bbox_mode": BoxMode.XYWH_ABS,
                 "category_id": a["category_id"] - 1,
                 "iscrowd": 0,
+                **({AMODAL_FIELD: a[AMODAL_FIELD]} if AMODAL_FIELD in a else {}),
             }
         )
     return [
@@ -264,7 +300,7 @@ def _load_folder(ds: PathDataset) -> Tuple[List[Dict], str]:
     pairs, coco_json = scan_folder(ds.path)
     if coco_json:
         return _load_coco(PathDataset("coco", coco_json, ds.path, None, ds.base))
-    key = _files_key(ds.path, [f for pair in pairs for f in pair])
+    key = _files_key(ds.path, [f for image, a in pairs for f in (image, *_files(a))])
     base = os.path.basename(os.path.abspath(ds.path))
     cache = os.path.join(cache_dir(), f"folder_{safe_file_name(base)}_{key}.json")
     if ds.base in _MEMO and _MEMO[ds.base][0] == cache:

@@ -6,6 +6,12 @@ noisy. Annotations are full (overlapping) cell polygons in COCO JSON, and each c
 exactly the pixels its polygon covers in the COCO convention (pixel (i, j) spans [j, j+1) x [i,
 i+1)), the pixels pycocotools and detectron2 give its annotation. Written once under
 ``$DETECTRON2_DATASETS/synthetic_cells[16]/<split>/`` (default root ``./datasets``).
+
+``synthetic_occluded_{train,val}`` (:func:`render_occluded_scene`, under
+``synthetic_occluded/<split>/``) stack the cells in a depth order instead: a cell on top hides what
+lies under it (mostly or fully: ``OCCLUSION_OPACITY``), and each annotation has both truths, its
+visible part as ``segmentation`` (RLE: the whole cell minus the cells above it) and its whole
+outline as ``amodal_segmentation`` (polygon), plus its ``depth`` (0 = bottom) (docs/amodal.md).
 """
 
 import json
@@ -17,11 +23,12 @@ from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import polygons_to_bitmask
 
-from .common import DATASET_FILES, datasets_root
+from .common import AMODAL_FIELD, DATASET_FILES, datasets_root
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,18 @@ SPLITS = {
     "synthetic_cells16_val": (1, 32, 16),
 }
 IMAGE_SIZE = (128, 128)
+# The occluded scenes: name -> (split seed, number of images); 8-bit.
+OCCLUDED_SPLITS = {"synthetic_occluded_train": (10, 256), "synthetic_occluded_val": (11, 32)}
+OCCLUDED_VERSION = 1
+# How much of what lies under a cell it hides: 1 = fully (opaque cells), below 1 = mostly (a faint
+# trace of the hidden part shows through).
+OCCLUSION_OPACITY = 0.85
+# Placement keeps at least this share of every cell visible and lets centres come this close
+# (x the sum of the radii): deep overlaps, but no cell vanishes under others.
+MIN_VISIBLE = 0.25
+MIN_CENTRE_DISTANCE = 0.3
+# Share of cells placed on top of a cell placed before (the rest anywhere in the field).
+OVERLAP_SHARE = 0.5
 
 
 def _blob_polygon(
@@ -95,35 +114,117 @@ def render_scene(
         mask = polygons_to_bitmask([poly.ravel()], h, w).astype(np.uint8)
         if mask.sum() < 12:
             continue
-        texture = 1.0 + 0.15 * _smooth_noise(rng, (h, w), 1.5)
-        cell = mask.astype(np.float32) * rng.uniform(0.25, 0.45) * texture
-        # The bright membrane is the cell's own outermost pixels.
-        edge = (mask - cv2.erode(mask, np.ones((3, 3), np.uint8))).astype(np.float32)
-        nucleus = np.zeros((h, w), np.uint8)
-        ncx, ncy = cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius
-        cv2.ellipse(
-            nucleus,
-            (int(ncx), int(ncy)),
-            (max(2, int(radius * 0.35)), max(2, int(radius * 0.28))),
-            rng.uniform(0, 180),
-            0,
-            360,
-            1,
-            -1,
-        )
-        image += cell + 0.15 * edge + 0.2 * (nucleus & mask)
+        image += _cell_content(rng, mask, cx, cy, radius)
         polygons.append(poly)
     image = cv2.GaussianBlur(image * illumination, (0, 0), rng.uniform(0.5, 1.2))
     image = image + rng.normal(0, 0.02, image.shape)
     return np.clip(image, 0, 1).astype(np.float32), polygons
 
 
-def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> None:
+def _cell_content(
+    rng: np.random.Generator, mask: np.ndarray, cx: float, cy: float, radius: float
+) -> np.ndarray:
+    """A cell's own signal on its ``mask`` (H, W uint8): textured body, bright membrane (its
+    outermost pixels), nucleus."""
+    h, w = mask.shape
+    texture = 1.0 + 0.15 * _smooth_noise(rng, (h, w), 1.5)
+    cell = mask.astype(np.float32) * rng.uniform(0.25, 0.45) * texture
+    edge = (mask - cv2.erode(mask, np.ones((3, 3), np.uint8))).astype(np.float32)
+    nucleus = np.zeros((h, w), np.uint8)
+    ncx, ncy = cx + rng.uniform(-0.2, 0.2) * radius, cy + rng.uniform(-0.2, 0.2) * radius
+    cv2.ellipse(
+        nucleus,
+        (int(ncx), int(ncy)),
+        (max(2, int(radius * 0.35)), max(2, int(radius * 0.28))),
+        rng.uniform(0, 180),
+        0,
+        360,
+        1,
+        -1,
+    )
+    return cell + 0.15 * edge + 0.2 * (nucleus & mask)
+
+
+def render_occluded_scene(
+    seed: int, size: Tuple[int, int] = IMAGE_SIZE, opacity: float = OCCLUSION_OPACITY
+) -> Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]:
+    """Render one scene of cells stacked in depth order (first = bottom).
+
+    Returns a float image in [0, 1] of ``size`` (H, W), the whole-cell polygons (P, 2 in x, y,
+    as annotated) and the visible masks (H, W bool): each whole mask,
+    ``polygons_to_bitmask([poly.ravel()], H, W)``, minus the whole masks of the cells above it. A
+    cell on top replaces ``opacity`` of what lies under it by its own content."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    gx, gy = rng.uniform(-1, 1, 2)
+    illumination = (
+        1.0
+        + 0.25 * (gx * (xx / w - 0.5) + gy * (yy / h - 0.5))
+        + 0.05 * _smooth_noise(rng, (h, w), 16)
+    )
+    background = 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
+    image = background.copy()
+    polygons: List[np.ndarray] = []
+    whole: List[np.ndarray] = []
+    centres: List[Tuple[float, float, float]] = []
+    for _ in range(rng.integers(4, 13)):
+        radius = rng.uniform(6, 16)
+        for _attempt in range(20):
+            if centres and rng.uniform() < OVERLAP_SHARE:  # on top of a cell placed before
+                ox, oy, orad = centres[rng.integers(len(centres))]
+                angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.9) * (radius + orad)
+                cx, cy = ox + dist * np.cos(angle), oy + dist * np.sin(angle)
+            else:
+                cx = rng.uniform(radius * 0.5, w - radius * 0.5)
+                cy = rng.uniform(radius * 0.5, h - radius * 0.5)
+            poly = np.clip(_blob_polygon(rng, cx, cy, radius), 0, [w, h]).round(2)
+            mask = polygons_to_bitmask([poly.ravel()], h, w)
+            if mask.sum() < 12:
+                continue
+            centres_ok = all(
+                np.hypot(cx - ox, cy - oy) > MIN_CENTRE_DISTANCE * (radius + orad)
+                for ox, oy, orad in centres
+            )
+            # every cell below keeps MIN_VISIBLE of itself once this one lies on top
+            visible_ok = all(
+                (m & ~mask & ~_above(whole, i)).sum() >= MIN_VISIBLE * m.sum()
+                for i, m in enumerate(whole)
+            )
+            if centres_ok and visible_ok:
+                break
+        else:
+            continue
+        content = _cell_content(rng, mask.astype(np.uint8), cx, cy, radius)
+        image = np.where(mask, (1 - opacity) * image + opacity * background + content, image)
+        polygons.append(poly)
+        whole.append(mask)
+        centres.append((cx, cy, radius))
+    image = cv2.GaussianBlur(image * illumination, (0, 0), rng.uniform(0.5, 1.2))
+    image = image + rng.normal(0, 0.02, image.shape)
+    visible = [m & ~_above(whole, i) for i, m in enumerate(whole)]
+    return np.clip(image, 0, 1).astype(np.float32), polygons, visible
+
+
+def _above(masks: List[np.ndarray], i: int) -> np.ndarray:
+    """The union of ``masks[i + 1:]`` (the cells above cell i), (H, W) bool."""
+    out = np.zeros_like(masks[i])
+    for m in masks[i + 1 :]:
+        out |= m
+    return out
+
+
+def _write_split(
+    out_dir: str, seed: int, num_images: int, bit_depth: int, occluded: bool = False
+) -> None:
     images, annotations = [], []
     ext = ".png" if bit_depth == 8 else ".tif"
     os.makedirs(os.path.join(out_dir, "images"))
     for i in range(num_images):
-        image, polygons = render_scene(seed * 1_000_003 + i)
+        if occluded:
+            image, polygons, visible = render_occluded_scene(seed * 1_000_003 + i)
+        else:
+            (image, polygons), visible = render_scene(seed * 1_000_003 + i), None
         name = f"cell_{i:04d}{ext}"
         path = os.path.join(out_dir, "images", name)
         if bit_depth == 8:
@@ -136,33 +237,51 @@ def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int) -> No
             tifffile.imwrite(path, np.round(500 + image * gain).astype(np.uint16))
         h, w = image.shape
         images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-        for poly in polygons:
+        for depth, poly in enumerate(polygons):
             x0, y0 = poly.min(0)
             x1, y1 = poly.max(0)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": 1,
-                    "segmentation": [poly.flatten().tolist()],
-                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                    "area": float(cv2.contourArea(poly.astype(np.float32))),
-                    "iscrowd": 0,
-                }
-            )
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": i + 1,
+                "category_id": 1,
+                "segmentation": [poly.flatten().tolist()],
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "area": float(cv2.contourArea(poly.astype(np.float32))),
+                "iscrowd": 0,
+            }
+            if visible is not None:  # visible part = segmentation, whole cell = amodal
+                rle = mask_util.encode(np.asfortranarray(visible[depth].astype(np.uint8)))
+                ann["amodal_segmentation"] = ann["segmentation"]
+                ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+                ann["bbox"] = mask_util.toBbox(rle).tolist()
+                ann["area"] = float(mask_util.area(rle))
+                ann["depth"] = depth
+            annotations.append(ann)
+    version = OCCLUDED_VERSION if occluded else GENERATOR_VERSION
+    info = {"generator_version": version, "seed": seed, "bit_depth": bit_depth}
+    if occluded:
+        info["occlusion_opacity"] = OCCLUSION_OPACITY
     coco = {
         "images": images,
         "annotations": annotations,
         "categories": [{"id": 1, "name": "cell"}],
-        "info": {"generator_version": GENERATOR_VERSION, "seed": seed, "bit_depth": bit_depth},
+        "info": info,
     }
     with open(os.path.join(out_dir, "annotations.json"), "w") as f:
         json.dump(coco, f)
 
 
+def _spec(name: str) -> Tuple[int, int, int, bool]:
+    """(seed, number of images, bit depth, occluded) of split ``name``."""
+    if name in OCCLUDED_SPLITS:
+        return (*OCCLUDED_SPLITS[name], 8, True)
+    return (*SPLITS[name], False)
+
+
 def split_dir(name: str) -> str:
     """The folder of split ``name``, relative to the datasets root."""
-    base = "synthetic_cells" if SPLITS[name][2] == 8 else "synthetic_cells16"
+    _, _, bit_depth, occluded = _spec(name)
+    base = "synthetic_occluded" if occluded else f"synthetic_cells{'' if bit_depth == 8 else 16}"
     return os.path.join(base, name.rsplit("_", 1)[1])
 
 
@@ -172,20 +291,21 @@ def ensure_split(root: str, name: str) -> str:
     The split is written to a temporary folder and renamed into place, so concurrent processes (DDP
     workers) and interrupted runs never see a half-written dataset.
     """
-    seed, num_images, bit_depth = SPLITS[name]
+    seed, num_images, bit_depth, occluded = _spec(name)
+    version = OCCLUDED_VERSION if occluded else GENERATOR_VERSION
     out_dir = os.path.join(root, split_dir(name))
     json_file = os.path.join(out_dir, "annotations.json")
     if os.path.isfile(json_file):
         with open(json_file) as f:
             info = json.load(f).get("info", {})
-        if info.get("generator_version") == GENERATOR_VERSION and info.get("seed") == seed:
+        if info.get("generator_version") == version and info.get("seed") == seed:
             return out_dir
         shutil.rmtree(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     logger.info(f"Generating {name} ({num_images} images, {bit_depth}-bit) under {out_dir}")
     tmp = tempfile.mkdtemp(prefix=".tmp_", dir=os.path.dirname(out_dir))
     try:
-        _write_split(os.path.join(tmp, "split"), seed, num_images, bit_depth)
+        _write_split(os.path.join(tmp, "split"), seed, num_images, bit_depth, occluded)
         try:
             os.rename(os.path.join(tmp, "split"), out_dir)
         except OSError:
@@ -199,12 +319,15 @@ def ensure_split(root: str, name: str) -> str:
 def load_synthetic(name: str) -> List[Dict]:
     out_dir = ensure_split(datasets_root(), name)
     return load_coco_json(
-        os.path.join(out_dir, "annotations.json"), os.path.join(out_dir, "images"), name
+        os.path.join(out_dir, "annotations.json"),
+        os.path.join(out_dir, "images"),
+        name,
+        extra_annotation_keys=[AMODAL_FIELD, "depth"],
     )
 
 
 def register_all_synthetic() -> None:
-    for name in SPLITS:
+    for name in (*SPLITS, *OCCLUDED_SPLITS):
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, lambda name=name: load_synthetic(name))

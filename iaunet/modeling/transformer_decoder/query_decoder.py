@@ -1,11 +1,11 @@
 """Query decoder with per-block prediction heads (thesis §3.5)."""
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import AttentionLayer, FFNLayer, sine_position_encoding
 from .training_queries import MaskDenoising, QueryGroups, self_attention_mask
@@ -45,6 +45,7 @@ class QueryDecoder(nn.Module):
         aux_predictions_at_test: bool,
         query_groups: int = 1,
         denoising: Optional[MaskDenoising] = None,
+        amodal: bool = False,
     ):
         super().__init__()
         if order not in DECODER_ORDERS:
@@ -81,11 +82,15 @@ class QueryDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)  # "no object" is the last class
         self.mask_embed = nn.Linear(hidden_dim, mask_dim)
+        # MODEL.IAUNET.AMODAL: the same head built twice, the second for the whole outline
+        self.amodal_mask_embed = nn.Linear(hidden_dim, mask_dim) if amodal else None
         prior = 0.01
         nn.init.normal_(self.class_embed.weight, std=0.01)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior) / prior))
-        nn.init.normal_(self.mask_embed.weight, std=0.01)
-        nn.init.constant_(self.mask_embed.bias, 0.0)
+        for head in (self.mask_embed, self.amodal_mask_embed):
+            if head is not None:
+                nn.init.normal_(head.weight, std=0.01)
+                nn.init.constant_(head.bias, 0.0)
         self.aux_predictions_at_test = aux_predictions_at_test
         self.nheads = nheads
         self.groups = (
@@ -122,16 +127,23 @@ class QueryDecoder(nn.Module):
             )
             if m.TRAIN.DENOISING
             else None,
+            "amodal": m.AMODAL,
         }
 
-    def predict(
-        self, queries: torch.Tensor, mask_features: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, Q, D), E (B, C, h, w) -> logits (B, Q, K+1), mask logits (B, Q, h, w); h, w:
-        H/4, W/4 (or H/2, W/2 with MASK_STRIDE 2)."""
+    def predict(self, queries: torch.Tensor, mask_features: torch.Tensor) -> Dict[str, Tensor]:
+        """queries (B, Q, D), E (B, C, h, w) -> {"pred_logits": (B, Q, K+1), "pred_masks": mask
+        logits (B, Q, h, w)}, with ``amodal`` also "pred_amodal_masks" (B, Q, h, w), the whole
+        outlines from the same E; h, w: H/4, W/4 (or H/2, W/2 with MASK_STRIDE 2)."""
         q = self.decoder_norm(queries)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features)
-        return self.class_embed(q), masks
+        out = {
+            "pred_logits": self.class_embed(q),
+            "pred_masks": torch.einsum("bqc,bchw->bqhw", self.mask_embed(q), mask_features),
+        }
+        if self.amodal_mask_embed is not None:
+            out["pred_amodal_masks"] = torch.einsum(
+                "bqc,bchw->bqhw", self.amodal_mask_embed(q), mask_features
+            )
+        return out
 
     def forward(
         self,
@@ -147,7 +159,8 @@ class QueryDecoder(nn.Module):
             deep_supervision: return every block's prediction as ``aux_outputs`` (training).
             targets: per image "labels" and "masks" (training, for the denoising queries).
         Returns:
-            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w), "aux_outputs": [...]};
+            {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w), "aux_outputs": [...]}
+            (and "pred_amodal_masks" (B, Q, h, w) with ``amodal``);
             Q = N at inference and G * N in training with query groups, "query_groups": G. With
             denoising queries in training, "denoising": the same for them plus their "indices".
         """
@@ -197,11 +210,10 @@ class QueryDecoder(nn.Module):
         return outputs
 
 
-def _outputs(predictions: List[Tuple], start: int, end: Optional[int], aux: bool) -> Dict:
-    """The predictions of queries ``start:end`` as {"pred_logits", "pred_masks", "aux_outputs"}."""
-    sliced = [(lg[:, start:end], mk[:, start:end]) for lg, mk in predictions]
-    out = {"pred_logits": sliced[-1][0], "pred_masks": sliced[-1][1]}
-    out["aux_outputs"] = (
-        [{"pred_logits": lg, "pred_masks": mk} for lg, mk in sliced[:-1]] if aux else []
-    )
+def _outputs(predictions: List[Dict], start: int, end: Optional[int], aux: bool) -> Dict:
+    """The predictions of queries ``start:end`` as {"pred_logits", "pred_masks"[,
+    "pred_amodal_masks"], "aux_outputs"}."""
+    sliced = [{k: v[:, start:end] for k, v in p.items()} for p in predictions]
+    out = dict(sliced[-1])
+    out["aux_outputs"] = sliced[:-1] if aux else []
     return out
