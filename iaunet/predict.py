@@ -259,10 +259,14 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
 
 
 def output_stems(files: Sequence[str]) -> List[str]:
-    """File stems, made unique (``name``, ``name-2``, ...) when two inputs share one."""
+    """File stems (``x.ome.zarr``: ``x``), made unique (``name``, ``name-2``, ...) when two inputs
+    share one."""
     stems, seen = [], set()
     for f in files:
-        stem = base = os.path.splitext(os.path.basename(f))[0]
+        base = os.path.splitext(os.path.basename(f.rstrip("/")))[0]
+        if f.lower().rstrip("/").endswith(".ome.zarr"):
+            base = base[: -len(".ome")]
+        stem = base
         k = 1
         while stem in seen:
             k += 1

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -93,20 +94,27 @@ class PredictorSpec:
 
 
 _PREDICTORS: Dict[PredictorSpec, object] = {}
+# Workers that are threads of one process (LocalCluster(processes=False)) share one predictor;
+# building two at once in threads trips CPython 3.11's parser (torch / detectron2 parse sources).
+_BUILD_LOCK = threading.Lock()
 
 
 def worker_predictor(spec: PredictorSpec):
     """The predictor of ``spec``, built on first use in this process and kept."""
-    if spec not in _PREDICTORS:
-        import torch
+    with _BUILD_LOCK:
+        return _PREDICTORS[spec] if spec in _PREDICTORS else _build(spec)
 
-        try:
-            from distributed import get_worker
 
-            torch.set_num_threads(max(1, get_worker().state.nthreads))
-        except ValueError:  # not in a Dask worker
-            pass
-        _PREDICTORS[spec] = spec.build()
+def _build(spec: PredictorSpec):
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except ValueError:  # not in a Dask worker
+        pass
+    _PREDICTORS[spec] = spec.build()
     return _PREDICTORS[spec]
 
 
@@ -346,7 +354,7 @@ def predict_big(
     seconds = time.time() - start
     logger.info(
         f"{plane.path}: {len(grid)} blocks ({total} tasks this run), {objects} objects, "
-        f"{seconds:.0f} s, {size[0] * size[1] / 1e6 / max(seconds, 1e-9):.2f} megapixels/s"
+        f"{seconds:.0f} s, {size[0] * size[1] / 1e6 / max(seconds, 1e-9):.3g} megapixels/s"
     )
     return {"blocks": len(grid), "tasks": total, "objects": objects, "seconds": seconds}
 
