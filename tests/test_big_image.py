@@ -435,3 +435,28 @@ def test_lazy_planes(tmp_path):
     with pytest.raises(ImageReadError, match=r"a.png: --channel need a TIFF or OME-Zarr"):
         open_plane(png, channel=0)
     assert Block(5, 1, 2, (64, 128, 128, 192)).name == "0001_0002"
+
+
+def test_benchmark_tool(spec, tmp_path):
+    """tools/benchmark_big_image.py end to end on a 256² mosaic: in-process, then one Dask worker
+    process; ground truth as crops, F1 by one-to-one matching."""
+    from conftest import load_tool
+
+    tool = load_tool("benchmark_big_image")
+    gt = tool.build_mosaic("synthetic_cells_val", 256, str(tmp_path / "m.tif"))
+    assert tifffile.imread(tmp_path / "m.tif").shape == (256, 256) and len(gt) > 10
+    assert tool.f1(gt, gt) == 100.0
+    shifted = [(y0 + 3, x0 + 3, c) for y0, x0, c in gt]
+    assert tool.f1(gt[: len(gt) // 2], gt) == pytest.approx(
+        100 * (len(gt) // 2) * 2 / (len(gt) + len(gt) // 2)
+    )
+    assert tool.f1(shifted, gt) < 100.0
+    work = str(tmp_path / "work")
+    results = tool.main(
+        ["--weights", spec.weights, "--sizes", "256", "--block", "128", "--workers", "1"]
+        + ["--in-process", "--work", work, "--opts", *OPTS]
+    )
+    runs = results[256]["runs"]
+    assert [(r["path"], r["workers"]) for r in runs] == [("in-process", 0), ("dask", 1)]
+    assert all(r["seconds"] > 0 and 0 <= r["f1_gt"] <= 100 and r["rss_mb"] for r in runs)
+    assert os.path.isfile(os.path.join(work, "results.json"))
