@@ -34,6 +34,7 @@ from iaunet.inference.big_image import (
 )
 from iaunet.inference.blocks import (
     Block,
+    TileGrid,
     block_grid,
     context_tiles,
     load_detections,
@@ -109,6 +110,8 @@ def _labels(out, stem="img"):
 def test_block_grid_and_tiles():
     h, w = 300, 420
     tiles = list(enumerate(tile_windows(h, w, 64, 32)))
+    grid_of_tiles = TileGrid(h, w, 64, 32)
+    assert len(grid_of_tiles) == len(tiles)
     for size in (64, 100, 128, 1000):
         grid = block_grid(h, w, size)
         cover = np.zeros((h, w), int)
@@ -116,14 +119,14 @@ def test_block_grid_and_tiles():
             y0, x0, y1, x1 = b.core
             cover[y0:y1, x0:x1] += 1
         assert (cover == 1).all()  # the cores tile the image
-        owned = [t for b in grid for t in owned_tiles(b, tiles)]
+        owned = [t for b in grid for t in owned_tiles(b, grid_of_tiles)]
         assert sorted(owned) == tiles  # every tile is run once, by one block
         for b in grid:
-            mine = owned_tiles(b, tiles)
+            mine = owned_tiles(b, grid_of_tiles)
             if mine:
                 y0, x0, y1, x1 = read_window(mine)
                 assert all(y0 <= t[0] and x0 <= t[1] and t[2] <= y1 and t[3] <= x1 for _, t in mine)
-            ctx = context_tiles(b, tiles, 40)
+            ctx = context_tiles(b, grid_of_tiles, 40)
             assert set(mine) <= set(ctx)
             cy0, cx0, cy1, cx1 = b.core
             for t in tiles:  # exactly the tiles that meet the core widened by the halo
@@ -173,7 +176,7 @@ def test_object_cut_by_block_border(tmp_path):
     painted = np.zeros((h, w), np.uint32)
     listed = []
     for b in grid:
-        touching, owned = stitch_block(b, back, context_tiles(b, tiles, 64))
+        touching, owned = stitch_block(b, back, tiles)  # every tile meets both blocks
         y0, x0, y1, x1 = b.core
         painted[y0:y1, x0:x1] = paint_labels(b.core, touching, 3, np.dtype(np.uint32))
         listed += owned

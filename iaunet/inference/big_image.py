@@ -33,6 +33,7 @@ from ..outputs.ome_zarr import create_ome_zarr, write_block
 from ..utils.atomic import atomic_write
 from .blocks import (
     Block,
+    TileGrid,
     block_grid,
     context_tiles,
     id_dtype,
@@ -44,7 +45,6 @@ from .blocks import (
     save_detections,
     stitch_block,
 )
-from .tiling import tile_windows
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class BlockJob:
     def grid(self) -> List[Block]:
         return block_grid(*self.size, self.block)
 
-    def tiles(self):
-        return list(enumerate(tile_windows(*self.size, self.tile, self.overlap)))
+    def tiles(self) -> TileGrid:
+        return TileGrid(*self.size, self.tile, self.overlap)
 
     def detections_file(self, block: Block) -> str:
         return os.path.join(self.folder, f"detections_{block.name}.npz")
@@ -276,7 +276,7 @@ def predict_big(
     if block < tile:
         raise ValueError(f"--block {block} is smaller than a tile ({tile} image px)")
     per_tile = int(predictor.cfg.TEST.DETECTIONS_PER_IMAGE)
-    num_tiles = len(tile_windows(*size, tile, overlap))
+    num_tiles = len(TileGrid(*size, tile, overlap))
     folder = os.path.join(output, f"{stem}_blocks")
     os.makedirs(folder, exist_ok=True)
     value_range = plane_intensity_range(plane, predictor)
@@ -360,17 +360,25 @@ def predict_big(
 
 
 def write_table(job: BlockJob, grid: Sequence[Block], path: str) -> int:
-    """The per-object table of the image, from the blocks' object files, written atomically."""
-    rows = []
-    for b in grid:
-        with np.load(job.objects_file(b)) as z:
-            rows += json.loads(str(z["rows"]))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=TABLE_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue())
-    return len(rows)
+    """The per-object table of the image, block by block from the blocks' object files, written
+    atomically; returns its number of rows."""
+    count = 0
+
+    def write(f):
+        nonlocal count
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.DictWriter(text, fieldnames=TABLE_FIELDS)
+        writer.writeheader()
+        for b in grid:
+            with np.load(job.objects_file(b)) as z:
+                rows = json.loads(str(z["rows"]))
+            writer.writerows(rows)
+            count += len(rows)
+        text.flush()
+        text.detach()
+
+    atomic_write(path, write)
+    return count
 
 
 def read_objects(output: str, stem: str):

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 from ..utils.atomic import atomic_write
-from .tiling import Detection, stitch_detections
+from .tiling import Detection, stitch_detections, tile_starts
 
 Window = Tuple[int, int, int, int]  # y0, x0, y1, x1
 Tile = Tuple[int, Window]  # (index in the image's tile grid, window)
@@ -77,21 +77,58 @@ def widen(rect: Window, halo: int) -> Window:
     return rect[0] - halo, rect[1] - halo, rect[2] + halo, rect[3] + halo
 
 
-def owned_tiles(block: Block, tiles: Sequence[Tile]) -> List[Tile]:
+class TileGrid:
+    """The tiles of :func:`~.tiling.tile_windows` (same windows, same row-major numbers), found by
+    region from the two axes' start lists: memory and time follow the region, not the image."""
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int):
+        self.size = (height, width)
+        self.tile = tile
+        self.ys = np.array(tile_starts(height, tile, overlap))
+        self.xs = np.array(tile_starts(width, tile, overlap))
+
+    def __len__(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    def _tiles(self, iy: np.ndarray, ix: np.ndarray) -> List[Tile]:
+        h, w = self.size
+        return [
+            (
+                int(y * len(self.xs) + x),
+                (
+                    int(self.ys[y]),
+                    int(self.xs[x]),
+                    int(min(self.ys[y] + self.tile, h)),
+                    int(min(self.xs[x] + self.tile, w)),
+                ),
+            )
+            for y in iy
+            for x in ix
+        ]
+
+    def starting_in(self, rect: Window) -> List[Tile]:
+        """The tiles whose top-left pixel lies in ``rect``."""
+        iy = np.flatnonzero((self.ys >= rect[0]) & (self.ys < rect[2]))
+        ix = np.flatnonzero((self.xs >= rect[1]) & (self.xs < rect[3]))
+        return self._tiles(iy, ix)
+
+    def meeting(self, rect: Window) -> List[Tile]:
+        """The tiles that intersect ``rect``."""
+        h, w = self.size
+        ye, xe = np.minimum(self.ys + self.tile, h), np.minimum(self.xs + self.tile, w)
+        iy = np.flatnonzero((self.ys < rect[2]) & (ye > rect[0]))
+        ix = np.flatnonzero((self.xs < rect[3]) & (xe > rect[1]))
+        return self._tiles(iy, ix)
+
+
+def owned_tiles(block: Block, tiles: TileGrid) -> List[Tile]:
     """The tiles whose top-left pixel lies in the block's core."""
-    return [t for t in tiles if _inside(t[1][0], t[1][1], block.core)]
+    return tiles.starting_in(block.core)
 
 
-def owner(blocks: Sequence[Block], block: int, y: float, x: float) -> int:
-    """The index of the block (grid of ``block`` px) whose core holds pixel (y, x)."""
-    cols = blocks[-1].col + 1
-    return int(y // block) * cols + int(x // block)
-
-
-def context_tiles(block: Block, tiles: Sequence[Tile], halo: int) -> List[Tile]:
+def context_tiles(block: Block, tiles: TileGrid, halo: int) -> List[Tile]:
     """The tiles that intersect the block's core widened by ``halo`` px."""
-    area = widen(block.core, halo)
-    return [t for t in tiles if _intersects(t[1], area)]
+    return tiles.meeting(widen(block.core, halo))
 
 
 def read_window(tiles: Sequence[Tile]) -> Window:
