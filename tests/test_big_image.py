@@ -435,6 +435,9 @@ def test_lazy_planes(tmp_path):
     png = str(tmp_path / "a.png")
     cv2.imwrite(png, image[0, 0].astype(np.uint8))
     assert np.array_equal(open_plane(png).read(), image[0, 0].astype(np.uint8))
+    clone = pickle.loads(pickle.dumps(open_plane(png)))  # the worker reads the file itself
+    assert clone._array is None
+    assert np.array_equal(clone[2:9, 3:7], image[0, 0, 2:9, 3:7].astype(np.uint8))
     with pytest.raises(ImageReadError, match=r"a.png: --channel need a TIFF or OME-Zarr"):
         open_plane(png, channel=0)
     assert Block(5, 1, 2, (64, 128, 128, 192)).name == "0001_0002"

@@ -74,11 +74,7 @@ class ImagePlane:
         self._tiff = None
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_tiff"] = None
-        if self.kind != "memory":
-            state["_array"] = None
-        return state
+        return {**self.__dict__, "_tiff": None, "_array": None}  # a worker opens the file itself
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -91,7 +87,9 @@ class ImagePlane:
         if self._array is None:
             import zarr
 
-            if self.kind == "zarr":
+            if self.kind == "memory":
+                self._array = _read_whole(self.path)
+            elif self.kind == "zarr":
                 self._array = zarr.open_array(os.path.join(self.path, self.level_path), mode="r")
             else:
                 import tifffile
@@ -126,8 +124,7 @@ class ImagePlane:
         if self._tiff is not None:
             self._tiff.close()
         self._tiff = None
-        if self.kind != "memory":
-            self._array = None
+        self._array = None
 
 
 def _select(path: str, axes: str, shape, selection: Dict[str, Optional[int]]) -> Dict[str, int]:
@@ -282,11 +279,22 @@ def open_plane(
     return _in_memory(path, selection)
 
 
+_WHOLE: Dict[str, np.ndarray] = {}
+
+
+def _read_whole(path: str) -> np.ndarray:
+    """A file read whole, kept for the next call (the blocks of one image in one worker)."""
+    if path not in _WHOLE:
+        _WHOLE.clear()
+        _WHOLE[path] = read_image(path)
+    return _WHOLE[path]
+
+
 def _in_memory(path: str, selection) -> ImagePlane:
     given = [f"--{k}" for k, v in selection.items() if v is not None]
     if given:
         raise ImageReadError(f"{path}: {', '.join(given)} need a TIFF or OME-Zarr image")
-    image = read_image(path)
+    image = _read_whole(path)
     plane = ImagePlane(path, "memory", "yx", {}, shape=image.shape, dtype=image.dtype)
     plane._array = image
     return plane
