@@ -41,6 +41,7 @@ from .blocks import (
     object_rows,
     owned_tiles,
     paint_labels,
+    read_npz,
     read_window,
     save_detections,
     stitch_block,
@@ -370,8 +371,7 @@ def write_table(job: BlockJob, grid: Sequence[Block], path: str) -> int:
         writer = csv.DictWriter(text, fieldnames=TABLE_FIELDS)
         writer.writeheader()
         for b in grid:
-            with np.load(job.objects_file(b)) as z:
-                rows = json.loads(str(z["rows"]))
+            rows = json.loads(str(read_npz(job.objects_file(b))["rows"]))
             writer.writerows(rows)
             count += len(rows)
         text.flush()
@@ -389,9 +389,9 @@ def read_objects(output: str, stem: str):
     for name in sorted(os.listdir(folder)):
         if not (name.startswith("objects_") and name.endswith(".npz")):
             continue
-        with np.load(os.path.join(folder, name)) as z:
-            rows, offsets, shapes = json.loads(str(z["rows"])), z["offsets"], z["shapes"]
-            flat = np.unpackbits(z["bits"], count=int(np.prod(shapes, 1).sum())).astype(bool)
+        z = read_npz(os.path.join(folder, name))
+        rows, offsets, shapes = json.loads(str(z["rows"])), z["offsets"], z["shapes"]
+        flat = np.unpackbits(z["bits"], count=int(np.prod(shapes, 1).sum())).astype(bool)
         start = 0
         for row, (y0, x0), (h, w) in zip(rows, offsets.tolist(), shapes.tolist()):
             yield row, (y0, x0), flat[start : start + h * w].reshape(h, w)

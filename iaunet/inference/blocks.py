@@ -22,6 +22,7 @@ same object give it the same id without talking to each other. Ids are unique, n
 """
 
 import io
+import threading
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
@@ -205,9 +206,21 @@ def save_detections(path: str, dets: Iterable[Detection]) -> None:
     atomic_write(path, write)
 
 
+# np.load parses .npy headers with ast.literal_eval, which CPython 3.11 (before 3.11.8) can fail
+# with "AST constructor recursion depth mismatch" when threads call it at once (Dask workers that
+# are threads of one process).
+_LOAD_LOCK = threading.Lock()
+
+
+def read_npz(path: str) -> Dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file."""
+    with _LOAD_LOCK, np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def load_detections(path: str) -> List[Detection]:
-    with np.load(path) as z:
-        ints, windows, scores, bits = z["ints"], z["windows"], z["scores"], z["bits"]
+    z = read_npz(path)
+    ints, windows, scores, bits = z["ints"], z["windows"], z["scores"], z["bits"]
     sizes = ints[:, 4] * ints[:, 5]
     flat = np.unpackbits(bits, count=int(sizes.sum())).astype(bool)
     starts = np.concatenate([[0], np.cumsum(sizes)])
