@@ -14,7 +14,8 @@ scenes (``--dataset``), each flipped / rotated at random, with their annotations
 (``IAUNetPredictor.predict(tiled=True)``, this process, one thread) when ``--in-process``; then
 ``predict_big`` on a LocalCluster of N one-thread worker processes for each ``--workers`` N and each
 backend. F1 is one-to-one matching at IoU 0.5 of the instances scoring >= 0.5 (what the label image
-shows). ``--resume-check`` runs the command line with ``--dask local:2``, kills it (SIGKILL to its
+shows). Peak RSS per worker: each worker process's resident memory, sampled every 0.2 s.
+``--resume-check`` runs the command line with ``--dask local:2``, kills it (SIGKILL to its
 process group) when half the blocks are written, runs it again and checks that no finished block
 was recomputed and that the output equals the uninterrupted run's.
 """
@@ -26,6 +27,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict, List, Tuple
 
@@ -131,8 +133,31 @@ def in_process(spec: PredictorSpec, path: str) -> Tuple[Crops, float, float]:
     return keep, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` now (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler(threading.Thread):
+    """The highest resident memory of each process in ``pids``, sampled every 0.2 s from outside
+    (a worker's own ``ru_maxrss`` can include what its parent held when it was forked)."""
+
+    def __init__(self, pids: List[int]):
+        super().__init__(daemon=True)
+        self.peak = {pid: 0.0 for pid in pids}
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.2):
+            for pid in self.peak:
+                try:
+                    self.peak[pid] = max(self.peak[pid], _rss_mb(pid))
+                except OSError:  # the process ended
+                    pass
 
 
 def on_dask(spec: PredictorSpec, path: str, out: str, workers: int, block: int) -> Dict:
@@ -147,8 +172,12 @@ def on_dask(spec: PredictorSpec, path: str, out: str, workers: int, block: int) 
         client.run(worker_predictor, spec)  # each worker loads the model before the clock starts
         plane = open_plane(path)
         stem = os.path.splitext(os.path.basename(path))[0]
+        sampler = RssSampler(list(client.run(os.getpid).values()))
+        sampler.start()
         summary = predict_big(plane, predictor, spec, out, stem, client, block)
-        rss = client.run(_peak_rss_mb)
+        sampler.done.set()
+        sampler.join()
+        rss = sampler.peak
     objects = [
         (y0, x0, c) for row, (y0, x0), c in read_objects(out, stem) if row["score"] >= THRESH
     ]
