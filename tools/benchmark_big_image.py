@@ -133,6 +133,10 @@ def in_process(spec: PredictorSpec, path: str) -> Tuple[Crops, float, float]:
     return keep, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _load_model(spec: PredictorSpec) -> None:
+    worker_predictor(spec)  # kept in the worker; nothing is sent back
+
+
 def _rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` now (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
@@ -169,7 +173,7 @@ def on_dask(spec: PredictorSpec, path: str, out: str, workers: int, block: int) 
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
     ) as cluster, Client(cluster) as client:
         predictor = spec.build()
-        client.run(worker_predictor, spec)  # each worker loads the model before the clock starts
+        client.run(_load_model, spec)  # each worker loads the model before the clock starts
         plane = open_plane(path)
         stem = os.path.splitext(os.path.basename(path))[0]
         sampler = RssSampler(list(client.run(os.getpid).values()))
