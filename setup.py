@@ -21,6 +21,17 @@ EXTRAS = {
     # tools/benchmark_few_shot.py: Cellpose 3 trained from scratch as the peer (not Cellpose 4,
     # whose 300M-parameter model is impractical on a CPU)
     "fewshot": ["cellpose==3.1.*"],
+    # iaunet-predict --dask: block-wise prediction of large images on Dask, OME-Zarr / TIFF read
+    # lazily (zarr), OME-Zarr labels written and validated (ome-zarr-py, ome-zarr-models), opened
+    # in napari (napari-ome-zarr)
+    "bigimage": [
+        "dask>=2024.1",
+        "distributed>=2024.1",
+        "zarr>=3",
+        "ome-zarr>=0.10",
+        "ome-zarr-models>=1.0",
+        "napari-ome-zarr>=0.6",
+    ],
 }
 # Everything the test suite needs: pytest, the linter, and every optional feature's dependencies.
 # pytest-qt drives the napari widget; pytest-xvfb gives napari's OpenGL canvas a virtual X display

@@ -242,3 +242,4 @@ def add_iaunet_config(cfg: CN) -> None:
     # tiled when larger than a tile (docs/predict.md).
     cfg.TEST.TILE_SIZE = 0  # tile side in model pixels; 0 = INPUT.IMAGE_SIZE
     cfg.TEST.TILE_OVERLAP = 0  # model pixels shared by neighbouring tiles; 0 = half a tile
+    cfg.TEST.TILE_BATCH = 4  # tiles per forward call of tiled prediction

@@ -5,6 +5,13 @@
         [--scale S | --diameter PX] [--tile 512] [--tile-overlap 64] [--device cuda]
         [--opts KEY VALUE ...]
     iaunet-predict --backend onnxruntime --model model.onnx --input images/ --output out/ [...]
+    iaunet-predict --weights W --input slide.ome.zarr big.tif --output out/
+        --dask [SCHEDULER_ADDRESS | local:N] [--block 2048] [--channel C] [--z Z] [--t T]
+
+With ``--dask``, each image is predicted block by block on a Dask cluster and written as
+``<stem>.ome.zarr`` (image + NGFF labels), ``<stem>_objects.csv`` and ``<stem>_blocks/`` (the
+manifest that makes a rerun of the same command resume, and every object's whole mask):
+:mod:`iaunet.inference.big_image`, docs/predict.md "Whole slides".
 
 Per image (``--save``, default all): ``<stem>_labels.tif`` (flattened instance ids),
 ``<stem>_overlay.png``, ``<stem>_rois.zip`` (ImageJ/Fiji ROI set), ``<stem>_masks.tif``
@@ -21,6 +28,7 @@ image only.
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import logging
 import os
@@ -33,9 +41,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import IMAGE_EXTENSIONS, read_image
+from .data.lazy_image import is_zarr, open_plane
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
 from .inference.backends import BACKENDS
+from .inference.big_image import PredictorSpec, predict_big
 from .outputs.coco import category_ids
 from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
 from .utils.atomic import EXIT_WRITE_ERROR, describe_write_error, is_storage_error
@@ -85,7 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="PATH",
-        help="image files, folders (non-recursive) or quoted globs; png, jpg, tif/tiff",
+        help="image files, folders (non-recursive) or quoted globs; png, jpg, tif/tiff; OME-Zarr "
+        "images (.zarr folders)",
+    )
+    for axis in ("channel", "z", "t"):
+        p.add_argument(
+            f"--{axis}",
+            type=int,
+            default=None,
+            metavar="I",
+            help=f"the {axis} plane to predict, for TIFF / OME-Zarr images with a {axis} axis",
+        )
+    p.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help="predict block by block on Dask: a scheduler address (tcp://host:8786), or local:N "
+        "for N local worker processes of one thread (local: one per CPU core); outputs OME-Zarr "
+        "labels and a per-object table, resumable (docs/predict.md, 'Whole slides')",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=2048,
+        metavar="PX",
+        help="with --dask: block side in image px (a multiple of 1024 above 1024; default 2048)",
     )
     p.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument(
@@ -201,7 +237,9 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
 
     files: List[str] = []
     for path in paths:
-        if os.path.isdir(path):
+        if is_zarr(path):
+            found = [path.rstrip("/")]
+        elif os.path.isdir(path):
             found = images(os.path.join(path, n) for n in os.listdir(path))
             if not found:
                 logger.warning(f"no png/jpg/tif images in folder {path}")
@@ -221,10 +259,14 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
 
 
 def output_stems(files: Sequence[str]) -> List[str]:
-    """File stems, made unique (``name``, ``name-2``, ...) when two inputs share one."""
+    """File stems (``x.ome.zarr``: ``x``), made unique (``name``, ``name-2``, ...) when two inputs
+    share one."""
     stems, seen = [], set()
     for f in files:
-        stem = base = os.path.splitext(os.path.basename(f))[0]
+        base = os.path.splitext(os.path.basename(f.rstrip("/")))[0]
+        if f.lower().rstrip("/").endswith(".ome.zarr"):
+            base = base[: -len(".ome")]
+        stem = base
         k = 1
         while stem in seen:
             k += 1
@@ -242,14 +284,99 @@ def predict_file(
     stem: str,
     score_threshold: float,
     force_tile: bool,
+    selection: Optional[Dict[str, Optional[int]]] = None,
 ) -> Dict:
     """Predict one file and write its outputs; returns its ``images.json`` entry."""
-    raw = read_image(path)
+    raw = read_input(path, selection)
     instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
     prediction = image_prediction(
         instances, raw, score_threshold, image_id=image_id, path=path, stem=stem
     )
     return writer.write_image(prediction)
+
+
+def read_input(path: str, selection: Optional[Dict[str, Optional[int]]] = None):
+    """The image of ``path`` as read today (:func:`read_image`), or its selected plane (level 0)
+    for an OME-Zarr image or when ``--channel`` / ``--z`` / ``--t`` is given."""
+    selection = selection or {}
+    if is_zarr(path) or any(v is not None for v in selection.values()):
+        return open_plane(path, **selection).read()
+    return read_image(path)
+
+
+def dask_client(address: str):
+    """A Dask client: ``local`` / ``local:N`` starts N local worker processes of one thread each
+    (one per CPU core by default); anything else is a scheduler's address."""
+    from distributed import Client, LocalCluster
+
+    if address == "local" or address.startswith("local:"):
+        n = address.partition(":")[2]
+        if n and not (n.isdigit() and int(n) > 0):
+            raise UsageError(f"--dask local:N needs a number of workers N >= 1, got {address}")
+        cluster = LocalCluster(
+            n_workers=int(n) if n else (os.cpu_count() or 1),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        )
+        return Client(cluster)
+    try:
+        return Client(address, timeout="30s")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot reach the Dask scheduler {address}: {one_line(e)}") from None
+
+
+def predictor_spec(args: argparse.Namespace) -> PredictorSpec:
+    """What a Dask worker needs to build the predictor of the command line."""
+    flags = {"MODEL.DEVICE": args.device, "TEST.TILE_OVERLAP": args.tile_overlap}
+    flags["TEST.TILE_SIZE"] = args.tile or None
+    opts = list(args.opts) + [str(x) for kv in flags.items() if kv[1] is not None for x in kv]
+    return PredictorSpec(
+        weights=os.path.abspath(args.weights) if args.weights else "",
+        model=os.path.abspath(args.model) if args.model else "",
+        backend=args.backend,
+        config_file=os.path.abspath(args.config_file) if args.config_file else "",
+        opts=tuple(opts),
+        scale=args.scale,
+        diameter=args.diameter,
+        min_score=args.score_threshold,
+    )
+
+
+def run_dask(args: argparse.Namespace, files: List[str], predictor: IAUNetPredictor) -> int:
+    """``--dask``: every file block by block (:func:`predict_big`); exit status as :func:`run`."""
+    if args.block < 1 or (args.block > 1024 and args.block % 1024):
+        raise UsageError(
+            f"--block must be >= 1 and a multiple of 1024 above 1024, got {args.block}"
+        )
+    spec = predictor_spec(args)
+    selection = {"channel": args.channel, "z": args.z, "t": args.t}
+    failed = []
+    with dask_client(args.dask) as client:
+        logger.info(f"Dask: {client.scheduler_info()['address']}, {len(client.nthreads())} workers")
+        for path, stem in zip(files, output_stems(files)):
+            try:
+                plane = open_plane(path, **selection, model_scale=predictor.scale)
+                file_spec, file_predictor = spec, predictor
+                if plane.downsample[0] != 1.0:  # a pyramid level: its pixels are larger
+                    scale = predictor.scale * plane.downsample[0]
+                    logger.info(f"{path}: pyramid level {plane.level}, resize factor {scale:.3g}")
+                    file_spec = dataclasses.replace(spec, scale=scale, diameter=None)
+                    file_predictor = file_spec.build()
+                predict_big(plane, file_predictor, file_spec, args.output, stem, client, args.block)
+            except Exception as e:  # one bad file must not stop the others
+                if is_storage_error(e):
+                    raise
+                msg = one_line(e)
+                logger.error(f"failed: {msg if path in msg else f'{path}: {msg}'}")
+                failed.append(path)
+    summary = f"{len(files) - len(failed)} images processed, {len(failed)} failed"
+    if failed:
+        logger.error(f"{summary}: {', '.join(failed)}")
+        return 1
+    logger.info(f"{summary}; outputs in {args.output}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -303,6 +430,8 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
         raise UsageError(f"--output {args.output} exists and is not a folder")
     predictor = build_predictor(args)
     os.makedirs(args.output, exist_ok=True)
+    if args.dask:
+        return run_dask(args, files, predictor)
     writer = PredictionWriter(
         args.output,
         save,
@@ -326,7 +455,14 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
         ):
             try:
                 predict_file(
-                    predictor, writer, path, image_id, stem, args.score_threshold, bool(args.tile)
+                    predictor,
+                    writer,
+                    path,
+                    image_id,
+                    stem,
+                    args.score_threshold,
+                    bool(args.tile),
+                    {"channel": args.channel, "z": args.z, "t": args.t},
                 )
             except Exception as e:  # one bad file must not stop the batch; the log names it
                 if is_storage_error(e):  # disk full, read-only, no permission: stop (main)

@@ -246,16 +246,18 @@ def test_predictor_tiles_large_images_at_the_training_scale(predictor, monkeypat
     inst = predictor.predict(image, full_masks=False)
     assert inst.image_size == (90, 70) and isinstance(inst.pred_masks, MaskCrops)
     assert inst.pred_masks.to_bitmasks().shape == (len(inst), 90, 70)
-    calls = []
-    real = predictor._run_model
+    calls, forwards = [], []
+    real = predictor._run_model_batch
 
-    def spy(img, out_size, scale=None):
-        calls.append((img.shape[:2], scale))
-        return real(img, out_size, scale)
+    def spy(images, out_sizes, scale=None):
+        calls.extend((img.shape[:2], scale) for img in images)
+        forwards.append(len(images))
+        return real(images, out_sizes, scale)
 
-    monkeypatch.setattr(predictor, "_run_model", spy)
+    monkeypatch.setattr(predictor, "_run_model_batch", spy)
     assert predictor(image).pred_masks.shape[1:] == (90, 70)
     assert len(calls) == 4 and all(max(shape) <= 64 and s == 0.5 for shape, s in calls), calls
+    assert forwards == [4]  # TEST.TILE_BATCH tiles per forward call
     calls.clear()
     assert predictor(image[:60, :40]).image_size == (60, 40)
     assert calls == [((60, 40), None)]  # whole image, at the predictor's scale
@@ -351,8 +353,10 @@ def test_tiled_stitching_keeps_each_object_once_and_whole(predictor, monkeypatch
     calls = []
     monkeypatch.setattr(
         predictor,
-        "_run_model",
-        lambda tile, out_size, scale=None: calls.append(tile.shape) or _components(tile),
+        "_run_model_batch",
+        lambda tiles, out_sizes, scale=None: [
+            calls.append(t.shape) or _components(t) for t in tiles
+        ],
     )
     for key, value in (("scale", 1.0), ("tile_size", 128), ("tile_overlap", 32)):
         monkeypatch.setattr(predictor, key, value)

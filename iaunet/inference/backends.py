@@ -44,28 +44,41 @@ class ExportedModel:
         self.postprocessing = postprocessing
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
-        results = []
-        for x in batched_inputs:  # one image per call: the graph takes same-size batches only
+        """Consecutive inputs of one size go through the graph as one batch (tiles of an image)."""
+        for x in batched_inputs:
             image = x["image"]
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(
                     f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)} for "
                     f"{x.get('file_name', 'an input')}"
                 )
-            size = tuple(image.shape[-2:])
-            scores, classes, mask_logits, *amodal = self.run(image[None].float())
-            output_size = (x.get("height", size[0]), x.get("width", size[1]))
-            instances = instances_from_topk(
-                scores[0],
-                classes[0],
-                mask_logits[0],
-                size,
-                output_size,
-                self.postprocessing,
-                stride=1,  # the graph's masks are at the input size already
-                amodal_mask_logits=amodal[0][0] if amodal else None,
+        results = []
+        start = 0
+        while start < len(batched_inputs):
+            size = tuple(batched_inputs[start]["image"].shape[-2:])
+            end = start + 1
+            while end < len(batched_inputs) and (
+                tuple(batched_inputs[end]["image"].shape[-2:]) == size
+            ):
+                end += 1
+            group = batched_inputs[start:end]
+            scores, classes, mask_logits, *amodal = self.run(
+                torch.stack([x["image"] for x in group]).float()
             )
-            results.append({"instances": instances})
+            for i, x in enumerate(group):
+                output_size = (x.get("height", size[0]), x.get("width", size[1]))
+                instances = instances_from_topk(
+                    scores[i],
+                    classes[i],
+                    mask_logits[i],
+                    size,
+                    output_size,
+                    self.postprocessing,
+                    stride=1,  # the graph's masks are at the input size already
+                    amodal_mask_logits=amodal[0][i] if amodal else None,
+                )
+                results.append({"instances": instances})
+            start = end
         return results
 
     # The eager model's mode switches (detectron2's inference_context, the benchmark), so that

@@ -10,7 +10,7 @@ typical object diameter in the image's pixels, as Cellpose users give it).
 
 import logging
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from .backends import BACKENDS, exported_config, load_backend
 from .export import graph_keys
 from .mask_crops import MaskCrops
 from .tiling import (
+    Detection,
     detections_to_instances,
     stitch_detections,
     tile_detections,
@@ -270,35 +271,75 @@ class IAUNetPredictor:
             value_range=value_range,
         )
 
+    def tile_geometry(self) -> Tuple[float, int, int]:
+        """(scale, tile, overlap) of tiled prediction, tile and overlap in image px."""
+        s = self.scale if self.scale is not None else 1.0
+        tile = max(1, round(self.tile_size / s))
+        return s, tile, min(round(self.tile_overlap / s), tile - 1)
+
     def _predict_tiled(self, image: np.ndarray, value_range, full_masks: bool) -> Instances:
         """Tiles of ``tile_size`` model px (overlap ``tile_overlap``), in image px, stitched; each
         normalized from the raw ``image`` with the whole image's ``value_range``."""
         size = image.shape[:2]
-        s = self.scale if self.scale is not None else 1.0
-        tile = max(1, round(self.tile_size / s))
-        overlap = min(round(self.tile_overlap / s), tile - 1)
+        _, tile, overlap = self.tile_geometry()
         windows = tile_windows(*size, tile, overlap)
-        dets = []
-        for index, (y0, x0, y1, x1) in enumerate(windows):
-            crop = self._model_range(image[y0:y1, x0:x1], value_range)
-            inst = self._run_model(crop, (y1 - y0, x1 - x0), scale=s)
-            dets += tile_detections(index, (y0, x0, y1, x1), size, inst)
+        dets = self.detect_tiles(image, list(enumerate(windows)), value_range, size)
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
         return detections_to_instances(kept, size, full_masks)
+
+    def detect_tiles(
+        self,
+        image: np.ndarray,
+        tiles: Sequence[Tuple[int, Tuple[int, int, int, int]]],
+        value_range,
+        image_size: Tuple[int, int],
+        origin: Tuple[int, int] = (0, 0),
+        batch: int = 0,
+    ) -> List[Detection]:
+        """Detections of the (index, window) ``tiles`` of an image of ``image_size``, in its
+        coordinates; ``image`` is the part of it whose top-left pixel is ``origin`` (the whole
+        image, or a block of a large one). Tiles go through the model ``batch`` at a time (default
+        ``TEST.TILE_BATCH``): one forward call per batch."""
+        s, _, _ = self.tile_geometry()
+        batch = max(1, batch or int(self.cfg.TEST.TILE_BATCH))
+        dets: List[Detection] = []
+        for i in range(0, len(tiles), batch):
+            group = tiles[i : i + batch]
+            crops = []
+            for _, (y0, x0, y1, x1) in group:
+                raw = image[y0 - origin[0] : y1 - origin[0], x0 - origin[1] : x1 - origin[1]]
+                crops.append(self._model_range(raw, value_range))
+            sizes = [(y1 - y0, x1 - x0) for _, (y0, x0, y1, x1) in group]
+            for (index, window), inst in zip(group, self._run_model_batch(crops, sizes, s)):
+                dets += tile_detections(index, window, image_size, inst)
+        return dets
 
     def _run_model(
         self, image: np.ndarray, out_size: Tuple[int, int], scale: Optional[float] = None
     ) -> Instances:
         """(h, w, 3) float image on the 0..255 scale, resized by ``scale`` (default: the
         predictor's) -> CPU Instances at ``out_size``."""
-        h, w = image.shape[:2]
-        new = self.model_size((h, w)) if scale is None else scaled_size((h, w), scale)
-        if new != (h, w):
-            image = T.ResizeTransform(h, w, *new).apply_image(np.ascontiguousarray(image))
-        tensor = torch.as_tensor(
-            np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
-        )
+        return self._run_model_batch([image], [out_size], scale)[0]
+
+    def _run_model_batch(
+        self,
+        images: Sequence[np.ndarray],
+        out_sizes: Sequence[Tuple[int, int]],
+        scale: Optional[float] = None,
+    ) -> List[Instances]:
+        """:meth:`_run_model` of several images in one forward call (the model pads them to a
+        common size; tiles of one image share theirs)."""
+        inputs = []
+        for image, out_size in zip(images, out_sizes):
+            h, w = image.shape[:2]
+            new = self.model_size((h, w)) if scale is None else scaled_size((h, w), scale)
+            if new != (h, w):
+                image = T.ResizeTransform(h, w, *new).apply_image(np.ascontiguousarray(image))
+            tensor = torch.as_tensor(
+                np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
+            )
+            inputs.append({"image": tensor, "height": out_size[0], "width": out_size[1]})
         with torch.inference_mode():
-            out = self.model([{"image": tensor, "height": out_size[0], "width": out_size[1]}])
-        return out[0]["instances"].to("cpu")
+            out = self.model(inputs)
+        return [o["instances"].to("cpu") for o in out]

@@ -66,6 +66,7 @@ class Detection:
     score: float
     label: int
     partial: bool  # touches an inner edge of its tile: the tile may have cut it
+    index: int = 0  # position among its tile's detections: (tile, index) names it in the image
 
     def __post_init__(self):
         self.area = int(np.count_nonzero(self.crop))
@@ -157,7 +158,9 @@ def _join(pieces: List[Detection]) -> Detection:
         crop[p.y0 - y0 : p.box[2] - y0, p.x0 - x0 : p.box[3] - x0] |= p.crop
     first = pieces[0]
     score = max(p.score for p in pieces)
-    return Detection(first.tile, first.window, int(y0), int(x0), crop, score, first.label, True)
+    return Detection(
+        first.tile, first.window, int(y0), int(x0), crop, score, first.label, True, first.index
+    )
 
 
 def tile_windows(height: int, width: int, tile: int, overlap: int) -> List[Tuple[int, ...]]:
@@ -167,7 +170,7 @@ def tile_windows(height: int, width: int, tile: int, overlap: int) -> List[Tuple
 
 
 def tile_detections(
-    index: int,
+    tile: int,
     window: Tuple[int, int, int, int],
     image_size: Tuple[int, int],
     instances: Instances,
@@ -180,8 +183,8 @@ def tile_detections(
     if not isinstance(crops, MaskCrops):
         crops = MaskCrops.from_bitmasks(crops)
     dets = []
-    for (cy, cx, crop), score, label in zip(
-        crops, instances.scores.tolist(), instances.pred_classes.tolist()
+    for index, ((cy, cx, crop), score, label) in enumerate(
+        zip(crops, instances.scores.tolist(), instances.pred_classes.tolist())
     ):
         if crop.size == 0:
             continue
@@ -191,7 +194,7 @@ def tile_detections(
             or (y1 < h and cy + crop.shape[0] > th - TOUCH_MARGIN)
             or (x1 < w and cx + crop.shape[1] > tw - TOUCH_MARGIN)
         )
-        dets.append(Detection(index, window, ty + cy, tx + cx, crop, score, label, partial))
+        dets.append(Detection(tile, window, ty + cy, tx + cx, crop, score, label, partial, index))
     return dets
 
 

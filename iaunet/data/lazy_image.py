@@ -1,0 +1,305 @@
+"""Large images read lazily, one region at a time: OME-Zarr (NGFF), BigTIFF / OME-TIFF (tiled,
+striped or pyramidal, through tifffile's zarr store), and every file :func:`read_image` reads (those
+are small: read whole).
+
+:func:`open_plane` selects one 2-D plane (``channel``, ``z``, ``t`` where the image has those axes)
+and, in a pyramid, the level nearest the model's scale, and returns an :class:`ImagePlane`: shape,
+dtype and numpy regions ``plane[y0:y1, x0:x1]`` as :func:`read_image` would give them ((h, w) or
+(h, w, 3|4) for RGB(A) samples). It pickles as a description (path and selection), so that a Dask
+worker opens the file itself.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .image_io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, ImageReadError, read_image
+
+ZARR_EXTENSIONS = (".zarr",)
+# Axes that select a plane; y, x stay; s (tifffile) / rgb samples stay as colour channels.
+PLANE_AXES = {"c": "channel", "z": "z", "t": "t"}
+
+
+def is_zarr(path: str) -> bool:
+    """An OME-Zarr image: a ``*.zarr`` folder (or any folder with NGFF ``multiscales``)."""
+    path = path.rstrip("/")
+    return os.path.isdir(path) and (
+        path.lower().endswith(ZARR_EXTENSIONS) or bool(_zarr_multiscales(path, quiet=True))
+    )
+
+
+def _zarr_multiscales(path: str, quiet: bool = False) -> Optional[dict]:
+    for name in ("zarr.json", ".zattrs"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                attrs = json.load(fh)
+            attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
+            attrs = attrs.get("ome", attrs)  # NGFF 0.5 keeps its metadata under "ome"
+            if attrs.get("multiscales"):
+                return attrs["multiscales"][0]
+    if quiet:
+        return None
+    raise ImageReadError(f"{path}: not an OME-Zarr image (no NGFF 'multiscales' metadata)")
+
+
+@dataclass
+class ImagePlane:
+    """One 2-D plane of an image file, read region by region.
+
+    ``axes``: the file's axis names (lower case; ``s`` = RGB samples); ``index``: the fixed index of
+    every axis but y, x, s; ``level``: the pyramid level read; ``downsample``: its (y, x) pixel
+    size over level 0's; ``pixel_size``: (y, x) physical size of a pixel of this level and its
+    ``unit``, when the file declares one.
+    """
+
+    path: str
+    kind: str  # "zarr", "tiff" or "memory"
+    axes: str
+    index: Dict[str, int]
+    level: int = 0
+    level_path: str = ""
+    downsample: Tuple[float, float] = (1.0, 1.0)
+    pixel_size: Optional[Tuple[float, float]] = None
+    unit: str = ""
+    shape: Tuple[int, ...] = ()
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint8))
+
+    def __post_init__(self):
+        self._array = None
+        self._tiff = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tiff": None, "_array": None}  # a worker opens the file itself
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _open(self):
+        if self._array is None:
+            import zarr
+
+            if self.kind == "memory":
+                self._array = _read_whole(self.path)
+            elif self.kind == "zarr":
+                self._array = zarr.open_array(os.path.join(self.path, self.level_path), mode="r")
+            else:
+                import tifffile
+
+                self._tiff = tifffile.TiffFile(self.path)
+                store = self._tiff.series[0].aszarr(level=self.level)
+                self._array = zarr.open_array(store, mode="r")
+        return self._array
+
+    def __getitem__(self, item) -> np.ndarray:
+        """``plane[ys, xs]`` (slices) -> numpy (h, w) or (h, w, S)."""
+        ys, xs = item
+        array = self._open()
+        if self.kind == "memory":
+            return array[ys, xs]
+        sel = tuple(
+            ys if a == "y" else xs if a == "x" else slice(None) if a == "s" else self.index[a]
+            for a in self.axes
+        )
+        try:
+            region = np.asarray(array[sel])
+        except Exception as e:  # corrupt / missing chunks: name the file
+            raise ImageReadError(f"cannot read {self.path} {sel}: {type(e).__name__}: {e}") from e
+        kept = [a for a in self.axes if a in "yxs"]
+        return region.transpose([kept.index(a) for a in "yxs" if a in kept])
+
+    def read(self) -> np.ndarray:
+        """The whole plane (small images; the in-process path)."""
+        return self[0 : self.shape[0], 0 : self.shape[1]]
+
+    def close(self) -> None:
+        if self._tiff is not None:
+            self._tiff.close()
+        self._tiff = None
+        self._array = None
+
+
+def _select(path: str, axes: str, shape, selection: Dict[str, Optional[int]]) -> Dict[str, int]:
+    """The index of every plane axis: the one asked for, 0 when it has length 1; an axis longer
+    than 1 without a choice, a choice without its axis or out of range is an error naming both."""
+    index = {}
+    for a, n in zip(axes, shape):
+        if a in "yxs":
+            continue
+        flag = PLANE_AXES.get(a)
+        chosen = selection.get(flag) if flag else None
+        if chosen is None:
+            if n > 1:
+                name = f"--{flag}" if flag else f"axis {a}"
+                raise ImageReadError(
+                    f"{path}: axis {a} has {n} planes (axes {axes}, shape {tuple(shape)}); choose "
+                    f"one with {name} (IAUNet takes a 2-D plane)"
+                )
+            chosen = 0
+        if not 0 <= chosen < n:
+            raise ImageReadError(
+                f"{path}: --{flag} {chosen} is out of range: axis {a} has {n} planes (0..{n - 1})"
+            )
+        index[a] = int(chosen)
+    for flag, value in selection.items():
+        a = {v: k for k, v in PLANE_AXES.items()}[flag]
+        if value is not None and a not in axes:
+            raise ImageReadError(f"{path}: --{flag} given, but the image has no {a} axis ({axes})")
+    return index
+
+
+def _nearest_level(downsamples: List[float], model_scale: Optional[float]) -> int:
+    """The coarsest level not coarser than the model needs: the model resizes a full-resolution
+    image by ``model_scale`` (image px -> model px), so level k, ``downsamples[k]`` times coarser,
+    needs ``model_scale * downsamples[k]``; a factor above 1 would upsample data a finer level
+    holds (small tolerance for rounded pyramid sizes)."""
+    if not model_scale or len(downsamples) < 2:
+        return 0
+    fine_enough = [k for k, d in enumerate(downsamples) if model_scale * d <= 1.0 + 1e-3]
+    return max(fine_enough, key=lambda k: downsamples[k]) if fine_enough else 0
+
+
+def _open_zarr(path: str, selection, model_scale) -> ImagePlane:
+    import zarr
+
+    ms = _zarr_multiscales(path)
+    axes = "".join(
+        (a["name"] if isinstance(a, dict) else a).lower() for a in ms.get("axes", "tczyx")
+    )
+    if "y" not in axes or "x" not in axes:
+        raise ImageReadError(f"{path}: the OME-Zarr image has no y and x axes ({axes})")
+    yx = axes.index("y"), axes.index("x")
+    scales = []
+    for d in ms["datasets"]:
+        scale = [t["scale"] for t in d.get("coordinateTransformations", []) if t["type"] == "scale"]
+        scales.append([float(scale[0][i]) for i in yx] if scale else None)
+    shapes = []
+    for d in ms["datasets"]:
+        try:
+            shapes.append(zarr.open_array(os.path.join(path, d["path"]), mode="r").shape)
+        except Exception as e:
+            raise ImageReadError(f"{path}: cannot open level {d['path']}: {e}") from None
+    if all(s is not None for s in scales):  # declared pixel sizes
+        downs = [s[0] / scales[0][0] for s in scales]
+    else:  # the sizes of the levels
+        downs = [shapes[0][yx[0]] / s[yx[0]] for s in shapes]
+    level = _nearest_level(downs, model_scale)
+    units = [a.get("unit", "") for a in ms.get("axes", []) if isinstance(a, dict)]
+    shape = shapes[level]
+    return ImagePlane(
+        path=path,
+        kind="zarr",
+        axes=axes,
+        index=_select(path, axes, shape, selection),
+        level=level,
+        level_path=ms["datasets"][level]["path"],
+        downsample=(downs[level], shapes[0][yx[1]] / shape[yx[1]]),
+        pixel_size=tuple(scales[level]) if scales[level] is not None else None,
+        unit=units[yx[0]] if units else "",
+        shape=(shape[yx[0]], shape[yx[1]]),
+        dtype=np.dtype(zarr.open_array(os.path.join(path, ms["datasets"][level]["path"])).dtype),
+    )
+
+
+def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes.lower()
+            levels = [lv.shape for lv in series.levels]
+            dtype = series.dtype
+            ps = None
+            if tif.is_ome:  # OME-XML PhysicalSizeY/X
+                import re
+
+                meta = tif.ome_metadata or ""
+                y = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', meta)
+                x = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', meta)
+                ps = (float(y.group(1)), float(x.group(1))) if y and x else None
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if "y" not in axes or "x" not in axes:
+        raise ImageReadError(f"{path}: the TIFF has no y and x axes ({axes})")
+    # tifffile names an unknown leading axis q / i: treat it as a stack to choose from
+    axes = "".join("z" if a in "qi" else a for a in axes)
+    yx = axes.index("y"), axes.index("x")
+    downs = [levels[0][yx[0]] / s[yx[0]] for s in levels]
+    level = _nearest_level(downs, model_scale)
+    shape = levels[level]
+    d = (downs[level], levels[0][yx[1]] / shape[yx[1]])
+    return ImagePlane(
+        path=path,
+        kind="tiff",
+        axes=axes,
+        index=_select(path, axes, shape, selection),
+        level=level,
+        downsample=d,
+        pixel_size=(ps[0] * d[0], ps[1] * d[1]) if ps else None,
+        shape=(shape[yx[0]], shape[yx[1]]) + ((shape[axes.index("s")],) if "s" in axes else ()),
+        dtype=np.dtype(dtype),
+    )
+
+
+def open_plane(
+    path: str,
+    channel: Optional[int] = None,
+    z: Optional[int] = None,
+    t: Optional[int] = None,
+    model_scale: Optional[float] = None,
+) -> ImagePlane:
+    """The 2-D plane of ``path`` to predict: OME-Zarr and TIFF lazily (the pyramid level nearest
+    ``model_scale`` when they have several), other formats read whole. Errors are one line naming
+    the file (:class:`ImageReadError`)."""
+    selection = {"channel": channel, "z": z, "t": t}
+    if os.path.isdir(path):
+        return _open_zarr(path.rstrip("/"), selection, model_scale)
+    if path.lower().endswith(TIFF_EXTENSIONS):
+        plane = _open_tiff(path, selection, model_scale)
+        if plane.ndim == 3 and plane.shape[2] not in (1, 3, 4):
+            raise ImageReadError(f"{path}: unsupported samples per pixel {plane.shape}")
+        try:
+            plane[0:1, 0:1]
+        except ImageReadError as e:  # compression tifffile cannot decode here: whole file
+            if "imagecodecs" not in str(e):
+                raise
+            return _in_memory(path, selection)
+        return plane
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        raise ImageReadError(f"{path}: not an image file ({', '.join(IMAGE_EXTENSIONS)}, .zarr)")
+    return _in_memory(path, selection)
+
+
+_WHOLE: Dict[str, np.ndarray] = {}
+
+
+def _read_whole(path: str) -> np.ndarray:
+    """A file read whole, kept for the next call (the blocks of one image in one worker)."""
+    if path not in _WHOLE:
+        _WHOLE.clear()
+        _WHOLE[path] = read_image(path)
+    return _WHOLE[path]
+
+
+def _in_memory(path: str, selection) -> ImagePlane:
+    given = [f"--{k}" for k, v in selection.items() if v is not None]
+    if given:
+        raise ImageReadError(f"{path}: {', '.join(given)} need a TIFF or OME-Zarr image")
+    image = _read_whole(path)
+    plane = ImagePlane(path, "memory", "yx", {}, shape=image.shape, dtype=image.dtype)
+    plane._array = image
+    return plane
+
+
+def subsample_step(shape: Tuple[int, ...], max_pixels: int) -> int:
+    """The stride that reads at most ``max_pixels`` of a plane (1: all of it)."""
+    return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
