@@ -79,13 +79,10 @@ def _smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], sigma: float
     return n / (n.std() + 1e-6)
 
 
-def render_scene(
-    seed: int, size: Tuple[int, int] = IMAGE_SIZE
-) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
-    (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
-    on ``polygons_to_bitmask([poly.ravel()], H, W)``, the pixels of its annotation."""
-    rng = np.random.default_rng(seed)
+def _field(rng: np.random.Generator, size: Tuple[int, int]):
+    """A scene's pixel grid (yy, xx), its uneven illumination (a gradient and slow noise) and its
+    background (dim, textured), drawn from ``rng`` in this order. Returns (yy, xx, illumination,
+    background)."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     gx, gy = rng.uniform(-1, 1, 2)
@@ -94,7 +91,18 @@ def render_scene(
         + 0.25 * (gx * (xx / w - 0.5) + gy * (yy / h - 0.5))
         + 0.05 * _smooth_noise(rng, (h, w), 16)
     )
-    image = 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
+    return yy, xx, illumination, 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
+
+
+def render_scene(
+    seed: int, size: Tuple[int, int] = IMAGE_SIZE
+) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
+    (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
+    on ``polygons_to_bitmask([poly.ravel()], H, W)``, the pixels of its annotation."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx, illumination, image = _field(rng, size)
     polygons: List[np.ndarray] = []
     centers: List[Tuple[float, float, float]] = []
     for _ in range(rng.integers(4, 13)):
@@ -156,14 +164,7 @@ def render_occluded_scene(
     cell on top replaces ``opacity`` of what lies under it by its own content."""
     rng = np.random.default_rng(seed)
     h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    gx, gy = rng.uniform(-1, 1, 2)
-    illumination = (
-        1.0
-        + 0.25 * (gx * (xx / w - 0.5) + gy * (yy / h - 0.5))
-        + 0.05 * _smooth_noise(rng, (h, w), 16)
-    )
-    background = 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
+    yy, xx, illumination, background = _field(rng, size)
     image = background.copy()
     polygons: List[np.ndarray] = []
     whole: List[np.ndarray] = []
