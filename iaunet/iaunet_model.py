@@ -16,6 +16,7 @@ from .modeling.dense_supervision import DenseHead
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import UNetPixelDecoder
 from .modeling.postprocessing import PostProcessing, instances_from_topk, topk_predictions
+from .modeling.test_time_augmentation import VIEWS, predict_views
 from .modeling.transformer_decoder import QueryDecoder
 
 
@@ -40,6 +41,7 @@ class IAUNet(nn.Module):
         postprocessing: PostProcessing,
         channels_last: bool = False,
         dense_head: Optional[DenseHead] = None,
+        test_augmentation: str = "none",
     ):
         super().__init__()
         self.backbone = backbone
@@ -53,6 +55,11 @@ class IAUNet(nn.Module):
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.deep_supervision = deep_supervision
         self.postprocessing = postprocessing  # inference settings (MODEL.IAUNET.TEST.*)
+        if test_augmentation not in VIEWS:
+            raise ValueError(
+                f"MODEL.IAUNET.TEST.TTA must be one of {tuple(VIEWS)}, got {test_augmentation!r}"
+            )
+        self.test_augmentation = test_augmentation  # views merged at inference (TEST.TTA)
         self.mask_stride = pixel_decoder.mask_stride  # E and the mask logits: 1/4 or 1/2
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
@@ -115,6 +122,7 @@ class IAUNet(nn.Module):
             "postprocessing": PostProcessing.from_config(cfg),
             "channels_last": cfg.MODEL.CHANNELS_LAST,
             "dense_head": DenseHead(m.MASK_DIM) if m.DENSE_WEIGHT > 0 else None,
+            "test_augmentation": m.TEST.TTA,
         }
 
     @property
@@ -197,7 +205,11 @@ class IAUNet(nn.Module):
                 raise FloatingPointError(f"{e} ({_batch_note(batched_inputs)})") from None
             check_losses_finite(losses, batched_inputs)
             return losses
-        outputs = self.forward_network(images.tensor)
+        outputs = predict_views(
+            lambda x: self.forward_network(x.contiguous(memory_format=self.memory_format)),
+            images.tensor,
+            self.test_augmentation,
+        )
         results = []
         with torch.profiler.record_function("iaunet::instance_inference"):  # a range in profiles
             for i, x in enumerate(batched_inputs):

@@ -181,6 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, args.weights)
     cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; a TorchScript file loads onto any device
     cfg.MODEL.WEIGHTS = args.weights
+    if cfg.MODEL.IAUNET.TEST.TTA != "none":
+        logger.info(
+            f"MODEL.IAUNET.TEST.TTA {cfg.MODEL.IAUNET.TEST.TTA} is not exported: the graph runs one "
+            "view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
+        )
+        cfg.MODEL.IAUNET.TEST.TTA = "none"
     model = build_model(cfg).eval()
     AtomicCheckpointer(model).load_checkpoint(checkpoint)
     if args.format == "bioimageio":

@@ -179,6 +179,12 @@ class IAUNetPredictor:
         the file's config YAML when already read)."""
         if not model_file:
             raise ValueError(f"backend {self.backend} needs an exported model file (--model)")
+        if self.cfg.MODEL.IAUNET.TEST.TTA != "none":
+            raise ConfigError(
+                f"MODEL.IAUNET.TEST.TTA {self.cfg.MODEL.IAUNET.TEST.TTA}: test-time augmentation "
+                f"runs in PyTorch only (an exported graph runs one view); use --backend pytorch "
+                "with the checkpoint, or MODEL.IAUNET.TEST.TTA none"
+            )
         baked = graph_keys(trained_config(saved or exported_config(model_file)))
         changed = {k: v for k, v in graph_keys(self.cfg).items() if baked[k] != v}
         if changed:
