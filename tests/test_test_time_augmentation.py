@@ -123,7 +123,9 @@ def test_model_with_tta_predicts_in_the_image_frame(checkpoint, one_thread):
         assert out.image_size == (40, 70) and out.pred_masks.shape[1:] == (40, 70)
         assert len(out) > 0 and len(plain) > 0
         assert float(out.scores.min()) >= 0 and float(out.scores.max()) <= 1
-        assert out.scores.shape != plain.scores.shape or not torch.allclose(out.scores, plain.scores)
+        assert out.scores.shape != plain.scores.shape or not torch.allclose(
+            out.scores, plain.scores
+        )
     with pytest.raises(ValueError, match="MODEL.IAUNET.TEST.TTA must be one of"):
         IAUNetPredictor.from_checkpoint(checkpoint, opts=["MODEL.IAUNET.TEST.TTA", "d4"])
 

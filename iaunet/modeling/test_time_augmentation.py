@@ -7,13 +7,13 @@ detections that only some views make (what Cellpose does with ``augment`` and St
 8-fold "D4" averaging). The views are exact on the padded input: its sides are multiples of the
 mask stride, so a flip or rotation of the image is the same flip or rotation of the mask logits.
 
-A query-based model has no fixed pixel-to-output map to invert, so the views' outputs are aligned
-first: the queries of each view are matched one-to-one to the queries of the identity view (Hungarian
-matching on the soft IoU of their mask probabilities, in the identity view's frame; scipy), then the
-class probabilities and mask probabilities of matched queries are averaged. The merged output has
-the model's own form ((Q, K+1) class logits, (Q, h, w) mask logits), so every later step (maskness,
-NMS, thresholds, tiling, amodal outlines) is unchanged. An object that a view misses is averaged with
-that view's "no object" query: its score falls in proportion.
+A query-based model has no fixed pixel-to-output map to invert, so the views' outputs are
+aligned first: the queries of each view are matched one-to-one to the queries of the identity view
+(Hungarian matching on the soft IoU of their mask probabilities, in the identity view's frame;
+scipy), then the class probabilities and mask probabilities of matched queries are averaged. The
+merged output has the model's own form ((Q, K+1) class logits, (Q, h, w) mask logits), so every
+later step (maskness, NMS, thresholds, tiling, amodal outlines) is unchanged. An object that a view
+misses is averaged with that view's "no object" query: its score falls in proportion.
 """
 
 from typing import Callable, Dict, List, Tuple
