@@ -183,8 +183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg.MODEL.WEIGHTS = args.weights
     if cfg.MODEL.IAUNET.TEST.TTA != "none":
         logger.info(
-            f"MODEL.IAUNET.TEST.TTA {cfg.MODEL.IAUNET.TEST.TTA} is not exported: the graph runs one "
-            "view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
+            f"MODEL.IAUNET.TEST.TTA {cfg.MODEL.IAUNET.TEST.TTA} is not exported: the graph runs "
+            "one view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
         )
         cfg.MODEL.IAUNET.TEST.TTA = "none"
     model = build_model(cfg).eval()
