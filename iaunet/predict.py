@@ -46,6 +46,7 @@ from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference import IAUNetPredictor
 from .inference.backends import BACKENDS
 from .inference.big_image import PredictorSpec, predict_big
+from .modeling.test_time_augmentation import VIEWS
 from .outputs.coco import category_ids
 from .outputs.writer import OUTPUTS, PredictionWriter, image_prediction, parse_save
 from .utils.atomic import EXIT_WRITE_ERROR, describe_write_error, is_storage_error
@@ -167,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model px shared by neighbouring tiles (TEST.TILE_OVERLAP; default half a tile)",
     )
     p.add_argument(
+        "--tta",
+        choices=tuple(VIEWS),
+        default=None,
+        help="test-time augmentation: none, flip (4 views: ~4x the time) or dihedral (8 views); "
+        "default: the model's MODEL.IAUNET.TEST.TTA (flip for configs/custom/iaunet_small.yaml)",
+    )
+    p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default=None,
@@ -180,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides, e.g. --opts TEST.DETECTIONS_PER_IMAGE 300 (must come last)",
     )
     return p
+
+
+def flag_opts(args: argparse.Namespace) -> List[str]:
+    """``--opts`` followed by the config overrides of the flags that were given."""
+    flags = {
+        "MODEL.DEVICE": args.device,
+        "TEST.TILE_OVERLAP": args.tile_overlap,
+        "TEST.TILE_SIZE": args.tile or None,
+        "MODEL.IAUNET.TEST.TTA": args.tta,
+    }
+    return list(args.opts) + [str(x) for kv in flags.items() if kv[1] is not None for x in kv]
 
 
 def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
@@ -198,12 +217,7 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
         raise UsageError(f"weights file not found: {args.weights}")
     if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
         raise UsageError("--tile and --tile-overlap must be >= 0")
-    flags = {
-        "MODEL.DEVICE": args.device,
-        "TEST.TILE_OVERLAP": args.tile_overlap,
-        "TEST.TILE_SIZE": args.tile or None,
-    }
-    opts = list(args.opts) + [x for kv in flags.items() if kv[1] is not None for x in kv]
+    opts = flag_opts(args)
     # The model's own threshold must not hide instances the user asked for.
     kwargs = dict(scale=args.scale, diameter=args.diameter, min_score=args.score_threshold)
     source = args.model if exported else args.weights
@@ -329,9 +343,7 @@ def dask_client(address: str):
 
 def predictor_spec(args: argparse.Namespace) -> PredictorSpec:
     """What a Dask worker needs to build the predictor of the command line."""
-    flags = {"MODEL.DEVICE": args.device, "TEST.TILE_OVERLAP": args.tile_overlap}
-    flags["TEST.TILE_SIZE"] = args.tile or None
-    opts = list(args.opts) + [str(x) for kv in flags.items() if kv[1] is not None for x in kv]
+    opts = flag_opts(args)
     return PredictorSpec(
         weights=os.path.abspath(args.weights) if args.weights else "",
         model=os.path.abspath(args.model) if args.model else "",

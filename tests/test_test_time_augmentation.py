@@ -130,6 +130,21 @@ def test_model_with_tta_predicts_in_the_image_frame(checkpoint, one_thread):
         IAUNetPredictor.from_checkpoint(checkpoint, opts=["MODEL.IAUNET.TEST.TTA", "d4"])
 
 
+def test_predict_tta_flag_overrides_the_model(checkpoint, tmp_path):
+    from iaunet.predict import build_parser, build_predictor
+
+    def predictor(*flags):
+        args = build_parser().parse_args(
+            ["--weights", checkpoint, "--input", "x.tif", "--output", str(tmp_path), *flags]
+        )
+        return build_predictor(args)
+
+    assert predictor().model.test_augmentation == "none"  # the checkpoint's
+    assert predictor("--tta", "dihedral").model.test_augmentation == "dihedral"
+    with pytest.raises(SystemExit):
+        predictor("--tta", "d4")
+
+
 def test_exported_models_refuse_tta(checkpoint, tmp_path):
     """The export writes TTA off in the file's config (the graph runs one view); asking an exported
     model for TTA is a one-line error."""
