@@ -100,7 +100,8 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     argv = [
         "--work", str(work), "--image", str(tmp_path / "img.tif"),
         "--labels", str(tmp_path / "lab.tif"), "--folds", "3", "--weights", "",
-        "--cellpose-max-epochs", "1", "--opts", "MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True",
+        "--cellpose-max-epochs", "1", "--cellpose-cpu-s", "5",
+        "--opts", "MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True",
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
         *TINY_MODEL_OPTS,
     ]  # fmt: skip
