@@ -186,6 +186,68 @@ def test_visible_masks_stay_inside_whole_masks(amodal_model):
     assert not (inst.pred_masks & ~inst.pred_amodal_masks).any()
 
 
+def _tile_instances(window, visible, whole, score):
+    """The Instances one tile ``window`` (y0, x0, y1, x1) gives for one object whose image-size
+    ``visible`` and ``whole`` masks are known."""
+    from detectron2.structures import Instances
+
+    y0, x0, y1, x1 = window
+    inst = Instances((y1 - y0, x1 - x0))
+    inst.pred_masks = torch.from_numpy(visible[None, y0:y1, x0:x1].copy())
+    inst.pred_amodal_masks = torch.from_numpy(whole[None, y0:y1, x0:x1].copy())
+    inst.scores, inst.pred_classes = torch.tensor([score]), torch.tensor([0])
+    return inst
+
+
+def _stitched(windows, visible, whole, scores):
+    from iaunet.inference.tiling import (
+        detections_to_instances,
+        stitch_detections,
+        tile_detections,
+    )
+
+    dets = []
+    for t, (window, score) in enumerate(zip(windows, scores)):
+        dets += tile_detections(
+            t, window, visible.shape, _tile_instances(window, visible, whole, score)
+        )
+    return detections_to_instances(stitch_detections(dets), visible.shape)
+
+
+def test_tiles_carry_whole_outlines():
+    """Stitching tiles of an amodal model: a view whose visible part lies inside its tile but whose
+    whole outline is cut by the tile edge loses to a view that saw the whole outline, though it
+    scores higher; an object larger than the overlap is joined, both of its masks."""
+    visible, whole = np.zeros((20, 40), bool), np.zeros((20, 40), bool)
+    visible[5:10, 10:20], whole[5:15, 10:28] = True, True
+    out = _stitched([(0, 0, 20, 24), (0, 8, 20, 40)], visible, whole, [0.9, 0.8])
+    assert len(out) == 1 and float(out.scores[0]) == pytest.approx(0.8)
+    assert np.array_equal(out.pred_masks[0].numpy(), visible)
+    assert np.array_equal(out.pred_amodal_masks[0].numpy(), whole)
+    # larger than the overlap: seen cut by both tiles, joined
+    visible, whole = np.zeros((20, 40), bool), np.zeros((20, 40), bool)
+    visible[5:10, 10:30], whole[5:15, 10:36] = True, True
+    out = _stitched([(0, 0, 20, 24), (0, 16, 20, 40)], visible, whole, [0.9, 0.8])
+    assert len(out) == 1
+    assert np.array_equal(out.pred_masks[0].numpy(), visible)
+    assert np.array_equal(out.pred_amodal_masks[0].numpy(), whole)
+
+
+def test_tiled_prediction_keeps_whole_outlines(amodal_model):
+    """An image of several tiles: every stitched detection has its whole outline, at the image's
+    size, with its visible part inside it."""
+    from iaunet.inference import IAUNetPredictor
+
+    cfg = tiny_cfg(**{"MODEL.IAUNET.AMODAL": True, "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0})
+    predictor = IAUNetPredictor(cfg, model=amodal_model, scale=1.0)
+    image = np.random.default_rng(0).integers(0, 255, (100, 90), dtype=np.uint8)
+    assert predictor.will_tile(image.shape)
+    inst = predictor.predict(image)
+    assert len(inst) > 0
+    assert inst.pred_masks.shape == inst.pred_amodal_masks.shape == (len(inst), 100, 90)
+    assert not (inst.pred_masks & ~inst.pred_amodal_masks).any()
+
+
 def test_image_counts_ignore_regions():
     a, b = np.zeros((20, 20), bool), np.zeros((20, 20), bool)
     a[2:8, 2:8], b[10:18, 10:18] = True, True

@@ -469,7 +469,7 @@ def test_benchmark_tool(spec, tmp_path):
 
 
 def test_amodal_models_are_refused(predictor, spec, tiff, client, tmp_path):
-    """Whole outlines are not stitched across tiles: --dask refuses an amodal model in one line,
+    """The block store keeps no whole outlines: --dask refuses an amodal model in one line,
     before any block is written."""
     frozen = predictor.cfg.is_frozen()
     predictor.cfg.defrost()

@@ -276,10 +276,10 @@ def predict_big(
     halo = tile if halo is None else halo
     if block < tile:
         raise ValueError(f"--block {block} is smaller than a tile ({tile} image px)")
-    if predictor.cfg.MODEL.IAUNET.AMODAL:  # as IAUNetPredictor.__call__ on images of many tiles
+    if predictor.cfg.MODEL.IAUNET.AMODAL:
         raise ValueError(
-            "--dask: tiles are not stitched for whole outlines (MODEL.IAUNET.AMODAL) yet; "
-            "predict images that fit one tile without --dask"
+            "--dask: the block store keeps no whole outlines (MODEL.IAUNET.AMODAL) yet; "
+            "predict the image without --dask (in-process tiles keep them)"
         )
     per_tile = int(predictor.cfg.TEST.DETECTIONS_PER_IMAGE)
     num_tiles = len(TileGrid(*size, tile, overlap))

@@ -254,12 +254,6 @@ class IAUNetPredictor:
         )
         size = image.shape[:2]
         if tiled or (tiled is None and self.will_tile(size)):
-            if self.cfg.MODEL.IAUNET.AMODAL:
-                raise ValueError(
-                    f"an image of {size[0]}x{size[1]} px needs tiles at this scale, and tiles are "
-                    "not stitched for whole outlines (MODEL.IAUNET.AMODAL) yet: give a smaller "
-                    "--scale or --diameter so that it fits one tile"
-                )
             return self._predict_tiled(image, value_range, full_masks)
         result = self._run_model(self._model_range(image, value_range), size)
         if not full_masks:

@@ -19,12 +19,16 @@ coordinates:
 
 Detections of one tile are never compared with each other: duplicate suppression within a tile is
 the model's (``MODEL.IAUNET.TEST.NMS``).
+
+Whole outlines (``MODEL.IAUNET.AMODAL``) travel with their detections: a detection is cut when its
+whole outline touches an inner tile edge (the whole outline contains the visible part), views are
+matched on their visible parts, and joined pieces join both masks.
 """
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -67,6 +71,7 @@ class Detection:
     label: int
     partial: bool  # touches an inner edge of its tile: the tile may have cut it
     index: int = 0  # position among its tile's detections: (tile, index) names it in the image
+    whole: Optional[Tuple[int, int, np.ndarray]] = None  # (y0, x0, crop) of the whole outline
 
     def __post_init__(self):
         self.area = int(np.count_nonzero(self.crop))
@@ -149,18 +154,26 @@ def _reaches_beyond(d: Detection, window: Tuple[int, int, int, int]) -> bool:
     return _area_in(d, window) < d.area
 
 
-def _join(pieces: List[Detection]) -> Detection:
-    boxes = np.array([p.box for p in pieces])
-    y0, x0 = boxes[:, :2].min(0)
-    y1, x1 = boxes[:, 2:].max(0)
+def _union(parts: List[Tuple[int, int, np.ndarray]]) -> Tuple[int, int, np.ndarray]:
+    """The union of (y0, x0, crop) masks as one (y0, x0, crop)."""
+    y0, x0 = min(p[0] for p in parts), min(p[1] for p in parts)
+    y1 = max(p[0] + p[2].shape[0] for p in parts)
+    x1 = max(p[1] + p[2].shape[1] for p in parts)
     crop = np.zeros((y1 - y0, x1 - x0), bool)
-    for p in pieces:
-        crop[p.y0 - y0 : p.box[2] - y0, p.x0 - x0 : p.box[3] - x0] |= p.crop
+    for py, px, c in parts:
+        crop[py - y0 : py - y0 + c.shape[0], px - x0 : px - x0 + c.shape[1]] |= c
+    return int(y0), int(x0), crop
+
+
+def _join(pieces: List[Detection]) -> Detection:
+    y0, x0, crop = _union([(p.y0, p.x0, p.crop) for p in pieces])
+    wholes = [p.whole for p in pieces if p.whole is not None]
     first = pieces[0]
     score = max(p.score for p in pieces)
     return Detection(
-        first.tile, first.window, int(y0), int(x0), crop, score, first.label, True, first.index
-    )
+        first.tile, first.window, y0, x0, crop, score, first.label, True, first.index,
+        _union(wholes) if wholes else None,
+    )  # fmt: skip
 
 
 def tile_windows(height: int, width: int, tile: int, overlap: int) -> List[Tuple[int, ...]]:
@@ -175,26 +188,39 @@ def tile_detections(
     image_size: Tuple[int, int],
     instances: Instances,
 ) -> List[Detection]:
-    """A tile's ``Instances`` (masks at the tile's size) as Detections in full-image coordinates; a
-    detection within ``TOUCH_MARGIN`` px of an inner tile edge is partial (cut)."""
+    """A tile's ``Instances`` (masks at the tile's size, and whole outlines when it has
+    ``pred_amodal_masks``) as Detections in full-image coordinates; a detection whose mask (whole
+    outline) comes within ``TOUCH_MARGIN`` px of an inner tile edge is partial (cut)."""
     (ty, tx, y1, x1), (h, w) = window, image_size
     th, tw = y1 - ty, x1 - tx
-    crops = instances.pred_masks
-    if not isinstance(crops, MaskCrops):
-        crops = MaskCrops.from_bitmasks(crops)
+
+    def crops_of(field: str):
+        crops = instances.get(field)
+        return crops if isinstance(crops, MaskCrops) else MaskCrops.from_bitmasks(crops)
+
+    crops = crops_of("pred_masks")
+    wholes = crops_of("pred_amodal_masks") if instances.has("pred_amodal_masks") else None
     dets = []
     for index, ((cy, cx, crop), score, label) in enumerate(
         zip(crops, instances.scores.tolist(), instances.pred_classes.tolist())
     ):
         if crop.size == 0:
             continue
+        whole = None
+        if wholes is not None:
+            whole = (*(int(v) for v in wholes.offsets[index]), wholes.crops[index])
+        ey, ex, extent = whole if whole is not None and whole[2].size else (cy, cx, crop)
         partial = (
-            (ty > 0 and cy < TOUCH_MARGIN)
-            or (tx > 0 and cx < TOUCH_MARGIN)
-            or (y1 < h and cy + crop.shape[0] > th - TOUCH_MARGIN)
-            or (x1 < w and cx + crop.shape[1] > tw - TOUCH_MARGIN)
+            (ty > 0 and ey < TOUCH_MARGIN)
+            or (tx > 0 and ex < TOUCH_MARGIN)
+            or (y1 < h and ey + extent.shape[0] > th - TOUCH_MARGIN)
+            or (x1 < w and ex + extent.shape[1] > tw - TOUCH_MARGIN)
         )
-        dets.append(Detection(tile, window, ty + cy, tx + cx, crop, score, label, partial, index))
+        if whole is not None:
+            whole = (ty + int(whole[0]), tx + int(whole[1]), whole[2])
+        dets.append(
+            Detection(tile, window, ty + cy, tx + cx, crop, score, label, partial, index, whole)
+        )
     return dets
 
 
@@ -208,4 +234,7 @@ def detections_to_instances(
     result.scores = torch.tensor([d.score for d in dets], dtype=torch.float32)
     result.pred_classes = torch.tensor([d.label for d in dets], dtype=torch.int64)
     result.pred_boxes = masks.get_bounding_boxes()
+    if dets and dets[0].whole is not None:
+        wholes = MaskCrops([d.whole[2] for d in dets], [d.whole[:2] for d in dets], image_size)
+        result.pred_amodal_masks = wholes.to_bitmasks() if full_masks else wholes
     return result
