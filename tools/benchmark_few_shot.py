@@ -86,7 +86,8 @@ def iaunet_fold(args, fold: Dict) -> Dict:
     run(
         [sys.executable, "-m", "iaunet.predict", "--weights", weights,
          "--output", pred, "--save", "labels", "--input",
-         *(os.path.join(fold["val"], f"{stem}.tif") for stem, _, _ in tests)],
+         *(os.path.join(fold["val"], f"{stem}.tif") for stem, _, _ in tests),
+         *(["--opts", *args.opts] if args.opts else [])],
         out + "_predict.log",
     )  # fmt: skip
     labels = [tifffile.imread(os.path.join(pred, f"{stem}_labels.tif")) for stem, _, _ in tests]
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--collect", nargs="+", metavar="WORK",
                    help="print one table from the results.json of earlier runs (e.g. folds run in "
                    "parallel) and exit")  # fmt: skip
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="IAUNet config overrides")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="IAUNet config overrides (train, evaluate, predict)")  # fmt: skip
     args = p.parse_args(argv)
     if args.collect:
         print(collect(args.collect))
