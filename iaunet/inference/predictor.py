@@ -286,7 +286,10 @@ class IAUNetPredictor:
         dets = self.detect_tiles(image, list(enumerate(windows)), value_range, size)
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
-        return detections_to_instances(kept, size, full_masks)
+        result = detections_to_instances(kept, size, full_masks)
+        if self.cfg.MODEL.IAUNET.AMODAL and not result.has("pred_amodal_masks"):  # none kept
+            result.pred_amodal_masks = result.pred_masks
+        return result
 
     def detect_tiles(
         self,

@@ -227,7 +227,8 @@ def tile_detections(
 def detections_to_instances(
     dets: List[Detection], image_size: Tuple[int, int], full_masks: bool = True
 ) -> Instances:
-    """Stitched detections -> ``Instances`` of the whole image (masks as MaskCrops or full-size)."""
+    """Stitched detections -> ``Instances`` of the whole image (masks as MaskCrops or full-size;
+    ``pred_amodal_masks`` too when the detections carry whole outlines)."""
     result = Instances(image_size)
     masks = MaskCrops([d.crop for d in dets], [(d.y0, d.x0) for d in dets], image_size)
     result.pred_masks = masks.to_bitmasks() if full_masks else masks
