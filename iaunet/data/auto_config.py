@@ -19,9 +19,11 @@ checkpoint, so that evaluation and ``iaunet-predict`` use them (:func:`fill_auto
   :func:`iaunet.data.statistics.resolve_data_keys` (with ``INPUT.RESIZE_MODE "scale"``: images
   are resized so that the median object is ``OBJECT_DIAMETER`` model pixels across).
 * ``INPUT.IMAGE_SIZE`` (training crop, prediction tile; ``RESIZE_MODE "scale"`` only):
-  ``CROP_DIAMETERS`` (6) median object diameters, at least twice the 95th-percentile object, no
-  more than the median image side at the training scale, a multiple of 32 in [64, 512]. Six
-  diameters is the context of the synthetic pretraining scenes (128 px for 20-px cells).
+  ``CROP_DIAMETERS`` (5) median object diameters to the nearest multiple of 32, at least twice the
+  95th-percentile object, no more than the median image side at the training scale, in [64, 512].
+  128 px for the small config's 26-px objects: the crop of the synthetic pretraining scenes, so a
+  training step costs what it cost there (objects larger than the synthetic cells' 20 px, for
+  sharper outlines, not a larger crop).
 * ``SOLVER.MAX_ITER``: ``PASSES`` (100) passes over the training set counted in crops (an image at
   the training scale covers ``h w / IMAGE_SIZE^2`` crops, at least 1), divided by the batch,
   rounded up to 100 and kept in [1000, 10000]: 1000 iterations is what fine-tuning the synthetic
@@ -55,7 +57,7 @@ AUTO_KEYS = (
     "SOLVER.MAX_ITER",
 )
 QUERY_MARGIN, QUERY_STEP = 1.5, 10
-CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 6, 32, (64, 512)
+CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 5, 32, (64, 512)
 PASSES, ITER_STEP, ITER_RANGE = 100, 100, (1000, 10000)
 QUICK_WEIGHTS = "synthetic_quick/model_final.pth"
 QUICK_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_quick.yaml"
@@ -85,8 +87,11 @@ def auto_crop(dicts: Sequence[Dict], scale: float, diameter: float) -> int:
     """Training crop side (model px) for ``RESIZE_MODE "scale"``; see the module docstring."""
     sides = [max(d["height"], d["width"]) * scale for d in dicts]
     dia = [x * scale for d in dicts for x in object_diameters(objects(d))] or [diameter]
-    crop = max(CROP_DIAMETERS * diameter, 2 * float(np.percentile(dia, 95)))
-    crop = min(_round_up(crop, CROP_STEP), _round_up(float(np.median(sides)), CROP_STEP))
+    crop = max(
+        round(CROP_DIAMETERS * diameter / CROP_STEP) * CROP_STEP,
+        _round_up(2 * float(np.percentile(dia, 95)), CROP_STEP),
+    )
+    crop = min(crop, _round_up(float(np.median(sides)), CROP_STEP))
     return int(min(max(crop, CROP_RANGE[0]), CROP_RANGE[1]))
 
 
