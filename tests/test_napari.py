@@ -106,9 +106,13 @@ def test_widget_predicts_on_an_image_layer(make_napari_viewer, qtbot, weights, p
     assert np.all(np.diff(points.features["score"]) <= 0)  # id order = decreasing score
     assert tuple(labels.scale) == (0.5, 0.5) == tuple(points.scale)  # results sit on the image
 
-    widget.run()  # a re-run replaces the layers instead of adding more
+    assert widget._predictor(widget._inputs()[3]).model.test_augmentation == "none"  # as trained
+
+    widget.tta.value = "flip"  # a re-run with 4 views replaces the layers instead of adding more
+    widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     assert sum(layer.name == "cells labels" for layer in viewer.layers) == 1
+    assert widget._predictor(widget._inputs()[3]).model.test_augmentation == "flip"
 
 
 def test_widget_reports_bad_input(make_napari_viewer, tmp_path):

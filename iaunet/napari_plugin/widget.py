@@ -26,12 +26,14 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 
 from ..inference import IAUNetPredictor
+from ..modeling.test_time_augmentation import VIEWS
 from ..outputs.writer import image_prediction
 from .layers import LayerData, prediction_layers
 
 logger = logging.getLogger(__name__)
 
 STEPS = ("loading the model", "predicting", "building the layers")
+AS_TRAINED = "as trained"  # the model's MODEL.IAUNET.TEST.TTA
 
 
 def _path(value) -> str:
@@ -41,8 +43,9 @@ def _path(value) -> str:
 
 
 class PredictWidget(Container):
-    """Image layer, weights (+ optional config), scale or diameter, score threshold, device; *Run*
-    adds ``<image> labels``, ``<image> masks page k`` and ``<image> scores``."""
+    """Image layer, weights (+ optional config), scale or diameter, score threshold, test-time
+    augmentation, device; *Run* adds ``<image> labels``, ``<image> masks page k`` and ``<image>
+    scores``."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
@@ -62,6 +65,9 @@ class PredictWidget(Container):
         self.score_threshold = FloatSlider(
             label="score threshold", value=0.5, min=0.0, max=1.0, step=0.01
         )
+        self.tta = ComboBox(
+            label="test-time augmentation", choices=[AS_TRAINED, *VIEWS], value=AS_TRAINED
+        )
         self.device = ComboBox(label="device", choices=devices, value=devices[-1])
         self.run_button = PushButton(text="Run")
         self.progress = ProgressBar(label="progress", value=0, min=0, max=len(STEPS))
@@ -74,6 +80,7 @@ class PredictWidget(Container):
                 self.scale,
                 self.diameter,
                 self.score_threshold,
+                self.tta,
                 self.device,
                 self.run_button,
                 self.progress,
@@ -95,14 +102,17 @@ class PredictWidget(Container):
         self.image.reset_choices()
 
     def _predictor(self, key: Tuple) -> IAUNetPredictor:
-        """A cached predictor for (weights, config, scale, diameter, device, threshold)."""
+        """A cached predictor for (weights, config, scale, diameter, device, threshold, TTA)."""
         if key not in self._predictors:
-            weights, config, scale, diameter, device, threshold = key
+            weights, config, scale, diameter, device, threshold, tta = key
+            opts = ["MODEL.DEVICE", device, "MODEL.IAUNET.TEST.SCORE_THRESH", threshold]
+            if tta != AS_TRAINED:
+                opts += ["MODEL.IAUNET.TEST.TTA", tta]
             self._predictors = {  # keep one model in memory
                 key: IAUNetPredictor.from_checkpoint(
                     weights,
                     config,
-                    opts=["MODEL.DEVICE", device, "MODEL.IAUNET.TEST.SCORE_THRESH", threshold],
+                    opts=opts,
                     scale=scale,
                     diameter=diameter,
                 )
@@ -129,6 +139,7 @@ class PredictWidget(Container):
             self.diameter.value or None,
             self.device.value,
             float(self.score_threshold.value),
+            self.tta.value,
         )
         placement = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
         return image, name, placement, key
@@ -157,7 +168,7 @@ class PredictWidget(Container):
         predictor = self._predictor(key)
         yield 1
         instances = predictor.predict(image, full_masks=False)
-        prediction = image_prediction(instances, image, key[-1], stem=name)
+        prediction = image_prediction(instances, image, key[5], stem=name)  # the threshold
         yield 2
         class_names = getattr(predictor.metadata, "thing_classes", None)
         return prediction_layers(prediction, name, class_names, placement)
