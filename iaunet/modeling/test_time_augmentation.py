@@ -3,8 +3,8 @@
 
 Microscopy has no up: a model should find the same objects in a rotated or mirrored image, and
 averaging its predictions over these views smooths the mask outlines and lowers the scores of
-detections that only some views make (Cellpose's ``augment`` option averages flipped tiles the
-same way). The views are exact on the padded input: its sides are multiples of the
+detections that only some views make (Cellpose's ``augment`` option averages its flows over
+flipped tiles). The views are exact on the padded input: its sides are multiples of the
 mask stride, so a flip or rotation of the image is the same flip or rotation of the mask logits.
 
 A query-based model has no fixed pixel-to-output map to invert, so the views' outputs are
