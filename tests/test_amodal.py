@@ -269,18 +269,25 @@ def test_whole_cell_ground_truth_and_hidden_subset():
             assert ah["iscrowd"] == int(hf < HIDDEN_MIN) and aw["iscrowd"] == 0
 
 
-def test_whole_outline_evaluator_scores_the_whole_masks():
+def _true_instances():
+    """The first validation scene and its true visible and whole masks as predictions (score 1):
+    (dataset dict, visible (N, H, W), whole (N, H, W), Instances)."""
     d = DatasetCatalog.get(VAL)[0]
     h, w = d["height"], d["width"]
     whole = np.stack(
         [polygons_to_bitmask(a["amodal_segmentation"], h, w) for a in d["annotations"]]
     )
     visible = np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in d["annotations"]])
-    from iaunet.evaluation.matching import InstanceMatchingEvaluator
-
     inst = Instances((h, w))
     inst.pred_masks, inst.pred_amodal_masks = torch.from_numpy(visible), torch.from_numpy(whole)
     inst.scores = torch.ones(len(whole))
+    return d, visible, whole, inst
+
+
+def test_whole_outline_evaluator_scores_the_whole_masks():
+    from iaunet.evaluation.matching import InstanceMatchingEvaluator
+
+    d, visible, whole, inst = _true_instances()
     results = {}
     for suffix, subset in (("", None), ("_whole", "whole"), ("_hidden", "hidden")):
         name = VAL if subset is None else register_whole_cells(VAL, subset)
@@ -476,16 +483,9 @@ def test_folder_dataset_with_whole_outlines_and_visible_parts(tmp_path, monkeypa
 def test_hidden_fraction_error_of_matched_cells():
     from iaunet.evaluation.amodal import HiddenFractionEvaluator
 
-    d = DatasetCatalog.get(VAL)[0]
+    d, visible, whole, inst = _true_instances()
     h, w = d["height"], d["width"]
-    whole = np.stack(
-        [polygons_to_bitmask(a["amodal_segmentation"], h, w) for a in d["annotations"]]
-    )
-    visible = np.stack([mask_util.decode(a["segmentation"]).astype(bool) for a in d["annotations"]])
     truth = np.array([hidden_fraction(a, h, w) for a in d["annotations"]])
-    inst = Instances((h, w))
-    inst.pred_masks, inst.pred_amodal_masks = torch.from_numpy(visible), torch.from_numpy(whole)
-    inst.scores = torch.ones(len(whole))
     ev = HiddenFractionEvaluator(VAL, 0.5, distributed=False)
     for pred_masks, expected in ((visible, 0.0), (whole, np.median(truth))):
         inst.pred_masks = torch.from_numpy(pred_masks)  # whole as visible: nothing hidden

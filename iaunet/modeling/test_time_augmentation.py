@@ -73,10 +73,12 @@ def merge_views(outputs: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
     ref = outputs[0]["pred_masks"].sigmoid()
     sums = {"pred_logits": torch.zeros_like(outputs[0]["pred_logits"], dtype=torch.float32)}
     sums.update({k: torch.zeros_like(ref, dtype=torch.float32) for k in mask_keys})
-    for out in outputs:
+    for v, out in enumerate(outputs):
         probs = out["pred_masks"].sigmoid()
         for b in range(ref.shape[0]):
-            idx = align_queries(ref[b], probs[b])
+            # the identity view is the reference: its queries are their own match
+            same = torch.arange(ref.shape[1], device=ref.device)
+            idx = align_queries(ref[b], probs[b]) if v else same
             sums["pred_logits"][b] += out["pred_logits"][b, idx].float().softmax(-1)
             for k in mask_keys:
                 sums[k][b] += out[k][b, idx].float().sigmoid()
