@@ -151,8 +151,15 @@ def segm_ap(gt: Sequence[Sequence[dict]], pred: Sequence[Sequence[Tuple[dict, fl
         ev.params.maxDets = [1, 10, max(max(len(p) for p in pred), 100)]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {"AP": 100 * ev.stats[0], "AP50": 100 * ev.stats[1], "AP75": 100 * ev.stats[2]}
+    # From the precision table, not ev.stats: summarize()'s first figure is read at maxDets 100
+    # and is -1 whenever the last maxDets is not 100 (more than 100 predictions in an image).
+    prec = ev.eval["precision"][:, :, 0, 0, -1]  # IoU thresholds x recall points (all areas)
+
+    def ap(rows: np.ndarray) -> float:
+        valid = rows[rows > -1]
+        return 100 * float(valid.mean()) if valid.size else -100.0
+
+    return {"AP": ap(prec), "AP50": ap(prec[0]), "AP75": ap(prec[5])}
 
 
 def label_image_matching(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray]) -> Dict:

@@ -173,6 +173,14 @@ def polygons_to_rle(segmentation, height: int, width: int):
     return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
 
 
+def _box_meets(anno: Dict, transforms: T.TransformList, size: Tuple[int, int]) -> bool:
+    """Whether ``anno``'s box, transformed (for a rotation: the box of its turned corners, which
+    holds the turned outline), overlaps the (h, w) output image."""
+    box = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
+    x0, y0, x1, y1 = transforms.apply_box(np.array([box], dtype=np.float64))[0]
+    return x1 > 0 and y1 > 0 and x0 < size[1] and y0 < size[0]
+
+
 class IAUNetDatasetMapper:
     """Maps a detectron2 dataset dict to ``{"image": (3, H, W) float32 0..255, "instances":
     Instances, ...}``.
@@ -238,6 +246,17 @@ class IAUNetDatasetMapper:
             normalize_uint8=self.normalize_uint8,
         )
 
+    @staticmethod
+    def _with_box(anno: Dict, field: str, h: int, w: int) -> Dict:
+        """The annotation with ``field``'s outline as its RLE ``segmentation`` and a box (the
+        transforms need one; the masks' boxes replace it)."""
+        a = dict(anno, segmentation=anno.get(field, anno["segmentation"]))
+        a["segmentation"] = polygons_to_rle(a["segmentation"], h, w)
+        if "bbox" not in a:
+            a["bbox"] = mask_util.toBbox(a["segmentation"]).tolist()
+            a["bbox_mode"] = BoxMode.XYWH_ABS
+        return a
+
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
@@ -263,15 +282,20 @@ class IAUNetDatasetMapper:
         size = image.shape[:2]
         masks = {}
         try:
+            per_field = {f: [self._with_box(a, f, h, w) for a in annos] for f in self.fields}
+            # Only the objects whose transformed box meets the output (a crop holds a few of an
+            # image's objects) have their masks warped: the others would come out empty and be
+            # dropped by filter_empty_instances; most of the loader's time went to them.
+            inside = [
+                any(_box_meets(per_field[f][i], transforms, size) for f in self.fields)
+                for i in range(len(annos))
+            ]
             for field in self.fields:
-                kind = []
-                for a in annos:
-                    a = dict(a, segmentation=a.get(field, a["segmentation"]))
-                    a["segmentation"] = polygons_to_rle(a["segmentation"], h, w)
-                    if "bbox" not in a:  # the transforms need one; the masks' boxes replace it
-                        a["bbox"] = mask_util.toBbox(a["segmentation"]).tolist()
-                        a["bbox_mode"] = BoxMode.XYWH_ABS
-                    kind.append(utils.transform_instance_annotations(a, transforms, size))
+                kind = [
+                    utils.transform_instance_annotations(a, transforms, size)
+                    for a, keep in zip(per_field[field], inside)
+                    if keep
+                ]
                 masks[field] = utils.annotations_to_instances(kind, size, mask_format="bitmask")
         except (ValueError, TypeError, AssertionError) as e:
             raise ValueError(f"{file_name}: cannot use its annotations: {e}") from None
