@@ -161,6 +161,10 @@ def add_iaunet_config(cfg: CN) -> None:
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
     m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
+    # keep each mask's largest 8-connected piece (an object in one piece: nuclei, most cells);
+    # amodal models: of the whole outline, the visible part kept inside it (visible parts of hidden
+    # cells may be split); off in the thesis configs
+    m.TEST.ONE_PIECE = False
     # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image",
     # eq. 17)
     m.TEST.MASKNESS = "mask"

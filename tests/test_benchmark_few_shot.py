@@ -72,6 +72,26 @@ def test_metrics_on_known_cases():
     assert ap_low["AP"] > ap_high["AP"]
 
 
+def test_segm_ap_with_more_than_100_predictions():
+    """Over 100 predictions in an image (a crowded image, or every query kept): AP is still read
+    (pycocotools' first summary figure is -1 unless maxDets holds 100); low-scoring extras after
+    the exact masks cost nothing."""
+    _, labels = nuclei_image()
+    gt = fs.label_rles(labels)
+    blank = np.zeros_like(labels, dtype=np.uint8)
+    extra = []
+    for i in range(120):
+        speck = blank.copy()
+        speck[i % 100, (7 * i) % 128] = 1
+        extra.append((fs.mask_util.encode(np.asfortranarray(speck)), 0.01))
+    exact = [(rle, 0.9) for rle in gt]
+    assert fs.segm_ap([gt], [exact + extra]) == pytest.approx(
+        {"AP": 100.0, "AP50": 100.0, "AP75": 100.0}
+    )
+    half = fs.segm_ap([gt], [exact[::2] + extra])
+    assert 0 < half["AP"] < 60 and half["AP"] == pytest.approx(half["AP75"])
+
+
 def test_otsu_watershed_splits_touching_nuclei():
     _, labels = nuclei_image()
     two = np.zeros((40, 60), np.uint16)

@@ -63,6 +63,41 @@ def test_crop_drops_emptied_instances(tmp_path):
     assert min(counts) < 3  # a 32px crop of a 48x80 resize cannot hold all three rectangles
 
 
+def test_objects_outside_the_crop_are_skipped_without_changing_the_targets(tmp_path, monkeypatch):
+    """The mapper warps only the masks of objects whose transformed box meets the crop (free
+    rotations included): the same image and targets as warping every mask and dropping the empty
+    ones, and objects the crop misses are never warped."""
+    from detectron2.data import detection_utils
+
+    from iaunet.data import dataset_mapper as dm
+
+    cfg = tiny_cfg(**{"INPUT.IMAGE_SIZE": 32, "INPUT.SCALE_RANGE": (4.0, 4.0), "INPUT.ROTATE": 1.0})
+    mapper = IAUNetDatasetMapper(cfg, is_train=True)
+    d = _scene(tmp_path)
+    warped = []
+    transform = detection_utils.transform_instance_annotations
+    monkeypatch.setattr(
+        dm.utils, "transform_instance_annotations", lambda a, *r: warped.append(a) or transform(a, *r)
+    )
+
+    def mapped(seed):
+        np.random.seed(seed)
+        return mapper(d)
+
+    skipped = 0
+    for seed in range(8):
+        warped.clear()
+        fast = mapped(seed)
+        skipped += 3 - len(warped)
+        with monkeypatch.context() as m:
+            m.setattr(dm, "_box_meets", lambda *a: True)
+            every = mapped(seed)
+        assert torch.equal(fast["image"], every["image"])
+        assert torch.equal(fast["instances"].gt_masks.tensor, every["instances"].gt_masks.tensor)
+        assert torch.equal(fast["instances"].gt_boxes.tensor, every["instances"].gt_boxes.tensor)
+    assert skipped > 0  # 32-px crops of a 128x77 scene miss some of its three objects
+
+
 def test_test_mapper_resizes_longest_side_and_drops_annotations(tmp_path):
     cfg = tiny_cfg(**{"INPUT.IMAGE_SIZE": 64})
     out = IAUNetDatasetMapper(cfg, is_train=False)(_scene(tmp_path))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from iaunet.config import load_config
 from iaunet.modeling.postprocessing import (
     PostProcessing,
+    instances_from_topk,
     mask_overlap,
     suppress_duplicates,
     topk_predictions,
@@ -159,3 +160,48 @@ def test_upsample_masks_thresholds_logits_like_probabilities(mask_thresh):
     # the exported graph's masks: already at the input size (stride 1), then resized
     resized = F.interpolate(up[None], size=(90, 75), mode="bilinear")[0].sigmoid() > mask_thresh
     assert torch.equal(upsample_masks(up, (60, 50), (90, 75), mask_thresh, 1), resized)
+
+
+def test_one_piece_keeps_each_masks_largest_piece():
+    """ONE_PIECE: a mask reaching into a neighbour keeps its own object; an 8-connected (diagonal)
+    mask stays whole; the score and the other masks are unchanged; off, masks are as predicted."""
+    logits = torch.full((3, 24, 24), -10.0)
+    logits[0, 2:10, 2:10] = 10.0  # the object (64 px) ...
+    logits[0, 15:19, 15:19] = 10.0  # ... and a piece of a neighbour (16 px)
+    logits[1, 12, 12] = logits[1, 13, 13] = 10.0  # two pixels touching at a corner: one piece
+    logits[2, 0:3, 20:24] = 10.0
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long)
+
+    def run(one_piece, amodal=None):
+        post = _settings(one_piece=one_piece, score_thresh=0.0)
+        return instances_from_topk(
+            scores, labels, logits, (24, 24), (24, 24), post, stride=1, amodal_mask_logits=amodal
+        )
+
+    whole = run(False)
+    assert whole.pred_masks[0].sum() == 64 + 16
+    cut = run(True)
+    assert cut.pred_masks[0].sum() == 64 and bool(cut.pred_masks[0, 2:10, 2:10].all())
+    assert torch.equal(cut.pred_masks[1:], whole.pred_masks[1:])
+    assert torch.equal(cut.scores, whole.scores)
+    assert cut.pred_boxes.tensor[0].tolist() == [2, 2, 10, 10]
+    # amodal: the whole outline is cut to one piece and the visible part kept inside it; a visible
+    # part split by the cell on top keeps both pieces when its whole outline is one piece
+    visible = torch.full((1, 24, 24), -10.0)
+    visible[0, 2:10, 2:5] = visible[0, 2:10, 7:10] = visible[0, 16:18, 16:18] = 10.0
+    amodal = torch.full((1, 24, 24), -10.0)
+    amodal[0, 2:10, 2:10] = amodal[0, 16:18, 16:18] = 10.0
+    post = _settings(one_piece=True, score_thresh=0.0)
+    out = instances_from_topk(
+        scores[:1], labels[:1], visible, (24, 24), (24, 24), post, stride=1,
+        amodal_mask_logits=amodal,
+    )  # fmt: skip
+    assert out.pred_amodal_masks[0].sum() == 64
+    assert out.pred_masks[0].sum() == 48  # both 24-px pieces of the visible part, not the speck
+
+
+def test_one_piece_comes_from_the_config():
+    cfg = load_config()
+    assert PostProcessing.from_config(cfg).one_piece is False
+    cfg.MODEL.IAUNET.TEST.ONE_PIECE = True
+    assert PostProcessing.from_config(cfg).one_piece is True

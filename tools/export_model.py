@@ -187,6 +187,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "one view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
         )
         cfg.MODEL.IAUNET.TEST.TTA = "none"
+    if args.format == "bioimageio" and cfg.MODEL.IAUNET.TEST.ONE_PIECE:
+        logger.info(
+            "MODEL.IAUNET.TEST.ONE_PIECE is not in the bioimage.io package: its graph writes each "
+            "mask whole (iaunet-predict keeps the largest piece of each, for any backend)"
+        )
+        cfg.MODEL.IAUNET.TEST.ONE_PIECE = False
     model = build_model(cfg).eval()
     AtomicCheckpointer(model).load_checkpoint(checkpoint)
     if args.format == "bioimageio":

@@ -7,7 +7,8 @@ model and the exported graph (docs/deploy.md):
 2. :func:`select_detections` -- the data-dependent step: scores above the threshold, by decreasing
    score.
 3. :func:`upsample_masks` -- mask logits to the input size (:func:`masks_at_input_size`,
-   exportable), then to the output size, binarized.
+   exportable), then to the output size, binarized; with ``MODEL.IAUNET.TEST.ONE_PIECE`` each
+   mask cut to its largest connected piece (:func:`largest_pieces`).
 
 :func:`instances_from_topk` runs steps 2 and 3. The exported graph (:mod:`iaunet.inference.export`)
 is the network, step 1 and :func:`masks_at_input_size`; the predictor's exported-model backends
@@ -26,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
@@ -50,6 +52,7 @@ class PostProcessing:
     nms_thresh: float  # MODEL.IAUNET.TEST.NMS_THRESH: overlap above which "mask" NMS drops
     nms_sigma: float  # MODEL.IAUNET.TEST.NMS_SIGMA: Gaussian decay of "matrix" NMS
     nms_overlap: str  # MODEL.IAUNET.TEST.NMS_OVERLAP: "iou" | "ios"
+    one_piece: bool = False  # MODEL.IAUNET.TEST.ONE_PIECE: keep each mask's largest piece
 
     def __post_init__(self):
         for key, value, modes in (
@@ -72,6 +75,7 @@ class PostProcessing:
             nms_thresh=t.NMS_THRESH,
             nms_sigma=t.NMS_SIGMA,
             nms_overlap=t.NMS_OVERLAP,
+            one_piece=t.ONE_PIECE,
         )
 
 
@@ -294,7 +298,30 @@ def instances_from_topk(
         result.pred_amodal_masks = upsample_masks(
             amodal_mask_logits[rows], image_size, output_size, post.mask_thresh, stride
         )
+    if post.one_piece:  # on the whole outlines when there are any: visible parts may be split
+        if amodal_mask_logits is not None:
+            result.pred_amodal_masks = largest_pieces(result.pred_amodal_masks)
+            result.pred_masks &= result.pred_amodal_masks
+        else:
+            result.pred_masks = largest_pieces(result.pred_masks)
     result.scores = scores[keep]
     result.pred_classes = labels[keep]
     result.pred_boxes = masks_to_boxes(result.pred_masks)
     return result
+
+
+def largest_pieces(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> each mask's largest 8-connected piece (``MODEL.IAUNET.TEST.ONE_PIECE``;
+    the first in scan order on a tie); the others, specks or a neighbour the mask reached into, are
+    dropped. Labelled within each mask's box (scipy), on the CPU; returned on ``masks``' device."""
+    from scipy import ndimage
+
+    out = masks.clone()
+    boxes = masks_to_boxes(masks).tensor.long().tolist()
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        crop = masks[i, y0:y1, x0:x1].cpu().numpy()
+        pieces, n = ndimage.label(crop, structure=np.ones((3, 3), dtype=bool))
+        if n > 1:
+            largest = 1 + int(np.bincount(pieces.ravel())[1:].argmax())
+            out[i, y0:y1, x0:x1] = torch.from_numpy(pieces == largest).to(masks.device)
+    return out
