@@ -160,6 +160,14 @@ def add_iaunet_config(cfg: CN) -> None:
     # --- inference, thesis §3.5.3 / §4.2
     m.TEST = CN()
     m.TEST.SCORE_THRESH = 0.01  # drop detections whose class prob x maskness is not above this
+    # what users get: the score from which a detection is kept in iaunet-predict's outputs (its
+    # --score-threshold default), napari's and the matching F1 of evaluation (AP reads the ranked
+    # list down to SCORE_THRESH)
+    m.TEST.OUTPUT_SCORE_THRESH = 0.5
+    # after training, set OUTPUT_SCORE_THRESH to the threshold with the best matching F1@0.5 on the
+    # images held out of the training sets (DATASETS.TEST empty), else on the training images;
+    # saved in model_final.pth (iaunet.engine.threshold_tuning; StarDist's optimize_thresholds)
+    m.TEST.TUNE_OUTPUT_THRESH = False
     m.TEST.MASK_THRESH = 0.5  # binarization threshold of mask probabilities
     # keep each mask's largest 8-connected piece (an object in one piece: nuclei, most cells);
     # amodal models: of the whole outline, the visible part kept inside it (visible parts of hidden

@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-threshold",
         type=float,
-        default=DEFAULT_SCORE_THRESH,
-        help="keep instances scoring at least this",
+        default=None,
+        help="keep instances scoring at least this (default: the model's "
+        "MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH, tuned after training where the config says so; "
+        f"{DEFAULT_SCORE_THRESH} unless changed)",
     )
     p.add_argument(
         "--scale",
@@ -234,6 +236,8 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
         raise UsageError(str(e)) from None
     except Exception as e:  # a file or config value the model/predictor rejects
         raise UsageError(f"cannot set up the predictor ({source}): {one_line(e)}") from None
+    if args.score_threshold is None:  # the model's own (tuned after training, or 0.5)
+        args.score_threshold = predictor.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
     overlap = predictor.cfg.TEST.TILE_OVERLAP
     if args.tile and overlap >= args.tile:
         raise UsageError(f"the tile overlap ({overlap}) must be smaller than --tile ({args.tile})")

@@ -77,7 +77,9 @@ def test_objects_outside_the_crop_are_skipped_without_changing_the_targets(tmp_p
     warped = []
     transform = detection_utils.transform_instance_annotations
     monkeypatch.setattr(
-        dm.utils, "transform_instance_annotations", lambda a, *r: warped.append(a) or transform(a, *r)
+        dm.utils,
+        "transform_instance_annotations",
+        lambda a, *r: warped.append(a) or transform(a, *r),
     )
 
     def mapped(seed):

@@ -6,7 +6,15 @@ import pytest
 import torch
 from detectron2.structures import Instances
 
-from iaunet.evaluation.matching import InstanceMatchingEvaluator, image_counts, match, summarize
+from iaunet.engine.threshold_tuning import best_threshold, tuning_datasets
+from iaunet.evaluation.matching import (
+    InstanceMatchingEvaluator,
+    ScoreThresholdSweep,
+    f1_at_05,
+    image_counts,
+    match,
+    summarize,
+)
 
 
 def _rle(*rects, size=(40, 40)):
@@ -77,3 +85,43 @@ def test_evaluator_uses_the_score_threshold(monkeypatch):
     ev.process([{"image_id": 7}], [{"instances": inst}])
     r = ev.evaluate()["matching"]
     assert r["F1@0.5"] == 100 and r["num_pred"] == 3 and r["num_gt"] == 3
+
+
+def test_score_threshold_sweep_counts_each_threshold():
+    """One pass, counts at IoU 0.5 for every threshold: a duplicate at 0.3 and a miss scoring 0.2
+    cost precision below 0.3 / 0.2; the third object, found at 0.6, is lost above 0.6."""
+    record = {
+        "image_id": 7,
+        "height": 40,
+        "width": 40,
+        "annotations": [{"segmentation": r, "iscrowd": 0} for r in GT],
+    }
+    ev = ScoreThresholdSweep("unused", thresholds=(0.1, 0.25, 0.5, 0.65, 0.95))
+    ev._gt = {7: record}
+    ev.reset()
+    inst = Instances((40, 40))
+    wrong = _rle((30, 0, 40, 10))
+    masks = [mask_util.decode(r) for r in (GT[0], GT[1], GT[2], GT[0], wrong)]
+    inst.pred_masks = torch.from_numpy(np.stack(masks).astype(bool))
+    inst.scores = torch.tensor([0.9, 0.8, 0.6, 0.3, 0.2])
+    ev.process([{"image_id": 7}], [{"instances": inst}])
+    res = ev.evaluate()["score_sweep"]
+    # TP, FP, FN at 0.1 / 0.25 / 0.5 / 0.65 / 0.95
+    assert res["counts"] == [[3, 2, 0], [3, 1, 0], [3, 0, 0], [2, 0, 1], [0, 0, 3]]
+    f1 = f1_at_05(res["counts"])
+    assert f1[2] == 100 and f1[0] == pytest.approx(100 * 6 / 8)
+    assert best_threshold(res["thresholds"], f1) == (0.5, 100.0)
+    assert best_threshold((0.1, 0.2, 0.3), (50.0, 80.0, 80.0)) == (0.2, 80.0)  # tie: the lowest
+
+
+def test_thresholds_are_tuned_on_held_out_images_else_on_the_training_images():
+    from detectron2.config import CfgNode
+
+    cfg = CfgNode({"DATASETS": CfgNode({"TRAIN": ("folder:a#train", "b"), "TEST": ()})})
+    cfg.DATASETS.TEST = ("folder:a#val",)
+    assert tuning_datasets(cfg)[0] == ["folder:a#val"]
+    # a test set given on the command line (maybe the user's test images) is never used
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("folder:a",), ("folder:test",)
+    assert tuning_datasets(cfg) == (["folder:a"], "the training images (none were held out)")
+    cfg.DATASETS.TEST = ("folder:c#val",)  # held out of a dataset that is not trained on
+    assert tuning_datasets(cfg)[0] == ["folder:a"]

@@ -39,6 +39,7 @@ def weights(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("napari_ckpt")
     cfg = tiny_cfg(**{"MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "INPUT.PIXEL_SCALE": 1.0})
+    cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH = 0.35  # as TUNE_OUTPUT_THRESH saves it
     torch.manual_seed(0)
     AtomicCheckpointer(build_model(cfg), str(d), config=cfg).save("model")
     return str(d / "model.pth")
@@ -83,6 +84,7 @@ def test_widget_predicts_on_an_image_layer(make_napari_viewer, qtbot, weights, p
     assert isinstance(widget, PredictWidget)
     assert widget.image.choices == ("cells",)
     widget.weights.value = weights
+    assert widget.score_threshold.value == pytest.approx(0.35)  # the model's own threshold
     widget.score_threshold.value = 0.0
     widget.scale.value = 0.75  # image px -> model px
     widget.device.value = "cpu"

@@ -71,6 +71,14 @@ def test_label_tiffs_train_evaluate_predict(work, monkeypatch):
     assert "copypaste: AP,AP50" in log
     saved = trained_config(read_checkpoint(str(out / "model_final.pth"))["config"])
     assert saved.MODEL.IAUNET.NUM_QUERIES == 10 and saved.INPUT.IMAGE_SIZE == 128
+    # the outputs' score threshold: tuned on the held-out image (or kept, and said so, when the
+    # 3-step model finds nothing there), saved, and used by the final evaluation
+    thresh = saved.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
+    assert f"MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH {thresh:g}: matching F1@0.5" in log or (
+        f"OUTPUT_SCORE_THRESH stays {thresh:g}: no score threshold finds any object of the "
+        "images held out of the training set (folder:labels#val)" in log
+    )
+    assert f"Matching on folder:labels#val (score >= {thresh:g})" in log
     assert saved.DATASETS.TEST == ("folder:labels#val",) and saved.INPUT.PIXEL_SCALE > 0
 
     # Evaluate on another folder (overlap-preserving masks TIFFs): the sizes come from the

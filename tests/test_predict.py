@@ -129,6 +129,27 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert {r["image"] for r in run_table} == {str(inp / n) for n in by_name}
 
 
+def test_default_score_threshold_is_the_models(checkpoint, tmp_path):
+    """Without --score-threshold the model's MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH decides what is
+    kept (tuned after training, saved in the checkpoint); --score-threshold overrides it."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(1)
+    cv2.imwrite(str(inp / "gray.png"), rng.integers(0, 255, (24, 36), dtype=np.uint8))
+
+    def rows(name, *extra):
+        out = tmp_path / name
+        args = ["--weights", checkpoint[1], "--input", str(inp), "--output", str(out)]
+        assert main([*args, "--save", "csv", "--device", "cpu", *extra]) == 0
+        return len(list(csv.DictReader(open(out / "objects.csv"))))
+
+    kept = rows("all", "--opts", "MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH", "0.0")
+    assert kept > 0  # the random model's scores are ~1/(K+1)
+    assert rows("none", "--opts", "MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH", "0.99") == 0
+    args = ("--score-threshold", "0", "--opts", "MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH", "0.99")
+    assert rows("flag", *args) == kept
+
+
 def _check_overlap_outputs(out, img, anns):
     """ROI set, mask pages and table of one image against its COCO results (the full masks)."""
     from iaunet.outputs.rois import roi_mask

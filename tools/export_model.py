@@ -88,8 +88,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     b.add_argument(
         "--score-threshold",
         type=float,
-        default=DEFAULT_SCORE_THRESH,
-        help="detections scoring at least this are in the outputs (as iaunet-predict's)",
+        default=None,
+        help="detections scoring at least this are in the outputs (default: the model's "
+        f"MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH, as iaunet-predict's; {DEFAULT_SCORE_THRESH} "
+        "unless tuned or changed)",
     )
     b.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: gray images; 3: RGB")
     b.add_argument(
@@ -154,7 +156,11 @@ def export_package(model, cfg, args: argparse.Namespace) -> int:
             cfg,
             args.output,
             info,
-            score_thresh=args.score_threshold,
+            score_thresh=(
+                cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
+                if args.score_threshold is None
+                else args.score_threshold
+            ),
             channels=args.channels,
             test_image=image,
             labels_only=args.labels_only,

@@ -44,12 +44,12 @@ from ..evaluation.amodal import (
     has_amodal,
     register_whole_cells,
 )
-from ..evaluation.matching import DEFAULT_SCORE_THRESH
 from ..inference import IAUNetPredictor
 from ..solver import build_optimizer
 from ..utils.file_names import safe_file_name
 from .hooks import ExactResume, PreemptionHook
 from .stopping import TrainingStopped, stop_on_write_error
+from .threshold_tuning import TuneOutputThreshold
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class Trainer(DefaultTrainer):
         # Before the PeriodicWriter (last on the main process), so that the images reach
         # TensorBoard.
         hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
+        if self.cfg.MODEL.IAUNET.TEST.TUNE_OUTPUT_THRESH:  # before the final evaluation
+            at = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.EvalHook))
+            hooks.insert(at, TuneOutputThreshold())
         # Exact resume and preemption (iaunet.engine.hooks): after the LR scheduler / PreciseBN,
         # before the checkpointer, so that a checkpoint holds the state of its step.
         at = 1 + max(
@@ -157,7 +160,9 @@ class Trainer(DefaultTrainer):
                     WholeOutlineEvaluator(e, suffix)
                     for e in segm_evaluators(cfg, name, folder, ignore_crowd=subset == "hidden")
                 ]
-            evaluators.append(HiddenFractionEvaluator(dataset_name, DEFAULT_SCORE_THRESH))
+            evaluators.append(
+                HiddenFractionEvaluator(dataset_name, cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
+            )
         return DatasetEvaluators(evaluators)
 
     @classmethod
@@ -167,15 +172,19 @@ class Trainer(DefaultTrainer):
         try. With ``INPUT.RESIZE_MODE "scale"`` the predictions are ``iaunet-predict``'s
         (:class:`PredictorModel`: tiles at the training scale), so that the evaluation scores
         what a user gets."""
-        if cfg.INPUT.RESIZE_MODE == "scale":
-            model = PredictorModel(model, cfg)
-        results = super().test(cfg, model, evaluators)
+        results = super().test(cfg, cls.inference_model(cfg, model), evaluators)
         per_set = results if "matching" not in results else {cfg.DATASETS.TEST[0]: results}
         for name, res in per_set.items():
             f1 = res.get("matching", {}).get("F1@0.5") if isinstance(res, dict) else None
             if f1 is not None and f1 < POOR_F1:
                 logging.getLogger("iaunet").warning(poor_result_hint(name, res["matching"], cfg))
         return results
+
+    @staticmethod
+    def inference_model(cfg: CfgNode, model):
+        """The model evaluations run: with ``INPUT.RESIZE_MODE "scale"`` ``iaunet-predict``'s
+        predictions (:class:`PredictorModel`: tiles at the training scale)."""
+        return PredictorModel(model, cfg) if cfg.INPUT.RESIZE_MODE == "scale" else model
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
@@ -195,7 +204,7 @@ class Trainer(DefaultTrainer):
 def segm_evaluators(
     cfg: CfgNode, dataset_name: str, output_folder: str, ignore_crowd: bool = False
 ) -> List[DatasetEvaluator]:
-    """COCO segm AP and, at the CLI's default score threshold, F1 / PQ / counts of
+    """COCO segm AP and, at the outputs' score threshold (OUTPUT_SCORE_THRESH), F1 / PQ / counts of
     ``dataset_name`` (``ignore_crowd``: see :class:`InstanceMatchingEvaluator`)."""
     coco = COCOEvaluator(
         dataset_name,
@@ -205,7 +214,9 @@ def segm_evaluators(
         max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
     )
     matching = InstanceMatchingEvaluator(
-        dataset_name, score_thresh=DEFAULT_SCORE_THRESH, ignore_crowd=ignore_crowd
+        dataset_name,
+        score_thresh=cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH,
+        ignore_crowd=ignore_crowd,
     )
     return [coco, matching]
 

@@ -180,3 +180,44 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
             f"predicted/true {res['count_ratio']:.2f} ({num_pred}/{num_gt})"
         )
         return {"matching": copy.deepcopy(res)}
+
+
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+
+
+class ScoreThresholdSweep(InstanceMatchingEvaluator):
+    """Matching counts at IoU 0.5 for each score threshold of ``thresholds``, from one inference
+    pass (the IoU of every prediction scoring at least the lowest threshold with every object is
+    computed once): ``{"score_sweep": {"thresholds": [...], "counts": [[TP, FP, FN], ...]}}``, what
+    ``MODEL.IAUNET.TEST.TUNE_OUTPUT_THRESH`` chooses from (:mod:`iaunet.engine.threshold_tuning`).
+    Every process gets the result."""
+
+    def __init__(self, dataset_name: str, thresholds: Sequence[float] = SWEEP_THRESHOLDS):
+        super().__init__(dataset_name, min(thresholds))
+        self.thresholds = tuple(thresholds)
+
+    def process(self, inputs, outputs) -> None:
+        gt = self._ground_truth()
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            inst = inst[inst.scores >= self.score_thresh]
+            masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+            pred = mask_util.encode(masks) if len(inst) else []
+            gts = self.gt_rles(gt[inp["image_id"]])
+            iou, scores = _iou(gts, pred), inst.scores.numpy()
+            counts = np.zeros((len(self.thresholds), 3))
+            for i, t in enumerate(self.thresholds):
+                kept = scores >= t
+                tp = len(match_pairs(iou[:, kept], 0.5)[0])
+                counts[i] = (tp, kept.sum() - tp, len(gts) - tp)
+            self._counts.append(counts)
+
+    def evaluate(self) -> Dict:
+        counts = list(itertools.chain(*comm.all_gather(self._counts)))
+        total = np.sum(counts, axis=0) if counts else np.zeros((len(self.thresholds), 3))
+        return {"score_sweep": {"thresholds": list(self.thresholds), "counts": total.tolist()}}
+
+
+def f1_at_05(counts: Sequence[Sequence[float]]) -> List[float]:
+    """F1 (%) of [TP, FP, FN] rows."""
+    return [100 * 2 * tp / max(2 * tp + fp + fn, 1) for tp, fp, fn in counts]

@@ -52,7 +52,7 @@ def visualize_predictions(
     cfg,
     model: torch.nn.Module,
     num_images: int = 4,
-    score_thresh: float = 0.5,
+    score_thresh: Optional[float] = None,
     iteration: Optional[int] = None,
 ) -> List[str]:
     """Draw the first ``num_images`` images of every ``cfg.DATASETS.TEST`` dataset (main process
@@ -61,6 +61,8 @@ def visualize_predictions(
     Args:
         model: the model (DDP-wrapped or not); put in eval mode for the call, its mode restored
             after.
+        score_thresh: the predictions drawn score at least this; None:
+            ``MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH``, what a user of ``iaunet-predict`` gets.
         iteration: training iteration for file names and TensorBoard steps; None after
             ``--eval-only``.
     Returns:
@@ -68,6 +70,8 @@ def visualize_predictions(
     """
     if not comm.is_main_process():
         return []
+    if score_thresh is None:
+        score_thresh = cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
     model = model.module if isinstance(model, DistributedDataParallel) else model
     try:
         storage = get_event_storage()
@@ -113,7 +117,7 @@ class VisualizationHook(HookBase):
     iterations and at the end of training. Register it before ``PeriodicWriter`` so that the images
     reach TensorBoard with the same write."""
 
-    def __init__(self, cfg, num_images: int = 4, score_thresh: float = 0.5):
+    def __init__(self, cfg, num_images: int = 4, score_thresh: Optional[float] = None):
         self.cfg = cfg.clone()
         self.num_images = num_images
         self.score_thresh = score_thresh
@@ -125,7 +129,10 @@ class VisualizationHook(HookBase):
                 self.cfg,
                 self.trainer.model,
                 self.num_images,
-                self.score_thresh,
+                # None: the trainer's, which TUNE_OUTPUT_THRESH may set at the end
+                self.score_thresh
+                if self.score_thresh is not None
+                else self.trainer.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH,
                 iteration=iteration,
             )
         except Exception:  # pictures are a convenience: never stop a training run for them

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 
 import napari
 import numpy as np
+from detectron2.config import CfgNode
 from magicgui.widgets import (
     ComboBox,
     Container,
@@ -25,6 +26,7 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import thread_worker
 
+from ..checkpoint import read_checkpoint
 from ..inference import IAUNetPredictor
 from ..modeling.test_time_augmentation import VIEWS
 from ..outputs.writer import image_prediction
@@ -88,10 +90,25 @@ class PredictWidget(Container):
             ]
         )
         self.run_button.changed.connect(self.run)
+        self.weights.changed.connect(self._threshold_of_model)
         viewer.layers.events.inserted.connect(self._refresh)
         viewer.layers.events.removed.connect(self._refresh)
         self._predictors: Dict[Tuple, IAUNetPredictor] = {}
         self.worker = None
+
+    def _threshold_of_model(self, *_) -> None:
+        """A newly chosen checkpoint sets the score threshold to its own
+        ``MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH`` (tuned after training where its config says so),
+        as ``iaunet-predict`` uses it; the slider stays as it is for a file without one."""
+        weights = _path(self.weights.value)
+        if not os.path.isfile(weights):
+            return
+        try:
+            saved = CfgNode.load_cfg(read_checkpoint(weights).get("config") or "{}")
+            value = float(saved.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
+        except Exception:  # not a checkpoint, no config, an older config: Run reports problems
+            return
+        self.score_threshold.value = value
 
     def _image_layers(self, *_) -> List[str]:
         return [
