@@ -132,7 +132,7 @@ class VisualizationHook(HookBase):
                 # None: the trainer's, which TUNE_OUTPUT_THRESH may set at the end
                 self.score_thresh
                 if self.score_thresh is not None
-                else self.trainer.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH,
+                else getattr(self.trainer, "cfg", self.cfg).MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH,
                 iteration=iteration,
             )
         except Exception:  # pictures are a convenience: never stop a training run for them
