@@ -146,13 +146,18 @@ class InstanceMatchingEvaluator(DatasetEvaluator):
                 rles.append(seg)
         return rles
 
+    def predictions(self, output: dict) -> Tuple[list, np.ndarray]:
+        """COCO RLEs and scores of the instances of a model output scoring at least
+        ``score_thresh``."""
+        inst = output["instances"].to("cpu")
+        inst = inst[inst.scores >= self.score_thresh]
+        masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+        return (mask_util.encode(masks) if len(inst) else []), inst.scores.numpy()
+
     def process(self, inputs, outputs) -> None:
         gt = self._ground_truth()
         for inp, out in zip(inputs, outputs):
-            inst = out["instances"].to("cpu")
-            inst = inst[inst.scores >= self.score_thresh]
-            masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
-            pred = mask_util.encode(masks) if len(inst) else []
+            pred, _ = self.predictions(out)
             record = gt[inp["image_id"]]
             gts = self.gt_rles(record)
             ignore = self.gt_rles(record, crowd=True) if self.ignore_crowd else ()
@@ -199,12 +204,9 @@ class ScoreThresholdSweep(InstanceMatchingEvaluator):
     def process(self, inputs, outputs) -> None:
         gt = self._ground_truth()
         for inp, out in zip(inputs, outputs):
-            inst = out["instances"].to("cpu")
-            inst = inst[inst.scores >= self.score_thresh]
-            masks = np.asfortranarray(inst.pred_masks.numpy().astype(np.uint8).transpose(1, 2, 0))
-            pred = mask_util.encode(masks) if len(inst) else []
+            pred, scores = self.predictions(out)
             gts = self.gt_rles(gt[inp["image_id"]])
-            iou, scores = _iou(gts, pred), inst.scores.numpy()
+            iou = _iou(gts, pred)
             counts = np.zeros((len(self.thresholds), 3))
             for i, t in enumerate(self.thresholds):
                 kept = scores >= t
