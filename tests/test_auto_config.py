@@ -40,11 +40,10 @@ def _register(name, dicts):
 
 def test_auto_rules():
     assert [auto_num_queries(n) for n in (0, 6, 7, 11, 36, 40)] == [10, 10, 20, 20, 60, 60]
-    # 32-px objects: 4 diameters -> 128; never above the (rounded) image side.
-    assert auto_crop(_dicts([5], 64), scale=0.5, diameter=32) == 128
-    assert auto_crop(_dicts([5], 60), scale=0.5, diameter=30) == 128  # 120 -> 128 (nearest)
-    assert auto_crop(_dicts([5], 52), scale=0.5, diameter=26) == 96  # 104 -> 96
-    assert auto_crop(_dicts([5], 64, size=150), scale=0.5, diameter=32) == 96
+    # 26-px objects: 5 diameters -> 130 -> 128 (nearest); never above the (rounded) image side.
+    assert auto_crop(_dicts([5], 52), scale=0.5, diameter=26) == 128
+    assert auto_crop(_dicts([5], 40), scale=0.5, diameter=20) == 96  # 100 -> 96
+    assert auto_crop(_dicts([5], 40, size=150), scale=0.5, diameter=26) == 96
     assert auto_crop(_dicts([5], 200, size=2000), scale=1.0, diameter=20) == 416  # 2 x 200
     # 3 images of 512 px at scale 0.5 -> 256 px = 4 crops of 128 each: 100 x 12 / 8 = 150 -> 1250.
     assert auto_max_iter(_dicts([5] * 3), 0.5, 128, 8) == 1250
@@ -54,7 +53,7 @@ def test_auto_rules():
 
 
 def test_small_config_sizes_itself_from_the_data(caplog):
-    """36 objects of 40 px in the densest image: 60 queries, scale 32/40, 128-px crops."""
+    """36 objects of 40 px in the densest image: 60 queries, scale 26/40, 128-px crops."""
     name = _register("auto_test_dense", _dicts([10, 36, 20]))
     cfg = load_config(SMALL, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
     cfg.MODEL.WEIGHTS = ""
@@ -63,7 +62,7 @@ def test_small_config_sizes_itself_from_the_data(caplog):
     assert filled == {
         "MODEL.IAUNET.NUM_QUERIES": 60,
         "INPUT.IMAGE_SIZE": 128,
-        "INPUT.PIXEL_SCALE": 0.8,
+        "INPUT.PIXEL_SCALE": 0.65,
         "SOLVER.MAX_ITER": 1250,
     }
     assert cfg.TEST.DETECTIONS_PER_IMAGE == 60  # the quick config's 50 would cap the queries

@@ -19,9 +19,9 @@ checkpoint, so that evaluation and ``iaunet-predict`` use them (:func:`fill_auto
   :func:`iaunet.data.statistics.resolve_data_keys` (with ``INPUT.RESIZE_MODE "scale"``: images
   are resized so that the median object is ``OBJECT_DIAMETER`` model pixels across).
 * ``INPUT.IMAGE_SIZE`` (training crop, prediction tile; ``RESIZE_MODE "scale"`` only):
-  ``CROP_DIAMETERS`` (4) median object diameters to the nearest multiple of 32, at least twice the
+  ``CROP_DIAMETERS`` (5) median object diameters to the nearest multiple of 32, at least twice the
   95th-percentile object, no more than the median image side at the training scale, in [64, 512].
-  128 px for the small config's 32-px objects: the crop of the synthetic pretraining scenes, so a
+  128 px for the small config's 26-px objects: the crop of the synthetic pretraining scenes, so a
   training step costs what it cost there (objects larger than the synthetic cells' 20 px, for
   sharper outlines, not a larger crop).
 * ``SOLVER.MAX_ITER``: ``PASSES`` (100) passes over the training set counted in crops (an image at
@@ -58,7 +58,7 @@ AUTO_KEYS = (
     "SOLVER.MAX_ITER",
 )
 QUERY_MARGIN, QUERY_STEP = 1.5, 10
-CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 4, 32, (64, 512)
+CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 5, 32, (64, 512)
 PASSES, ITER_STEP, ITER_RANGE = 100, 100, (1250, 10000)
 QUICK_WEIGHTS = "synthetic_quick/model_final.pth"
 QUICK_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_quick.yaml"
