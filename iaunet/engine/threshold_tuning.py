@@ -41,10 +41,10 @@ def best_threshold(thresholds, f1) -> Tuple[float, float]:
     return float(thresholds[i]), float(f1[i])
 
 
-def tune_output_threshold(trainer_cls, cfg, model) -> Tuple[float, float, float]:
-    """Chooses ``OUTPUT_SCORE_THRESH`` (see the module docstring). Returns (threshold, its F1@0.5,
-    the F1@0.5 at the config's threshold), in %. Predictions as in ``trainer_cls.test`` (what a
-    user gets: tiles at the training scale, the config's test-time augmentation)."""
+def tune_output_threshold(trainer_cls, cfg, model) -> float:
+    """Chooses ``OUTPUT_SCORE_THRESH`` (see the module docstring) and logs it with its F1@0.5 and
+    the F1@0.5 at the config's threshold. Predictions as in ``trainer_cls.test`` (what a user
+    gets: tiles at the training scale, the config's test-time augmentation)."""
     names, what = tuning_datasets(cfg)
     model = trainer_cls.inference_model(cfg, model)
     total = 0
@@ -61,13 +61,13 @@ def tune_output_threshold(trainer_cls, cfg, model) -> Tuple[float, float, float]
             f"MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH stays {old:g}: no score threshold finds any "
             f"object of {what} ({', '.join(names)}) at IoU 0.5"
         )
-        return old, best, before
+        return old
     logger.info(
         f"MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH {thresh:g}: matching F1@0.5 {best:.1f} on {what} "
         f"({', '.join(names)}; {int(total[0][0] + total[0][2])} objects), against {before:.1f} at "
         f"{old:g}; saved with model_final.pth for iaunet-predict and napari"
     )
-    return thresh, best, before
+    return thresh
 
 
 class TuneOutputThreshold(HookBase):
@@ -79,7 +79,7 @@ class TuneOutputThreshold(HookBase):
         t = self.trainer
         if t.iter + 1 < t.max_iter:  # stopped early (an error, a preemption): nothing to tune
             return
-        thresh, _, _ = tune_output_threshold(t.__class__, t.cfg, t.model)  # t: a weakref proxy
+        thresh = tune_output_threshold(t.__class__, t.cfg, t.model)  # t: a weakref proxy
         t.cfg.defrost()
         t.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH = thresh
         t.cfg.freeze()

@@ -118,7 +118,9 @@ class VisualizationHook(HookBase):
     reach TensorBoard with the same write."""
 
     def __init__(self, cfg, num_images: int = 4, score_thresh: Optional[float] = None):
-        self.cfg = cfg.clone()
+        # the trainer's own config, read when drawing: a threshold set at the end of training
+        # (MODEL.IAUNET.TEST.TUNE_OUTPUT_THRESH) is the one drawn with
+        self.cfg = cfg
         self.num_images = num_images
         self.score_thresh = score_thresh
         self.period = cfg.TEST.EVAL_PERIOD
@@ -129,10 +131,7 @@ class VisualizationHook(HookBase):
                 self.cfg,
                 self.trainer.model,
                 self.num_images,
-                # None: the trainer's, which TUNE_OUTPUT_THRESH may set at the end
-                self.score_thresh
-                if self.score_thresh is not None
-                else getattr(self.trainer, "cfg", self.cfg).MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH,
+                self.score_thresh,
                 iteration=iteration,
             )
         except Exception:  # pictures are a convenience: never stop a training run for them
