@@ -6,6 +6,7 @@ A randomly initialised tiny model (3 detections per 32-px model tile, tiles of 6
 images of a few hundred px; Dask runs on a LocalCluster (threads, or one worker process where a
 worker is killed)."""
 
+import csv
 import json
 import os
 import pickle
@@ -39,6 +40,7 @@ from iaunet.inference.blocks import (
     context_tiles,
     load_detections,
     object_id,
+    object_rows,
     owned_tiles,
     paint_labels,
     read_window,
@@ -176,7 +178,7 @@ def test_object_cut_by_block_border(tmp_path):
     painted = np.zeros((h, w), np.uint32)
     listed = []
     for b in grid:
-        touching, owned = stitch_block(b, back, tiles)  # every tile meets both blocks
+        _, touching, owned = stitch_block(b, back, tiles)  # every tile meets both blocks
         y0, x0, y1, x1 = b.core
         painted[y0:y1, x0:x1] = paint_labels(b.core, touching, 3, np.dtype(np.uint32))
         listed += owned
@@ -468,17 +470,103 @@ def test_benchmark_tool(spec, tmp_path):
     assert os.path.isfile(os.path.join(work, "results.json"))
 
 
-def test_amodal_models_are_refused(predictor, spec, tiff, client, tmp_path):
-    """The block store keeps no whole outlines: --dask refuses an amodal model in one line,
-    before any block is written."""
-    frozen = predictor.cfg.is_frozen()
-    predictor.cfg.defrost()
-    predictor.cfg.MODEL.IAUNET.AMODAL = True
-    try:
-        with pytest.raises(ValueError, match="MODEL.IAUNET.AMODAL"):
-            predict_big(open_plane(tiff), predictor, spec, str(tmp_path), "img", client, 128)
-    finally:
-        predictor.cfg.MODEL.IAUNET.AMODAL = False
-        if frozen:
-            predictor.cfg.freeze()
-    assert not os.path.exists(tmp_path / "img_blocks")
+def _whole_view(tile, window, visible, whole, score, index=0):
+    """A detection with its whole outline (both full-image bool masks, whole within the window)."""
+    d = _view(tile, window, visible, score, index)
+    ys, xs = np.nonzero(whole)
+    d.whole = (
+        int(ys.min()),
+        int(xs.min()),
+        whole[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1],
+    )
+    return d
+
+
+def test_cell_on_top_in_the_next_block(tmp_path):
+    """Whole outlines through the block files: a cell whose hidden part lies under a cell owned by
+    the next block is listed once, with its areas, hidden fraction and the id of the cell on top,
+    which is found in the block's context although the block does not own it."""
+    h, w = 64, 128
+    under_whole, top = _disc(h, w, 32, 56, 10), _disc(h, w, 32, 72, 10)  # centres x 56 | 72
+    under = under_whole & ~top
+    tile = (0, (0, 0, h, w))
+    dets = [
+        _whole_view(0, tile[1], top, top, 0.9),
+        _whole_view(0, tile[1], under, under_whole, 0.8, 1),
+    ]
+    save_detections(str(tmp_path / "d.npz"), dets)
+    back = load_detections(str(tmp_path / "d.npz"))
+    assert all(
+        np.array_equal(a.whole[2], b.whole[2]) and a.whole[:2] == b.whole[:2]
+        for a, b in zip(back, dets)
+    )
+    rows = {}
+    for b in block_grid(h, w, 64):  # x 0..63 | 64..127
+        kept, _, owned = stitch_block(b, back, [tile])
+        for row in object_rows(owned, 3, b, around=kept):
+            rows[row["id"]] = row
+    top_id, under_id = object_id(dets[0], 3), object_id(dets[1], 3)
+    assert sorted(rows) == sorted([top_id, under_id])
+    assert rows[under_id]["block"] == "0000_0000" and rows[top_id]["block"] == "0000_0001"
+    assert rows[under_id]["area_whole"] == rows[under_id]["area"] == under_whole.sum()
+    assert rows[under_id]["area_visible"] == under.sum()
+    assert rows[under_id]["hidden_fraction"] == round(1 - under.sum() / under_whole.sum(), 4)
+    assert rows[under_id]["on_top_ids"] == str(top_id)
+    assert rows[top_id]["hidden_fraction"] == 0 and rows[top_id]["on_top_ids"] == ""
+
+
+def test_amodal_blocks_equal_in_process(client, tiff, tmp_path):
+    """An amodal model on Dask: the visible parts, the whole outlines, the label image and the
+    table's amodal columns are those of in-process tiled prediction."""
+    from detectron2.modeling import build_model
+
+    from iaunet.outputs.table import AMODAL_COLUMNS, amodal_rows
+
+    cfg = tiny_cfg(
+        **{
+            "MODEL.IAUNET.AMODAL": True,
+            "MODEL.IAUNET.TEST.SCORE_THRESH": 0.0,
+            "INPUT.PIXEL_SCALE": 1.0,
+        }
+    )
+    torch.manual_seed(0)
+    AtomicCheckpointer(build_model(cfg), str(tmp_path), config=cfg).save("amodal")
+    spec = PredictorSpec(weights=str(tmp_path / "amodal.pth"), opts=OPTS)
+    predictor = spec.build()
+    raw = tifffile.imread(tiff)
+    ref = predictor.predict(raw, tiled=True, full_masks=False)
+    assert len(ref) > 0
+    out = str(tmp_path / "out")
+    summary = predict_big(open_plane(tiff), predictor, spec, out, "img", client, 128, FULL_CONTEXT)
+    assert summary["objects"] == len(ref)
+    key = {
+        (round(float(s), 6), y0, x0): k
+        for k, (s, (y0, x0, _)) in enumerate(zip(ref.scores, ref.pred_masks))
+    }
+    visible, whole = list(ref.pred_masks), list(ref.pred_amodal_masks)
+    ids = {}
+    for (row, (y0, x0), crop), (_, (wy, wx), wcrop) in zip(
+        read_objects(out, "img"), read_objects(out, "img", whole=True)
+    ):
+        k = key[(row["score"], y0, x0)]
+        ids[row["id"]] = k + 1
+        assert np.array_equal(crop, visible[k][2])
+        assert (wy, wx) == tuple(int(v) for v in whole[k][:2]) and np.array_equal(
+            wcrop, whole[k][2]
+        )
+    assert len(ids) == len(ref)
+    labels = np.vectorize(lambda i: ids.get(i, 0))(_labels(out))
+    assert np.array_equal(labels, label_image(ref.pred_masks, *raw.shape))  # the visible parts
+    expected = amodal_rows(ref.pred_masks, ref.pred_amodal_masks)
+    with open(os.path.join(out, "img_objects.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert set(AMODAL_COLUMNS) <= set(rows[0])
+    assert any(float(r["hidden_fraction"]) > 0 for r in rows)
+    for r in rows:
+        e = expected[ids[int(r["id"])] - 1]
+        assert (
+            int(r["area_visible"]) == e["area_visible"] and int(r["area_whole"]) == e["area_whole"]
+        )
+        assert float(r["hidden_fraction"]) == e["hidden_fraction"]
+        on_top = sorted(ids[int(i)] for i in r["on_top_ids"].split(";") if i)
+        assert on_top == sorted(int(i) for i in e["on_top_ids"].split(";") if i)

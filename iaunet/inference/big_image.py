@@ -30,6 +30,7 @@ import numpy as np
 from ..data.image_io import intensity_range
 from ..data.lazy_image import ImagePlane, subsample_step
 from ..outputs.ome_zarr import create_ome_zarr, write_block
+from ..outputs.table import AMODAL_COLUMNS
 from ..utils.atomic import atomic_write
 from .blocks import (
     Block,
@@ -40,11 +41,14 @@ from .blocks import (
     load_detections,
     object_rows,
     owned_tiles,
+    pack_crops,
     paint_labels,
     read_npz,
     read_window,
     save_detections,
     stitch_block,
+    unpack_crops,
+    write_npz,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,6 +139,7 @@ class BlockJob:
     value_range: Optional[Tuple[float, float]]
     per_tile: int
     label_dtype: str
+    amodal: bool = False  # whole outlines next to the visible parts (MODEL.IAUNET.AMODAL)
 
     def grid(self) -> List[Block]:
         return block_grid(*self.size, self.block)
@@ -171,25 +176,18 @@ def write_block_task(job: BlockJob, index: int, *detections: str) -> int:
     OME-Zarr image and labels and its objects; returns the number of objects it owns."""
     block = job.grid()[index]
     dets = [d for path in detections for d in load_detections(path)]
-    touching, owned = stitch_block(block, dets, context_tiles(block, job.tiles(), job.halo))
+    kept, touching, owned = stitch_block(block, dets, context_tiles(block, job.tiles(), job.halo))
     labels = paint_labels(block.core, touching, job.per_tile, np.dtype(job.label_dtype))
     y0, x0, y1, x1 = block.core
     write_block(job.zarr_path, block.core, job.plane[y0:y1, x0:x1], labels)
-    rows = object_rows(owned, job.per_tile, block)
-    crops = [d.crop for d in owned]
+    rows = object_rows(owned, job.per_tile, block, around=kept)
     arrays = {
         "rows": np.array(json.dumps(rows)),
-        "offsets": np.array([(d.y0, d.x0) for d in owned], np.int64).reshape(-1, 2),
-        "shapes": np.array([c.shape for c in crops], np.int64).reshape(-1, 2),
-        "bits": np.packbits(np.concatenate([c.ravel() for c in crops] or [np.zeros(0, bool)])),
+        **pack_crops("", [(d.y0, d.x0, d.crop) for d in owned]),
     }
-
-    def write(f):
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        f.write(buf.getvalue())
-
-    atomic_write(job.objects_file(block), write)
+    if job.amodal:
+        arrays.update(pack_crops("whole_", [d.whole for d in owned]))
+    write_npz(job.objects_file(block), arrays)
     return len(owned)
 
 
@@ -276,11 +274,6 @@ def predict_big(
     halo = tile if halo is None else halo
     if block < tile:
         raise ValueError(f"--block {block} is smaller than a tile ({tile} image px)")
-    if predictor.cfg.MODEL.IAUNET.AMODAL:
-        raise ValueError(
-            "--dask: the block store keeps no whole outlines (MODEL.IAUNET.AMODAL) yet; "
-            "predict the image without --dask (in-process tiles keep them)"
-        )
     per_tile = int(predictor.cfg.TEST.DETECTIONS_PER_IMAGE)
     num_tiles = len(TileGrid(*size, tile, overlap))
     folder = os.path.join(output, f"{stem}_blocks")
@@ -299,6 +292,7 @@ def predict_big(
         value_range=value_range,
         per_tile=per_tile,
         label_dtype=id_dtype(num_tiles, per_tile).name,
+        amodal=bool(predictor.cfg.MODEL.IAUNET.AMODAL),
     )
     settings = {
         "image": os.path.abspath(plane.path),
@@ -373,7 +367,8 @@ def write_table(job: BlockJob, grid: Sequence[Block], path: str) -> int:
     def write(f):
         nonlocal count
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        writer = csv.DictWriter(text, fieldnames=TABLE_FIELDS)
+        fields = TABLE_FIELDS + (tuple(AMODAL_COLUMNS) if job.amodal else ())
+        writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         for b in grid:
             rows = json.loads(str(read_npz(job.objects_file(b))["rows"]))
@@ -386,18 +381,18 @@ def write_table(job: BlockJob, grid: Sequence[Block], path: str) -> int:
     return count
 
 
-def read_objects(output: str, stem: str):
+def read_objects(output: str, stem: str, whole: bool = False):
     """Yields (row, (y0, x0), crop) of every object of a finished run: the sparse per-instance
-    store, each object's whole mask even where others overlap it (the label image keeps only the
-    higher score's pixels)."""
+    store, each object's mask even where others overlap it (the label image keeps only the higher
+    score's pixels). ``whole``: the whole outlines of a ``MODEL.IAUNET.AMODAL`` model's objects
+    instead of their visible parts."""
     folder = os.path.join(output, f"{stem}_blocks")
     for name in sorted(os.listdir(folder)):
         if not (name.startswith("objects_") and name.endswith(".npz")):
             continue
         z = read_npz(os.path.join(folder, name))
-        rows, offsets, shapes = json.loads(str(z["rows"])), z["offsets"], z["shapes"]
-        flat = np.unpackbits(z["bits"], count=int(np.prod(shapes, 1).sum())).astype(bool)
-        start = 0
-        for row, (y0, x0), (h, w) in zip(rows, offsets.tolist(), shapes.tolist()):
-            yield row, (y0, x0), flat[start : start + h * w].reshape(h, w)
-            start += h * w
+        rows = json.loads(str(z["rows"]))
+        if whole and rows and "whole_bits" not in z:
+            raise ValueError(f"{output}: {stem} was predicted without whole outlines")
+        for row, (y0, x0, crop) in zip(rows, unpack_crops(z, "whole_" if whole else "")):
+            yield row, (y0, x0), crop

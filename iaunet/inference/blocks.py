@@ -28,8 +28,9 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
+from ..outputs.table import amodal_rows
 from ..utils.atomic import atomic_write
-from .tiling import Detection, stitch_detections, tile_starts
+from .tiling import Detection, rank_key, stitch_detections, tile_starts
 
 Window = Tuple[int, int, int, int]  # y0, x0, y1, x1
 Tile = Tuple[int, Window]  # (index in the image's tile grid, window)
@@ -149,14 +150,15 @@ def id_dtype(num_tiles: int, per_tile: int) -> np.dtype:
 
 def stitch_block(
     block: Block, dets: Sequence[Detection], context: Sequence[Tile]
-) -> Tuple[List[Detection], List[Detection]]:
-    """(objects touching the core, objects owned: box centre in the core), each by decreasing
-    score, from the detections of the block's ``context`` tiles (module docstring)."""
+) -> Tuple[List[Detection], List[Detection], List[Detection]]:
+    """(objects of the context, those touching the core, those owned: box centre in the core),
+    each by decreasing score, from the detections of the block's ``context`` tiles (module
+    docstring)."""
     allowed = {t[0] for t in context}
     kept = stitch_detections([d for d in dets if d.tile in allowed])
     touching = [d for d in kept if _intersects(d.box, block.core)]
     owned = [d for d in touching if _inside(*_centre(d), block.core)]
-    return touching, owned
+    return kept, touching, owned
 
 
 def _centre(d: Detection) -> Tuple[float, float]:
@@ -171,7 +173,8 @@ def paint_labels(
     score wins (as in ``_labels.tif``)."""
     y0, x0, y1, x1 = core
     labels = np.zeros((y1 - y0, x1 - x0), dtype)
-    for d in sorted(dets, key=lambda d: d.score):  # lowest first, higher scores overwrite
+    # lowest first, higher scores overwrite: the reverse of the stitched order (ties included)
+    for d in sorted(dets, key=rank_key, reverse=True):
         by0, bx0, by1, bx1 = d.box
         cy0, cx0, cy1, cx1 = max(by0, y0), max(bx0, x0), min(by1, y1), min(bx1, x1)
         if cy1 <= cy0 or cx1 <= cx0:
@@ -184,9 +187,45 @@ def paint_labels(
 FIELDS = ("tile", "index", "y0", "x0", "h", "w", "label", "partial")
 
 
+def pack_crops(prefix: str, parts: Sequence[Tuple[int, int, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """(y0, x0, crop) masks as ``<prefix>offsets`` (M, 2), ``<prefix>shapes`` (M, 2) and
+    ``<prefix>bits`` (the crops bit-packed, one after the other)."""
+    return {
+        f"{prefix}offsets": np.array([p[:2] for p in parts], np.int64).reshape(-1, 2),
+        f"{prefix}shapes": np.array([p[2].shape for p in parts], np.int64).reshape(-1, 2),
+        f"{prefix}bits": np.packbits(
+            np.concatenate([p[2].ravel() for p in parts] or [np.zeros(0, bool)])
+        ),
+    }
+
+
+def unpack_crops(z: Dict[str, np.ndarray], prefix: str) -> List[Tuple[int, int, np.ndarray]]:
+    """The (y0, x0, crop) masks :func:`pack_crops` stored."""
+    offsets, shapes = z[f"{prefix}offsets"].tolist(), z[f"{prefix}shapes"].tolist()
+    sizes = [h * w for h, w in shapes]
+    flat = np.unpackbits(z[f"{prefix}bits"], count=int(sum(sizes))).astype(bool)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return [
+        (y0, x0, flat[starts[i] : starts[i + 1]].reshape(h, w))
+        for i, ((y0, x0), (h, w)) in enumerate(zip(offsets, shapes))
+    ]
+
+
+def write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    """``arrays`` to a compressed ``.npz``, written atomically."""
+
+    def write(f):
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        f.write(buf.getvalue())
+
+    atomic_write(path, write)
+
+
 def save_detections(path: str, dets: Iterable[Detection]) -> None:
     """Detections (in image coordinates) to an ``.npz`` written atomically: per detection its tile
-    (number, window), position, box, score, class, whether cut, and its crop (bit-packed)."""
+    (number, window), position, box, score, class, whether cut, and its crop (bit-packed); the
+    whole outlines (``whole_*``) when the detections carry them (``MODEL.IAUNET.AMODAL``)."""
     dets = list(dets)
     ints = np.array(
         [[d.tile, d.index, d.y0, d.x0, *d.crop.shape, d.label, d.partial] for d in dets], np.int64
@@ -195,15 +234,11 @@ def save_detections(path: str, dets: Iterable[Detection]) -> None:
         "ints": ints,
         "windows": np.array([d.window for d in dets], np.int64).reshape(-1, 4),
         "scores": np.array([d.score for d in dets], np.float64),
-        "bits": np.packbits(np.concatenate([d.crop.ravel() for d in dets] or [np.zeros(0, bool)])),
+        "bits": pack_crops("", [(d.y0, d.x0, d.crop) for d in dets])["bits"],  # shapes: ints
     }
-
-    def write(f):
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        f.write(buf.getvalue())
-
-    atomic_write(path, write)
+    if dets and dets[0].whole is not None:
+        arrays.update(pack_crops("whole_", [d.whole for d in dets]))
+    write_npz(path, arrays)
 
 
 # np.load parses .npy headers with ast.literal_eval, which CPython 3.11 (before 3.11.8) can fail
@@ -220,38 +255,56 @@ def read_npz(path: str) -> Dict[str, np.ndarray]:
 
 def load_detections(path: str) -> List[Detection]:
     z = read_npz(path)
-    ints, windows, scores, bits = z["ints"], z["windows"], z["scores"], z["bits"]
-    sizes = ints[:, 4] * ints[:, 5]
-    flat = np.unpackbits(bits, count=int(sizes.sum())).astype(bool)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+    crops = unpack_crops({**z, "offsets": z["ints"][:, 2:4], "shapes": z["ints"][:, 4:6]}, "")
+    wholes = unpack_crops(z, "whole_") if "whole_bits" in z else [None] * len(crops)
     dets = []
-    for i, (tile, index, y0, x0, h, w, label, partial) in enumerate(ints.tolist()):
-        crop = flat[starts[i] : starts[i + 1]].reshape(h, w)
-        window = tuple(windows[i].tolist())
+    for i, (tile, index, y0, x0, _, _, label, partial) in enumerate(z["ints"].tolist()):
+        window = tuple(z["windows"][i].tolist())
+        score = float(z["scores"][i])
         dets.append(
-            Detection(tile, window, y0, x0, crop, float(scores[i]), label, bool(partial), index)
+            Detection(
+                tile, window, y0, x0, crops[i][2], score, label, bool(partial), index, wholes[i]
+            )
         )
     return dets
 
 
-def object_rows(dets: Sequence[Detection], per_tile: int, block: Block) -> List[Dict]:
-    """The per-object table rows of a block's owned objects."""
+def object_rows(
+    dets: Sequence[Detection], per_tile: int, block: Block, around: Sequence[Detection] = ()
+) -> List[Dict]:
+    """The per-object table rows of a block's owned objects ``dets``. Detections with whole
+    outlines (``MODEL.IAUNET.AMODAL``) are measured on them, as in-process tables are, and get
+    the :data:`~iaunet.outputs.table.AMODAL_COLUMNS`; the instances on top are looked for among
+    ``dets`` and ``around`` (the block's stitched context)."""
+    amodal = bool(dets) and dets[0].whole is not None
     rows = []
     for d in dets:
-        ys, xs = np.nonzero(d.crop)
+        y0, x0, crop = d.whole if amodal else (d.y0, d.x0, d.crop)
+        ys, xs = np.nonzero(crop)
         rows.append(
             {
                 "id": object_id(d, per_tile),
                 "class": d.label,
                 "score": round(d.score, 6),
-                "area": d.area,
-                "centroid_x": round(float(xs.mean()) + d.x0, 3),
-                "centroid_y": round(float(ys.mean()) + d.y0, 3),
-                "bbox_x": d.x0,
-                "bbox_y": d.y0,
-                "bbox_width": d.crop.shape[1],
-                "bbox_height": d.crop.shape[0],
+                "area": int(crop.sum()),
+                "centroid_x": round(float(xs.mean()) + x0, 3),
+                "centroid_y": round(float(ys.mean()) + y0, 3),
+                "bbox_x": x0,
+                "bbox_y": y0,
+                "bbox_width": crop.shape[1],
+                "bbox_height": crop.shape[0],
                 "block": block.name,
             }
         )
+    if amodal:
+        owned = {id(d) for d in dets}
+        both = list(dets) + [d for d in around if id(d) not in owned]
+        measures = amodal_rows(
+            [(d.y0, d.x0, d.crop) for d in both],
+            [d.whole for d in both],
+            [object_id(d, per_tile) for d in both],
+            count=len(dets),
+        )
+        for row, extra in zip(rows, measures):
+            row.update(extra)
     return rows

@@ -119,7 +119,7 @@ def _box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
 
 def stitch_detections(dets: List[Detection]) -> List[Detection]:
     """One detection per object from the detections of all tiles (module docstring)."""
-    order = sorted(dets, key=lambda d: (d.partial, -d.score))
+    order = sorted(dets, key=lambda d: (d.partial, *rank_key(d)))
     kept: List[Detection] = []
     boxes = np.zeros((len(order), 4), np.int64)
     joined = 0
@@ -146,7 +146,13 @@ def stitch_detections(dets: List[Detection]) -> List[Detection]:
             f"{joined} object(s) larger than the tile overlap were joined from pieces of several "
             "tiles (a larger tile overlap gives them whole)"
         )
-    return sorted(kept, key=lambda d: -d.score)
+    return sorted(kept, key=rank_key)
+
+
+def rank_key(d: Detection) -> Tuple[float, int, int]:
+    """Decreasing score; ties by tile and position, so that the order (and which of two equally
+    confident overlapping masks owns the shared pixels) does not depend on the input order."""
+    return -d.score, d.tile, d.index
 
 
 def _reaches_beyond(d: Detection, window: Tuple[int, int, int, int]) -> bool:

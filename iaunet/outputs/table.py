@@ -35,7 +35,7 @@ is measured on the whole outlines, with four more columns (:func:`amodal_rows`):
 
 import csv
 import io
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from skimage.measure import regionprops
@@ -61,6 +61,7 @@ BASE_COLUMNS = [
 OVERLAP_COLUMNS = ["overlap_px", "overlap_ids", "overlap_px_per_id"]
 AMODAL_COLUMNS = ["area_visible", "area_whole", "hidden_fraction", "on_top_ids"]
 RUN_COLUMNS = ["image", "image_id"]
+Crop = Tuple[int, int, np.ndarray]  # (y0, x0, mask crop) of one instance
 
 
 def _channel_names(image: np.ndarray) -> List[str]:
@@ -165,23 +166,41 @@ def _in_box(crop: np.ndarray, offset, box) -> np.ndarray:
     return out
 
 
-def amodal_rows(visible: MaskCrops, whole: MaskCrops) -> List[Dict]:
+def amodal_rows(
+    visible: Sequence[Crop],
+    whole: Sequence[Crop],
+    ids: Optional[Sequence[int]] = None,
+    count: Optional[int] = None,
+) -> List[Dict]:
     """The :data:`AMODAL_COLUMNS` of each instance from its visible part and whole outline (same
-    order, ids 1..N). The hidden part is the whole outline minus the visible part; the instances
-    on top are those whose visible part covers some of it."""
+    order; (y0, x0, crop) each, e.g. :class:`MaskCrops`). The hidden part is the whole outline minus
+    the visible part; the instances on top are those whose visible part covers some of it.
+    ``ids``: the instances' ids (default 1..N); rows for the first ``count`` instances (default
+    all), the others being only candidates for on top (the neighbours of a block's objects)."""
     if len(visible) != len(whole):
         raise ValueError(f"{len(visible)} visible masks but {len(whole)} whole outlines")
-    wholes = list(whole)
-    visibles = list(visible)
+    wholes, visibles = list(whole), list(visible)
+    ids = list(range(1, len(visibles) + 1)) if ids is None else list(ids)
+    boxes = np.array(
+        [(y, x, y + c.shape[0], x + c.shape[1]) for y, x, c in visibles], np.int64
+    ).reshape(-1, 4)
     rows = []
-    for i, (y0, x0, crop) in enumerate(wholes):
+    for i, (y0, x0, crop) in enumerate(wholes[: len(wholes) if count is None else count]):
         box = (y0, x0, y0 + crop.shape[0], x0 + crop.shape[1])
         vy, vx, vcrop = visibles[i]
         hidden = crop & ~_in_box(vcrop, (vy, vx), box)
+        near = np.flatnonzero(
+            (boxes[:, 0] < box[2])
+            & (boxes[:, 2] > box[0])
+            & (boxes[:, 1] < box[3])
+            & (boxes[:, 3] > box[1])
+        )
         on_top = [
-            j + 1
-            for j, (oy, ox, other) in enumerate(visibles)
-            if j != i and hidden.any() and (hidden & _in_box(other, (oy, ox), box)).any()
+            ids[j]
+            for j in near.tolist()
+            if j != i
+            and hidden.any()
+            and (hidden & _in_box(visibles[j][2], visibles[j][:2], box)).any()
         ]
         area_whole, area_visible = int(crop.sum()), int(vcrop.sum())
         rows.append(
