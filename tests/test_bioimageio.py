@@ -189,3 +189,49 @@ def test_cli_errors_are_one_line(package, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(tmp_path / "p.zip")
+
+
+def test_amodal_package_carries_whole_outlines(tmp_path, one_thread):
+    """A MODEL.IAUNET.AMODAL model's package: a fourth output, the whole outlines, that passes
+    bioimageio.core's test; on an unseen image each weights format gives visible masks inside
+    whole outlines, with the areas iaunet-predict's table reports (area_visible, area_whole)."""
+    import csv
+
+    cfg = tiny_cfg(
+        **{"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128},
+        **SWIN,
+        **{"MODEL.IAUNET.AMODAL": True},
+    )
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # separate the scores, as in `package`
+        if hasattr(m, "class_embed"):
+            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
+    AtomicCheckpointer(model, str(tmp_path), config=cfg).save("model")
+    weights, path = str(tmp_path / "model.pth"), str(tmp_path / "amodal.zip")
+    args = ["--weights", weights, "--format", "bioimageio", "--output", path, "--no-check"]
+    args += ["--author", "IAUNet tests", "--score-threshold", str(SCORE_THRESH)]
+    assert export_tool.main(args) == 0
+    descr = load_description(path)
+    assert [o.id for o in descr.outputs] == ["labels", "masks", "scores", "whole_masks"]
+    summary = validate_package(path)
+    assert summary.status == "passed", summary.format()
+
+    image = synthetic_test_image((101, 87), "uint16", seed=7)
+    tifffile.imwrite(tmp_path / "unseen.tif", image)
+    args = ["--weights", weights, "--input", str(tmp_path / "unseen.tif"), "--output"]
+    args += [str(tmp_path / "out"), "--save", "csv", "--score-threshold", str(SCORE_THRESH)]
+    assert iaunet_predict(args) == 0
+    with open(tmp_path / "out" / "unseen_objects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and any(int(r["area_whole"]) > int(r["area_visible"]) for r in rows)
+    for weights_format in ("torchscript", "onnx"):
+        pipeline = create_prediction_pipeline(descr, weight_format=weights_format, devices=["cpu"])
+        sample = predict(model=pipeline, inputs={"image": image[None, None]})
+        masks = sample.members["masks"].data.values[0].astype(bool)
+        whole = sample.members["whole_masks"].data.values[0].astype(bool)
+        assert whole.shape == masks.shape and len(masks) == len(rows), weights_format
+        assert not (masks & ~whole).any()  # visible inside whole
+        for r, m, w in zip(rows, masks, whole):
+            assert abs(int(m.sum()) - int(r["area_visible"])) <= max(2, 0.01 * m.sum())
+            assert abs(int(w.sum()) - int(r["area_whole"])) <= max(2, 0.01 * w.sum())

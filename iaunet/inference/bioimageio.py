@@ -13,6 +13,8 @@ graph, :class:`PackagedIAUNet`, is what ``iaunet-predict`` does to an image that
       -> labels (1, 1, H, W) int32: instance k (1..N, by decreasing score) where it is the
          highest-scoring mask, 0 = background (``iaunet-predict``'s ``<stem>_labels.tif``)
          masks (1, N, H, W) uint8: the N overlapping masks (0/1), scores (1, N) float32
+         whole_masks (1, N, H, W) uint8: a ``MODEL.IAUNET.AMODAL`` model's whole outlines (the
+         labels and masks are then the visible parts)
 
 N is data-dependent: the rdf describes it with ``DataDependentSize``. ``labels_only`` leaves out
 masks and scores, for consumers that read only fixed-size outputs. Not in the graph: tiling of
@@ -43,6 +45,7 @@ from ..utils.atomic import atomic_write
 from .bioimageio_rdf import (
     INPUT_ID,
     OUTPUT_IDS,
+    WHOLE_OUTPUT_ID,
     PackageFiles,
     PackageInfo,
     check_package_info,
@@ -83,6 +86,7 @@ class PackagedIAUNet(nn.Module):
         channels: 1 (gray, repeated to the model's 3 channels) or 3 (RGB).
         image_format: ``INPUT.FORMAT``: the channel order the model was trained with.
         labels_only: return the label image only.
+        whole_outlines: also return the whole outlines of a ``MODEL.IAUNET.AMODAL`` model.
     """
 
     def __init__(
@@ -95,36 +99,55 @@ class PackagedIAUNet(nn.Module):
         channels: int = 1,
         image_format: str = "RGB",
         labels_only: bool = False,
+        whole_outlines: bool = False,
     ):
         super().__init__()
+        if labels_only and whole_outlines:
+            raise ValueError("a labels-only package has no whole outlines")
         if channels not in (1, 3):
             raise ValueError(f"a package takes 1 (gray) or 3 (RGB) channels, not {channels}")
         self.net = ExportableIAUNet(model)
         self.scale, self.score_thresh = float(scale), float(score_thresh)
         self.mask_logit = logit_threshold(mask_thresh)
         self.channels, self.bgr, self.labels_only = channels, image_format == "BGR", labels_only
+        self.whole_outlines = whole_outlines
+
+    @property
+    def output_ids(self) -> Tuple[str, ...]:
+        """The names of :meth:`forward`'s outputs, in order."""
+        if self.labels_only:
+            return OUTPUT_IDS[:1]
+        return OUTPUT_IDS + ((WHOLE_OUTPUT_ID,) if self.whole_outlines else ())
 
     def forward(self, image: torch.Tensor):
         """image (1, C, H, W) float, 0..255 -> labels (1, 1, H, W) int32[, masks (1, N, H, W)
-        uint8, scores (1, N) float32]."""
+        uint8, scores (1, N) float32[, whole_masks (1, N, H, W) uint8]]."""
         h, w = image.shape[-2:]
         x = image.expand(-1, 3, -1, -1) if self.channels == 1 else image
         x = x.flip(1) if self.bgr and self.channels == 3 else x
         if self.scale != 1.0:  # the predictor's resize (detectron2 ResizeTransform on floats)
             size = (_scaled(h, self.scale), _scaled(w, self.scale))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        # a MODEL.IAUNET.AMODAL model: the package carries the visible parts (one pixel, one cell)
-        scores, _, mask_logits, *_ = self.net(x)
-        if self.scale != 1.0:  # postprocessing.upsample_masks: bilinear to the image size
-            mask_logits = F.interpolate(
-                mask_logits, size=(h, w), mode="bilinear", align_corners=False
-            )
+        # a MODEL.IAUNET.AMODAL model: labels and masks are the visible parts (one pixel, one
+        # cell), its whole outlines a fourth output when asked for
+        scores, _, mask_logits, *amodal = self.net(x)
         keep = scores[0] >= self.score_thresh  # iaunet-predict's --score-threshold
-        masks = mask_logits[0][keep] > self.mask_logit
+        masks = self._masks(mask_logits, keep, (h, w))
         labels = flatten_masks(masks).to(torch.int32)[None, None]
         if self.labels_only:
             return labels
-        return labels, masks[None].to(torch.uint8), scores[:, keep]
+        out = (labels, masks[None].to(torch.uint8), scores[:, keep])
+        if self.whole_outlines:
+            # visible inside whole holds in the logits (the model's inference), so after the same
+            # resize and threshold too
+            out += (self._masks(amodal[0], keep, (h, w))[None].to(torch.uint8),)
+        return out
+
+    def _masks(self, logits: torch.Tensor, keep: torch.Tensor, size) -> torch.Tensor:
+        """(1, k, h', w') logits at the model's size -> (N, H, W) bool masks of the kept rows."""
+        if self.scale != 1.0:  # postprocessing.upsample_masks: bilinear to the image size
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits[0][keep] > self.mask_logit
 
 
 def synthetic_test_image(size: Tuple[int, int], dtype: str, seed: int = 0) -> np.ndarray:
@@ -219,7 +242,7 @@ def write_package_files(
     traced = trace(module, example)
     with torch.no_grad():
         out = traced(example)
-    outputs = OUTPUT_IDS[:1] if module.labels_only else OUTPUT_IDS
+    outputs = module.output_ids
     test_outputs = {k: t.numpy() for k, t in zip(outputs, [out] if module.labels_only else out)}
     labels = test_outputs["labels"][0, 0]
     if labels.max() == 0:
@@ -243,6 +266,8 @@ def write_package_files(
     if not module.labels_only:
         arrays["sample_masks.tif"] = test_outputs["masks"][0]
         arrays["sample_scores.tif"] = test_outputs["scores"]
+    if module.whole_outlines:
+        arrays[f"sample_{WHOLE_OUTPUT_ID}.tif"] = test_outputs[WHOLE_OUTPUT_ID][0]
     for name, array in arrays.items():
         if name.endswith(".npy"):
             np.save(os.path.join(folder, name), array)
@@ -312,6 +337,8 @@ def export_bioimageio(
             (``INPUT.IMAGE_SIZE`` model px). Its size is the smallest input the rdf describes: the
             package and ``iaunet-predict`` agree from there up to one tile.
         labels_only: only the label image as output (no data-dependent axes).
+    A ``MODEL.IAUNET.AMODAL`` model's package also gives the whole outlines (``whole_masks``),
+    unless ``labels_only``.
     Returns:
         ``output``. ValueError (one line) when the config has no pixel scale or the test image
         gives no detection.
@@ -341,6 +368,7 @@ def export_bioimageio(
         channels=channels,
         image_format=cfg.INPUT.FORMAT,
         labels_only=labels_only,
+        whole_outlines=bool(cfg.MODEL.IAUNET.AMODAL) and not labels_only,
     ).eval()
     with tempfile.TemporaryDirectory() as folder:
         files = write_package_files(module, cfg, test_image, folder, info)

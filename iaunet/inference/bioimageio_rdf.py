@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 INPUT_ID = "image"
 OUTPUT_IDS = ("labels", "masks", "scores")
+WHOLE_OUTPUT_ID = "whole_masks"  # a MODEL.IAUNET.AMODAL model's whole outlines
 # The input axes' ParameterizedSize: from the test image's size up, in steps of 1 px. The graph
 # takes any size, but bioimageio.core refuses sizes off the min + n * step grid, and tools that
 # pad an image to the grid (deepImageJ) would add mirrored objects; the minimum keeps bioimage.io's
@@ -193,6 +194,13 @@ def package_readme(
             "N depends on the image (a data-dependent axis).",
             "- `scores` (batch, instance N) float32: their scores, decreasing.",
         ]
+    if module.whole_outlines:
+        outputs[0] += " Of the visible parts: the model also predicts whole outlines."
+        outputs += [
+            f"- `{WHOLE_OUTPUT_ID}` (batch, instance N, y, x) uint8: each instance's whole "
+            "outline (0/1), including what the cells on top of it hide; `masks` are the visible "
+            "parts, inside them."
+        ]
     return f"""# {info.name}
 
 {info.description or default_description(cfg, module)}
@@ -329,9 +337,22 @@ def model_description(
                 data=spec.IntervalOrRatioDataDescr(type="float32", range=(0.0, 1.0)),
             ),
         ]
+    if module.whole_outlines:
+        outputs.append(
+            spec.OutputTensorDescr(
+                id=spec.TensorId(WHOLE_OUTPUT_ID),
+                description="the N whole outlines (0/1, hidden parts included); masks: the "
+                "visible parts",
+                axes=[batch, instances, *space],
+                test_tensor=file(f"test_{WHOLE_OUTPUT_ID}"),
+                sample_tensor=file(f"sample_{WHOLE_OUTPUT_ID}"),
+                data=spec.NominalOrOrdinalDataDescr(values=[0, 1], type="uint8"),
+            )
+        )
+    pixels = [k for k in module.output_ids if k != "scores"]
     exact = [
         spec.ReproducibilityTolerance(
-            output_ids=[spec.TensorId(k) for k in ("labels", "masks")],
+            output_ids=[spec.TensorId(k) for k in pixels],
             relative_tolerance=0.0,
             absolute_tolerance=0.0,
             mismatched_elements_per_million=PIXEL_MISMATCH_PPM,
