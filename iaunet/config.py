@@ -229,6 +229,9 @@ def add_iaunet_config(cfg: CN) -> None:
     # probability that a training sample is a mosaic of 4 crops cut at a random offset (YOLOv4;
     # iaunet.data.mosaic): objects cut anywhere and unrelated content side by side, as in tiles
     cfg.INPUT.MOSAIC = 0.0
+    # probability that a training sample gets objects of another crop pasted on it (Ghiasi et al.,
+    # CVPR 2021; iaunet.data.mosaic): each object in new surroundings, and occlusions
+    cfg.INPUT.COPY_PASTE = 0.0
     # non-8-bit images -> 0..255: "percentile" (per image) | "dtype" (full range of the dtype)
     cfg.INPUT.INTENSITY_NORM = "percentile"
     cfg.INPUT.PERCENTILES = (0.5, 99.5)  # low/high percentiles of the "percentile" rule

@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, Instances
 
 from iaunet.data import IAUNetDatasetMapper
-from iaunet.data.mosaic import MosaicMapper, combine_mosaic
+from iaunet.data.mosaic import MixingMapper, combine_mosaic, paste_objects
 from iaunet.data.samplers import build_resumable_train_loader
 
 
@@ -63,7 +63,7 @@ def test_mosaic_rejects_bad_input():
     with pytest.raises(ValueError, match="4 samples"):
         combine_mosaic(parts[:2], 0, 0)
     with pytest.raises(ValueError, match="INPUT.MOSAIC"):
-        MosaicMapper(lambda d: d, [], 1.5)
+        MixingMapper(lambda d: d, [], 1.5)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -88,3 +88,45 @@ def test_training_loader_makes_mosaics_of_the_dataset():
     bad = tiny_cfg(**{"INPUT.MOSAIC": -0.5, "DATALOADER.NUM_WORKERS": 0})
     with pytest.raises(ValueError, match="INPUT.MOSAIC"):  # not silently "off"
         build_resumable_train_loader(bad, IAUNetDatasetMapper(bad, True))
+
+
+def test_copy_paste_covers_objects_below_and_keeps_whole_outlines():
+    """Pasted objects bring their pixels; the target's objects lose what they cover (one drops
+    below the minimum area) and keep their whole outlines; boxes follow the visible parts."""
+    target = _part(10, [(0, 0, 4, 4), (5, 5, 6, 6)], name="t")
+    source = _part(50, [(2, 2, 6, 6), (6, 0, 8, 2)], name="s")
+    for d in (target, source):  # whole outlines: the boxes themselves
+        d["instances"].gt_amodal_masks = BitMasks(d["instances"].gt_masks.tensor.clone())
+    out = paste_objects(target, source, [True, False], min_area=2)
+    img = out["image"][0]
+    assert img[3, 3] == 50 and img[0, 0] == 10 and img[7, 0] == 10  # the second is not pasted
+    inst = out["instances"]
+    # target's 4x4 square loses its 2x2 corner; its 1-px object is covered and dropped
+    assert inst.gt_classes.tolist() == [10, 50]
+    assert inst.gt_masks.tensor.flatten(1).sum(1).tolist() == [12, 16]
+    assert inst.gt_amodal_masks.tensor.flatten(1).sum(1).tolist() == [16, 16]
+    assert not (inst.gt_masks.tensor & ~inst.gt_amodal_masks.tensor).any()
+    assert inst.gt_boxes.tensor.tolist() == [[0, 0, 4, 4], [2, 2, 6, 6]]
+    assert out["file_name"] == "t" and out["pasted_from"] == "s"
+    nothing = paste_objects(target, source, [False, False])
+    assert torch.equal(nothing["image"], target["image"])
+    assert torch.equal(nothing["instances"].gt_masks.tensor, target["instances"].gt_masks.tensor)
+    with pytest.raises(ValueError, match="s.png"):
+        paste_objects(target, _part(1, [], size=(8, 6), name="s.png"), [])
+    with pytest.raises(ValueError, match="INPUT.COPY_PASTE"):
+        MixingMapper(lambda d: d, [], 0.0, copy_paste=2.0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_loader_pastes_objects():
+    """INPUT.COPY_PASTE 1 through the real loader: every sample names the training image its
+    pasted objects come from, and its masks are non-empty and lie on bright cells."""
+    cfg = tiny_cfg(**{"INPUT.COPY_PASTE": 1.0, "DATALOADER.NUM_WORKERS": 0})
+    names = {d["file_name"] for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])}
+    np.random.seed(0)
+    batch = next(iter(build_resumable_train_loader(cfg, IAUNetDatasetMapper(cfg, is_train=True))))
+    for d in batch:
+        assert d["pasted_from"] in names and "mosaic_of" not in d
+        masks = d["instances"].gt_masks.tensor
+        assert len(masks) and masks.flatten(1).any(1).all()
+        assert d["image"][0][masks.any(0)].mean() > d["image"][0][~masks.any(0)].mean()

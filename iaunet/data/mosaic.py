@@ -1,5 +1,7 @@
-"""Mosaic augmentation (YOLOv4, Bochkovskiy et al. 2020, "Mosaic data augmentation"): a training
-sample made of four mapped crops laid out 2 x 2 and cut at a random offset.
+"""Augmentations that mix training samples: mosaics (YOLOv4, Bochkovskiy et al. 2020, "Mosaic data
+augmentation"), a sample made of four mapped crops laid out 2 x 2 and cut at a random offset; and
+copy-paste (Ghiasi et al., CVPR 2021, "Simple Copy-Paste is a Strong Data Augmentation Method for
+Instance Segmentation"), objects of one mapped crop pasted onto another.
 
 A model trained on whole scenes sees an image's content start at the image border only; a tile of
 a large image (``iaunet.inference.tiling``) starts anywhere, with objects and backgrounds of other
@@ -10,6 +12,14 @@ unrelated content (different backgrounds, objects cut by a seam) inside one crop
 four crops are each mapped by :class:`~iaunet.data.dataset_mapper.IAUNetDatasetMapper` (resize,
 jitter, ``INPUT.IMAGE_SIZE`` crop, flips, rotations) and the mosaic keeps the crop size, so a
 batch and the cost of an iteration do not change.
+
+``INPUT.COPY_PASTE`` is the probability that a sample (a mosaic or not) gets objects of another
+mapped crop pasted on it: each of that crop's objects with probability 1/2, its pixels copied where
+its mask is (no blending: Ghiasi et al. found none needed). The objects under a pasted one lose the
+covered pixels (dropped below ``INPUT.MIN_INSTANCE_AREA``); their whole outlines
+(``MODEL.IAUNET.AMODAL``) stay, so pasting makes occlusions with known whole outlines. For a
+handful of annotated images it shows each object in new neighbourhoods, on other backgrounds and
+overlapping others.
 """
 
 import logging
@@ -77,25 +87,80 @@ def combine_mosaic(parts: Sequence[Dict], offset_y: int, offset_x: int, min_area
     return out
 
 
-class MosaicMapper:
-    """Wraps a training mapper: with probability ``prob`` a sample is the mosaic
-    (:func:`combine_mosaic`) of the mapped dict and three others drawn at random from ``dataset``
-    (any indexable of dataset dicts, e.g. detectron2's ``DatasetFromList``)."""
+def paste_objects(target: Dict, source: Dict, pick: Sequence[bool], min_area: int = 1) -> Dict:
+    """The objects of mapped sample ``source`` whose ``pick`` is True pasted on mapped sample
+    ``target`` (same size): their pixels replace the target's where their masks are, the target's
+    objects lose those pixels (their whole outlines stay), and target objects left with fewer than
+    ``min_area`` pixels are dropped. Pasted objects come last, in ``source``'s order."""
+    if tuple(source["image"].shape) != tuple(target["image"].shape):
+        raise ValueError(
+            f"copy-paste samples must share one size (the INPUT.IMAGE_SIZE crop): "
+            f"{source['file_name']} is {tuple(source['image'].shape)}, {target['file_name']} is "
+            f"{tuple(target['image'].shape)}"
+        )
+    src, dst = source["instances"], target["instances"]
+    pick = torch.as_tensor(np.asarray(pick, dtype=bool).reshape(-1))
+    if len(pick) != len(src):
+        raise ValueError(f"{len(pick)} picks for {len(src)} objects of {source['file_name']}")
+    fields = [f for f in MASK_FIELDS if dst.has(f)]
+    if any(not src.has(f) for f in fields):
+        raise ValueError(f"{source['file_name']} has no {fields} to paste on {target['file_name']}")
+    pasted = src.gt_masks.tensor[pick]
+    cover = pasted.any(0)
+    image = torch.where(cover, source["image"], target["image"])
+    visible = dst.gt_masks.tensor & ~cover
+    keep = visible.flatten(1).sum(1) >= max(min_area, 1)
+    masks = {"gt_masks": torch.cat([visible[keep], pasted])}
+    for f in fields[1:]:  # whole outlines: the target's stay whole under the pasted objects
+        masks[f] = torch.cat([dst.get(f).tensor[keep], src.get(f).tensor[pick]])
+    instances = Instances(dst.image_size)
+    for f in fields:
+        instances.set(f, BitMasks(masks[f]))
+    instances.gt_classes = torch.cat([dst.gt_classes[keep], src.gt_classes[pick]])
+    instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+    out = dict(target)
+    out["image"], out["instances"] = image, instances
+    out["pasted_from"] = source["file_name"]
+    return out
 
-    def __init__(self, mapper: Callable[[Dict], Dict], dataset, prob: float, min_area: int = 1):
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"INPUT.MOSAIC is a probability in [0, 1], got {prob}")
-        self.mapper, self.dataset, self.prob, self.min_area = mapper, dataset, prob, min_area
-        logger.info(f"[MosaicMapper] mosaics of 4 training crops with probability {prob}")
+
+class MixingMapper:
+    """Wraps a training mapper. With probability ``mosaic`` a sample is the mosaic
+    (:func:`combine_mosaic`) of the mapped dict and three others drawn at random from ``dataset``
+    (any indexable of dataset dicts, e.g. detectron2's ``DatasetFromList``); then, with probability
+    ``copy_paste``, objects of another mapped crop are pasted on it (:func:`paste_objects`)."""
+
+    def __init__(
+        self,
+        mapper: Callable[[Dict], Dict],
+        dataset,
+        mosaic: float,
+        copy_paste: float = 0.0,
+        min_area: int = 1,
+    ):
+        for key, prob in (("INPUT.MOSAIC", mosaic), ("INPUT.COPY_PASTE", copy_paste)):
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{key} is a probability in [0, 1], got {prob}")
+        self.mapper, self.dataset, self.min_area = mapper, dataset, min_area
+        self.mosaic, self.copy_paste = mosaic, copy_paste
+        logger.info(
+            f"[MixingMapper] mosaics of 4 training crops with probability {mosaic}, objects of "
+            f"another crop pasted with probability {copy_paste}"
+        )
+
+    def _other(self) -> Dict:
+        return self.mapper(self.dataset[int(np.random.randint(len(self.dataset)))])
 
     def __call__(self, dataset_dict: Dict) -> Dict:
-        first = self.mapper(dataset_dict)
+        out = self.mapper(dataset_dict)
         # np.random: detectron2 seeds it per data-loader worker, as for the other augmentations
-        if np.random.rand() >= self.prob:
-            return first
-        others = [
-            self.mapper(self.dataset[int(i)]) for i in np.random.randint(len(self.dataset), size=3)
-        ]
-        h, w = first["image"].shape[-2:]
-        oy, ox = int(np.random.randint(h + 1)), int(np.random.randint(w + 1))
-        return combine_mosaic([first, *others], oy, ox, self.min_area)
+        if np.random.rand() < self.mosaic:
+            others = [self._other() for _ in range(3)]
+            h, w = out["image"].shape[-2:]
+            oy, ox = int(np.random.randint(h + 1)), int(np.random.randint(w + 1))
+            out = combine_mosaic([out, *others], oy, ox, self.min_area)
+        if np.random.rand() < self.copy_paste:
+            source = self._other()
+            pick = np.random.rand(len(source["instances"])) < 0.5
+            out = paste_objects(out, source, pick, self.min_area)
+        return out

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator
 from detectron2.data import DatasetFromList, build_detection_train_loader
 from torch.utils.data import Sampler
 
-from .mosaic import MosaicMapper
+from .mosaic import MixingMapper
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,19 @@ class ResumableSampler(Sampler):
 def build_resumable_train_loader(cfg, mapper):
     """``build_detection_train_loader(cfg, mapper=mapper)`` with its sampler wrapped in a
     :class:`ResumableSampler`, reachable as ``loader.resumable_sampler`` (None when the dataset is
-    an iterable dataset without a sampler). A non-zero ``INPUT.MOSAIC`` wraps ``mapper`` in a
-    :class:`~iaunet.data.mosaic.MosaicMapper` that draws its other crops from the same dataset."""
+    an iterable dataset without a sampler). A non-zero ``INPUT.MOSAIC`` or ``INPUT.COPY_PASTE``
+    wraps ``mapper`` in a :class:`~iaunet.data.mosaic.MixingMapper` that draws its other crops
+    from the same dataset."""
     kwargs = build_detection_train_loader.from_config(cfg, mapper=mapper)
-    if cfg.INPUT.MOSAIC != 0:  # MosaicMapper rejects values outside [0, 1]
-        # serialized once, shared by the loader and the mosaic mapper (no copy per worker)
+    if cfg.INPUT.MOSAIC != 0 or cfg.INPUT.COPY_PASTE != 0:  # [0, 1]: MixingMapper checks
+        # serialized once, shared by the loader and the mixing mapper (no copy per worker)
         kwargs["dataset"] = DatasetFromList(kwargs["dataset"], copy=False)
-        kwargs["mapper"] = MosaicMapper(
-            mapper, kwargs["dataset"], cfg.INPUT.MOSAIC, cfg.INPUT.MIN_INSTANCE_AREA
+        kwargs["mapper"] = MixingMapper(
+            mapper,
+            kwargs["dataset"],
+            cfg.INPUT.MOSAIC,
+            cfg.INPUT.COPY_PASTE,
+            cfg.INPUT.MIN_INSTANCE_AREA,
         )
     sampler = ResumableSampler(kwargs["sampler"]) if kwargs["sampler"] is not None else None
     if sampler is not None:
