@@ -42,7 +42,8 @@ def main(args):
                 cfg.MODEL.WEIGHTS, resume=args.resume
             )
             res = Trainer.test(cfg, model)
-            visualize_predictions(cfg, model)  # prediction | ground truth images in OUTPUT_DIR/vis
+            # prediction | ground truth images in OUTPUT_DIR/vis, of what the evaluation scored
+            visualize_predictions(cfg, Trainer.inference_model(cfg, model))
             if comm.is_main_process():
                 verify_results(cfg, res)
             return res

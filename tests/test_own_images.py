@@ -80,6 +80,9 @@ def test_label_tiffs_train_evaluate_predict(work, monkeypatch):
     )
     assert f"Matching on folder:labels#val (score >= {thresh:g})" in log
     assert saved.DATASETS.TEST == ("folder:labels#val",) and saved.INPUT.PIXEL_SCALE > 0
+    # pictures of the held-out image as the evaluation predicts it (tiles at the training scale)
+    assert "Visualization of validation predictions failed" not in log
+    assert os.listdir(out / "vis") == ["folder_labels_val_0_iter0000003.png"]
 
     # Evaluate on another folder (overlap-preserving masks TIFFs): the sizes come from the
     # checkpoint.
@@ -92,6 +95,7 @@ def test_label_tiffs_train_evaluate_predict(work, monkeypatch):
     assert os.path.isfile(
         work / "eval" / "inference" / "folder_masks" / "coco_instances_results.json"
     )
+    assert len(os.listdir(work / "eval" / "vis")) == 2  # the two images of the folder
 
     # Predict without --config-file: the config is in the checkpoint.
     monkeypatch.chdir(work)

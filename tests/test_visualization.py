@@ -4,6 +4,7 @@ import os
 from types import SimpleNamespace
 
 import cv2
+import torch
 from conftest import tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -31,8 +32,20 @@ def test_visualize_predictions_and_hook(tmp_path):
     assert w == 2 * h  # prediction | ground truth of a square image
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
-    # In training: with EvalHook's schedule, into the trainer's EventStorage.
-    hook = VisualizationHook(cfg, num_images=1)
+    # In training: with EvalHook's schedule, into the trainer's EventStorage; the pictures are of
+    # the model as the evaluation runs it (inference_model), not of the training model itself.
+    drawn = []
+
+    class AsEvaluated(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batched_inputs):
+            drawn.append(len(batched_inputs))
+            return self.inner(batched_inputs)
+
+    hook = VisualizationHook(cfg, 1, inference_model=lambda c, m: AsEvaluated(m))
     hook.trainer = SimpleNamespace(iter=4, max_iter=10, model=model)
     with EventStorage(4) as storage:
         hook.after_step()  # 5th iteration: EVAL_PERIOD
@@ -43,6 +56,7 @@ def test_visualize_predictions_and_hook(tmp_path):
         hook.trainer.iter = 10  # what TrainerBase.train leaves after a complete run
         hook.after_train()
         assert [name for name, _, _ in storage._vis_data] == ["vis/synthetic_cells_val/0"] * 2
+    assert drawn == [1, 1] and model.training
     assert sorted(os.listdir(tmp_path / "vis")) == [
         f"synthetic_cells_val_0_{s}.png" for s in ("eval", "iter0000005", "iter0000010")
     ]

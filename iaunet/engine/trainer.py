@@ -96,8 +96,8 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         hooks = super().build_hooks()
         # Before the PeriodicWriter (last on the main process), so that the images reach
-        # TensorBoard.
-        hooks.insert(-1, VisualizationHook(self.cfg, num_images=4))
+        # TensorBoard; of what the evaluation scores (iaunet-predict's tiles at the training scale).
+        hooks.insert(-1, VisualizationHook(self.cfg, 4, inference_model=self.inference_model))
         if self.cfg.MODEL.IAUNET.TEST.TUNE_OUTPUT_THRESH:  # before the final evaluation
             at = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.EvalHook))
             hooks.insert(at, TuneOutputThreshold())

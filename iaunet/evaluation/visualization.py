@@ -7,7 +7,7 @@ a ``SummaryWriter`` on ``OUTPUT_DIR`` otherwise (``--eval-only``).
 
 import logging
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import cv2
 import numpy as np
@@ -115,21 +115,33 @@ def visualize_predictions(
 class VisualizationHook(HookBase):
     """Runs :func:`visualize_predictions` when ``EvalHook`` evaluates: every ``TEST.EVAL_PERIOD``
     iterations and at the end of training. Register it before ``PeriodicWriter`` so that the images
-    reach TensorBoard with the same write."""
+    reach TensorBoard with the same write. ``inference_model(cfg, model)``: the model as the
+    evaluation runs it (e.g. ``Trainer.inference_model``: tiles at the training scale, as
+    ``iaunet-predict``), so that the pictures show what the evaluation scores."""
 
-    def __init__(self, cfg, num_images: int = 4, score_thresh: Optional[float] = None):
+    def __init__(
+        self,
+        cfg,
+        num_images: int = 4,
+        score_thresh: Optional[float] = None,
+        inference_model: Optional[Callable] = None,
+    ):
         # the trainer's own config, read when drawing: a threshold set at the end of training
         # (MODEL.IAUNET.TEST.TUNE_OUTPUT_THRESH) is the one drawn with
         self.cfg = cfg
         self.num_images = num_images
         self.score_thresh = score_thresh
+        self.inference_model = inference_model
         self.period = cfg.TEST.EVAL_PERIOD
 
     def _visualize(self, iteration: int) -> None:
+        model = self.trainer.model
+        if self.inference_model is not None:
+            model = self.inference_model(self.cfg, model)
         try:
             visualize_predictions(
                 self.cfg,
-                self.trainer.model,
+                model,
                 self.num_images,
                 self.score_thresh,
                 iteration=iteration,
