@@ -135,10 +135,10 @@ class VisualizationHook(HookBase):
         self.period = cfg.TEST.EVAL_PERIOD
 
     def _visualize(self, iteration: int) -> None:
-        model = self.trainer.model
-        if self.inference_model is not None:
-            model = self.inference_model(self.cfg, model)
         try:
+            model = self.trainer.model
+            if self.inference_model is not None:
+                model = self.inference_model(self.cfg, model)
             visualize_predictions(
                 self.cfg,
                 model,

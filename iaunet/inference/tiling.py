@@ -104,7 +104,7 @@ def _cut_overlap(a: Detection, b: Detection) -> float:
     return _intersection(a, b) / smaller if smaller else 0.0
 
 
-def _box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
+def box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
     """Indices of the (M, 4) y0, x0, y1, x1 ``boxes`` that intersect ``box``."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
@@ -126,7 +126,7 @@ def stitch_detections(dets: List[Detection]) -> List[Detection]:
     for d in order:
         hits = [
             (overlap, i)
-            for i in _box_hits(boxes[: len(kept)], d.box)
+            for i in box_hits(boxes[: len(kept)], d.box)
             if kept[i].tile != d.tile
             and kept[i].label == d.label
             and (overlap := _cut_overlap(kept[i], d)) > MATCH_THRESH

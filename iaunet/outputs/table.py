@@ -41,6 +41,7 @@ import numpy as np
 from skimage.measure import regionprops
 
 from ..inference.mask_crops import MaskCrops
+from ..inference.tiling import box_hits
 from .masks import Overlaps, instance_overlaps
 from .rois import roi_name
 
@@ -189,18 +190,10 @@ def amodal_rows(
         box = (y0, x0, y0 + crop.shape[0], x0 + crop.shape[1])
         vy, vx, vcrop = visibles[i]
         hidden = crop & ~_in_box(vcrop, (vy, vx), box)
-        near = np.flatnonzero(
-            (boxes[:, 0] < box[2])
-            & (boxes[:, 2] > box[0])
-            & (boxes[:, 1] < box[3])
-            & (boxes[:, 3] > box[1])
-        )
         on_top = [
             ids[j]
-            for j in near.tolist()
-            if j != i
-            and hidden.any()
-            and (hidden & _in_box(visibles[j][2], visibles[j][:2], box)).any()
+            for j in (box_hits(boxes, box).tolist() if hidden.any() else [])
+            if j != i and (hidden & _in_box(visibles[j][2], visibles[j][:2], box)).any()
         ]
         area_whole, area_visible = int(crop.sum()), int(vcrop.sum())
         rows.append(
