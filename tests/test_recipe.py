@@ -91,3 +91,26 @@ def test_rotate90_moves_image_and_masks_together():
         k = t.transforms[0].k
         assert np.array_equal(aug.image, np.rot90(img, k))
     assert seen == {(4, 6), (6, 4)}
+
+
+def test_small_config_fine_tunes_with_the_gradient_norm_capped():
+    """configs/custom/iaunet_small.yaml: lr 0.001 and the whole model's gradient norm capped at
+    SOLVER.CLIP_GRADIENTS.CLIP_VALUE before each AdamW step (docs/own_images.md)."""
+    small = load_config(os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml"))
+    assert small.SOLVER.BASE_LR == 0.001 and small.SOLVER.CLIP_GRADIENTS.ENABLED
+    cfg = tiny_cfg(
+        **{
+            "SOLVER.BASE_LR": small.SOLVER.BASE_LR,
+            "SOLVER.CLIP_GRADIENTS.ENABLED": True,
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": small.SOLVER.CLIP_GRADIENTS.CLIP_TYPE,
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": small.SOLVER.CLIP_GRADIENTS.CLIP_VALUE,
+        }
+    )
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = build_optimizer(cfg, net)
+    (net(torch.full((8, 4), 100.0)).square().sum()).backward()
+    grads = [p.grad for p in net.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) > 1.0
+    optimizer.step()
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert norm == pytest.approx(small.SOLVER.CLIP_GRADIENTS.CLIP_VALUE, rel=1e-3)
