@@ -211,7 +211,7 @@ def add_iaunet_config(cfg: CN) -> None:
     # base resize: "longest_side" -> INPUT.IMAGE_SIZE (thesis) | "scale": by INPUT.PIXEL_SCALE
     cfg.INPUT.RESIZE_MODE = "longest_side"
     # longest side after the base resize; also the training crop size; 0 = from the training set
-    # (RESIZE_MODE "scale": ~6 object diameters, iaunet.data.auto_config)
+    # (RESIZE_MODE "scale": ~5 object diameters, iaunet.data.auto_config)
     cfg.INPUT.IMAGE_SIZE = 512
     # image px -> model px; 0 = from the training set at the start of training
     # (iaunet.data.statistics)
