@@ -73,6 +73,19 @@ def _datasets_root(tmp_path_factory):
         os.environ["DETECTRON2_DATASETS"] = old
 
 
+@pytest.fixture(scope="session")
+def synthetic_ready(_datasets_root):
+    """The datasets root, with the quick config's training sets generated: once, before tests start
+    ``train_net.py`` subprocesses (in parallel, each would generate them)."""
+    from detectron2.data import DatasetCatalog
+
+    from iaunet.config import load_config
+
+    for name in load_config(QUICK_CONFIG).DATASETS.TRAIN:
+        DatasetCatalog.get(name)
+    return _datasets_root
+
+
 def load_tool(name: str):
     """Import ``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))

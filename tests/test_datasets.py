@@ -743,3 +743,45 @@ def test_synthetic_cells_are_drawn_on_their_annotated_pixels(root):
     offsets = np.array(offsets)
     assert len(offsets) >= 30
     assert np.abs(offsets.mean(0)).max() < 0.15, offsets.mean(0)
+
+
+def test_synthetic_nuclei_are_packed_bright_and_vary_between_fields(root):
+    """The fluorescent-nuclei fields: the annotations are the polygons the generator drew; nuclei
+    touch but never share a pixel; each is brighter than the background just around it; there are
+    never more than the quick model's queries can take; and size and density vary between fields
+    (what the starting model should not learn as fixed). The split is generated under its own
+    folder with its generator version."""
+    from detectron2.structures import polygons_to_bitmask
+
+    from iaunet.data.datasets.synthetic import MAX_NUCLEI, NUCLEI_SPLITS, render_nuclei_scene
+
+    records = DatasetCatalog.get("synthetic_nuclei_val")
+    assert len(records) == 32
+    with open(root / "synthetic_nuclei" / "val" / "annotations.json") as f:
+        assert json.load(f)["info"]["generator_version"] == 1
+    split_seed = NUCLEI_SPLITS["synthetic_nuclei_val"][0]
+    brighter, counts, median_areas = [], [], []
+    for i, record in enumerate(records):
+        h, w = record["height"], record["width"]
+        _, polygons = render_nuclei_scene(split_seed * 1_000_003 + i)
+        assert [a["segmentation"][0] for a in record["annotations"]] == [
+            p.ravel().tolist() for p in polygons
+        ]
+        image = cv2.imread(record["file_name"], cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        masks = np.stack(
+            [polygons_to_bitmask(a["segmentation"], h, w) for a in record["annotations"]]
+        )
+        assert masks.sum(0).max() == 1  # no pixel in two nuclei
+        union = masks.any(0).astype(np.uint8)
+        for m in masks:
+            ring = (cv2.dilate(m.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0) & ~(
+                cv2.dilate(union, np.ones((3, 3), np.uint8)) > 0
+            )
+            if ring.sum() >= 10:
+                brighter.append(image[m].mean() > np.median(image[ring]) + 2)
+        counts.append(len(masks))
+        median_areas.append(np.median(masks.sum((1, 2))))
+    assert 1 <= min(counts) and max(counts) <= MAX_NUCLEI
+    assert np.mean(brighter) > 0.9, np.mean(brighter)
+    assert max(median_areas) > 2.5 * min(median_areas)
+    assert len(set(counts)) > 3

@@ -16,7 +16,6 @@ import time
 import pytest
 import torch
 from conftest import ROOT, TINY_RUN_OPTS, tiny_cfg, train_net_command, train_net_env
-from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
@@ -33,12 +32,6 @@ from iaunet.engine.stopping import (
 TINY = TINY_RUN_OPTS + [
     *("DATASETS.TEST", "()", "SEED", "42", "SOLVER.CHECKPOINT_PERIOD", "100"),
 ]
-
-
-@pytest.fixture(scope="module")
-def synthetic_ready(_datasets_root):
-    DatasetCatalog.get("synthetic_cells_train")  # generate once, before parallel subprocesses
-    return _datasets_root
 
 
 class _Record(HookBase):

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN_OPTS, run_train_net, tiny_cfg
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 import iaunet.utils.atomic as atomic
@@ -125,12 +124,6 @@ def test_write_error_without_errno_names_the_file(tmp_path):
     with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'x'}: boom$"):
         atomic_write(str(tmp_path / "x"), fail)
     assert os.listdir(tmp_path) == []
-
-
-@pytest.fixture(scope="module")
-def synthetic_ready(_datasets_root):
-    DatasetCatalog.get("synthetic_cells_train")
-    return _datasets_root
 
 
 # Runs train_net.py with a disk that fills up while the checkpoint of iteration 3 is written.

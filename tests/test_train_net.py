@@ -9,10 +9,8 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 from conftest import ROOT, TINY_RUN_OPTS, run_train_net, train_net_command, train_net_env
-from detectron2.data import DatasetCatalog
 
 import iaunet.data.datasets  # noqa: F401  (registers synthetic_cells_train)
 
@@ -66,12 +64,6 @@ def test_train_then_eval_only(tmp_path, _datasets_root):
 
 def _train_command(opts, flags=()):
     return train_net_command(*flags, *opts)
-
-
-@pytest.fixture(scope="module")
-def synthetic_ready(_datasets_root):
-    DatasetCatalog.get("synthetic_cells_train")  # generate once, before parallel subprocesses
-    return _datasets_root
 
 
 def _last_metrics(out_dir):

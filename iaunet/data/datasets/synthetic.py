@@ -12,6 +12,13 @@ i+1)), the pixels pycocotools and detectron2 give its annotation. Written once u
 lies under it (mostly or fully: ``OCCLUSION_OPACITY``), and each annotation has both truths, its
 visible part as ``segmentation`` (RLE: the whole cell minus the cells above it) and its whole
 outline as ``amodal_segmentation`` (polygon), plus its ``depth`` (0 = bottom) (docs/amodal.md).
+
+``synthetic_nuclei_{train,val}`` (:func:`render_nuclei_scene`, under ``synthetic_nuclei/<split>/``)
+are fluorescent-nuclei-like fields instead: elongated, evenly filled nuclei of very different
+brightness (some dim, some out of focus, a few small and bright as in mitosis), packed edge to edge
+without overlapping, at a size and density drawn per scene. The quick config trains on them next to
+the cells, so that the starting model for your own images has seen more than one kind of microscopy
+(docs/own_images.md, "Starting model").
 """
 
 import json
@@ -46,6 +53,12 @@ IMAGE_SIZE = (128, 128)
 # The occluded scenes: name -> (split seed, number of images); 8-bit.
 OCCLUDED_SPLITS = {"synthetic_occluded_train": (10, 256), "synthetic_occluded_val": (11, 32)}
 OCCLUDED_VERSION = 1
+# The nuclei fields: name -> (split seed, number of images); 8-bit.
+NUCLEI_SPLITS = {"synthetic_nuclei_train": (20, 128), "synthetic_nuclei_val": (21, 32)}
+NUCLEI_VERSION = 1
+# At most this many nuclei per 128-px field: the quick model's 20 queries (above that, a scene would
+# teach it to drop objects).
+MAX_NUCLEI = 18
 # How much of what lies under a cell it hides: 1 = fully (opaque cells), below 1 = mostly (a faint
 # trace of the hidden part shows through).
 OCCLUSION_OPACITY = 0.85
@@ -58,12 +71,17 @@ OVERLAP_SHARE = 0.5
 
 
 def _blob_polygon(
-    rng: np.random.Generator, cx: float, cy: float, radius: float, n: int = 32
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    radius: float,
+    n: int = 32,
+    aspect: Tuple[float, float] = (0.6, 1.0),
 ) -> np.ndarray:
-    """Closed irregular blob around (cx, cy): an ellipse whose radius is modulated by low
-    harmonics."""
+    """Closed irregular blob around (cx, cy): an ellipse (minor/major axis drawn from ``aspect``)
+    whose radius is modulated by low harmonics."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    aspect = rng.uniform(0.6, 1.0)
+    aspect = rng.uniform(*aspect)
     angle = rng.uniform(0, np.pi)
     r = np.ones_like(t)
     for k in (2, 3, 4):
@@ -153,6 +171,56 @@ def _cell_content(
     return cell + 0.15 * edge + 0.2 * (nucleus & mask)
 
 
+def render_nuclei_scene(
+    seed: int, size: Tuple[int, int] = IMAGE_SIZE
+) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Render one fluorescent-nuclei-like field. Returns a float image in [0, 1] of ``size`` (H, W)
+    and the nucleus polygons (P, 2 in x, y, as annotated), which do not overlap: each nucleus is
+    drawn on ``polygons_to_bitmask([poly.ravel()], H, W)``; no pixel belongs to two of them."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx, illumination, image = _field(rng, size)
+    image = image * rng.uniform(0.5, 1.5)
+    typical = rng.uniform(6, 13)  # this field's nucleus radius
+    coverage = rng.uniform(0.15, 0.5)  # its density: share of the field covered
+    wanted = min(MAX_NUCLEI, max(3, int(coverage * h * w / (np.pi * typical**2 * 0.75))))
+    occupied = np.zeros((h, w), bool)
+    polygons: List[np.ndarray] = []
+    for _ in range(wanted):
+        mitotic = rng.uniform() < 0.05  # small, condensed, bright
+        radius = typical * (rng.uniform(0.45, 0.6) if mitotic else rng.uniform(0.75, 1.3))
+        for _attempt in range(30):
+            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+            poly = np.clip(_blob_polygon(rng, cx, cy, radius, aspect=(0.45, 0.95)), 0, [w, h])
+            poly = poly.round(2)
+            mask = polygons_to_bitmask([poly.ravel()], h, w)
+            # packed edge to edge (dilated by one pixel: touching, never sharing a pixel)
+            grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            if mask.sum() >= 12 and not (grown & occupied).any():
+                break
+        else:
+            continue
+        occupied |= mask
+        # evenly filled, slightly brighter inside, fine chromatin texture; brightness varies a lot
+        # between nuclei (log-uniform), as do their focus and the mitotic ones' brightness
+        brightness = (
+            rng.uniform(0.5, 0.9) if mitotic else np.exp(rng.uniform(np.log(0.06), np.log(0.6)))
+        )
+        inner = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+        profile = 0.8 + 0.2 * np.minimum(inner / max(1.0, 0.5 * radius), 1.0)
+        texture = 1.0 + rng.uniform(0.05, 0.2) * _smooth_noise(rng, (h, w), rng.uniform(0.8, 2.0))
+        nucleus = mask * brightness * profile * texture
+        if rng.uniform() < 0.3:  # out of focus: its own blur, fading its edge
+            nucleus = cv2.GaussianBlur(nucleus.astype(np.float32), (0, 0), rng.uniform(0.8, 2.0))
+        image = image + nucleus
+        polygons.append(poly)
+    image = cv2.GaussianBlur(
+        (image * illumination).astype(np.float32), (0, 0), rng.uniform(0.5, 1.2)
+    )
+    image = image + rng.normal(0, rng.uniform(0.005, 0.03), image.shape)
+    return np.clip(image, 0, 1).astype(np.float32), polygons
+
+
 def render_occluded_scene(
     seed: int, size: Tuple[int, int] = IMAGE_SIZE, opacity: float = OCCLUSION_OPACITY
 ) -> Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]:
@@ -215,17 +283,16 @@ def _above(masks: List[np.ndarray], i: int) -> np.ndarray:
     return out
 
 
-def _write_split(
-    out_dir: str, seed: int, num_images: int, bit_depth: int, occluded: bool = False
-) -> None:
+def _write_split(out_dir: str, seed: int, num_images: int, bit_depth: int, kind: str) -> None:
     images, annotations = [], []
     ext = ".png" if bit_depth == 8 else ".tif"
     os.makedirs(os.path.join(out_dir, "images"))
     for i in range(num_images):
-        if occluded:
+        if kind == "occluded":
             image, polygons, visible = render_occluded_scene(seed * 1_000_003 + i)
         else:
-            (image, polygons), visible = render_scene(seed * 1_000_003 + i), None
+            render = render_nuclei_scene if kind == "nuclei" else render_scene
+            (image, polygons), visible = render(seed * 1_000_003 + i), None
         name = f"cell_{i:04d}{ext}"
         path = os.path.join(out_dir, "images", name)
         if bit_depth == 8:
@@ -258,9 +325,8 @@ def _write_split(
                 ann["area"] = float(mask_util.area(rle))
                 ann["depth"] = depth
             annotations.append(ann)
-    version = OCCLUDED_VERSION if occluded else GENERATOR_VERSION
-    info = {"generator_version": version, "seed": seed, "bit_depth": bit_depth}
-    if occluded:
+    info = {"generator_version": VERSIONS[kind], "seed": seed, "bit_depth": bit_depth}
+    if kind == "occluded":
         info["occlusion_opacity"] = OCCLUSION_OPACITY
     coco = {
         "images": images,
@@ -272,17 +338,25 @@ def _write_split(
         json.dump(coco, f)
 
 
-def _spec(name: str) -> Tuple[int, int, int, bool]:
-    """(seed, number of images, bit depth, occluded) of split ``name``."""
+# scene kind -> (generator version, folder under the datasets root)
+VERSIONS = {"cells": GENERATOR_VERSION, "occluded": OCCLUDED_VERSION, "nuclei": NUCLEI_VERSION}
+
+
+def _spec(name: str) -> Tuple[int, int, int, str]:
+    """(seed, number of images, bit depth, scene kind) of split ``name``."""
     if name in OCCLUDED_SPLITS:
-        return (*OCCLUDED_SPLITS[name], 8, True)
-    return (*SPLITS[name], False)
+        return (*OCCLUDED_SPLITS[name], 8, "occluded")
+    if name in NUCLEI_SPLITS:
+        return (*NUCLEI_SPLITS[name], 8, "nuclei")
+    return (*SPLITS[name], "cells")
 
 
 def split_dir(name: str) -> str:
     """The folder of split ``name``, relative to the datasets root."""
-    _, _, bit_depth, occluded = _spec(name)
-    base = "synthetic_occluded" if occluded else f"synthetic_cells{'' if bit_depth == 8 else 16}"
+    _, _, bit_depth, kind = _spec(name)
+    base = (
+        f"synthetic_cells{'' if bit_depth == 8 else 16}" if kind == "cells" else f"synthetic_{kind}"
+    )
     return os.path.join(base, name.rsplit("_", 1)[1])
 
 
@@ -292,8 +366,8 @@ def ensure_split(root: str, name: str) -> str:
     The split is written to a temporary folder and renamed into place, so concurrent processes (DDP
     workers) and interrupted runs never see a half-written dataset.
     """
-    seed, num_images, bit_depth, occluded = _spec(name)
-    version = OCCLUDED_VERSION if occluded else GENERATOR_VERSION
+    seed, num_images, bit_depth, kind = _spec(name)
+    version = VERSIONS[kind]
     out_dir = os.path.join(root, split_dir(name))
     json_file = os.path.join(out_dir, "annotations.json")
     if os.path.isfile(json_file):
@@ -306,7 +380,7 @@ def ensure_split(root: str, name: str) -> str:
     logger.info(f"Generating {name} ({num_images} images, {bit_depth}-bit) under {out_dir}")
     tmp = tempfile.mkdtemp(prefix=".tmp_", dir=os.path.dirname(out_dir))
     try:
-        _write_split(os.path.join(tmp, "split"), seed, num_images, bit_depth, occluded)
+        _write_split(os.path.join(tmp, "split"), seed, num_images, bit_depth, kind)
         try:
             os.rename(os.path.join(tmp, "split"), out_dir)
         except OSError:
@@ -328,11 +402,12 @@ def load_synthetic(name: str) -> List[Dict]:
 
 
 def register_all_synthetic() -> None:
-    for name in (*SPLITS, *OCCLUDED_SPLITS):
+    for name in (*SPLITS, *OCCLUDED_SPLITS, *NUCLEI_SPLITS):
         if name in DatasetCatalog.list():
             continue
         DatasetCatalog.register(name, lambda name=name: load_synthetic(name))
         DATASET_FILES[name] = (os.path.join(split_dir(name), "annotations.json"),)
+        # one class ("cell") for every kind: the quick config trains on cells and nuclei together
         MetadataCatalog.get(name).set(thing_classes=["cell"], evaluator_type="coco", synthetic=True)
 
 
