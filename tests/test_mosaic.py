@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, Instances
 
 from iaunet.data import IAUNetDatasetMapper
-from iaunet.data.mosaic import MixingMapper, combine_mosaic, paste_objects
+from iaunet.data.mosaic import MixingMapper, combine_mosaic, paste_objects, with_occluders
 from iaunet.data.samplers import build_resumable_train_loader
 
 
@@ -115,6 +115,27 @@ def test_copy_paste_covers_objects_below_and_keeps_whole_outlines():
         paste_objects(target, _part(1, [], size=(8, 6), name="s.png"), [])
     with pytest.raises(ValueError, match="INPUT.COPY_PASTE"):
         MixingMapper(lambda d: d, [], 0.0, copy_paste=2.0)
+
+
+def test_a_pasted_object_brings_what_hides_it():
+    """Object 0 is hidden in part by 1, which is hidden in part by 2 (a stack); 3 stands alone.
+    Picking 0 picks the whole stack, so that 0's hidden part lies under its occluders in the new
+    crop as well; picking 2 (on top) or 3 picks only itself. Without whole outlines, nothing
+    hides anything."""
+    sample = _part(10, [(0, 0, 4, 4), (2, 2, 6, 6), (4, 4, 8, 8), (0, 6, 2, 8)])
+    inst = sample["instances"]
+    whole = inst.gt_masks.tensor.clone()
+    visible = whole.clone()
+    visible[0] &= ~whole[1]
+    visible[1] &= ~whole[2]
+    inst.gt_amodal_masks, inst.gt_masks = BitMasks(whole), BitMasks(visible)
+    assert with_occluders(inst, [True, False, False, False]).tolist() == [True, True, True, False]
+    assert with_occluders(inst, [False, False, True, True]).tolist() == [False, False, True, True]
+    assert with_occluders(inst, [False, True, False, False]).tolist() == [False, True, True, False]
+    out = paste_objects(_part(50, []), sample, with_occluders(inst, [True, False, False, False]))
+    assert torch.equal(out["instances"].gt_masks.tensor, visible[:3])
+    del inst._fields["gt_amodal_masks"]
+    assert with_occluders(inst, [True, False, False, False]).tolist() == [True, False, False, False]
 
 
 @pytest.mark.usefixtures("one_thread")

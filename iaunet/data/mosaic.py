@@ -19,7 +19,9 @@ its mask is (no blending: Ghiasi et al. found none needed). The objects under a 
 covered pixels (dropped below ``INPUT.MIN_INSTANCE_AREA``); their whole outlines
 (``MODEL.IAUNET.AMODAL``) stay, so pasting makes occlusions with known whole outlines. For a
 handful of annotated images it shows each object in new neighbourhoods, on other backgrounds and
-overlapping others.
+overlapping others. With whole outlines, an object picked for pasting brings the objects that hide
+part of it (:func:`with_occluders`): its hidden part lies under them in the new crop too, as its
+annotation says.
 """
 
 import logging
@@ -124,11 +126,30 @@ def paste_objects(target: Dict, source: Dict, pick: Sequence[bool], min_area: in
     return out
 
 
+def with_occluders(instances: Instances, pick: Sequence[bool]) -> np.ndarray:
+    """``pick`` (one bool per object of ``instances``) grown by the objects that hide part of a
+    picked one, and theirs in turn: an object's hidden part (its whole outline,
+    ``gt_amodal_masks``, minus its visible part, ``gt_masks``) lies under the visible parts of the
+    objects above it. Without whole outlines nothing is hidden and ``pick`` is returned as is."""
+    pick = np.asarray(pick, dtype=bool).reshape(-1).copy()
+    if not instances.has("gt_amodal_masks") or not pick.any():
+        return pick
+    visible = instances.gt_masks.tensor.flatten(1).float()
+    hidden = (instances.gt_amodal_masks.tensor & ~instances.gt_masks.tensor).flatten(1).float()
+    hides = ((hidden @ visible.T) > 0).numpy()  # [i, j]: j's visible part covers part of i
+    while True:
+        grown = pick | hides[pick].any(0)
+        if (grown == pick).all():
+            return pick
+        pick = grown
+
+
 class MixingMapper:
     """Wraps a training mapper. With probability ``mosaic`` a sample is the mosaic
     (:func:`combine_mosaic`) of the mapped dict and three others drawn at random from ``dataset``
     (any indexable of dataset dicts, e.g. detectron2's ``DatasetFromList``); then, with probability
-    ``copy_paste``, objects of another mapped crop are pasted on it (:func:`paste_objects`)."""
+    ``copy_paste``, objects of another mapped crop are pasted on it (:func:`paste_objects`), each
+    with probability 1/2 and with the objects that hide part of it (:func:`with_occluders`)."""
 
     def __init__(
         self,
@@ -162,5 +183,6 @@ class MixingMapper:
         if np.random.rand() < self.copy_paste:
             source = self._other()
             pick = np.random.rand(len(source["instances"])) < 0.5
+            pick = with_occluders(source["instances"], pick)
             out = paste_objects(out, source, pick, self.min_area)
         return out
