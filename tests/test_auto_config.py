@@ -86,11 +86,29 @@ def test_too_few_queries_is_a_loud_warning_in_any_config(caplog):
     assert cfg.MODEL.IAUNET.NUM_QUERIES == 8  # a given value is kept
 
 
+def test_small_config_starts_from_the_start_config_model():
+    """The small config's MODEL.WEIGHTS is what the starting-model config writes, and the message
+    for a missing one (below) names that config: synthetic cells and nuclei, the quick model's
+    architecture."""
+    small = load_config(SMALL)
+    start = load_config(os.path.join(ROOT, "configs", "synthetic", "iaunet_start.yaml"))
+    assert os.path.normpath(small.MODEL.WEIGHTS) == os.path.normpath(
+        os.path.join(start.OUTPUT_DIR, "model_final.pth")
+    )
+    assert set(start.DATASETS.TRAIN) == {"synthetic_cells_train", "synthetic_nuclei_train"}
+    quick = load_config(os.path.join(ROOT, "configs", "synthetic", "iaunet_quick.yaml"))
+    assert quick.DATASETS.TRAIN == ("synthetic_cells_train",)  # the benchmark stays as it is
+    assert start.MODEL.IAUNET.NUM_QUERIES == quick.MODEL.IAUNET.NUM_QUERIES
+
+
 def test_missing_weights_and_classes_are_config_errors(tmp_path):
     name = _register("auto_test_two_classes", _dicts([3]))
     cfg = tiny_cfg(**{"DATASETS.TRAIN": f"('{name}',)"})
-    cfg.MODEL.WEIGHTS = str(tmp_path / "output" / "synthetic_quick" / "model_final.pth")
-    with pytest.raises(ConfigError, match="train it first with `python train_net.py --config-file"):
+    cfg.MODEL.WEIGHTS = str(tmp_path / "output" / "synthetic_start" / "model_final.pth")
+    with pytest.raises(
+        ConfigError,
+        match="first with `python train_net.py --config-file configs/synthetic/iaunet_start.yaml",
+    ):
         resolve_config_from_data(cfg)
     two = [
         dict(d, annotations=[dict(a, category_id=1) for a in d["annotations"]]) for d in _dicts([2])

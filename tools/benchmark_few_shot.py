@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--image", help="another image to cut into folds (with --labels)")
     p.add_argument("--labels", help="its label image")
     p.add_argument("--folds", default="0,1,2,3", help="folds to run (test quadrant k)")
-    p.add_argument("--weights", default="output/synthetic_quick/model_final.pth",
-                   help="starting model (the README's quick model)")  # fmt: skip
+    p.add_argument("--weights", default="output/synthetic_start/model_final.pth",
+                   help="starting model (configs/synthetic/iaunet_start.yaml)")  # fmt: skip
     p.add_argument("--no-cellpose", action="store_true", help="skip Cellpose")
     p.add_argument("--reuse", action="store_true",
                    help="do not train a fold again whose model_final.pth (and its training time) "

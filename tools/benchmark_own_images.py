@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=8, help="training images (default 8)")
     p.add_argument("--val", type=int, default=16, help="validation images (default 16)")
     p.add_argument("--zoom", type=float, default=1.5, help="scene magnification (cells ~30 px)")
-    p.add_argument("--weights", default="output/synthetic_quick/model_final.pth")
+    p.add_argument("--weights", default="output/synthetic_start/model_final.pth")
     p.add_argument("--scratch", action="store_true", help="also train from scratch")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides (last)")
     args = p.parse_args(argv)

@@ -60,8 +60,8 @@ AUTO_KEYS = (
 QUERY_MARGIN, QUERY_STEP = 1.5, 10
 CROP_DIAMETERS, CROP_STEP, CROP_RANGE = 5, 32, (64, 512)
 PASSES, ITER_STEP, ITER_RANGE = 100, 100, (1250, 10000)
-QUICK_WEIGHTS = "synthetic_quick/model_final.pth"
-QUICK_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_quick.yaml"
+START_WEIGHTS = "synthetic_start/model_final.pth"
+START_COMMAND = "python train_net.py --config-file configs/synthetic/iaunet_start.yaml"
 
 
 def fill_auto_keys(cfg: CfgNode, trained: CfgNode, keys: Sequence[str] = AUTO_KEYS) -> List[str]:
@@ -137,11 +137,11 @@ def _check_weights(cfg: CfgNode, resume: bool) -> None:
         "give the path of a checkpoint, or start from scratch with MODEL.WEIGHTS '' "
         "MODEL.IAUNET.TRAIN.FROM_SCRATCH True"
     )
-    if weights.replace(os.sep, "/").endswith(QUICK_WEIGHTS):
+    if weights.replace(os.sep, "/").endswith(START_WEIGHTS):
         hint = (
-            "it is the model pretrained on the synthetic cells: train it first with "
-            f"`{QUICK_COMMAND} OUTPUT_DIR {os.path.dirname(os.path.dirname(weights)) or '.'}/"
-            "synthetic_quick` (about 15 min on a laptop CPU), or start from scratch with "
+            "it is the starting model (synthetic cells and nuclei): train it first with "
+            f"`{START_COMMAND} OUTPUT_DIR {os.path.dirname(os.path.dirname(weights)) or '.'}/"
+            "synthetic_start` (about 20 min on a laptop CPU), or start from scratch with "
             "MODEL.WEIGHTS '' MODEL.IAUNET.TRAIN.FROM_SCRATCH True"
         )
     raise ConfigError(f"MODEL.WEIGHTS {weights} not found: {hint}")

@@ -16,9 +16,9 @@ outline as ``amodal_segmentation`` (polygon), plus its ``depth`` (0 = bottom) (d
 ``synthetic_nuclei_{train,val}`` (:func:`render_nuclei_scene`, under ``synthetic_nuclei/<split>/``)
 are fluorescent-nuclei-like fields instead: elongated, evenly filled nuclei of very different
 brightness (some dim, some out of focus, a few small and bright as in mitosis), packed edge to edge
-without overlapping, at a size and density drawn per scene. The quick config trains on them next to
-the cells, so that the starting model for your own images has seen more than one kind of microscopy
-(docs/own_images.md, "Starting model").
+without overlapping, at a size and density drawn per scene. The starting model for your own images
+(``configs/synthetic/iaunet_start.yaml``) trains on them next to the cells, so that it has seen more
+than one kind of microscopy (docs/own_images.md, "Starting model").
 """
 
 import json
@@ -179,8 +179,8 @@ def render_nuclei_scene(
     drawn on ``polygons_to_bitmask([poly.ravel()], H, W)``; no pixel belongs to two of them."""
     rng = np.random.default_rng(seed)
     h, w = size
-    yy, xx, illumination, image = _field(rng, size)
-    image = image * rng.uniform(0.5, 1.5)
+    _, _, illumination, background = _field(rng, size)
+    image = background * rng.uniform(0.5, 1.5)
     typical = rng.uniform(6, 13)  # this field's nucleus radius
     coverage = rng.uniform(0.15, 0.5)  # its density: share of the field covered
     wanted = min(MAX_NUCLEI, max(3, int(coverage * h * w / (np.pi * typical**2 * 0.75))))
