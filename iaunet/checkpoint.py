@@ -29,6 +29,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .utils.atomic import TMP_MARK, atomic_write
+from .utils.safe_load import UnsafeFileError, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "check: the file is corrupt (bit flip, incomplete copy, storage fault)"
             )
         try:
-            loaded = super()._load_file(filename)
+            loaded = self._read_data(filename)
+        except UnsafeFileError as e:  # asks to run code: nothing of it ran
+            raise CheckpointError(str(e)) from None
         except Exception as e:  # torch.load / pickle raise many types (UnpicklingError, ...)
             if _truncated_zip(filename):
                 raise CheckpointError(
@@ -313,6 +316,34 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "dict (a mapping of parameter names to tensors)"
             )
         return loaded
+
+    def _read_data(self, filename: str) -> Dict[str, Any]:
+        """``DetectionCheckpointer._load_file`` with every file read as data
+        (:func:`iaunet.utils.safe_load.load_weights_file`): detectron2 reads ``.pkl`` with
+        ``pickle.load``, which runs whatever code the file names. The model-zoo / Caffe2 layouts of
+        a ``.pkl`` are told apart as detectron2 does (``detection_checkpoint.py``)."""
+        if not filename.endswith((".pkl", ".pyth")):
+            return super()._load_file(filename)  # torch files: _torch_load below
+        data = load_weights_file(filename)
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"cannot load checkpoint {filename}: it holds a {type(data).__name__}, not a dict"
+            )
+        if filename.endswith(".pyth"):  # pycls (a torch file)
+            if "model_state" not in data:
+                raise CheckpointError(f"cannot load {filename}: a pycls file has 'model_state'")
+            state = data["model_state"]
+            state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        if "model" in data and "__author__" in data:  # detectron2 model-zoo format
+            logger.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        data = data.get("blobs", data)  # Caffe2 / Detectron1: detection models keep "blobs"
+        weights = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        return load_weights_file(f)  # torch.load(weights_only=True), whatever torch's default
 
     def load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Load an already read checkpoint dict (:func:`read_checkpoint`) into the model."""

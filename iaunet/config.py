@@ -35,8 +35,10 @@ def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file not found: {config_file}")
         try:
-            cfg.merge_from_file(config_file)
-        except Exception as e:  # yaml syntax, unknown keys, bad _BASE_
+            # allow_unsafe=False: yaml.safe_load only (detectron2's default falls back to
+            # yaml.unsafe_load, which builds any Python object a file names: a config is data).
+            cfg.merge_from_file(config_file, allow_unsafe=False)
+        except Exception as e:  # yaml syntax, unknown keys, bad _BASE_, Python tags
             raise ConfigError(f"cannot use config file {config_file}: {one_line(e)}") from None
     try:
         cfg.merge_from_list(list(opts))
@@ -57,12 +59,31 @@ def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
     return merge_config(cfg, config_file, opts)
 
 
-def trained_config(saved: str) -> CN:
+def trained_config(saved: str, source: str = "") -> CN:
     """The config a model was trained with, from the YAML dump saved in its checkpoint
-    (``"config"``, :class:`iaunet.checkpoint.AtomicCheckpointer`) or exported file: IAUNet's
-    defaults (keys added since then keep their default) merged with it."""
+    (``"config"``, :class:`iaunet.checkpoint.AtomicCheckpointer`) or exported file ``source``:
+    IAUNet's defaults (keys added since then keep their default) merged with it.
+
+    The saved config is data from whoever sent the file: read with ``yaml.safe_load``, its keys and
+    value types checked as for a config file, and a ``_BASE_`` refused (a checkpoint may not pull
+    other files in). ConfigError naming ``source`` otherwise."""
+    where = f"the config saved in {source or 'the checkpoint'}"
+    if not isinstance(saved, str):
+        raise ConfigError(f"{where} is a {type(saved).__name__}, not YAML text")
     cfg = load_config()
-    cfg.merge_from_other_cfg(cfg.load_cfg(saved))
+    try:
+        loaded = cfg.load_cfg(saved)  # yacs: yaml.safe_load
+    except Exception as e:
+        raise ConfigError(f"cannot read {where}: {one_line(e)}") from None
+    if "_BASE_" in loaded:
+        raise ConfigError(
+            f"{where} names _BASE_ {loaded['_BASE_']}: a checkpoint's config may not pull in "
+            "other files (refused)"
+        )
+    try:
+        cfg.merge_from_other_cfg(loaded)
+    except Exception as e:  # unknown key, wrong value type
+        raise ConfigError(f"cannot use {where}: {one_line(e)}") from None
     return cfg
 
 

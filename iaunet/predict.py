@@ -335,6 +335,7 @@ def dask_client(address: str):
             n_workers=int(n) if n else (os.cpu_count() or 1),
             threads_per_worker=1,
             processes=True,
+            host="127.0.0.1",  # scheduler and workers listen on this machine only
             dashboard_address=None,
             env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         )

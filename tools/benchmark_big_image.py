@@ -170,7 +170,12 @@ def on_dask(spec: PredictorSpec, path: str, out: str, workers: int, block: int) 
 
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, env=env
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        env=env,
     ) as cluster, Client(cluster) as client:
         predictor = spec.build()
         client.run(_load_model, spec)  # each worker loads the model before the clock starts

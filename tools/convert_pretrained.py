@@ -36,8 +36,11 @@ import pickle
 import re
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from iaunet.utils.safe_load import UnsafeFileError, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +48,18 @@ StateDict = Dict[str, torch.Tensor]
 
 
 def load_state_dict(path: str) -> StateDict:
-    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint; unwraps ``model`` /
-    ``state_dict``."""
+    """Read a ``.pth``/``.pt``/``.bin``/``.pkl`` or ``.safetensors`` checkpoint as data
+    (:func:`iaunet.utils.safe_load.load_weights_file`); unwraps ``model`` / ``state_dict``."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path)  # read as data: a file that asks to run code is refused
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    return state
+    # detectron2 .pkl files hold numpy arrays
+    return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 def resize_rel_pos_bias_table(table: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -231,7 +235,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("kind", choices=["swin", "resnet", "iaunet-ref"], help="checkpoint family")
-    parser.add_argument("input", help="ImageNet checkpoint (.pth, .pt, .bin or .safetensors)")
+    parser.add_argument("input", help="ImageNet checkpoint (.pth, .pt, .bin, .pkl or .safetensors)")
     parser.add_argument("output", help="converted weights: .pkl (detectron2 format) or .pth")
     parser.add_argument(
         "--window-size",
@@ -246,7 +250,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    state = load_state_dict(args.input)
+    try:
+        state = load_state_dict(args.input)
+    except UnsafeFileError as e:
+        parser.exit(2, f"convert_pretrained.py: error: {e}\n")
+    except Exception as e:  # missing, truncated, not a checkpoint
+        parser.exit(2, f"convert_pretrained.py: error: cannot read {args.input}: {e}\n")
     if args.kind == "swin":
         converted = convert_swin(state, args.window_size, args.prefix)
     elif args.kind == "resnet":

@@ -180,7 +180,7 @@ def resolve_config_from_data(
             raise ConfigError("--eval-only with an empty DATASETS.TEST: nothing to evaluate")
         checkpoint = _read_weights(cfg.MODEL.WEIGHTS) if auto else None
         saved = checkpoint.get("config") if checkpoint else None
-        trained = trained_config(saved) if saved else None
+        trained = trained_config(saved, cfg.MODEL.WEIGHTS) if saved else None
         for key in fill_auto_keys(cfg, trained) if trained is not None else []:
             filled[key] = get_key(cfg, key)
         # What evaluation cannot do without: the model's shape and the test resize.

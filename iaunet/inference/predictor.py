@@ -54,7 +54,7 @@ def config_from_checkpoint(
         )
     cfg = load_config(config_file)
     if saved:
-        trained = trained_config(saved)
+        trained = trained_config(saved, weights)
         if not config_file:
             cfg = trained
         fill_auto_keys(cfg, trained)  # e.g. NUM_QUERIES 0 in configs/custom/iaunet_small.yaml
@@ -185,7 +185,7 @@ class IAUNetPredictor:
                 f"runs in PyTorch only (an exported graph runs one view); use --backend pytorch "
                 "with the checkpoint, or MODEL.IAUNET.TEST.TTA none"
             )
-        baked = graph_keys(trained_config(saved or exported_config(model_file)))
+        baked = graph_keys(trained_config(saved or exported_config(model_file), model_file))
         changed = {k: v for k, v in graph_keys(self.cfg).items() if baked[k] != v}
         if changed:
             raise ConfigError(

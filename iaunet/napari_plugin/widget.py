@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Tuple
 
 import napari
 import numpy as np
-from detectron2.config import CfgNode
 from magicgui.widgets import (
     ComboBox,
     Container,
@@ -27,6 +26,7 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 
 from ..checkpoint import read_checkpoint
+from ..config import trained_config
 from ..inference import IAUNetPredictor
 from ..modeling.test_time_augmentation import VIEWS
 from ..outputs.writer import image_prediction
@@ -104,7 +104,7 @@ class PredictWidget(Container):
         if not os.path.isfile(weights):
             return
         try:
-            saved = CfgNode.load_cfg(read_checkpoint(weights).get("config") or "{}")
+            saved = trained_config(read_checkpoint(weights).get("config"), weights)
             value = float(saved.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
         except Exception:  # not a checkpoint, no config, an older config: Run reports problems
             return
