@@ -18,9 +18,10 @@ EXTRAS = {
         "onnx>=1.14",
         "onnxruntime>=1.16",
     ],
-    # tools/benchmark_few_shot.py: Cellpose 3 trained from scratch as the peer (not Cellpose 4,
-    # whose 300M-parameter model is impractical on a CPU)
-    "fewshot": ["cellpose==3.1.*"],
+    # tools/benchmark_few_shot.py: the peers trained from scratch, Cellpose 3 (not Cellpose 4,
+    # whose 300M-parameter model is impractical on a CPU) and StarDist 2D (TensorFlow on the CPU;
+    # csbdeep normalizes its inputs)
+    "fewshot": ["cellpose==3.1.*", "stardist==0.9.2", "csbdeep>=0.8", "tensorflow-cpu>=2.15"],
     # iaunet-predict --dask: block-wise prediction of large images on Dask, OME-Zarr / TIFF read
     # lazily (zarr), OME-Zarr labels written and validated (ome-zarr-py, ome-zarr-models), opened
     # in napari (napari-ome-zarr)

@@ -105,9 +105,27 @@ def test_otsu_watershed_splits_touching_nuclei():
     assert fs.median_diameter([two]) == pytest.approx(2 * np.sqrt((two == 1).sum() / np.pi), 0.1)
 
 
+def test_units_for_budget_keeps_the_fixed_cost_apart():
+    """Probes of a run costing 30 + 2 n CPU-s: 2 per unit, 30 fixed, (600 - 30) / 2 units."""
+    calls = []
+
+    def cost(n):
+        calls.append(n)
+        return 30 + 2.0 * n
+
+    assert fs.units_for_budget(cost, 600, (5, 20)) == (285, pytest.approx(2.0), pytest.approx(30))
+    assert calls == [5, 20]
+    assert fs.units_for_budget(cost, 10, (5, 20))[0] == 1  # never less than one unit
+    assert fs.cellpose_final_lr(500) == pytest.approx(0.005 / 1024)
+    assert fs.cellpose_final_lr(50) == pytest.approx(0.005)
+
+
 def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
-    """The tool end to end on one fold: IAUNet (tiny, 2 iterations, through the README commands),
-    Otsu + watershed, Cellpose (1 epoch); table printed and results.json written."""
+    """The tool end to end on one fold with a CPU budget: IAUNet (tiny; its iterations from two
+    probes, here of a known cost; trained, evaluated and predicted with one and four views through
+    the README commands), Otsu + watershed, Cellpose (1 epoch, one view and augment) and StarDist
+    (1 epoch); every method scored from its label image, table printed and results.json
+    written."""
     image, labels = nuclei_image()
     tifffile.imwrite(tmp_path / "img.tif", image)
     tifffile.imwrite(tmp_path / "lab.tif", labels)
@@ -116,27 +134,44 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    real_train = tool.train_iaunet
+    probes = []
+
+    def train(args, fold, out, opts):  # the probes cost 10 + 0.5 n CPU-s, and do not run
+        if "_probe" in out:
+            probes.append(int(opts[opts.index("SOLVER.MAX_ITER") + 1]))
+            return 10 + 0.5 * probes[-1]
+        return real_train(args, fold, out, opts)
+
+    monkeypatch.setattr(tool, "train_iaunet", train)
     work = tmp_path / "work"
     argv = [
         "--work", str(work), "--image", str(tmp_path / "img.tif"),
         "--labels", str(tmp_path / "lab.tif"), "--folds", "3", "--weights", "",
-        "--cellpose-max-epochs", "1", "--cellpose-cpu-s", "5",
+        "--budget", "11.5", "--peer-max-epochs", "1", "--cellpose-cpu-s", "5",
         "--opts", "MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True",
-        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-        *TINY_MODEL_OPTS,
+        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", *TINY_MODEL_OPTS,
     ]  # fmt: skip
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     assert tool.main(argv) == 0
-    res = json.loads((work / "results.json").read_text())["results"]
-    assert set(res) == {"IAUNet", "Otsu + watershed", "Cellpose 3 (scratch)"}
+    assert probes == list(tool.IAUNET_PROBE)
+    assert "SOLVER.MAX_ITER 3" in capsys.readouterr().out  # (11.5 - 10) / 0.5 iterations
+    saved = json.loads((work / "results.json").read_text())
+    res = saved["results"]
+    assert saved["budget"] == 11.5
+    names = [tool.IAUNET, tool.IAUNET_1, tool.CELLPOSE, tool.CELLPOSE_AUG, tool.STARDIST]
+    assert set(res) == {n + " @11.5 CPU-s" for n in names} | {tool.OTSU}
     for method, per_fold in res.items():
         r = per_fold["fold3"]
         assert 0 <= r["AP"] <= 100 and 0 <= r["F1"] <= 100, method
-    assert res["IAUNet"]["fold3"]["cpu_s"] > 0
-    assert res["Cellpose 3 (scratch)"]["fold3"]["epochs"] == 1
+        assert r["pred_cpu_s"] > 0, method
+    iaunet = res["IAUNet @11.5 CPU-s"]["fold3"]
+    assert iaunet["cpu_s"] > 0 and 0 <= iaunet["eval_AP"] <= 100
+    assert res["Cellpose 3 (scratch) @11.5 CPU-s"]["fold3"]["epochs"] == 1
+    assert res["StarDist 2D (scratch) @11.5 CPU-s"]["fold3"]["epochs"] == 1
     assert res["Otsu + watershed"]["fold3"]["F1"] > 90  # easy, well separated blobs
-    assert (work / "fold3" / "iaunet" / "predictions" / "bottom_right_labels.tif").is_file()
-    capsys.readouterr()
+    for folder in ("predictions", "predictions_1view"):
+        assert (work / "fold3" / "iaunet" / folder / "bottom_right_labels.tif").is_file()
     assert tool.main(["--collect", str(work)]) == 0  # the table again, from results.json
     rows = [r for r in capsys.readouterr().out.splitlines() if "fold3 (bottom_right)" in r]
-    assert len(rows) == 3 and rows[1].startswith("| Otsu + watershed |")
+    assert len(rows) == 6 and rows[2].startswith("| Otsu + watershed |")

@@ -10,8 +10,9 @@ quadrant ``k``. Each method is scored on the test quadrant by
 * matching precision, recall and F1 at IoU 0.5 and the predicted / true count
   (:mod:`iaunet.evaluation.matching`), from the label image the method writes.
 
-Otsu + watershed (scikit-image) is the no-training baseline; Cellpose 3 trained from scratch on the
-same three images for the same CPU seconds (``cellpose==3.1.*``, optional) is the peer.
+Otsu + watershed (scikit-image) is the no-training baseline; Cellpose 3 (``cellpose==3.1.*``) and
+StarDist 2D (``stardist==0.9.2`` on ``tensorflow-cpu``), each trained from scratch on the same three
+images for the same CPU seconds, are the peers (the ``fewshot`` extra).
 """
 
 import contextlib
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -220,12 +221,36 @@ def median_diameter(labels: Sequence[np.ndarray]) -> float:
     return float(np.median(2 * np.sqrt(areas / np.pi)))
 
 
-def cellpose_available() -> bool:
+def available(module: str) -> bool:
+    """``module`` is importable (a peer's optional package: the ``fewshot`` extra)."""
     try:
-        import cellpose  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
+
+
+def units_for_budget(
+    cost: Callable[[int], float], cpu_seconds: float, probe: Tuple[int, int]
+) -> Tuple[int, float, float]:
+    """How many units (epochs, iterations) of a training run fit in ``cpu_seconds``: ``cost(n)``
+    runs n units and returns its CPU seconds; two short runs of ``probe`` units time one unit by
+    their difference, so that the fixed cost of a run (set-up, data, thresholds, saving) is kept
+    apart. Returns (units, CPU seconds per unit, fixed CPU seconds of a run)."""
+    a, b = probe
+    ca, cb = cost(a), cost(b)
+    per = max(cb - ca, 1e-3) / (b - a)
+    fixed = max(ca - a * per, 0.0)
+    return max(1, int(round((cpu_seconds - fixed) / per))), per, fixed
+
+
+CELLPOSE_LR = 0.005  # train_seg's default learning rate
+
+
+def cellpose_final_lr(epochs: int) -> float:
+    """The learning rate at the end of ``train_seg``'s schedule for ``epochs`` epochs (halved ten
+    times over the last 100 epochs beyond 300, over the last 50 beyond 100; cellpose/train.py)."""
+    return CELLPOSE_LR * (0.5**10 if epochs > 100 else 1.0)
 
 
 def train_cellpose(
@@ -236,40 +261,117 @@ def train_cellpose(
     probe_epochs: Tuple[int, int] = (1, 4),
     max_epochs: Optional[int] = None,
 ) -> Tuple[object, Dict]:
-    """Cellpose 3 trained from scratch (its ``train_seg`` with its defaults) for about
-    ``cpu_seconds`` of CPU time: two short probes (``probe_epochs``) time one epoch by their
-    difference, so that the fixed cost of a ``train_seg`` call (flows, set-up, saving) does not
-    count as epochs; then a fresh network trains ``cpu_seconds / seconds per epoch`` epochs (its
-    learning-rate schedule follows the epoch count). Returns (model, {"epochs", "cpu_s",
-    "wall_s"})."""
+    """Cellpose 3 trained from scratch (its ``train_seg`` with its defaults) for ``cpu_seconds`` of
+    CPU time: epochs from :func:`units_for_budget`; a fresh network trains them (its learning-rate
+    schedule follows the epoch count), and when that run spent less than 95 % of the budget the
+    trained network goes on for the epochs left at its final learning rate (a top-up). Returns
+    (model, {"epochs", "topup_epochs", "cpu_s", "wall_s"})."""
     from cellpose import models, train
-
-    def fresh():
-        return models.CellposeModel(gpu=False, pretrained_model=False, model_type=None)
 
     data, masks = [np.asarray(i, np.float32) for i in images], [np.asarray(m) for m in labels]
     os.makedirs(work, exist_ok=True)
 
-    def run(epochs: int, name: str):
-        model, c0, t0 = fresh(), time.process_time(), time.time()
+    def run(epochs: int, name: str, start: str = "", lr: float = CELLPOSE_LR):
+        model = models.CellposeModel(
+            gpu=False, pretrained_model=start or False, model_type=None
+        )  # fresh unless ``start``
+        c0, t0 = time.process_time(), time.time()
         path = train.train_seg(
             model.net, train_data=data, train_labels=masks, channels=[0, 0], n_epochs=epochs,
-            save_path=work, model_name=name, min_train_masks=1,
+            save_path=work, model_name=name, min_train_masks=1, learning_rate=lr,
         )  # fmt: skip
         path = path[0] if isinstance(path, tuple) else path
-        return path, time.process_time() - c0, time.time() - t0
+        return str(path), time.process_time() - c0, time.time() - t0
 
-    short, long = probe_epochs
-    per_epoch = max(run(long, "probe")[1] - run(short, "probe")[1], 1e-3) / (long - short)
-    epochs = max(1, int(round(cpu_seconds / per_epoch)))
+    epochs, per, fixed = units_for_budget(lambda n: run(n, "probe")[1], cpu_seconds, probe_epochs)
     if max_epochs:
         epochs = min(epochs, max_epochs)
     path, cpu, wall = run(epochs, "cellpose_scratch")
-    model = models.CellposeModel(gpu=False, pretrained_model=str(path))
+    topup = int((cpu_seconds - cpu - fixed) / per) if not max_epochs else 0
+    if cpu < 0.95 * cpu_seconds and topup >= 1:
+        path, c, w = run(topup, "cellpose_scratch_topup", path, cellpose_final_lr(epochs))
+        cpu, wall = cpu + c, wall + w
+    else:
+        topup = 0
+    model = models.CellposeModel(gpu=False, pretrained_model=path)
+    return model, {"epochs": epochs, "topup_epochs": topup, "cpu_s": cpu, "wall_s": wall}
+
+
+def cellpose_labels(model, image: np.ndarray, augment: bool = False) -> np.ndarray:
+    """Cellpose's label image of ``image`` (the diameter it learned, its default thresholds;
+    ``augment``: its overlapping flipped tiles)."""
+    masks = model.eval(
+        np.asarray(image, np.float32), channels=[0, 0], diameter=None, augment=augment
+    )[0]
+    return relabel(masks)
+
+
+# StarDist 2D from scratch as in its example notebook for DSB2018 (stardist/examples/2D/2_training):
+# 32 rays, grid 2, patches of 256 px (at most the image), flips / 90-degree rotations and intensity
+# jitter, images normalized to their 1-99.8 percentiles, thresholds optimized after training.
+STARDIST_STEPS = 25  # steps of a batch of 4 per epoch (its default 100, shortened for budgets)
+
+
+def _stardist_normalize(image: np.ndarray) -> np.ndarray:
+    from csbdeep.utils import normalize
+
+    return normalize(np.asarray(image, np.float32), 1, 99.8, axis=(0, 1))
+
+
+def _stardist_augment(x: np.ndarray, y: np.ndarray):
+    k, flip = np.random.randint(4), np.random.rand() < 0.5
+    x, y = np.rot90(x, k), np.rot90(y, k)
+    if flip:
+        x, y = x[:, ::-1], y[:, ::-1]
+    x = x * np.random.uniform(0.6, 2) + np.random.uniform(-0.2, 0.2)
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def train_stardist(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    cpu_seconds: float,
+    work: str,
+    probe_epochs: Tuple[int, int] = (1, 3),
+    max_epochs: Optional[int] = None,
+) -> Tuple[object, Dict]:
+    """StarDist 2D (``stardist==0.9.2``, TensorFlow on the CPU) trained from scratch on the
+    images for ``cpu_seconds`` of CPU time (epochs of :data:`STARDIST_STEPS` steps from
+    :func:`units_for_budget`), its probability / NMS thresholds optimized on the training images
+    (none are held out). Returns (model, {"epochs", "cpu_s", "wall_s"})."""
+    import tensorflow as tf
+    from stardist.models import Config2D, StarDist2D
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads and not tf.config.threading.get_intra_op_parallelism_threads():
+        with contextlib.suppress(RuntimeError):  # already initialized in this process
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+    x = [_stardist_normalize(i) for i in images]
+    y = [np.asarray(m, np.int32) for m in labels]
+    patch = min(256, *(min(i.shape[:2]) for i in x))
+    patch -= patch % 8
+    os.makedirs(work, exist_ok=True)
+
+    def run(epochs: int, name: str):
+        c0, t0 = time.process_time(), time.time()
+        conf = Config2D(
+            n_rays=32, grid=(2, 2), n_channel_in=1, train_patch_size=(patch, patch),
+            train_batch_size=4, train_steps_per_epoch=STARDIST_STEPS, train_epochs=epochs,
+        )  # fmt: skip
+        model = StarDist2D(conf, name=name, basedir=work)
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras' progress bars
+            model.train(x, y, validation_data=(x, y), augmenter=_stardist_augment, epochs=epochs)
+            model.optimize_thresholds(x, y)
+        return model, time.process_time() - c0, time.time() - t0
+
+    epochs, _, _ = units_for_budget(lambda n: run(n, "probe")[1], cpu_seconds, probe_epochs)
+    if max_epochs:
+        epochs = min(epochs, max_epochs)
+    model, cpu, wall = run(epochs, "stardist_scratch")
     return model, {"epochs": epochs, "cpu_s": cpu, "wall_s": wall}
 
 
-def cellpose_labels(model, image: np.ndarray) -> np.ndarray:
-    """Cellpose's label image of ``image`` (the diameter it learned, its default thresholds)."""
-    masks = model.eval(np.asarray(image, np.float32), channels=[0, 0], diameter=None)[0]
-    return relabel(masks)
+def stardist_labels(model, image: np.ndarray) -> np.ndarray:
+    """StarDist's label image of ``image`` (its optimized thresholds)."""
+    return relabel(model.predict_instances(_stardist_normalize(image))[0])
