@@ -237,7 +237,7 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
     except Exception as e:  # a file or config value the model/predictor rejects
         raise UsageError(f"cannot set up the predictor ({source}): {one_line(e)}") from None
     if args.score_threshold is None:  # the model's own (tuned after training, or 0.5)
-        args.score_threshold = predictor.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
+        args.score_threshold = predictor.output_threshold
     overlap = predictor.cfg.TEST.TILE_OVERLAP
     if args.tile and overlap >= args.tile:
         raise UsageError(f"the tile overlap ({overlap}) must be smaller than --tile ({args.tile})")

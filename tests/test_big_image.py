@@ -195,6 +195,9 @@ def test_blocks_equal_in_process(predictor, spec, tiff, client, tmp_path):
     the same objects (masks, scores) and the same flattened label image."""
     raw = tifffile.imread(tiff)
     ref = predictor.predict(raw, tiled=True, full_masks=False)
+    # what iaunet-predict writes: the objects at or above the outputs' threshold (the model's)
+    assert predictor.output_threshold == 0.5 and (ref.scores < 0.5).any()
+    ref = ref[ref.scores >= predictor.output_threshold]
     outs = []
     for block in (64, 128):
         out = str(tmp_path / f"b{block}")
@@ -291,7 +294,7 @@ def test_killed_run_resumes(predictor, spec, client, tmp_path):
     cmd = [sys.executable, "-m", "iaunet.predict", "--weights", spec.weights, "--input", src]
     address = client.scheduler.address
     cmd += ["--output", str(out), "--dask", address, "--block", "64", "--channel", "1"]
-    cmd += ["--score-threshold", "0", "--opts", *OPTS]
+    cmd += ["--opts", *OPTS]  # the model's output threshold, as the reference's
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     manifest = out / "in_blocks" / "manifest.json"
     proc = subprocess.Popen(
@@ -531,10 +534,12 @@ def test_amodal_blocks_equal_in_process(client, tiff, tmp_path):
     )
     torch.manual_seed(0)
     AtomicCheckpointer(build_model(cfg), str(tmp_path), config=cfg).save("amodal")
-    spec = PredictorSpec(weights=str(tmp_path / "amodal.pth"), opts=OPTS)
+    # every object (--score-threshold 0): the random model's scores are below the default 0.5
+    spec = PredictorSpec(weights=str(tmp_path / "amodal.pth"), opts=OPTS, min_score=0.0)
     predictor = spec.build()
     raw = tifffile.imread(tiff)
     ref = predictor.predict(raw, tiled=True, full_masks=False)
+    ref = ref[ref.scores >= predictor.output_threshold]
     assert len(ref) > 0
     out = str(tmp_path / "out")
     summary = predict_big(open_plane(tiff), predictor, spec, out, "img", client, 128, FULL_CONTEXT)
@@ -570,3 +575,47 @@ def test_amodal_blocks_equal_in_process(client, tiff, tmp_path):
         assert float(r["hidden_fraction"]) == e["hidden_fraction"]
         on_top = sorted(ids[int(i)] for i in r["on_top_ids"].split(";") if i)
         assert on_top == sorted(int(i) for i in e["on_top_ids"].split(";") if i)
+
+
+def test_cli_dask_gives_the_in_process_objects(predictor, spec, tiff, client, tmp_path, capsys):
+    """``iaunet-predict`` in process and with ``--dask`` on the same pixels, both with the model's
+    own output threshold: the same objects (label images equal up to ids) and the same table rows
+    (ids aside)."""
+    from iaunet.checkpoint import read_checkpoint
+    from iaunet.config import trained_config
+    from iaunet.predict import main
+
+    # the model's own output threshold halfway through its scores on the image (as one tuned
+    # after training): half of the detections are below it
+    scores = predictor.predict(tifffile.imread(tiff), tiled=True, full_masks=False).scores
+    checkpoint = read_checkpoint(spec.weights)
+    cfg = trained_config(checkpoint["config"])
+    cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH = float(scores.median())
+    weights = str(tmp_path / "tuned.pth")
+    torch.save({**checkpoint, "config": cfg.dump()}, weights)
+    base, opts = ["--weights", weights, "--input", tiff], ["--opts", *OPTS]
+    assert main([*base, "--output", str(tmp_path / "local"), "--save", "labels,csv", *opts]) == 0
+    dask = ["--dask", client.scheduler.address, "--block", "256"]
+    assert main([*base, "--output", str(tmp_path / "dask"), *dask, *opts]) == 0
+    capsys.readouterr()
+    local = tifffile.imread(tmp_path / "local" / "img_labels.tif")
+    blocks = _labels(str(tmp_path / "dask"))
+    pairs = {(int(a), int(b)) for a, b in zip(local.ravel(), blocks.ravel())}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # 1:1 ids
+    assert len(pairs) > 2 and (0, 0) in pairs
+
+    def rows(path):
+        with open(path) as f:
+            table = list(csv.DictReader(f))
+        same = [c for c in table[0] if c in ("class", "score", "area", "centroid_y", "centroid_x")]
+        return sorted(tuple(r[c] for c in same) for r in table), same
+
+    (mine, cols), (theirs, cols2) = (
+        rows(tmp_path / "local" / "img_objects.csv"),
+        rows(tmp_path / "dask" / "img_objects.csv"),
+    )
+    assert cols == cols2 and {"score", "area"} <= set(cols)
+    assert len(mine) == len(pairs) - 1
+    assert [(r[0], round(float(r[1]), 4), *r[2:]) for r in mine] == [
+        (r[0], round(float(r[1]), 4), *r[2:]) for r in theirs
+    ]

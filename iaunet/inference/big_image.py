@@ -140,6 +140,8 @@ class BlockJob:
     per_tile: int
     label_dtype: str
     amodal: bool = False  # whole outlines next to the visible parts (MODEL.IAUNET.AMODAL)
+    score_threshold: float = 0.0  # the lowest score of an output object (output_threshold)
+    class_names: Tuple[str, ...] = ()  # the model's thing_classes, for the table
 
     def grid(self) -> List[Block]:
         return block_grid(*self.size, self.block)
@@ -176,11 +178,12 @@ def write_block_task(job: BlockJob, index: int, *detections: str) -> int:
     OME-Zarr image and labels and its objects; returns the number of objects it owns."""
     block = job.grid()[index]
     dets = [d for path in detections for d in load_detections(path)]
-    kept, touching, owned = stitch_block(block, dets, context_tiles(block, job.tiles(), job.halo))
+    context = context_tiles(block, job.tiles(), job.halo)
+    kept, touching, owned = stitch_block(block, dets, context, job.score_threshold)
     labels = paint_labels(block.core, touching, job.per_tile, np.dtype(job.label_dtype))
     y0, x0, y1, x1 = block.core
     write_block(job.zarr_path, block.core, job.plane[y0:y1, x0:x1], labels)
-    rows = object_rows(owned, job.per_tile, block, around=kept)
+    rows = object_rows(owned, job.per_tile, block, around=kept, class_names=job.class_names)
     arrays = {
         "rows": np.array(json.dumps(rows)),
         **pack_crops("", [(d.y0, d.x0, d.crop) for d in owned]),
@@ -293,6 +296,9 @@ def predict_big(
         per_tile=per_tile,
         label_dtype=id_dtype(num_tiles, per_tile).name,
         amodal=bool(predictor.cfg.MODEL.IAUNET.AMODAL),
+        # as in-process: objects stitched from every detection, then the outputs' threshold
+        score_threshold=predictor.output_threshold,
+        class_names=tuple(getattr(predictor.metadata, "thing_classes", None) or ()),
     )
     settings = {
         "image": os.path.abspath(plane.path),

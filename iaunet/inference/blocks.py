@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from ..outputs.table import amodal_rows
+from ..outputs.table import amodal_rows, class_name
 from ..utils.atomic import atomic_write
 from .tiling import Detection, rank_key, stitch_detections, tile_starts
 
@@ -149,13 +149,15 @@ def id_dtype(num_tiles: int, per_tile: int) -> np.dtype:
 
 
 def stitch_block(
-    block: Block, dets: Sequence[Detection], context: Sequence[Tile]
+    block: Block, dets: Sequence[Detection], context: Sequence[Tile], min_score: float = 0.0
 ) -> Tuple[List[Detection], List[Detection], List[Detection]]:
     """(objects of the context, those touching the core, those owned: box centre in the core),
     each by decreasing score, from the detections of the block's ``context`` tiles (module
-    docstring)."""
+    docstring); objects scoring below ``min_score`` are dropped after stitching, as the in-process
+    outputs drop them."""
     allowed = {t[0] for t in context}
     kept = stitch_detections([d for d in dets if d.tile in allowed])
+    kept = [d for d in kept if d.score >= min_score]
     touching = [d for d in kept if _intersects(d.box, block.core)]
     owned = [d for d in touching if _inside(*_centre(d), block.core)]
     return kept, touching, owned
@@ -270,9 +272,14 @@ def load_detections(path: str) -> List[Detection]:
 
 
 def object_rows(
-    dets: Sequence[Detection], per_tile: int, block: Block, around: Sequence[Detection] = ()
+    dets: Sequence[Detection],
+    per_tile: int,
+    block: Block,
+    around: Sequence[Detection] = (),
+    class_names: Sequence[str] = (),
 ) -> List[Dict]:
-    """The per-object table rows of a block's owned objects ``dets``. Detections with whole
+    """The per-object table rows of a block's owned objects ``dets`` (classes named as in-process
+    tables name them, from ``class_names``). Detections with whole
     outlines (``MODEL.IAUNET.AMODAL``) are measured on them, as in-process tables are, and get
     the :data:`~iaunet.outputs.table.AMODAL_COLUMNS`; the instances on top are looked for among
     ``dets`` and ``around`` (the block's stitched context)."""
@@ -284,7 +291,7 @@ def object_rows(
         rows.append(
             {
                 "id": object_id(d, per_tile),
-                "class": d.label,
+                "class": class_name(d.label, class_names),
                 "score": round(d.score, 6),
                 "area": int(crop.sum()),
                 "centroid_x": round(float(xs.mean()) + x0, 3),

@@ -108,6 +108,7 @@ class IAUNetPredictor:
     ):
         cfg = self.cfg = cfg.clone()
         cfg.defrost()  # the predictor's own copy
+        self.min_score = min_score
         if min_score is not None:  # the model must not drop instances that the caller keeps
             cfg.MODEL.IAUNET.TEST.SCORE_THRESH = min(cfg.MODEL.IAUNET.TEST.SCORE_THRESH, min_score)
         if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -145,6 +146,16 @@ class IAUNetPredictor:
                 f"TEST.TILE_OVERLAP {cfg.TEST.TILE_OVERLAP} is more than half a tile "
                 f"(TEST.TILE_SIZE {self.tile_size}): {self.tile_overlap} model px used"
             )
+
+    @property
+    def output_threshold(self) -> float:
+        """The lowest score of the objects a user gets (label images, tables, ROI sets, napari,
+        block-wise outputs): the caller's ``min_score``, else the model's
+        ``MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH`` (tuned after training where its config says
+        so)."""
+        if self.min_score is not None:
+            return float(self.min_score)
+        return float(self.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
 
     @classmethod
     def from_checkpoint(

@@ -84,6 +84,12 @@ def _value(x, dtype: np.dtype):
     return int(x) if np.issubdtype(dtype, np.integer) else round(float(x), 6)
 
 
+def class_name(label: int, class_names: Sequence[str]) -> str:
+    """The name of class ``label`` in tables, ROI sets and COCO files: the dataset's
+    ``thing_classes``, or ``class_<label>`` beyond them."""
+    return class_names[label] if label < len(class_names) else f"class_{label}"
+
+
 def object_rows(
     masks: MaskCrops,
     scores: Sequence[float],

@@ -129,7 +129,7 @@ class PredictionWriter:
         self.columns: List[str] = []
 
     def class_name(self, c: int) -> str:
-        return self.class_names[c] if c < len(self.class_names) else f"class_{c}"
+        return table.class_name(c, self.class_names)
 
     def _write(self, name: str, content) -> str:
         atomic_write(os.path.join(self.out_dir, name), content)
