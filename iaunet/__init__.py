@@ -50,4 +50,14 @@ else:
         from .config import add_iaunet_config
         from .iaunet_model import IAUNet
 
-    __all__ = ["add_iaunet_config", "IAUNet"]
+    __all__ = ["add_iaunet_config", "IAUNet", "train"]
+
+
+def __getattr__(name: str):
+    """``iaunet.train`` (:func:`iaunet.engine.train_call.train`), imported on first use: the
+    training engine is not loaded by ``import iaunet``."""
+    if name == "train":
+        from .engine.train_call import train
+
+        return train
+    raise AttributeError(f"module 'iaunet' has no attribute {name!r}")

@@ -89,12 +89,29 @@ def uninstall_signal_handlers() -> None:
 
 
 def received_signal() -> Optional[int]:
-    """The preemption signal this process received since the handlers were installed, if any."""
+    """The preemption signal this process received since the handlers were installed, if any
+    (:data:`STOP_REQUESTED` for :func:`request_stop`)."""
     return _received
 
 
+STOP_REQUESTED = 0  # not a signal: a caller asked the run to stop (iaunet.train's ``stop``)
+
+
+def request_stop() -> None:
+    """Stop the running training as a preemption signal does: a checkpoint of the current
+    iteration, then ``TrainingStopped(EXIT_PREEMPTED)`` (``PreemptionHook``). Safe from any
+    thread."""
+    _record(STOP_REQUESTED, None)
+
+
+def clear_stop() -> None:
+    """Forget a stop request or signal (a finished run in a process that trains again)."""
+    global _received
+    _received = None
+
+
 def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+    return "stop requested" if signum == STOP_REQUESTED else signal.Signals(signum).name
 
 
 @contextlib.contextmanager
