@@ -24,13 +24,11 @@ from typing import Dict, List
 
 import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import tifffile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from iaunet.bench.commands import last_segm_ap, run_logged
 
-from iaunet.bench.commands import last_segm_ap, run_logged  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEED_BASE = 70_000_000  # synthetic_cells* use seeds 0..255 and 1_000_003..1_000_034
 SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
@@ -67,7 +65,7 @@ def matching_f1(pred_dir: str, masks_dir: str, thresh: float = 0.5) -> Dict[str,
     """Precision, recall and F1 at IoU ``thresh`` as every tool reports them
     (:mod:`iaunet.evaluation.matching`: one-to-one, the most pairs of IoU >= ``thresh``; counts
     summed over the images)."""
-    from iaunet.evaluation.matching import image_counts, summarize
+    from iaunet.evaluation.matching import image_counts, label_image_rles, summarize
 
     with open(os.path.join(pred_dir, "images.json")) as f:
         images = json.load(f)["images"]
@@ -77,11 +75,7 @@ def matching_f1(pred_dir: str, masks_dir: str, thresh: float = 0.5) -> Dict[str,
     for img in images:
         stem = os.path.splitext(os.path.basename(img["file_name"]))[0]
         labels = tifffile.imread(os.path.join(masks_dir, f"{stem}.tif"))
-        gt = [
-            mask_util.encode(np.asfortranarray((labels == i).astype(np.uint8)))
-            for i in np.unique(labels)
-            if i
-        ]
+        gt = label_image_rles(labels)
         dt = [p["segmentation"] for p in preds if p["image_id"] == img["id"]]
         counts += image_counts(gt, dt, taus=(thresh,))
         num_gt, num_pred = num_gt + len(gt), num_pred + len(dt)

@@ -31,6 +31,7 @@ import pycocotools.mask as mask_util
 import tifffile
 
 from ..evaluation.matching import image_counts, summarize
+from ..evaluation.matching import label_image_rles as label_rles
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +111,6 @@ def read_folder(folder: str) -> List[Tuple[str, np.ndarray, np.ndarray]]:
             labels = tifffile.imread(os.path.join(folder, f"{stem}_labels.tif"))
             out.append((stem, tifffile.imread(path), labels))
     return out
-
-
-def label_rles(labels: np.ndarray) -> List[dict]:
-    """One COCO RLE per object id of a label image."""
-    return [
-        mask_util.encode(np.asfortranarray((labels == i).astype(np.uint8)))
-        for i in np.unique(labels)
-        if i
-    ]
 
 
 def segm_ap(gt: Sequence[Sequence[dict]], pred: Sequence[Sequence[Tuple[dict, float]]]) -> Dict:

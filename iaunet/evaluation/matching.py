@@ -56,6 +56,15 @@ def match(iou: np.ndarray, tau: float) -> np.ndarray:
     return iou[g, p] if len(g) else np.zeros(0)
 
 
+def label_image_rles(labels: np.ndarray) -> List[dict]:
+    """One COCO RLE per object id of a label image (0 = background), in increasing id order."""
+    return [
+        mask_util.encode(np.asfortranarray((labels == i).astype(np.uint8)))
+        for i in np.unique(labels)
+        if i
+    ]
+
+
 def _iou(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
     if not (len(a) and len(b)):
         return np.zeros((len(a), len(b)))
