@@ -67,7 +67,10 @@ def plugin():
 def test_manifest_declared_and_valid():
     manifest = PluginManifest.from_file(MANIFEST)
     assert manifest.name == "iaunet"
-    assert [w.display_name for w in manifest.contributions.widgets] == ["IAUNet prediction"]
+    assert [w.display_name for w in manifest.contributions.widgets] == [
+        "IAUNet prediction",
+        "IAUNet training",
+    ]
     assert "*_masks.tif" in manifest.contributions.readers[0].filename_patterns
     setup = open(os.path.join(ROOT, "setup.py")).read()
     assert '"napari.manifest": ["iaunet = iaunet.napari_plugin:napari.yaml"]' in setup
@@ -144,3 +147,102 @@ def test_reader_opens_mask_pages_as_labels(make_napari_viewer, tmp_path, plugin)
     assert all(layer._type_string == "labels" for layer in layers)
     assert [layer.name for layer in layers][0] == "scene masks page 1"
     assert sum(len(np.unique(layer.data)) - 1 for layer in layers) == len(masks)
+
+
+def _nuclei_layers(viewer, names=("a", "b")):
+    from test_train_call import _nuclei
+
+    for k, name in enumerate(names):
+        image, labels = _nuclei(k)
+        viewer.add_image(image, name=name)
+        viewer.add_labels(labels, name=f"{name} labels")
+
+
+def test_training_widget_adds_trains_and_hands_over_the_model(
+    make_napari_viewer, qtbot, tmp_path, plugin, synthetic_ready
+):
+    """Add two corrected images to the training set (files that train_net.py reads), train a few
+    iterations in the worker thread, and the prediction widget gets the new model."""
+    from detectron2.data import DatasetCatalog
+    from test_train_call import OPTS
+
+    from iaunet.data.datasets.folder import register_path_datasets
+    from iaunet.inference import IAUNetPredictor
+    from iaunet.napari_plugin.training import START_MODEL, TrainWidget
+
+    viewer = make_napari_viewer()
+    _nuclei_layers(viewer)
+    _, predict = viewer.window.add_plugin_dock_widget("iaunet", "IAUNet prediction")
+    _, widget = viewer.window.add_plugin_dock_widget("iaunet", "IAUNet training")
+    assert isinstance(widget, TrainWidget)
+    widget.folder.value = str(tmp_path / "train")
+    for name in ("a", "b"):
+        widget.image.value, widget.labels.value = name, f"{name} labels"
+        assert widget.add_to_training_set().endswith(f"{name}.tif"), widget.status.value
+    assert "2 image(s)" in widget.status.value
+    name = f"folder:{tmp_path / 'train'}"
+    register_path_datasets([name])
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 2 and all(len(d["annotations"]) == 4 for d in dicts)
+
+    widget.source.value = START_MODEL
+    widget.output.value = str(tmp_path / "runs")
+    widget.iterations.value = 2
+    widget.run(opts=[*OPTS, "MODEL.WEIGHTS", ""])
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    path = str(tmp_path / "runs" / "run_001" / "model_final.pth")
+    assert widget.last_model == path, widget.status.value
+    assert widget.status.value.startswith("model:") and "F1@0.5" in widget.status.value
+    assert widget.progress.value == widget.progress.max == 2
+    assert predict.weights.value.as_posix() == path  # the next prediction uses it
+    assert IAUNetPredictor.from_checkpoint(path) is not None
+
+
+def test_training_widget_stop_keeps_a_checkpoint(
+    make_napari_viewer, qtbot, tmp_path, synthetic_ready
+):
+    from test_train_call import OPTS
+
+    from iaunet.inference import IAUNetPredictor
+    from iaunet.napari_plugin.training import TrainWidget
+
+    viewer = make_napari_viewer()
+    _nuclei_layers(viewer)
+    widget = TrainWidget(viewer)
+    widget.folder.value = str(tmp_path / "train")
+    for name in ("a", "b"):
+        widget.image.value, widget.labels.value = name, f"{name} labels"
+        widget.add_to_training_set()
+    widget.output.value = str(tmp_path / "runs")
+    widget.iterations.value = 200
+    widget.run(opts=[*OPTS, "MODEL.WEIGHTS", ""])
+    qtbot.waitUntil(lambda: widget.progress.value >= 1, timeout=300_000)
+    widget.stop()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    assert os.path.basename(widget.last_model).startswith("model_0"), widget.status.value
+    assert widget.progress.value < 200
+    assert not os.path.exists(tmp_path / "runs" / "run_001" / "model_final.pth")
+    assert IAUNetPredictor.from_checkpoint(widget.last_model) is not None
+
+
+def test_training_widget_reports_bad_layers(make_napari_viewer, tmp_path):
+    from iaunet.napari_plugin.training import TrainWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32)), name="img")
+    viewer.add_labels(np.zeros((32, 32), int), name="empty")
+    viewer.add_labels(np.ones((20, 20), int), name="small")
+    viewer.add_image(np.zeros((3, 32, 32)), name="stack")
+    widget = TrainWidget(viewer)
+    widget.folder.value = str(tmp_path / "train")
+    for image, labels, message in [
+        ("img", "empty", "empty: annotate"),
+        ("img", "small", "do not fit image 'img'"),
+        ("stack", "empty", "2-D images"),
+    ]:
+        widget.image.value, widget.labels.value = image, labels
+        assert widget.add_to_training_set() is None
+        assert message in widget.status.value, widget.status.value
+    assert not os.path.exists(tmp_path / "train")
+    widget.run()
+    assert widget.worker is None and "training folder is empty" in widget.status.value

@@ -171,6 +171,17 @@ def otsu_fold(fold: Dict) -> Dict:
     }
 
 
+def stardist_fold(args, fold: Dict, cpu_seconds: float) -> Dict[str, Dict]:
+    """StarDist 2D trained from scratch on the fold's training images for ``cpu_seconds`` (in its
+    own process, :func:`iaunet.bench.few_shot.run_stardist`), its label images scored."""
+    data, tests = fs.read_folder(fold["train"]), fs.read_folder(fold["val"])
+    labels, info = fs.run_stardist(
+        [img for _, img, _ in data], [lab for _, _, lab in data], [img for _, img, _ in tests],
+        cpu_seconds, os.path.join(args.work, fold["name"], "stardist"), args.peer_max_epochs,
+    )  # fmt: skip
+    return {STARDIST: {**fs.score_label_images([lab for _, _, lab in tests], labels), **info}}
+
+
 def peer_fold(
     args,
     fold: Dict,
@@ -280,17 +291,20 @@ def main(argv=None) -> int:
         image, labels = fs.stardist_nuclei(args.cache)
     folds = fs.write_folds(image, labels, args.work)
     folds = [folds[int(k)] for k in args.folds.split(",")]
-    peers = {}
+    cellpose = {
+        CELLPOSE: fs.cellpose_labels,
+        CELLPOSE_AUG: lambda model, img: fs.cellpose_labels(model, img, augment=True),
+    }
+    peers: Dict[str, Callable] = {}
     if not args.no_cellpose:
-        peers["cellpose"] = (fs.train_cellpose, {
-            CELLPOSE: fs.cellpose_labels,
-            CELLPOSE_AUG: lambda model, img: fs.cellpose_labels(model, img, augment=True),
-        })  # fmt: skip
+        peers["cellpose"] = lambda fold, budget: peer_fold(
+            args, fold, fs.train_cellpose, cellpose, budget, "cellpose"
+        )
     if not args.no_stardist:
-        peers["stardist"] = (fs.train_stardist, {STARDIST: fs.stardist_labels})
-    for name, package in (("cellpose", "cellpose"), ("stardist", "stardist")):
-        if name in peers and not fs.available(package):
-            print(f"{package} is not installed (pip install -e '.[fewshot]'): skipped", flush=True)
+        peers["stardist"] = lambda fold, budget: stardist_fold(args, fold, budget)
+    for name in list(peers):
+        if not fs.available(name):
+            print(f"{name} is not installed (pip install -e '.[fewshot]'): skipped", flush=True)
             del peers[name]
     at = f" @{args.budget:g} CPU-s" if args.budget else ""
     results: Dict[str, Dict[str, Dict]] = {}
@@ -298,8 +312,8 @@ def main(argv=None) -> int:
         found = iaunet_fold(args, fold)
         found[OTSU] = otsu_fold(fold)
         budget = args.cellpose_cpu_s or args.budget or found[IAUNET]["cpu_s"]
-        for name, (train, predictors) in peers.items():
-            found.update(peer_fold(args, fold, train, predictors, budget, name))
+        for run_peer in peers.values():
+            found.update(run_peer(fold, budget))
         for method, result in found.items():
             results.setdefault(method if method == OTSU else method + at, {})[fold["name"]] = result
         print(table(results, folds), flush=True)

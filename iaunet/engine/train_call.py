@@ -40,33 +40,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL_CONFIG = os.path.join(REPO, "configs", "custom", "iaunet_small.yaml")
 
 
-def _check_image(i: int, image: np.ndarray, what: str) -> np.ndarray:
+def _check_image(name: str, image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] in (1, 3, 4):
         return image
     if image.ndim != 2 or image.dtype == bool or not np.issubdtype(image.dtype, np.number):
         raise ValueError(
-            f"{what} {i}: a {image.ndim}-D {image.dtype} array of shape {image.shape}; expected a "
+            f"{name}: a {image.ndim}-D {image.dtype} array of shape {image.shape}; expected a "
             "2-D gray or (H, W, 1|3|4) image of numbers (one plane of a stack, not the stack)"
         )
     return image
 
 
-def _check_labels(i: int, labels: np.ndarray, size, what: str) -> np.ndarray:
+def _check_labels(name: str, labels: np.ndarray, size) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim not in (2, 3) or labels.shape[-2:] != tuple(size):
         raise ValueError(
-            f"{what} {i}: labels of shape {labels.shape} for an image of {tuple(size)}; expected "
+            f"{name}: labels of shape {labels.shape} for an image of {tuple(size)}; expected "
             "a label image (H, W) or label pages (P, H, W) of the image's size"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool:
         if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
             raise ValueError(
-                f"{what} {i}: labels of type {labels.dtype}; expected integer object ids "
+                f"{name}: labels of type {labels.dtype}; expected integer object ids "
                 "(0 = background), e.g. a napari Labels layer"
             )
     if labels.min() < 0:
-        raise ValueError(f"{what} {i}: negative label ids")
+        raise ValueError(f"{name}: negative label ids")
     return labels.astype(np.uint32 if labels.max() > 65535 else np.uint16)
 
 
@@ -83,21 +83,29 @@ def write_training_folder(
         raise ValueError(f"no {what}s to train on")
     checked = []
     for i, (image, lab) in enumerate(zip(images, labels)):
-        image = _check_image(i, image, what)
-        checked.append((image, _check_labels(i, lab, image.shape[:2], what)))
+        image = _check_image(f"{what} {i}", image)
+        checked.append((image, _check_labels(f"{what} {i}", lab, image.shape[:2])))
     if not any(lab.any() for _, lab in checked):
         raise ValueError(f"no object in any label image of the {what}s: annotate some first")
+    return [
+        write_pair(folder, f"img_{i:03d}", image, lab) for i, (image, lab) in enumerate(checked)
+    ]
+
+
+def write_pair(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) -> str:
+    """``<folder>/<stem>.tif`` and its annotation, ``_labels.tif`` (a label image) or
+    ``_masks.tif`` (label pages), each written atomically; the image's path. Checks as
+    :func:`write_training_folder`."""
+    image = _check_image(stem, image)
+    labels = _check_labels(stem, labels, image.shape[:2])
     os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, (image, lab) in enumerate(checked):
-        stem = os.path.join(folder, f"img_{i:03d}")
-        atomic_write(stem + ".tif", lambda f, a=image: tifffile.imwrite(f, a))
-        if lab.ndim == 3:
-            atomic_write(stem + "_masks.tif", pages_tiff_bytes(lab))
-        else:
-            atomic_write(stem + "_labels.tif", lambda f, a=lab: tifffile.imwrite(f, a))
-        paths.append(stem + ".tif")
-    return paths
+    path = os.path.join(folder, stem)
+    atomic_write(path + ".tif", lambda f: tifffile.imwrite(f, image))
+    if labels.ndim == 3:
+        atomic_write(path + "_masks.tif", pages_tiff_bytes(labels))
+    else:
+        atomic_write(path + "_labels.tif", lambda f: tifffile.imwrite(f, labels))
+    return path + ".tif"
 
 
 class CallbackHook(HookBase):

@@ -8,6 +8,8 @@ the visualization hook. It lives in the package, not in ``train_net.py``, becaus
 
 import logging
 import os
+import sys
+import types
 import weakref
 from typing import Dict, List
 
@@ -50,6 +52,14 @@ from ..utils.file_names import safe_file_name
 from .hooks import ExactResume, PreemptionHook
 from .stopping import TrainingStopped, stop_on_write_error
 from .threshold_tuning import TuneOutputThreshold
+
+# detectron2's TensorBoard writer (torch.utils.tensorboard) imports TensorFlow when it is installed
+# (tensorboard.compat.tf; e.g. next to StarDist), only to write event files that tensorboard's own
+# stub writes as well: seconds and hundreds of MB per training, and a segmentation fault when that
+# first import happens in a worker thread (the napari training widget). A module named
+# tensorboard.compat.notf is tensorboard's switch to its stub (tensorboard/compat/__init__.py).
+if "tensorflow" not in sys.modules:
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 logger = logging.getLogger(__name__)
 
