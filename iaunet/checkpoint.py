@@ -331,7 +331,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             )
         if filename.endswith(".pyth"):  # pycls (a torch file)
             if "model_state" not in data:
-                raise CheckpointError(f"cannot load {filename}: a pycls file has 'model_state'")
+                raise CheckpointError(
+                    f"cannot load {filename}: no 'model_state' (not a pycls file)"
+                )
             state = data["model_state"]
             state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
