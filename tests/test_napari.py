@@ -195,7 +195,7 @@ def test_training_widget_adds_trains_and_hands_over_the_model(
     assert widget.status.value.startswith("model:") and "F1@0.5" in widget.status.value
     assert widget.progress.value == widget.progress.max == 2
     assert predict.weights.value.as_posix() == path  # the next prediction uses it
-    assert IAUNetPredictor.from_checkpoint(path) is not None
+    assert IAUNetPredictor.from_checkpoint(path)(viewer.layers["a"].data).image_size == (96, 96)
 
 
 def test_training_widget_stop_keeps_a_checkpoint(
@@ -222,7 +222,8 @@ def test_training_widget_stop_keeps_a_checkpoint(
     assert os.path.basename(widget.last_model).startswith("model_0"), widget.status.value
     assert widget.progress.value < 200
     assert not os.path.exists(tmp_path / "runs" / "run_001" / "model_final.pth")
-    assert IAUNetPredictor.from_checkpoint(widget.last_model) is not None
+    predictor = IAUNetPredictor.from_checkpoint(widget.last_model)
+    assert predictor(viewer.layers["a"].data).image_size == (96, 96)
 
 
 def test_training_widget_reports_bad_layers(make_napari_viewer, tmp_path):

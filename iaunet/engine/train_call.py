@@ -87,9 +87,7 @@ def write_training_folder(
         checked.append((image, _check_labels(f"{what} {i}", lab, image.shape[:2])))
     if not any(lab.any() for _, lab in checked):
         raise ValueError(f"no object in any label image of the {what}s: annotate some first")
-    return [
-        write_pair(folder, f"img_{i:03d}", image, lab) for i, (image, lab) in enumerate(checked)
-    ]
+    return [_write(folder, f"img_{i:03d}", image, lab) for i, (image, lab) in enumerate(checked)]
 
 
 def write_pair(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) -> str:
@@ -97,7 +95,10 @@ def write_pair(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) ->
     ``_masks.tif`` (label pages), each written atomically; the image's path. Checks as
     :func:`write_training_folder`."""
     image = _check_image(stem, image)
-    labels = _check_labels(stem, labels, image.shape[:2])
+    return _write(folder, stem, image, _check_labels(stem, labels, image.shape[:2]))
+
+
+def _write(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, stem)
     atomic_write(path + ".tif", lambda f: tifffile.imwrite(f, image))
