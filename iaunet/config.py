@@ -194,6 +194,10 @@ def add_iaunet_config(cfg: CN) -> None:
     # amodal models: of the whole outline, the visible part kept inside it (visible parts of hidden
     # cells may be split); off in the thesis configs
     m.TEST.ONE_PIECE = False
+    # drop masks smaller than this fraction of a disc of INPUT.OBJECT_DIAMETER (model px; after
+    # ONE_PIECE): specks and slivers that no object of the trained size is (Cellpose's min_size);
+    # 0 = off, as in the thesis configs
+    m.TEST.MIN_AREA = 0.0
     # maskness: mean prob over the binary mask ("mask", Mask2Former) or the whole image ("image",
     # eq. 17)
     m.TEST.MASKNESS = "mask"

@@ -45,6 +45,38 @@ def test_folds_cover_each_quadrant_once(tmp_path):
         fs.write_folds(image, labels[:10], str(tmp_path / "bad"))
 
 
+def test_image_variants_keep_every_object_and_its_outline():
+    """--variant: resized (objects scale with the image, none lost), rotated and cut to the square
+    inside (no padded corners: every pixel comes from the image), another exposure (gamma, gain) and
+    noise in the image's own range and dtype; bad specs name the item."""
+    image, labels = nuclei_image(size=128)
+    n = len(np.unique(labels)) - 1
+    img, lab = fs.image_variant(image, labels, fs.parse_variant("scale=1.5"))
+    assert img.shape == lab.shape == (192, 192) and img.dtype == np.uint16
+    assert len(np.unique(lab)) - 1 == n
+    assert fs.median_diameter([lab]) == pytest.approx(1.5 * fs.median_diameter([labels]), rel=0.05)
+    img, lab = fs.image_variant(image, labels, fs.parse_variant("rotate=30"))
+    side = int(128 / (np.cos(np.pi / 6) + np.sin(np.pi / 6)))
+    assert lab.shape == (side, side) and img.min() >= image.min()  # no zero-padded corner
+    assert 0.5 * n < len(np.unique(lab)) - 1 <= n
+    assert sorted(np.unique(lab))[1:] == list(range(1, lab.max() + 1))
+    img, lab = fs.image_variant(image, labels, fs.parse_variant("gamma=2,gain=0.5"))
+    assert np.array_equal(lab, fs.relabel(labels))
+    lo, hi = float(image.min()), float(image.max())
+    expect = lo + 0.5 * ((image.astype(float) - lo) / (hi - lo)) ** 2 * (hi - lo)
+    assert np.abs(img - expect).max() <= 0.5
+    noisy = fs.image_variant(image, labels, fs.parse_variant("noise=5,seed=3"))[0]
+    assert np.array_equal(noisy, fs.image_variant(image, labels, {"noise": 5, "seed": 3})[0])
+    assert 0.03 < np.std(noisy.astype(float) - image) / (hi - lo) < 0.07
+    for bad, match in (
+        ("scale", "KEY=NUMBER"),
+        ("zoom=2", "KEY=NUMBER"),
+        ("gain=x", "'x' of gain"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fs.parse_variant(bad)
+
+
 def test_metrics_on_known_cases():
     _, labels = nuclei_image()
     n = len(np.unique(labels)) - 1
@@ -149,6 +181,7 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
         "--work", str(work), "--image", str(tmp_path / "img.tif"),
         "--labels", str(tmp_path / "lab.tif"), "--folds", "3", "--weights", "",
         "--budget", "11.5", "--peer-max-epochs", "1", "--cellpose-cpu-s", "5",
+        "--variant", "gain=0.9",
         "--opts", "MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True",
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", *TINY_MODEL_OPTS,
     ]  # fmt: skip
@@ -158,7 +191,7 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     assert "SOLVER.MAX_ITER 3" in capsys.readouterr().out  # (11.5 - 10) / 0.5 iterations
     saved = json.loads((work / "results.json").read_text())
     res = saved["results"]
-    assert saved["budget"] == 11.5
+    assert saved["budget"] == 11.5 and saved["variant"] == "gain=0.9"
     names = [tool.IAUNET, tool.IAUNET_1, tool.CELLPOSE, tool.CELLPOSE_AUG, tool.STARDIST]
     assert set(res) == {n + " @11.5 CPU-s" for n in names} | {tool.OTSU}
     for method, per_fold in res.items():

@@ -205,3 +205,44 @@ def test_one_piece_comes_from_the_config():
     assert PostProcessing.from_config(cfg).one_piece is False
     cfg.MODEL.IAUNET.TEST.ONE_PIECE = True
     assert PostProcessing.from_config(cfg).one_piece is True
+
+
+def test_min_area_drops_masks_smaller_than_a_fraction_of_the_trained_object():
+    """MIN_AREA: a speck and a sliver go, objects stay with their scores in order; the area is in
+    model px (an output twice the input's size has 4x the pixels); whole outlines count for amodal
+    models; off (0), every mask is kept."""
+    logits = torch.full((4, 24, 24), -10.0)
+    logits[0, 2:10, 2:10] = 10.0  # 64 px: an object
+    logits[1, 12:14, 12:14] = 10.0  # 4 px: a speck
+    logits[2, 14:22, 2:9] = 10.0  # 56 px: an object
+    logits[3, 0:1, 12:24] = 10.0  # 12 px: a sliver
+    scores, labels = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.zeros(4, dtype=torch.long)
+
+    def run(min_area, out_size=(24, 24), amodal=None):
+        post = _settings(min_area=min_area, score_thresh=0.0)
+        return instances_from_topk(
+            scores, labels, logits, (24, 24), out_size, post, stride=1, amodal_mask_logits=amodal
+        )
+
+    assert len(run(0.0)) == 4
+    kept = run(20.0)
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert [int(m.sum()) for m in kept.pred_masks] == [64, 56]
+    assert kept.pred_boxes.tensor.tolist() == [[2, 2, 10, 10], [2, 14, 9, 22]]
+    assert run(20.0, out_size=(48, 48)).scores.tolist() == pytest.approx([0.9, 0.7])
+    assert len(run(60.0)) == 1
+    # amodal: a hidden cell with a small visible part is kept by its whole outline
+    amodal = logits.clone()
+    amodal[1, 10:18, 10:18] = 10.0
+    assert len(run(20.0, amodal=amodal)) == 3
+
+
+def test_min_area_comes_from_the_config_as_a_fraction_of_the_object_size():
+    cfg = load_config()
+    assert PostProcessing.from_config(cfg).min_area == 0
+    cfg.INPUT.OBJECT_DIAMETER = 20.0
+    cfg.MODEL.IAUNET.TEST.MIN_AREA = 0.1
+    assert PostProcessing.from_config(cfg).min_area == pytest.approx(0.1 * 3.14159265 * 100)
+    cfg.INPUT.OBJECT_DIAMETER = 0.0
+    with pytest.raises(ValueError, match="MIN_AREA.*INPUT.OBJECT_DIAMETER"):
+        PostProcessing.from_config(cfg)

@@ -31,6 +31,7 @@ method (IAUNet's iterations from two short probe runs, as the peers' epochs; met
     python tools/benchmark_few_shot.py --budget 600 --work output/fs600   # 600 CPU-s each
     python tools/benchmark_few_shot.py --folds 3 --no-cellpose --no-stardist
     python tools/benchmark_few_shot.py --opts SOLVER.MAX_ITER 500
+    python tools/benchmark_few_shot.py --variant scale=1.5,gamma=1.4 --work output/fs_v1  # another
     python tools/benchmark_few_shot.py --collect runA runB     # one table from several runs
     python tools/benchmark_few_shot.py --folds 0 --reuse --cellpose-cpu-s 1832  # trained model kept
 """
@@ -255,6 +256,10 @@ def main(argv=None) -> int:
                    help="where the StarDist wheel and its two images are kept")  # fmt: skip
     p.add_argument("--image", help="another image to cut into folds (with --labels)")
     p.add_argument("--labels", help="its label image")
+    p.add_argument("--variant", default="", metavar="KEY=V,...",
+                   help="a version of the image to check settings on images they were not chosen "
+                   "on: scale, rotate (degrees), gamma, gain, noise (%% of the range), seed; e.g. "
+                   "scale=1.5,gamma=1.4")  # fmt: skip
     p.add_argument("--folds", default="0,1,2,3", help="folds to run (test quadrant k)")
     p.add_argument("--weights", default="output/synthetic_start/model_final.pth",
                    help="starting model (configs/synthetic/iaunet_start.yaml)")  # fmt: skip
@@ -289,6 +294,11 @@ def main(argv=None) -> int:
         image, labels = tifffile.imread(args.image), tifffile.imread(args.labels)
     else:
         image, labels = fs.stardist_nuclei(args.cache)
+    if args.variant:
+        try:
+            image, labels = fs.image_variant(image, labels, fs.parse_variant(args.variant))
+        except ValueError as e:
+            p.error(str(e))
     folds = fs.write_folds(image, labels, args.work)
     folds = [folds[int(k)] for k in args.folds.split(",")]
     cellpose = {
@@ -319,8 +329,8 @@ def main(argv=None) -> int:
         print(table(results, folds), flush=True)
         atomic_write(
             os.path.join(args.work, "results.json"),
-            json.dumps({"opts": args.opts, "budget": args.budget, "folds": folds,
-                        "results": results}, indent=1),
+            json.dumps({"opts": args.opts, "budget": args.budget, "variant": args.variant,
+                        "folds": folds, "results": results}, indent=1),
         )  # fmt: skip
     return 0
 

@@ -83,6 +83,64 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+VARIANT_KEYS = ("scale", "rotate", "gamma", "gain", "noise", "seed")
+
+
+def parse_variant(spec: str) -> Dict[str, float]:
+    """``"scale=1.5,gamma=1.4"`` -> {"scale": 1.5, "gamma": 1.4}; unknown keys and values that are
+    no numbers are errors naming them."""
+    out: Dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise ValueError(
+                f"--variant {spec!r}: {item!r} is not KEY=NUMBER, KEY one of {VARIANT_KEYS}"
+            )
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--variant {spec!r}: {value!r} of {key} is not a number") from None
+    return out
+
+
+def image_variant(
+    image: np.ndarray, labels: np.ndarray, spec: Dict[str, float]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Another version of an annotated image, for checking that settings chosen on one image carry
+    to images they were not chosen on: resized by ``scale`` (image bilinear, labels nearest),
+    rotated by ``rotate`` degrees and cut to the largest axis-aligned square inside the rotated
+    image (no padded corners), intensities of the image's own range mapped by ``gamma`` and
+    ``gain`` (another exposure), Gaussian noise of ``noise`` (in units of 1 % of the range, seeded
+    by ``seed``). Returns the image in its dtype and the relabelled label image (uint16)."""
+    from scipy import ndimage as ndi
+
+    img = image.astype(np.float32)
+    lab = labels.astype(np.int64)
+    scale = spec.get("scale", 1.0)
+    if scale != 1.0:
+        img = ndi.zoom(img, (scale, scale) + (1,) * (img.ndim - 2), order=1)
+        lab = ndi.zoom(lab, scale, order=0)
+    angle = spec.get("rotate", 0.0)
+    if angle % 360:
+        h, w = lab.shape
+        img = ndi.rotate(img, angle, axes=(1, 0), reshape=True, order=1)
+        lab = ndi.rotate(lab, angle, axes=(1, 0), reshape=True, order=0)
+        t = np.deg2rad(angle % 90)
+        side = int(min(h, w) / (np.cos(t) + np.sin(t)))  # the square inside a rotated square
+        y0, x0 = (lab.shape[0] - side) // 2, (lab.shape[1] - side) // 2
+        img, lab = img[y0 : y0 + side, x0 : x0 + side], lab[y0 : y0 + side, x0 : x0 + side]
+    lo, hi = float(image.min()), float(image.max())
+    norm = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    norm = spec.get("gain", 1.0) * norm ** spec.get("gamma", 1.0)
+    if spec.get("noise", 0.0):
+        rng = np.random.default_rng(int(spec.get("seed", 0)))
+        norm = norm + rng.normal(0, spec["noise"] / 100, norm.shape)
+    out = lo + np.clip(norm, 0, 1) * (hi - lo)
+    if np.issubdtype(image.dtype, np.integer):
+        out = np.round(out)
+    return out.astype(image.dtype), relabel(lab)
+
+
 def write_folds(image: np.ndarray, labels: np.ndarray, root: str) -> List[Dict[str, str]]:
     """``root/fold<k>/{train,val}/<quadrant>.tif`` + ``<quadrant>_labels.tif``: fold ``k`` tests
     on quadrant ``k`` and trains on the other three (the README's folder layout)."""

@@ -8,7 +8,9 @@ model and the exported graph (docs/deploy.md):
    score.
 3. :func:`upsample_masks` -- mask logits to the input size (:func:`masks_at_input_size`,
    exportable), then to the output size, binarized; with ``MODEL.IAUNET.TEST.ONE_PIECE`` each
-   mask cut to its largest connected piece (:func:`largest_pieces`).
+   mask cut to its largest connected piece (:func:`largest_pieces`); with
+   ``MODEL.IAUNET.TEST.MIN_AREA`` masks smaller than that fraction of an object of the trained size
+   dropped.
 
 :func:`instances_from_topk` runs steps 2 and 3. The exported graph (:mod:`iaunet.inference.export`)
 is the network, step 1 and :func:`masks_at_input_size`; the predictor's exported-model backends
@@ -53,6 +55,8 @@ class PostProcessing:
     nms_sigma: float  # MODEL.IAUNET.TEST.NMS_SIGMA: Gaussian decay of "matrix" NMS
     nms_overlap: str  # MODEL.IAUNET.TEST.NMS_OVERLAP: "iou" | "ios"
     one_piece: bool = False  # MODEL.IAUNET.TEST.ONE_PIECE: keep each mask's largest piece
+    # MODEL.IAUNET.TEST.MIN_AREA x a disc of INPUT.OBJECT_DIAMETER: the fewest model px of a kept mask
+    min_area: float = 0.0
 
     def __post_init__(self):
         for key, value, modes in (
@@ -66,6 +70,12 @@ class PostProcessing:
     @classmethod
     def from_config(cls, cfg) -> "PostProcessing":
         t = cfg.MODEL.IAUNET.TEST
+        if t.MIN_AREA < 0 or (t.MIN_AREA > 0 and cfg.INPUT.OBJECT_DIAMETER <= 0):
+            raise ValueError(
+                f"MODEL.IAUNET.TEST.MIN_AREA {t.MIN_AREA} is a fraction of the area of an object of "
+                f"INPUT.OBJECT_DIAMETER ({cfg.INPUT.OBJECT_DIAMETER} model px): it needs a "
+                "diameter > 0 and a fraction >= 0"
+            )
         return cls(
             detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             score_thresh=t.SCORE_THRESH,
@@ -76,6 +86,7 @@ class PostProcessing:
             nms_sigma=t.NMS_SIGMA,
             nms_overlap=t.NMS_OVERLAP,
             one_piece=t.ONE_PIECE,
+            min_area=t.MIN_AREA * math.pi / 4 * cfg.INPUT.OBJECT_DIAMETER**2,
         )
 
 
@@ -306,6 +317,10 @@ def instances_from_topk(
             result.pred_masks = largest_pieces(result.pred_masks)
     result.scores = scores[keep]
     result.pred_classes = labels[keep]
+    if post.min_area > 0:  # model px -> output px; whole outlines when there are any
+        outline = result.pred_amodal_masks if amodal_mask_logits is not None else result.pred_masks
+        px = post.min_area * output_size[0] * output_size[1] / (image_size[0] * image_size[1])
+        result = result[outline.flatten(1).sum(1) >= px]
     result.pred_boxes = masks_to_boxes(result.pred_masks)
     return result
 
