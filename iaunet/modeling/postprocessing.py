@@ -55,7 +55,7 @@ class PostProcessing:
     nms_sigma: float  # MODEL.IAUNET.TEST.NMS_SIGMA: Gaussian decay of "matrix" NMS
     nms_overlap: str  # MODEL.IAUNET.TEST.NMS_OVERLAP: "iou" | "ios"
     one_piece: bool = False  # MODEL.IAUNET.TEST.ONE_PIECE: keep each mask's largest piece
-    # MODEL.IAUNET.TEST.MIN_AREA x a disc of INPUT.OBJECT_DIAMETER: the fewest model px of a kept mask
+    # MODEL.IAUNET.TEST.MIN_AREA x a disc of INPUT.OBJECT_DIAMETER: fewest model px of a kept mask
     min_area: float = 0.0
 
     def __post_init__(self):
@@ -72,8 +72,8 @@ class PostProcessing:
         t = cfg.MODEL.IAUNET.TEST
         if t.MIN_AREA < 0 or (t.MIN_AREA > 0 and cfg.INPUT.OBJECT_DIAMETER <= 0):
             raise ValueError(
-                f"MODEL.IAUNET.TEST.MIN_AREA {t.MIN_AREA} is a fraction of the area of an object of "
-                f"INPUT.OBJECT_DIAMETER ({cfg.INPUT.OBJECT_DIAMETER} model px): it needs a "
+                f"MODEL.IAUNET.TEST.MIN_AREA {t.MIN_AREA} is a fraction of the area of an object "
+                f"of INPUT.OBJECT_DIAMETER ({cfg.INPUT.OBJECT_DIAMETER} model px): it needs a "
                 "diameter > 0 and a fraction >= 0"
             )
         return cls(
