@@ -1,5 +1,5 @@
-"""The documentation a user follows: every relative link in the README and docs/ leads to a file (and a
-heading, for an anchor), and docs/architecture.md names every module of the package."""
+"""The documentation a user follows: every relative link in the README and docs/ leads to a file
+(and a heading, for an anchor), and docs/architecture.md names every module of the package."""
 
 import glob
 import os
