@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-__version__ = "0.2.0"
+from .version import __version__  # noqa: F401 (the package face)
 
 # fvcore (imported by detectron2) calls torch.jit.script at import time, which recent torch
 # deprecates with a FutureWarning printed before the output of every command. Only that known

@@ -354,7 +354,7 @@ def test_export_carries_both_outputs_and_matches_eager(amodal_model, tmp_path, f
 
 def _hand_made_prediction():
     """Three cells on a 20 x 30 image: 1 lies on top of 2 and 3; 3 is also under 2."""
-    from iaunet.inference.mask_crops import MaskCrops
+    from iaunet.structures import MaskCrops
 
     whole = np.zeros((3, 20, 30), bool)
     whole[0, 2:10, 2:12] = True  # 80 px, on top

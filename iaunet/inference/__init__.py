@@ -1,4 +1,4 @@
-from .mask_crops import MaskCrops
+from ..structures import MaskCrops
 from .predictor import IAUNetPredictor
 
 __all__ = ["IAUNetPredictor", "MaskCrops"]

@@ -41,6 +41,7 @@ from torch import nn
 from ..data.image_io import to_model_range, to_uint8_rgb
 from ..modeling.postprocessing import logit_threshold
 from ..outputs.overlay import png_bytes, render_overlay
+from ..structures import MaskCrops
 from ..utils.atomic import atomic_write
 from .bioimageio_rdf import (
     INPUT_ID,
@@ -54,7 +55,6 @@ from .bioimageio_rdf import (
     package_readme,
 )
 from .export import CONFIG_EXTRA_FILE, CONFIG_KEY, ONNX_OPSET, ExportableIAUNet, trace
-from .mask_crops import MaskCrops
 
 logger = logging.getLogger(__name__)
 

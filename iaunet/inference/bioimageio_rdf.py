@@ -180,7 +180,7 @@ def package_readme(
 ) -> str:
     """The package's README.md (the rdf's ``documentation``), with its "# Validation" section;
     ``n_test`` instances in the test image of ``input_size`` (H, W)."""
-    from .. import __version__
+    from ..version import __version__
 
     t = _model_text(cfg, module)
     outputs = [
@@ -272,7 +272,7 @@ def model_description(
     """The ``bioimageio.spec`` ModelDescr of the files (format: the installed spec's current)."""
     from bioimageio.spec.model import v0_5 as spec
 
-    from .. import __version__
+    from ..version import __version__
 
     def file(role: str):
         return spec.FileDescr(source=Path(files.folder, files.names[role]))

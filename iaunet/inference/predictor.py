@@ -26,9 +26,9 @@ from ..data.auto_config import fill_auto_keys
 from ..data.dataset_mapper import scaled_size
 from ..data.image_io import intensity_range, to_model_range
 from ..modeling.postprocessing import PostProcessing
+from ..structures import MaskCrops
 from .backends import BACKENDS, exported_config, load_backend
 from .export import graph_keys
-from .mask_crops import MaskCrops
 from .tiling import (
     Detection,
     detections_to_instances,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from detectron2.structures import Instances
 
-from .mask_crops import MaskCrops
+from ..structures import MaskCrops, box_hits
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +102,6 @@ def _cut_overlap(a: Detection, b: Detection) -> float:
     tiles looked), so that a cut view and a whole view of one object score ~1."""
     smaller = min(_area_in(a, b.window), _area_in(b, a.window))
     return _intersection(a, b) / smaller if smaller else 0.0
-
-
-def box_hits(boxes: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
-    """Indices of the (M, 4) y0, x0, y1, x1 ``boxes`` that intersect ``box``."""
-    if len(boxes) == 0:
-        return np.zeros(0, np.int64)
-    hit = (
-        (boxes[:, 0] < box[2])
-        & (boxes[:, 2] > box[0])
-        & (boxes[:, 1] < box[3])
-        & (boxes[:, 3] > box[1])
-    )
-    return np.flatnonzero(hit)
 
 
 def stitch_detections(dets: List[Detection]) -> List[Detection]:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pycocotools.mask as mask_util
 
-from ..inference.mask_crops import MaskCrops
+from ..structures import MaskCrops
 
 
 def category_ids(metadata, num_classes: int) -> List[int]:

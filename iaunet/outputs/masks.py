@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tifffile
 
-from ..inference.mask_crops import MaskCrops
+from ..structures import MaskCrops
 
 logger = logging.getLogger(__name__)
 

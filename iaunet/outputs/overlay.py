@@ -5,7 +5,7 @@ import colorsys
 import cv2
 import numpy as np
 
-from ..inference.mask_crops import MaskCrops
+from ..structures import MaskCrops
 
 
 def render_overlay(image8: np.ndarray, masks: MaskCrops) -> np.ndarray:

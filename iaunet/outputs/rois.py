@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from roifile import ROI_OPTIONS, ROI_TYPE, ImagejRoi
 
-from ..inference.mask_crops import MaskCrops
+from ..structures import MaskCrops
 
 # Path commands of java.awt.geom.PathIterator, as ImageJ stores composite ROIs.
 SEG_MOVETO, SEG_LINETO, SEG_CLOSE = 0, 1, 4

@@ -40,8 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from skimage.measure import regionprops
 
-from ..inference.mask_crops import MaskCrops
-from ..inference.tiling import box_hits
+from ..structures import MaskCrops, box_hits
 from .masks import Overlaps, instance_overlaps
 from .rois import roi_name
 

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.image_io import to_uint8_rgb
-from ..inference.mask_crops import MaskCrops
+from ..structures import MaskCrops
 from ..utils.atomic import atomic_write
 from . import coco, table
 from .masks import instance_overlaps, label_image, mask_pages, pages_tiff_bytes, tiff_bytes
