@@ -113,6 +113,20 @@ def test_widget_predicts_on_an_image_layer(make_napari_viewer, qtbot, weights, p
 
     assert widget._predictor(widget._inputs()[3]).model.test_augmentation == "none"  # as trained
 
+    # the slider filters the last prediction again, without running the model
+    scores = np.asarray(points.features["score"])
+    predictor = widget._predictor(widget._inputs()[3])
+    predictor.predict = lambda *a, **k: pytest.fail("the model ran for a threshold change")
+    widget.score_threshold.value = float(np.median(scores)) + 1e-6
+    kept = int((scores >= widget.score_threshold.value).sum())
+    assert 0 < kept < n or n == 1
+    assert len(viewer.layers["cells scores"].data) == kept
+    assert viewer.layers["cells labels"].data.max() <= kept
+    assert widget.status.value == f"{kept} instances, " + widget.status.value.split(", ")[1]
+    del predictor.predict
+    widget.score_threshold.value = 0.0
+    assert len(viewer.layers["cells scores"].data) == n
+
     widget.tta.value = "flip"  # a re-run with 4 views replaces the layers instead of adding more
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)

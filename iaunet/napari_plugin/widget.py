@@ -9,7 +9,7 @@ tile at that scale. A loaded model is kept for the next run with the same settin
 
 import logging
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import napari
 import numpy as np
@@ -95,6 +95,10 @@ class PredictWidget(Container):
         viewer.layers.events.removed.connect(self._refresh)
         self._predictors: Dict[Tuple, IAUNetPredictor] = {}
         self.worker = None
+        # the last prediction, every instance above the model's SCORE_THRESH: (layer name, image,
+        # placement, predictor key, instances, class names); moving the slider filters it again
+        self._last: Optional[Tuple] = None
+        self.score_threshold.changed.connect(self._refilter)
 
     def _threshold_of_model(self, *_) -> None:
         """A newly chosen checkpoint sets the score threshold to its own
@@ -119,10 +123,11 @@ class PredictWidget(Container):
         self.image.reset_choices()
 
     def _predictor(self, key: Tuple) -> IAUNetPredictor:
-        """A cached predictor for (weights, config, scale, diameter, device, threshold, TTA)."""
+        """A cached predictor for (weights, config, scale, diameter, device, TTA); the score
+        threshold is not part of it: it filters the instances (:meth:`_refilter`)."""
         if key not in self._predictors:
-            weights, config, scale, diameter, device, threshold, tta = key
-            opts = ["MODEL.DEVICE", device, "MODEL.IAUNET.TEST.SCORE_THRESH", threshold]
+            weights, config, scale, diameter, device, tta = key
+            opts = ["MODEL.DEVICE", device]
             if tta != AS_TRAINED:
                 opts += ["MODEL.IAUNET.TEST.TTA", tta]
             self._predictors = {  # keep one model in memory
@@ -155,7 +160,6 @@ class PredictWidget(Container):
             self.scale.value or None,
             self.diameter.value or None,
             self.device.value,
-            float(self.score_threshold.value),
             self.tta.value,
         )
         placement = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
@@ -185,10 +189,30 @@ class PredictWidget(Container):
         predictor = self._predictor(key)
         yield 1
         instances = predictor.predict(image, full_masks=False)
-        prediction = image_prediction(instances, image, key[5], stem=name)  # the threshold
-        yield 2
         class_names = getattr(predictor.metadata, "thing_classes", None)
+        self._last = (name, image, placement, key, instances, class_names)
+        yield 2
+        return self._layers()
+
+    def _layers(self) -> List[LayerData]:
+        """The last prediction's layers at the slider's score threshold."""
+        name, image, placement, _, instances, class_names = self._last
+        threshold = float(self.score_threshold.value)
+        prediction = image_prediction(instances, image, threshold, stem=name)
         return prediction_layers(prediction, name, class_names, placement)
+
+    def _refilter(self, *_) -> None:
+        """The slider moved: the last prediction's layers again at the new threshold, without
+        running the model (while its image layer and settings are unchanged)."""
+        if self.worker is not None or self._last is None:
+            return
+        try:
+            image, name, _, key = self._inputs()
+        except ValueError:
+            return
+        if (name, key) != (self._last[0], self._last[3]) or image is not self._last[1]:
+            return  # another image or model: Run predicts it
+        self._add_layers(self._layers())
 
     def _on_step(self, step: int) -> None:
         self.progress.value = step
