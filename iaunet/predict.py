@@ -11,7 +11,7 @@
 With ``--dask``, each image is predicted block by block on a Dask cluster and written as
 ``<stem>.ome.zarr`` (image + NGFF labels), ``<stem>_objects.csv`` and ``<stem>_blocks/`` (the
 manifest that makes a rerun of the same command resume, and every object's whole mask):
-:mod:`iaunet.inference.big_image`, docs/predict.md "Whole slides".
+:mod:`iaunet.bigimage.big_image`, docs/predict.md "Whole slides".
 
 Per image (``--save``, default all): ``<stem>_labels.tif`` (flattened instance ids),
 ``<stem>_overlay.png``, ``<stem>_rois.zip`` (ImageJ/Fiji ROI set), ``<stem>_masks.tif``
@@ -36,12 +36,12 @@ from typing import Dict, List, Optional, Sequence
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .bigimage.big_image import PredictorSpec, predict_big
+from .bigimage.lazy_image import is_zarr, open_plane
 from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import read_image
-from .data.lazy_image import is_zarr, open_plane
 from .inference import IAUNetPredictor
-from .inference.big_image import PredictorSpec, predict_big
 from .outputs.coco import category_ids
 from .outputs.writer import PredictionWriter, image_prediction, parse_save
 from .predict_args import UsageError, build_parser, expand_inputs, flag_opts, output_stems

@@ -317,8 +317,8 @@ def test_whole_outline_evaluator_scores_the_whole_masks():
 def test_export_carries_both_outputs_and_matches_eager(amodal_model, tmp_path, fmt):
     from test_export import _images, assert_same_detections
 
+    from iaunet.deploy.export import ExportableIAUNet, export_model
     from iaunet.inference.backends import load_backend
-    from iaunet.inference.export import ExportableIAUNet, export_model
 
     cfg = tiny_cfg(**{"MODEL.IAUNET.AMODAL": True})
     path = export_model(amodal_model, cfg, str(tmp_path / f"m.{fmt}"), fmt, size=(64, 64))

@@ -1,6 +1,6 @@
-"""Block-wise prediction of large images on Dask: lazy image planes (iaunet.data.lazy_image), block
-geometry and cross-block stitching (iaunet.inference.blocks), the Dask run, its resume and worker
-failures (iaunet.inference.big_image), the OME-Zarr labels (iaunet.outputs.ome_zarr).
+"""Block-wise prediction of large images on Dask (iaunet.bigimage): lazy image planes (lazy_image),
+block geometry and cross-block stitching (blocks), the Dask run, its resume and worker failures
+(big_image), the OME-Zarr labels (ome_zarr).
 
 A randomly initialised tiny model (3 detections per 32-px model tile, tiles of 64 image px) on
 images of a few hundred px; Dask runs on a LocalCluster (threads, or one worker process where a
@@ -23,17 +23,14 @@ import torch
 import zarr
 from conftest import ROOT, scene_masks, tiny_cfg
 
-from iaunet.checkpoint import AtomicCheckpointer
-from iaunet.data.image_io import ImageReadError
-from iaunet.data.lazy_image import open_plane
-from iaunet.inference.big_image import (
+from iaunet.bigimage.big_image import (
     PredictorSpec,
     chunk_size,
     context_blocks,
     predict_big,
     read_objects,
 )
-from iaunet.inference.blocks import (
+from iaunet.bigimage.blocks import (
     Block,
     TileGrid,
     block_grid,
@@ -47,6 +44,9 @@ from iaunet.inference.blocks import (
     save_detections,
     stitch_block,
 )
+from iaunet.bigimage.lazy_image import open_plane
+from iaunet.checkpoint import AtomicCheckpointer
+from iaunet.data.image_io import ImageReadError
 from iaunet.inference.tiling import Detection, tile_windows
 from iaunet.outputs.masks import label_image
 
@@ -384,7 +384,7 @@ def test_worker_killed_mid_run(predictor, spec, tiff, client, tmp_path):
 
 
 def test_context_blocks_are_neighbours(spec, tiff):
-    from iaunet.inference.big_image import BlockJob
+    from iaunet.bigimage.big_image import BlockJob
 
     job = BlockJob(open_plane(tiff), spec, "", "", (192, 256), 64, 64, 64, 32, None, 3, "uint32")
     grid = job.grid()  # 3 x 4 blocks of 64 px; halo 64: the 3 x 3 around block 5

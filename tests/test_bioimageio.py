@@ -1,5 +1,5 @@
 """bioimage.io model packages (tools/export_model.py --format bioimageio,
-iaunet.inference.bioimageio): bioimageio.core's own test passes on the package of a tiny model and
+iaunet.deploy.bioimageio): bioimageio.core's own test passes on the package of a tiny model and
 fails when a test output is perturbed; bioimageio.core's prediction on an image the package has
 not seen equals iaunet-predict's."""
 
@@ -19,7 +19,7 @@ from conftest import ROOT, load_tool, tiny_cfg
 from detectron2.modeling import build_model
 
 from iaunet.checkpoint import AtomicCheckpointer
-from iaunet.inference.bioimageio import synthetic_test_image, validate_package
+from iaunet.deploy.bioimageio import synthetic_test_image, validate_package
 from iaunet.predict import main as iaunet_predict
 
 export_tool = load_tool("export_model")

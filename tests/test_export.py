@@ -1,4 +1,4 @@
-"""Export (tools/export_model.py, iaunet.inference.export) and the exported-model backends: the
+"""Export (tools/export_model.py, iaunet.deploy.export) and the exported-model backends: the
 ONNX and TorchScript files give the eager model's detections at several input sizes."""
 
 import os
@@ -17,9 +17,9 @@ from detectron2.modeling import build_model
 from iaunet.bench.benchmark import synthetic_sample
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
+from iaunet.deploy.export import CONFIG_KEY, ExportableIAUNet, export_model
 from iaunet.inference import IAUNetPredictor
 from iaunet.inference.backends import load_backend
-from iaunet.inference.export import CONFIG_KEY, ExportableIAUNet, export_model
 from iaunet.modeling.postprocessing import mask_overlap
 
 export_tool = load_tool("export_model")

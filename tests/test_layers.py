@@ -20,6 +20,7 @@ RANKS = [
     ["iaunet_model"],
     ["evaluation", "outputs"],
     ["inference"],
+    ["deploy", "bigimage"],
     ["engine"],
     ["predict", "predict_args", "napari_plugin", "check", "bench", "__init__"],
 ]

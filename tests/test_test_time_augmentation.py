@@ -150,7 +150,7 @@ def test_exported_models_refuse_tta(checkpoint, tmp_path):
     model for TTA is a one-line error."""
     from conftest import load_tool
 
-    from iaunet.inference.export import read_exported_config
+    from iaunet.deploy.export import read_exported_config
 
     path = str(tmp_path / "model.onnx")
     args = ["--weights", checkpoint, "--format", "onnx", "--output", path, "--no-check"]

@@ -36,10 +36,10 @@ import tifffile
 import zarr
 from detectron2.data import DatasetCatalog
 
+from iaunet.bigimage.big_image import PredictorSpec, predict_big, read_objects, worker_predictor
+from iaunet.bigimage.lazy_image import open_plane
 from iaunet.data import read_image
-from iaunet.data.lazy_image import open_plane
 from iaunet.evaluation.matching import InstanceMatchingEvaluator
-from iaunet.inference.big_image import PredictorSpec, predict_big, read_objects, worker_predictor
 
 Crops = List[Tuple[int, int, np.ndarray]]  # (y0, x0, bool crop) per instance
 THRESH = 0.5

@@ -5,7 +5,7 @@
         --backends pytorch onnxruntime torchscript int8
 
 Backends (``iaunet.bench.benchmark.backend_model``): ``pytorch`` (the eager model), ``onnxruntime``
-/ ``torchscript`` (the model exported with ``iaunet.inference.export``, then the eager
+/ ``torchscript`` (the model exported with ``iaunet.deploy.export``, then the eager
 post-processing), ``int8`` (the query decoder's Linear layers dynamically quantized), ``compile``.
 Each is evaluated by ``Trainer.test`` (the dataset's evaluators, as ``train_net.py --eval-only``)
 on ``DATASETS.TEST`` or ``--dataset``. What an optimization costs in accuracy, before adopting it.

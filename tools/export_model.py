@@ -11,12 +11,12 @@ package (docs/deploy.md).
 
 The graph takes a float32 batch (B, 3, H, W) on the 0..255 scale (normalized and padded inside)
 and returns scores (B, k), classes (B, k) and mask logits (B, k, H, W): see
-:mod:`iaunet.inference.export`. The ONNX graph has dynamic batch, height and width unless
+:mod:`iaunet.deploy.export`. The ONNX graph has dynamic batch, height and width unless
 ``--size H W`` is given without ``--dynamic``; a TorchScript trace runs at any size. After writing,
 the file is run once on a random image and compared with the eager model (``--no-check`` skips it).
 
 ``--format bioimageio`` writes a folder, or a zip when ``--output`` ends with .zip: rdf.yaml,
-TorchScript and ONNX weights, test tensors, cover and README (:mod:`iaunet.inference.bioimageio`);
+TorchScript and ONNX weights, test tensors, cover and README (:mod:`iaunet.deploy.bioimageio`);
 then bioimageio.core's own test runs on it (``--no-check`` skips it).
 """
 
@@ -32,10 +32,10 @@ from detectron2.modeling import build_model
 from iaunet.checkpoint import AtomicCheckpointer, CheckpointError, read_checkpoint
 from iaunet.config import ConfigError, exit_on_config_error
 from iaunet.data.image_io import read_image
+from iaunet.deploy.bioimageio_rdf import PackageInfo
+from iaunet.deploy.export import FORMATS, ExportableIAUNet, export_model
 from iaunet.evaluation.matching import DEFAULT_SCORE_THRESH
 from iaunet.inference.backends import load_backend
-from iaunet.inference.bioimageio_rdf import PackageInfo
-from iaunet.inference.export import FORMATS, ExportableIAUNet, export_model
 from iaunet.inference.predictor import config_from_checkpoint
 
 logger = logging.getLogger("iaunet.export")
@@ -134,7 +134,7 @@ def export_package(model, cfg, args: argparse.Namespace) -> int:
     if args.size or args.dynamic:
         raise ConfigError("--size / --dynamic do not apply to --format bioimageio")
     try:
-        from iaunet.inference.bioimageio import export_bioimageio, validate_package
+        from iaunet.deploy.bioimageio import export_bioimageio, validate_package
     except ImportError as e:
         raise ConfigError(
             f"--format bioimageio needs the bioimageio extra ({e.name} is missing): "

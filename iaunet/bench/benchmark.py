@@ -95,8 +95,8 @@ def backend_model(model: torch.nn.Module, cfg: CfgNode, backend: str, folder: st
     ``folder``, traced at ``size``, dynamic axes; the eager post-processing after the graph,
     :mod:`iaunet.inference.backends`), ``"compile"`` (``torch.compile`` of ``forward_network``)
     or ``"int8"`` (eager, the query decoder's Linear layers dynamically quantized to int8)."""
+    from ..deploy.export import export_model
     from ..inference.backends import load_backend
-    from ..inference.export import export_model
 
     if backend in ("onnxruntime", "torchscript"):
         path = os.path.join(folder, f"{len(os.listdir(folder))}.{backend}")

@@ -1,4 +1,5 @@
-"""Exported IAUNet files (:mod:`iaunet.inference.export`) behind the eager model's call interface.
+"""Exported IAUNet files (written by :mod:`iaunet.deploy.export`) behind the eager model's call
+interface.
 
 ``load_backend(path, "onnxruntime" | "torchscript")`` returns an :class:`ExportedModel`: called with
 detectron2 inputs (``[{"image": (3, H, W) on the 0..255 scale, "height", "width"}]``) it returns
@@ -10,17 +11,36 @@ any backend unchanged.
 """
 
 import logging
+import zipfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
 
+from ..config import get_key
 from ..modeling.postprocessing import PostProcessing, instances_from_topk
-from .export import INPUT_NAME, read_exported_config
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("pytorch", "onnxruntime", "torchscript")
+# The exported file's format, as the exporter (iaunet.deploy.export) writes it and this module reads
+# it: the input's name, and where the config is kept.
+INPUT_NAME = "images"
+CONFIG_KEY = "iaunet.config"  # ONNX metadata_props key
+CONFIG_EXTRA_FILE = "iaunet_config.yaml"  # TorchScript extra file
+# Keys whose values are baked into the exported graph: changing them needs a new export.
+GRAPH_KEYS = (
+    "TEST.DETECTIONS_PER_IMAGE",
+    "MODEL.IAUNET.TEST.MASK_THRESH",
+    "MODEL.IAUNET.TEST.MASKNESS",
+    "MODEL.IAUNET.TEST.NMS",
+    "MODEL.IAUNET.TEST.NMS_THRESH",
+    "MODEL.IAUNET.TEST.NMS_SIGMA",
+    "MODEL.IAUNET.TEST.NMS_OVERLAP",
+    "MODEL.PIXEL_MEAN",
+    "MODEL.PIXEL_STD",
+)
 # scores, classes, mask logits [, whole-outline mask logits (MODEL.IAUNET.AMODAL)]
 Outputs = Tuple[torch.Tensor, ...]
 
@@ -179,3 +199,24 @@ def exported_config(path: str) -> str:
             "checkpoint (--weights) it was exported from"
         )
     return config
+
+
+def graph_keys(cfg: CfgNode) -> Dict[str, object]:
+    """The values of :data:`GRAPH_KEYS` in ``cfg``."""
+    values = {}
+    for key in GRAPH_KEYS:
+        value = get_key(cfg, key)
+        values[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return values
+
+
+def read_exported_config(path: str) -> Optional[str]:
+    """The config YAML stored in an exported file (None when it has none)."""
+    if path.endswith(".onnx"):
+        import onnx
+
+        proto = onnx.load(path, load_external_data=False)
+        return next((p.value for p in proto.metadata_props if p.key == CONFIG_KEY), None)
+    with zipfile.ZipFile(path) as archive:  # a TorchScript file is a zip: <name>/extra/<file>
+        names = [n for n in archive.namelist() if n.endswith("/extra/" + CONFIG_EXTRA_FILE)]
+        return archive.read(names[0]).decode() if names else None

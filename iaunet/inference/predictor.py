@@ -27,8 +27,7 @@ from ..data.dataset_mapper import scaled_size
 from ..data.image_io import intensity_range, to_model_range
 from ..modeling.postprocessing import PostProcessing
 from ..structures import MaskCrops
-from .backends import BACKENDS, exported_config, load_backend
-from .export import graph_keys
+from .backends import BACKENDS, exported_config, graph_keys, load_backend
 from .tiling import (
     Detection,
     detections_to_instances,
@@ -80,7 +79,7 @@ class IAUNetPredictor:
     built from ``cfg`` and its weights.
 
     Backend: ``"pytorch"`` (the eager model, default) or an exported file (``model_file``, see
-    :mod:`iaunet.inference.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
+    :mod:`iaunet.deploy.export`) run by ``"onnxruntime"`` or ``"torchscript"``; tiling, scale
     and outputs are the same (:mod:`iaunet.inference.backends`).
 
     ``min_score``: the lowest score the caller keeps (``iaunet-predict --score-threshold``);

@@ -12,7 +12,7 @@ model and the exported graph (docs/deploy.md):
    ``MODEL.IAUNET.TEST.MIN_AREA`` masks smaller than that fraction of an object of the trained size
    dropped.
 
-:func:`instances_from_topk` runs steps 2 and 3. The exported graph (:mod:`iaunet.inference.export`)
+:func:`instances_from_topk` runs steps 2 and 3. The exported graph (:mod:`iaunet.deploy.export`)
 is the network, step 1 and :func:`masks_at_input_size`; the predictor's exported-model backends
 finish with :func:`instances_from_topk` (``stride=1``). The settings are one
 :class:`PostProcessing`, built from the config.
@@ -149,7 +149,7 @@ def topk_predictions(
     """Step 1, for one image or a batch (the leading B dimension is optional).
 
     Tensors only and no data-dependent shapes, so that it traces into the exported graph
-    (:mod:`iaunet.inference.export`) for any batch and image size.
+    (:mod:`iaunet.deploy.export`) for any batch and image size.
 
     Args:
         logits: ([B,] Q, K+1) class logits; masks: ([B,] Q, h, w) mask logits at 1/``stride`` of

@@ -1,11 +1,11 @@
 """Block-wise prediction of one large image on Dask (``iaunet-predict --dask``), resumable.
 
-The image plane (:class:`~iaunet.data.lazy_image.ImagePlane`, read region by region) is cut into
+The image plane (:class:`~iaunet.bigimage.lazy_image.ImagePlane`, read region by region) is cut into
 blocks (:mod:`.blocks`). Each block is two Dask tasks: *detect* runs the model on the block's tiles
 (the predictor is built once per worker process and kept; tiles go through the model
 ``TEST.TILE_BATCH`` at a time) and saves the detections; *write* stitches the detections of the
 block and its neighbours, writes the block's chunks of the OME-Zarr image and labels
-(:mod:`iaunet.outputs.ome_zarr`) and saves the objects it owns (the sparse per-instance store).
+(:mod:`iaunet.bigimage.ome_zarr`) and saves the objects it owns (the sparse per-instance store).
 Results travel through files in ``<output>/<stem>_blocks/``, so the workers need the output folder
 (a shared file system on a cluster), and the scheduler only moves file names.
 
@@ -28,8 +28,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.image_io import intensity_range
-from ..data.lazy_image import ImagePlane, subsample_step
-from ..outputs.ome_zarr import create_ome_zarr, write_block
 from ..outputs.table import AMODAL_COLUMNS
 from ..utils.atomic import atomic_write
 from .blocks import (
@@ -50,6 +48,8 @@ from .blocks import (
     unpack_crops,
     write_npz,
 )
+from .lazy_image import ImagePlane, subsample_step
+from .ome_zarr import create_ome_zarr, write_block
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class PredictorSpec:
     min_score: Optional[float] = None
 
     def build(self):
-        from .predictor import IAUNetPredictor
+        from ..inference.predictor import IAUNetPredictor
 
         kwargs = dict(scale=self.scale, diameter=self.diameter, min_score=self.min_score)
         if self.backend != "pytorch":

@@ -8,7 +8,7 @@ graph, :class:`PackagedIAUNet`, is what ``iaunet-predict`` does to an image that
     image (1, C, H, W): C = 1 (gray) or 3 (RGB), after the rdf's pre-processing steps, which map
         it to 0..255 as ``INPUT.INTENSITY_NORM`` does (:func:`preprocessing`)
       -> channels as the model takes them (gray repeated), resize by ``INPUT.PIXEL_SCALE``
-      -> :class:`~iaunet.inference.export.ExportableIAUNet` (normalize, pad, network, top-k)
+      -> :class:`~iaunet.deploy.export.ExportableIAUNet` (normalize, pad, network, top-k)
       -> masks resized back to H x W, detections scoring >= the score threshold
       -> labels (1, 1, H, W) int32: instance k (1..N, by decreasing score) where it is the
          highest-scoring mask, 0 = background (``iaunet-predict``'s ``<stem>_labels.tif``)
@@ -205,7 +205,7 @@ def _torchscript_to_onnx(
 ) -> None:
     """ONNX weights converted from the TorchScript weights: ``torch.onnx.export`` (its
     TorchScript-based exporter) of the loaded TorchScript module, with the config in the metadata
-    as :func:`~iaunet.inference.export.export_model` writes it."""
+    as :func:`~iaunet.deploy.export.export_model` writes it."""
     import onnx
 
     axes = {INPUT_ID: {2: "y", 3: "x"}, "labels": {2: "y", 3: "x"}}

@@ -1,4 +1,4 @@
-"""The rdf.yaml and README.md of an IAUNet bioimage.io package (:mod:`iaunet.inference.bioimageio`).
+"""The rdf.yaml and README.md of an IAUNet bioimage.io package (:mod:`iaunet.deploy.bioimageio`).
 
 :func:`model_description` builds the ``bioimageio.spec`` ModelDescr (the installed spec's current
 ``format_version``): typed axes, the pre-processing that ``iaunet-predict`` does as spec steps
@@ -398,7 +398,7 @@ def model_description(
             torchscript=spec.TorchscriptWeightsDescr(
                 source=os.path.join(files.folder, "weights.pt"),
                 pytorch_version=spec.Version(torch.__version__.split("+")[0]),
-                comment="torch.jit.trace of iaunet.inference.bioimageio.PackagedIAUNet",
+                comment="torch.jit.trace of iaunet.deploy.bioimageio.PackagedIAUNet",
             ),
             onnx=spec.OnnxWeightsDescr(
                 source=os.path.join(files.folder, "weights.onnx"),

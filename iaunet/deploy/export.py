@@ -26,39 +26,30 @@ extra file ``iaunet_config.yaml``), so that the predictor (``backend="onnxruntim
 
 import io
 import logging
-import zipfile
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..config import get_key
+from ..inference.backends import (  # noqa: F401 (the file format: read there, written here)
+    CONFIG_EXTRA_FILE,
+    CONFIG_KEY,
+    GRAPH_KEYS,
+    INPUT_NAME,
+    graph_keys,
+    read_exported_config,
+)
 from ..modeling.postprocessing import masks_at_input_size
 from ..utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "classes", "mask_logits")
 AMODAL_OUTPUT = "amodal_mask_logits"  # the fourth output of a MODEL.IAUNET.AMODAL model
-CONFIG_KEY = "iaunet.config"  # ONNX metadata_props key
-CONFIG_EXTRA_FILE = "iaunet_config.yaml"  # TorchScript extra file
 ONNX_OPSET = 17
-# Keys whose values are baked into the exported graph: changing them needs a new export.
-GRAPH_KEYS = (
-    "TEST.DETECTIONS_PER_IMAGE",
-    "MODEL.IAUNET.TEST.MASK_THRESH",
-    "MODEL.IAUNET.TEST.MASKNESS",
-    "MODEL.IAUNET.TEST.NMS",
-    "MODEL.IAUNET.TEST.NMS_THRESH",
-    "MODEL.IAUNET.TEST.NMS_SIGMA",
-    "MODEL.IAUNET.TEST.NMS_OVERLAP",
-    "MODEL.PIXEL_MEAN",
-    "MODEL.PIXEL_STD",
-)
 
 
 class ExportableIAUNet(nn.Module):
@@ -88,15 +79,6 @@ class ExportableIAUNet(nn.Module):
             classes,
             *(masks_at_input_size(m, (h, w), model.mask_stride) for m in masks),
         )
-
-
-def graph_keys(cfg: CfgNode) -> Dict[str, object]:
-    """The values of :data:`GRAPH_KEYS` in ``cfg``."""
-    values = {}
-    for key in GRAPH_KEYS:
-        value = get_key(cfg, key)
-        values[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return values
 
 
 def trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -161,15 +143,3 @@ def export_model(
     onnx.checker.check_model(proto)
     atomic_write(path, proto.SerializeToString())
     return path
-
-
-def read_exported_config(path: str) -> Optional[str]:
-    """The config YAML stored in an exported file (None when it has none)."""
-    if path.endswith(".onnx"):
-        import onnx
-
-        proto = onnx.load(path, load_external_data=False)
-        return next((p.value for p in proto.metadata_props if p.key == CONFIG_KEY), None)
-    with zipfile.ZipFile(path) as archive:  # a TorchScript file is a zip: <name>/extra/<file>
-        names = [n for n in archive.namelist() if n.endswith("/extra/" + CONFIG_EXTRA_FILE)]
-        return archive.read(names[0]).decode() if names else None

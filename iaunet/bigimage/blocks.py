@@ -28,9 +28,9 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
+from ..inference.tiling import Detection, rank_key, stitch_detections, tile_starts
 from ..outputs.table import amodal_rows, class_name
 from ..utils.atomic import atomic_write
-from .tiling import Detection, rank_key, stitch_detections, tile_starts
 
 Window = Tuple[int, int, int, int]  # y0, x0, y1, x1
 Tile = Tuple[int, Window]  # (index in the image's tile grid, window)

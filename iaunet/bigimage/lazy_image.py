@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .image_io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, ImageReadError, read_image
+from ..data.image_io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, ImageReadError, read_image
 
 ZARR_EXTENSIONS = (".zarr",)
 # Axes that select a plane; y, x stay; s (tifffile) / rgb samples stay as colour channels.
