@@ -192,3 +192,23 @@ def test_profile_table_ranges_and_ops():
     table = profile_table(prof, top=3)
     assert {r["range"] for r in table["ranges"]} == {"module::0", "module::1"}
     assert 0 < len(table["top_ops"]) <= 3 and table["total_self_cpu_ms"] > 0
+
+
+def test_rss_reader_of_this_and_other_processes():
+    """bench.measure.rss_mb, the one /proc reader of the memory benchmarks: this process's resident
+    memory grows with an array it touches; another live process is read; a gone one is None."""
+    import subprocess
+
+    from iaunet.bench.measure import rss_mb, status_kb
+
+    before = rss_mb()
+    block = np.ones(64 * 2**20, np.uint8)  # 64 MB, touched
+    assert rss_mb() - before > 48 and block[-1] == 1
+    assert status_kb("VmHWM") >= status_kb("VmRSS") > 0
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert 0 < rss_mb(child.pid) < rss_mb()
+    finally:
+        child.kill()
+        child.wait()
+    assert rss_mb(child.pid) is None

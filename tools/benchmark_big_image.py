@@ -36,6 +36,7 @@ import tifffile
 import zarr
 from detectron2.data import DatasetCatalog
 
+from iaunet.bench.measure import rss_mb
 from iaunet.bigimage.big_image import PredictorSpec, predict_big, read_objects, worker_predictor
 from iaunet.bigimage.lazy_image import open_plane
 from iaunet.data import read_image
@@ -137,15 +138,6 @@ def _load_model(spec: PredictorSpec) -> None:
     worker_predictor(spec)  # kept in the worker; nothing is sent back
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` now (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class RssSampler(threading.Thread):
     """The highest resident memory of each process in ``pids``, sampled every 0.2 s from outside
     (a worker's own ``ru_maxrss`` can include what its parent held when it was forked)."""
@@ -159,7 +151,7 @@ class RssSampler(threading.Thread):
         while not self.done.wait(0.2):
             for pid in self.peak:
                 try:
-                    self.peak[pid] = max(self.peak[pid], _rss_mb(pid))
+                    self.peak[pid] = max(self.peak[pid], (rss_mb(pid) or 0.0))
                 except OSError:  # the process ended
                     pass
 

@@ -32,20 +32,11 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from iaunet.bench.measure import rss_mb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENE = 128
 EVAL_SIZE = (520, 704)  # LIVECell images (H, W)
-
-
-def _vmrss_mb(pid: int) -> Optional[float]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def run_sampled(
@@ -65,7 +56,7 @@ def run_sampled(
             stderr.append(chunk)
         if pid:
             break
-        rss = _vmrss_mb(proc.pid)
+        rss = rss_mb(proc.pid)
         if rss is not None:
             samples.append(
                 (round(time.time() - start, 2), round(rss, 1), progress() if progress else 0)
@@ -186,7 +177,7 @@ def case_eval(args) -> Dict:
 
 
 def _rss_now_mb() -> float:
-    return _vmrss_mb(os.getpid()) or 0.0
+    return rss_mb() or 0.0
 
 
 def _cells(rng: np.random.Generator, count: int) -> List[np.ndarray]:

@@ -29,15 +29,24 @@ def _libc():
 _LIBC = _libc()
 
 
-def _status_kb(field: str) -> Optional[int]:
+def status_kb(field: str, pid: "int | str" = "self") -> Optional[int]:
+    """A memory field (``VmRSS``, ``VmHWM``) of process ``pid`` from Linux's ``/proc/<pid>/status``,
+    in kB; None where there is none (another OS, a process that has exited). The one reader of it
+    (the benchmark tools sample other processes with it)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def rss_mb(pid: "int | str" = "self") -> Optional[float]:
+    """Resident memory of process ``pid`` now, in MB (None where unknown)."""
+    kb = status_kb("VmRSS", pid)
+    return None if kb is None else kb / 1024
 
 
 def _reset_peak_rss() -> bool:
@@ -64,7 +73,7 @@ class PeakMemory:
             _LIBC.malloc_trim(
                 0
             )  # give freed heap back, so the baseline RSS is what is really in use
-        self._base = _status_kb("VmRSS")
+        self._base = status_kb("VmRSS")
         self.per_call = self._base is not None and _reset_peak_rss()
         if self.cuda:
             torch.cuda.synchronize()
@@ -81,7 +90,7 @@ class PeakMemory:
                 (peak - self._cuda_base) / 2**20,
             )
         if self.per_call:
-            peak_kb = _status_kb("VmHWM")
+            peak_kb = status_kb("VmHWM")
             self.rss_peak_mb, self.rss_increase_mb = peak_kb / 1024, (peak_kb - self._base) / 1024
         else:  # process-lifetime high-water mark (Linux reports KiB)
             self.rss_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
