@@ -201,9 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.MODEL.IAUNET.TEST.ONE_PIECE = False
     if args.format == "bioimageio" and cfg.MODEL.IAUNET.TEST.MIN_AREA > 0:
         logger.info(
-            f"MODEL.IAUNET.TEST.MIN_AREA {cfg.MODEL.IAUNET.TEST.MIN_AREA} is not in the bioimage.io "
-            "package: its graph keeps masks of any size (iaunet-predict drops the smaller ones, "
-            "for any backend)"
+            f"MODEL.IAUNET.TEST.MIN_AREA {cfg.MODEL.IAUNET.TEST.MIN_AREA} is not in the "
+            "bioimage.io package: its graph keeps masks of any size (iaunet-predict drops the "
+            "smaller ones, for any backend)"
         )
         cfg.MODEL.IAUNET.TEST.MIN_AREA = 0.0
     model = build_model(cfg).eval()
