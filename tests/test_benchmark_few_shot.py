@@ -208,3 +208,18 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     assert tool.main(["--collect", str(work)]) == 0  # the table again, from results.json
     rows = [r for r in capsys.readouterr().out.splitlines() if "fold3 (bottom_right)" in r]
     assert len(rows) == 6 and rows[2].startswith("| Otsu + watershed |")
+    # the saved model scored again with an override (--reuse: not trained again): its rows are
+    # replaced, the peers' rows of the first run are kept
+    before = json.loads((work / "results.json").read_text())["results"]
+    k = argv.index("--opts")
+    again = [*argv[:k], "--reuse", "--no-cellpose", "--no-stardist", *argv[k:],
+             "MODEL.IAUNET.TEST.MIN_AREA", "0.5"]  # fmt: skip
+    assert tool.main(again) == 0
+    after = json.loads((work / "results.json").read_text())["results"]
+    assert set(after) == set(before)
+    assert after["Cellpose 3 (scratch) @11.5 CPU-s"] == before["Cellpose 3 (scratch) @11.5 CPU-s"]
+    assert after["IAUNet @11.5 CPU-s"]["fold3"]["cpu_s"] == iaunet["cpu_s"]  # not trained again
+    capsys.readouterr()
+    assert tool.main(["--collect", str(work)]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if "fold3 (bottom_right)" in r]
+    assert len(rows) == 6 and rows[2].startswith("| Otsu + watershed |")

@@ -249,6 +249,22 @@ def collect(works: List[str]) -> str:
     return table(results, [folds[k] for k in sorted(folds)])
 
 
+def earlier_results(work: str) -> Dict[str, Dict[str, Dict]]:
+    """The rows of an earlier run's ``results.json`` in ``work`` (e.g. the peers', when IAUNet's
+    saved models are scored again with ``--reuse --opts ...``); this run's rows replace those of
+    the same method and fold."""
+    path = os.path.join(work, "results.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        results = json.load(f)["results"]
+    rows = sum(len(per_fold) for per_fold in results.values())
+    print(
+        f"{path}: {rows} rows of an earlier run kept (this run's rows replace theirs)", flush=True
+    )
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="output/benchmark_few_shot", help="folds, runs, logs")
@@ -299,8 +315,8 @@ def main(argv=None) -> int:
             image, labels = fs.image_variant(image, labels, fs.parse_variant(args.variant))
         except ValueError as e:
             p.error(str(e))
-    folds = fs.write_folds(image, labels, args.work)
-    folds = [folds[int(k)] for k in args.folds.split(",")]
+    written = fs.write_folds(image, labels, args.work)
+    folds = [written[int(k)] for k in args.folds.split(",")]
     cellpose = {
         CELLPOSE: fs.cellpose_labels,
         CELLPOSE_AUG: lambda model, img: fs.cellpose_labels(model, img, augment=True),
@@ -317,7 +333,7 @@ def main(argv=None) -> int:
             print(f"{name} is not installed (pip install -e '.[fewshot]'): skipped", flush=True)
             del peers[name]
     at = f" @{args.budget:g} CPU-s" if args.budget else ""
-    results: Dict[str, Dict[str, Dict]] = {}
+    results = earlier_results(args.work)  # rows of an earlier run in --work are kept
     for fold in folds:
         found = iaunet_fold(args, fold)
         found[OTSU] = otsu_fold(fold)
@@ -326,11 +342,11 @@ def main(argv=None) -> int:
             found.update(run_peer(fold, budget))
         for method, result in found.items():
             results.setdefault(method if method == OTSU else method + at, {})[fold["name"]] = result
-        print(table(results, folds), flush=True)
+        print(table(results, written), flush=True)
         atomic_write(
             os.path.join(args.work, "results.json"),
             json.dumps({"opts": args.opts, "budget": args.budget, "variant": args.variant,
-                        "folds": folds, "results": results}, indent=1),
+                        "folds": written, "results": results}, indent=1),
         )  # fmt: skip
     return 0
 
