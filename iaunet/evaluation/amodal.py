@@ -31,6 +31,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from ..data import statistics
 from ..data.datasets.common import AMODAL_FIELD
 from .matching import match_pairs
 
@@ -172,7 +173,7 @@ class HiddenFractionEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             record = self._gt[inp["image_id"]]
             h, w = record["height"], record["width"]
-            objects = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
+            objects = statistics.objects(record)
             gt_whole = [to_rle(a.get(AMODAL_FIELD, a["segmentation"]), h, w) for a in objects]
             gt_hidden = np.array([hidden_fraction(a, h, w) for a in objects])
             inst = out["instances"].to("cpu")
