@@ -40,7 +40,7 @@ from iaunet.bench.measure import rss_mb
 from iaunet.bigimage.big_image import PredictorSpec, predict_big, read_objects, worker_predictor
 from iaunet.bigimage.lazy_image import open_plane
 from iaunet.data import read_image
-from iaunet.evaluation.matching import InstanceMatchingEvaluator
+from iaunet.evaluation.matching import InstanceMatchingEvaluator, match_pairs
 
 Crops = List[Tuple[int, int, np.ndarray]]  # (y0, x0, bool crop) per instance
 THRESH = 0.5
@@ -80,14 +80,15 @@ def build_mosaic(dataset: str, size: int, path: str, seed: int = 0) -> Crops:
 
 
 def f1(pred: Crops, gt: Crops, iou: float = 0.5) -> float:
-    """One-to-one matching at IoU > ``iou`` (greedy by IoU, candidates by box), F1 in %."""
+    """F1 in % of the one-to-one matching at IoU >= ``iou`` (``evaluation.matching.match_pairs``, as
+    every evaluation here), the IoUs computed on the crops of pairs whose boxes share a cell."""
     cell = 256
     buckets: Dict[Tuple[int, int], List[int]] = {}
     for j, (y0, x0, c) in enumerate(gt):
         for by in range(y0 // cell, (y0 + c.shape[0] - 1) // cell + 1):
             for bx in range(x0 // cell, (x0 + c.shape[1] - 1) // cell + 1):
                 buckets.setdefault((by, bx), []).append(j)
-    pairs = []
+    ious = np.zeros((len(gt), len(pred)))
     for i, (y0, x0, c) in enumerate(pred):
         cands = {
             j
@@ -106,16 +107,9 @@ def f1(pred: Crops, gt: Crops, iou: float = 0.5) -> float:
                 c[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0]
                 & g[ty0 - gy : ty1 - gy, tx0 - gx : tx1 - gx]
             )
-            union = c.sum() + g.sum() - inter
-            if inter / union > iou:
-                pairs.append((inter / union, i, j))
-    used_p, used_g = set(), set()
-    for _, i, j in sorted(pairs, reverse=True):
-        if i not in used_p and j not in used_g:
-            used_p.add(i)
-            used_g.add(j)
+            ious[j, i] = inter / (c.sum() + g.sum() - inter)
     total = len(pred) + len(gt)
-    return 100.0 * 2 * len(used_p) / total if total else 100.0
+    return 100.0 * 2 * len(match_pairs(ious, iou)[0]) / total if total else 100.0
 
 
 def in_process(spec: PredictorSpec, path: str) -> Tuple[Crops, float, float]:
