@@ -207,7 +207,7 @@ def add_iaunet_config(cfg: CN) -> None:
     m.TEST.NMS_SIGMA = 2.0  # Gaussian decay of "matrix" NMS
     m.TEST.NMS_OVERLAP = "iou"  # overlap measure of NMS: iou | ios (intersection over the smaller)
     # test-time augmentation: none | flip (4 views) | dihedral (8: flips and 90-degree rotations),
-    # outputs merged query by query (iaunet.modeling.test_time_augmentation); eager PyTorch only
+    # outputs merged query by query (iaunet.modeling.tta); eager PyTorch only
     m.TEST.TTA = "none"
     m.TEST.AUX_PREDICTIONS = False  # also compute every block's prediction at inference (reference)
 

@@ -16,8 +16,8 @@ from .modeling.dense_supervision import DenseHead
 from .modeling.matcher import HungarianMatcher
 from .modeling.pixel_decoder import UNetPixelDecoder
 from .modeling.postprocessing import PostProcessing, instances_from_topk, topk_predictions
-from .modeling.test_time_augmentation import VIEWS, predict_views
 from .modeling.transformer_decoder import QueryDecoder
+from .modeling.tta import VIEWS, predict_views
 
 
 @META_ARCH_REGISTRY.register()

@@ -11,7 +11,7 @@ from .bigimage.lazy_image import is_zarr
 from .data.image_io import IMAGE_EXTENSIONS
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference.backends import BACKENDS
-from .modeling.test_time_augmentation import VIEWS
+from .modeling.tta import VIEWS
 from .outputs.writer import OUTPUTS
 
 logger = logging.getLogger("iaunet.predict")

@@ -1,4 +1,4 @@
-"""Test-time augmentation (MODEL.IAUNET.TEST.TTA, iaunet.modeling.test_time_augmentation): views
+"""Test-time augmentation (MODEL.IAUNET.TEST.TTA, iaunet.modeling.tta): views
 that invert exactly, queries aligned across views, merged outputs, the model and the predictor."""
 
 import numpy as np
@@ -10,7 +10,7 @@ from detectron2.modeling import build_model
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
 from iaunet.inference import IAUNetPredictor
-from iaunet.modeling.test_time_augmentation import (
+from iaunet.modeling.tta import (
     VIEWS,
     align_queries,
     apply_view,

@@ -28,7 +28,7 @@ from napari.qt.threading import thread_worker
 from ..checkpoint import read_checkpoint
 from ..config import trained_config
 from ..inference import IAUNetPredictor
-from ..modeling.test_time_augmentation import VIEWS
+from ..modeling.tta import VIEWS
 from ..outputs.writer import image_prediction
 from .layers import LayerData, prediction_layers
 
