@@ -36,12 +36,13 @@ from typing import Dict, List, Optional, Sequence
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .bigimage.big_image import PredictorSpec, predict_big
+from .bigimage.big_image import predict_big
 from .bigimage.lazy_image import is_zarr, open_plane
 from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import read_image
 from .inference import IAUNetPredictor
+from .inference.predictor import PredictorSpec
 from .outputs.coco import category_ids
 from .outputs.writer import PredictionWriter, image_prediction, parse_save
 from .predict_args import UsageError, build_parser, expand_inputs, flag_opts, output_stems
@@ -66,19 +67,10 @@ def build_predictor(args: argparse.Namespace) -> IAUNetPredictor:
         raise UsageError(f"weights file not found: {args.weights}")
     if args.tile < 0 or (args.tile_overlap is not None and args.tile_overlap < 0):
         raise UsageError("--tile and --tile-overlap must be >= 0")
-    opts = flag_opts(args)
-    # The model's own threshold must not hide instances the user asked for.
-    kwargs = dict(scale=args.scale, diameter=args.diameter, min_score=args.score_threshold)
     source = args.model if exported else args.weights
     try:
-        if exported:
-            predictor = IAUNetPredictor.from_exported(
-                args.model, args.backend, args.config_file, opts, **kwargs
-            )
-        else:
-            predictor = IAUNetPredictor.from_checkpoint(
-                args.weights, args.config_file, opts, **kwargs
-            )
+        # min_score: the model's own threshold must not hide instances the user asked for
+        predictor = predictor_spec(args, absolute=False).build(threads=None)
     except (ConfigError, CheckpointError) as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # a file or config value the model/predictor rejects
@@ -143,14 +135,16 @@ def dask_client(address: str):
         raise UsageError(f"cannot reach the Dask scheduler {address}: {one_line(e)}") from None
 
 
-def predictor_spec(args: argparse.Namespace) -> PredictorSpec:
-    """What a Dask worker needs to build the predictor of the command line."""
+def predictor_spec(args: argparse.Namespace, absolute: bool = True) -> PredictorSpec:
+    """The predictor of the command line (``absolute``: its files as absolute paths, for Dask
+    workers; else as given, as messages name them)."""
     opts = flag_opts(args)
+    path = os.path.abspath if absolute else str
     return PredictorSpec(
-        weights=os.path.abspath(args.weights) if args.weights else "",
-        model=os.path.abspath(args.model) if args.model else "",
+        weights=path(args.weights) if args.weights else "",
+        model=path(args.model) if args.model else "",
         backend=args.backend,
-        config_file=os.path.abspath(args.config_file) if args.config_file else "",
+        config_file=path(args.config_file) if args.config_file else "",
         opts=tuple(opts),
         scale=args.scale,
         diameter=args.diameter,

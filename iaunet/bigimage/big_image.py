@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.image_io import intensity_range
+from ..inference.predictor import PredictorSpec
 from ..outputs.table import AMODAL_COLUMNS
 from ..utils.atomic import atomic_write
 from .blocks import (
@@ -70,32 +71,6 @@ TABLE_FIELDS = (
     "bbox_height",
     "block",
 )
-
-
-@dataclass(frozen=True)
-class PredictorSpec:
-    """How a worker builds its predictor (the model is loaded in the worker, not shipped)."""
-
-    weights: str = ""
-    model: str = ""
-    backend: str = "pytorch"
-    config_file: str = ""
-    opts: Tuple[str, ...] = ()
-    scale: Optional[float] = None
-    diameter: Optional[float] = None
-    min_score: Optional[float] = None
-
-    def build(self):
-        from ..inference.predictor import IAUNetPredictor
-
-        kwargs = dict(scale=self.scale, diameter=self.diameter, min_score=self.min_score)
-        if self.backend != "pytorch":
-            return IAUNetPredictor.from_exported(
-                self.model, self.backend, self.config_file, list(self.opts), threads=1, **kwargs
-            )
-        return IAUNetPredictor.from_checkpoint(
-            self.weights, self.config_file, list(self.opts), **kwargs
-        )
 
 
 _PREDICTORS: Dict[PredictorSpec, object] = {}

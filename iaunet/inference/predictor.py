@@ -10,6 +10,7 @@ typical object diameter in the image's pixels, as Cellpose users give it).
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -356,3 +357,33 @@ class IAUNetPredictor:
         with torch.inference_mode():
             out = self.model(inputs)
         return [o["instances"].to("cpu") for o in out]
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """What a predictor is built from, the one way every front end builds one (``iaunet-predict``
+    in process and its Dask workers, napari, the benchmark tools): a checkpoint (``weights``) or an
+    exported file (``model``, run by ``backend``), a config file and overrides, the scale or object
+    diameter, the lowest score kept. Hashable and picklable: a Dask worker gets the spec and loads
+    the model itself."""
+
+    weights: str = ""
+    model: str = ""
+    backend: str = "pytorch"
+    config_file: str = ""
+    opts: Tuple[str, ...] = ()
+    scale: Optional[float] = None
+    diameter: Optional[float] = None
+    min_score: Optional[float] = None
+
+    def build(self, threads: Optional[int] = 1) -> IAUNetPredictor:
+        """The predictor (``threads``: of an exported model's runtime; None = its default)."""
+        kwargs = dict(scale=self.scale, diameter=self.diameter, min_score=self.min_score)
+        if self.backend != "pytorch":
+            return IAUNetPredictor.from_exported(
+                self.model, self.backend, self.config_file, list(self.opts), threads=threads,
+                **kwargs,
+            )  # fmt: skip
+        return IAUNetPredictor.from_checkpoint(
+            self.weights, self.config_file, list(self.opts), **kwargs
+        )

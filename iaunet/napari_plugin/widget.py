@@ -28,6 +28,7 @@ from napari.qt.threading import thread_worker
 from ..checkpoint import read_checkpoint
 from ..config import trained_config
 from ..inference import IAUNetPredictor
+from ..inference.predictor import PredictorSpec
 from ..modeling.tta import VIEWS
 from ..outputs.writer import image_prediction
 from .layers import LayerData, prediction_layers
@@ -130,15 +131,9 @@ class PredictWidget(Container):
             opts = ["MODEL.DEVICE", device]
             if tta != AS_TRAINED:
                 opts += ["MODEL.IAUNET.TEST.TTA", tta]
-            self._predictors = {  # keep one model in memory
-                key: IAUNetPredictor.from_checkpoint(
-                    weights,
-                    config,
-                    opts=opts,
-                    scale=scale,
-                    diameter=diameter,
-                )
-            }
+            spec = PredictorSpec(weights, config_file=config, opts=tuple(opts), scale=scale,
+                                 diameter=diameter)  # fmt: skip
+            self._predictors = {key: spec.build()}  # keep one model in memory
         return self._predictors[key]
 
     def _inputs(self) -> Tuple[np.ndarray, str, Dict[str, Any], Tuple]:
