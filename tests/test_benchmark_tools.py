@@ -195,20 +195,36 @@ def test_profile_table_ranges_and_ops():
 
 
 def test_rss_reader_of_this_and_other_processes():
-    """bench.measure.rss_mb, the one /proc reader of the memory benchmarks: this process's resident
-    memory grows with an array it touches; another live process is read; a gone one is None."""
+    """bench.measure.rss_mb, the one /proc reader of the memory benchmarks: another process's
+    resident memory, read from outside, grows by what it touches; a gone process is None; this
+    process's is its own VmRSS."""
     import subprocess
+    import sys
+
+    import pytest
 
     from iaunet.bench.measure import rss_mb, status_kb
 
-    before = rss_mb()
-    block = np.ones(64 * 2**20, np.uint8)  # 64 MB, touched
-    assert rss_mb() - before > 48 and block[-1] == 1
-    assert status_kb("VmHWM") >= status_kb("VmRSS") > 0
-    child = subprocess.Popen(["sleep", "5"])
+    code = (
+        "import sys, numpy as np; print('ready', flush=True); sys.stdin.readline(); "
+        "a = np.ones(64 * 2**20, np.uint8); print(a[-1], flush=True); sys.stdin.readline()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
-        assert 0 < rss_mb(child.pid) < rss_mb()
+        assert child.stdout.readline().strip() == "ready"
+        before = rss_mb(child.pid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "1"  # 64 MB allocated and touched
+        assert rss_mb(child.pid) - before > 48
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
     finally:
         child.kill()
         child.wait()
     assert rss_mb(child.pid) is None
+    assert rss_mb() == pytest.approx(status_kb("VmRSS") / 1024, rel=0.2)
+    assert status_kb("VmHWM") >= status_kb("VmRSS") > 0
