@@ -50,11 +50,11 @@ import torch
 import iaunet  # noqa: F401
 
 # isort: split
-from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
 
 from iaunet import add_iaunet_config
+from iaunet.bench.benchmark import MASK_RCNN_CONFIG, mask_rcnn_config
 from iaunet.bench.reports import comparison_report
 from iaunet.bench.training_runs import (
     D2MapperTrainer,
@@ -67,7 +67,6 @@ from iaunet.data.auto_config import resolve_config_from_data
 from iaunet.engine import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 D2_ANCHOR_SIZES = [[32], [64], [128], [256], [512]]
 D2_REFERENCE_SIZE = 800  # detectron2's default shortest side, for which its anchor sizes are chosen
 logger = logging.getLogger("iaunet.compare_maskrcnn")
@@ -88,12 +87,14 @@ def maskrcnn_cfg(args, icfg: CfgNode, iters: int = 0) -> CfgNode:
     iters = iters or args_iters(args, icfg)
     icfg = icfg.clone()  # may be frozen (trained already); its sub-nodes are copied below
     icfg.defrost()
-    cfg = get_cfg()
-    add_iaunet_config(cfg)  # Trainer and our mapper read IAUNet's INPUT/SOLVER keys
-    cfg.merge_from_file(model_zoo.get_config_file(args.maskrcnn_config))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = icfg.MODEL.IAUNET.NUM_CLASSES
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = max(icfg.MODEL.IAUNET.TEST.SCORE_THRESH, 0.0)
+    base = get_cfg()
+    add_iaunet_config(base)  # Trainer and our mapper read IAUNet's INPUT/SOLVER keys
+    cfg = mask_rcnn_config(
+        args.maskrcnn_config,
+        icfg.MODEL.IAUNET.NUM_CLASSES,
+        max(icfg.MODEL.IAUNET.TEST.SCORE_THRESH, 0.0),
+        base=base,
+    )
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = (
         list(icfg.MODEL.PIXEL_MEAN),
         list(icfg.MODEL.PIXEL_STD),

@@ -14,7 +14,7 @@ initialised IAUNet scores every query below its 0.01 threshold and would upsampl
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -125,6 +125,26 @@ def build_backend(bench: BenchModel, backend: str, folder: str, size: int) -> Be
     return out
 
 
+def mask_rcnn_config(
+    config_name: str = MASK_RCNN_CONFIG,
+    num_classes: int = 1,
+    score_thresh: Optional[float] = None,
+    base: Optional[CfgNode] = None,
+) -> CfgNode:
+    """detectron2's model-zoo Mask R-CNN config ``config_name`` without weights (nothing is
+    downloaded), for ``num_classes`` classes, keeping detections above ``score_thresh`` (None: the
+    config's); merged into ``base`` when given (a config with more keys, e.g. IAUNet's input keys
+    for its data pipeline). The one builder of the Mask R-CNN baselines (``tools/benchmark.py``,
+    ``tools/compare_maskrcnn.py``)."""
+    cfg = base if base is not None else get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(config_name))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    if score_thresh is not None:
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_thresh
+    return cfg
+
+
 def build_mask_rcnn(
     opts: Sequence[str],
     device: str,
@@ -132,12 +152,7 @@ def build_mask_rcnn(
     config_name: str = MASK_RCNN_CONFIG,
     variant: str = "",
 ) -> BenchModel:
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(config_name))
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1
-    cfg.MODEL.WEIGHTS = ""
-    if dense:
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg = mask_rcnn_config(config_name, 1, 0.0 if dense else None)
     merge_config(cfg, opts=list(opts) + variant.split())
     cfg.MODEL.DEVICE = device
     cfg.freeze()
