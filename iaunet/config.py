@@ -10,6 +10,10 @@ from typing import Any, Sequence
 
 from detectron2.config import CfgNode as CN
 
+# what users keep: the outputs' score threshold of a model that has no tuned one
+# (MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH), iaunet-predict's --score-threshold, the evaluation's F1
+DEFAULT_SCORE_THRESH = 0.5
+
 
 class ConfigError(ValueError):
     """A config file or KEY VALUE override that cannot be used; the message names the file or the
@@ -184,7 +188,7 @@ def add_iaunet_config(cfg: CN) -> None:
     # what users get: the score from which a detection is kept in iaunet-predict's outputs (its
     # --score-threshold default), napari's and the matching F1 of evaluation (AP reads the ranked
     # list down to SCORE_THRESH)
-    m.TEST.OUTPUT_SCORE_THRESH = 0.5
+    m.TEST.OUTPUT_SCORE_THRESH = DEFAULT_SCORE_THRESH
     # after training, set OUTPUT_SCORE_THRESH to the threshold with the best matching F1@0.5 on the
     # images held out of the training sets (DATASETS.TEST empty), else on the training images;
     # saved in model_final.pth (iaunet.engine.threshold_tuning; StarDist's optimize_thresholds)

@@ -26,11 +26,11 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from scipy.optimize import linear_sum_assignment
 
+from ..config import DEFAULT_SCORE_THRESH
 from ..data.statistics import objects
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SCORE_THRESH = 0.5  # iaunet-predict's default --score-threshold: what users keep
 TAUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.5 ... 0.9
 
 
