@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from iaunet.bench.benchmark import synthetic_sample
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.config import ConfigError
-from iaunet.deploy.export import CONFIG_KEY, ExportableIAUNet, export_model
+from iaunet.deploy.export import CONFIG_KEY, ExportableIAUNet, export_model, graph_config
 from iaunet.inference import IAUNetPredictor
 from iaunet.inference.backends import load_backend
 from iaunet.modeling.postprocessing import mask_overlap
@@ -213,6 +213,35 @@ def test_exported_config_must_match_the_graph(exported):
         del proto.metadata_props[:]
         onnx.save(proto, bare)
         IAUNetPredictor.from_exported(bare)
+
+
+def test_exporters_read_the_predictors_settings(exported):
+    """The exporter takes the trained model's settings from its predictor: the graph's config is
+    the predictor's, less test-time augmentation (and, in a bioimage.io package, the piece and
+    size filters its graph does not run); a predictor on the exported file then applies the
+    kept settings as the checkpoint's does."""
+    _, checkpoint, _ = exported
+    opts = ["MODEL.IAUNET.TEST.TTA", "flip", "MODEL.IAUNET.TEST.ONE_PIECE", True]
+    opts += ["MODEL.IAUNET.TEST.MIN_AREA", 0.2, "INPUT.OBJECT_DIAMETER", 12.0]
+    opts += ["MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH", 0.7]
+    predictor = IAUNetPredictor.from_checkpoint(checkpoint, opts=opts)
+    assert (predictor.test_augmentation, predictor.one_piece) == ("flip", True)
+    assert (predictor.min_area, predictor.output_threshold) == (0.2, 0.7)
+    cfg = graph_config(predictor)
+    test = cfg.MODEL.IAUNET.TEST
+    assert test.TTA == "none" and test.ONE_PIECE and test.MIN_AREA == 0.2
+    assert test.OUTPUT_SCORE_THRESH == 0.7
+    package = graph_config(predictor, package=True)
+    assert not package.MODEL.IAUNET.TEST.ONE_PIECE and package.MODEL.IAUNET.TEST.MIN_AREA == 0
+    assert predictor.test_augmentation == "flip" and predictor.min_area == 0.2  # its own, untouched
+
+    path = os.path.join(os.path.dirname(checkpoint), "settings.onnx")
+    args = ["--weights", checkpoint, "--format", "onnx", "--output", path, "--no-check"]
+    assert export_tool.main(args + ["--opts", *map(str, opts)]) == 0
+    onnx_predictor = IAUNetPredictor.from_exported(path)
+    assert onnx_predictor.test_augmentation == "none"
+    assert (onnx_predictor.one_piece, onnx_predictor.min_area) == (True, 0.2)
+    assert onnx_predictor.output_threshold == 0.7
 
 
 @pytest.mark.parametrize(

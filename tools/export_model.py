@@ -27,16 +27,15 @@ import time
 from typing import Optional, Sequence
 
 import torch
-from detectron2.modeling import build_model
 
-from iaunet.checkpoint import AtomicCheckpointer, CheckpointError, read_checkpoint
+from iaunet.checkpoint import CheckpointError
 from iaunet.config import ConfigError, exit_on_config_error
 from iaunet.data.image_io import read_image
 from iaunet.deploy.bioimageio_rdf import PackageInfo
-from iaunet.deploy.export import FORMATS, ExportableIAUNet, export_model
+from iaunet.deploy.export import FORMATS, ExportableIAUNet, export_model, graph_config
 from iaunet.evaluation.matching import DEFAULT_SCORE_THRESH
 from iaunet.inference.backends import load_backend
-from iaunet.inference.predictor import config_from_checkpoint
+from iaunet.inference.predictor import PredictorSpec
 
 logger = logging.getLogger("iaunet.export")
 
@@ -129,8 +128,9 @@ def check_export(model, path: str, fmt: str, size: Sequence[int]) -> dict:
     }
 
 
-def export_package(model, cfg, args: argparse.Namespace) -> int:
-    """``--format bioimageio``: write the package, then run bioimageio.core's test on it."""
+def export_package(model, cfg, args: argparse.Namespace, score_thresh: float) -> int:
+    """``--format bioimageio``: write the package (detections scoring at least ``score_thresh``),
+    then run bioimageio.core's test on it."""
     if args.size or args.dynamic:
         raise ConfigError("--size / --dynamic do not apply to --format bioimageio")
     try:
@@ -156,11 +156,7 @@ def export_package(model, cfg, args: argparse.Namespace) -> int:
             cfg,
             args.output,
             info,
-            score_thresh=(
-                cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH
-                if args.score_threshold is None
-                else args.score_threshold
-            ),
+            score_thresh=score_thresh,
             channels=args.channels,
             test_image=image,
             labels_only=args.labels_only,
@@ -180,36 +176,22 @@ def export_package(model, cfg, args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     args = parse_args(argv)
+    # The predictor owns the trained model's settings (the saved config, TTA, output threshold):
+    # the graph is its model, traced on the CPU (a TorchScript file loads onto any device).
+    spec = PredictorSpec(
+        weights=args.weights,
+        config_file=args.config_file,
+        opts=(*args.opts, "MODEL.DEVICE", "cpu"),
+    )
     try:
-        checkpoint = read_checkpoint(args.weights)
+        predictor = spec.build()
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
-    cfg = config_from_checkpoint(checkpoint, args.config_file, args.opts, args.weights)
-    cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; a TorchScript file loads onto any device
-    cfg.MODEL.WEIGHTS = args.weights
-    if cfg.MODEL.IAUNET.TEST.TTA != "none":
-        logger.info(
-            f"MODEL.IAUNET.TEST.TTA {cfg.MODEL.IAUNET.TEST.TTA} is not exported: the graph runs "
-            "one view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
-        )
-        cfg.MODEL.IAUNET.TEST.TTA = "none"
-    if args.format == "bioimageio" and cfg.MODEL.IAUNET.TEST.ONE_PIECE:
-        logger.info(
-            "MODEL.IAUNET.TEST.ONE_PIECE is not in the bioimage.io package: its graph writes each "
-            "mask whole (iaunet-predict keeps the largest piece of each, for any backend)"
-        )
-        cfg.MODEL.IAUNET.TEST.ONE_PIECE = False
-    if args.format == "bioimageio" and cfg.MODEL.IAUNET.TEST.MIN_AREA > 0:
-        logger.info(
-            f"MODEL.IAUNET.TEST.MIN_AREA {cfg.MODEL.IAUNET.TEST.MIN_AREA} is not in the "
-            "bioimage.io package: its graph keeps masks of any size (iaunet-predict drops the "
-            "smaller ones, for any backend)"
-        )
-        cfg.MODEL.IAUNET.TEST.MIN_AREA = 0.0
-    model = build_model(cfg).eval()
-    AtomicCheckpointer(model).load_checkpoint(checkpoint)
+    model = predictor.model
+    cfg = graph_config(predictor, package=args.format == "bioimageio")
     if args.format == "bioimageio":
-        return export_package(model, cfg, args)
+        score = predictor.output_threshold if args.score_threshold is None else args.score_threshold
+        return export_package(model, cfg, args, score)
     size = tuple(args.size) if args.size else (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE)
     dynamic = args.dynamic or not args.size
     start = time.perf_counter()

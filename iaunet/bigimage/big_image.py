@@ -270,7 +270,7 @@ def predict_big(
         value_range=value_range,
         per_tile=per_tile,
         label_dtype=id_dtype(num_tiles, per_tile).name,
-        amodal=bool(predictor.cfg.MODEL.IAUNET.AMODAL),
+        amodal=predictor.amodal,
         # as in-process: objects stitched from every detection, then the outputs' threshold
         score_threshold=predictor.output_threshold,
         class_names=tuple(getattr(predictor.metadata, "thing_classes", None) or ()),

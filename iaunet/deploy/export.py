@@ -81,6 +81,37 @@ class ExportableIAUNet(nn.Module):
         )
 
 
+def graph_config(predictor, package: bool = False) -> CfgNode:
+    """The config an exported graph of ``predictor``'s model carries (the model is the predictor's;
+    so are its settings): the predictor's own, less the steps that the graph does not run, each
+    named in the log. Test-time augmentation runs in PyTorch only; a bioimage.io ``package``'s
+    graph writes each mask whole and of any size (``iaunet-predict`` keeps the largest piece and
+    drops the small ones for every backend, from the config the file carries)."""
+    cfg = predictor.cfg.clone()
+    cfg.defrost()
+    if predictor.test_augmentation != "none":
+        logger.info(
+            f"MODEL.IAUNET.TEST.TTA {predictor.test_augmentation} is not exported: the graph runs "
+            "one view (test-time augmentation runs in iaunet-predict's PyTorch backend)"
+        )
+        cfg.MODEL.IAUNET.TEST.TTA = "none"
+    if package and predictor.one_piece:
+        logger.info(
+            "MODEL.IAUNET.TEST.ONE_PIECE is not in the bioimage.io package: its graph writes each "
+            "mask whole (iaunet-predict keeps the largest piece of each, for any backend)"
+        )
+        cfg.MODEL.IAUNET.TEST.ONE_PIECE = False
+    if package and predictor.min_area > 0:
+        logger.info(
+            f"MODEL.IAUNET.TEST.MIN_AREA {predictor.min_area} is not in the bioimage.io package: "
+            "its graph keeps masks of any size (iaunet-predict drops the smaller ones, for any "
+            "backend)"
+        )
+        cfg.MODEL.IAUNET.TEST.MIN_AREA = 0.0
+    cfg.freeze()
+    return cfg
+
+
 def trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """``torch.jit.trace`` of an inference module (no gradients, no trace check)."""
     with torch.no_grad():

@@ -157,6 +157,27 @@ class IAUNetPredictor:
             return float(self.min_score)
         return float(self.cfg.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
 
+    @property
+    def test_augmentation(self) -> str:
+        """The views merged per image (``MODEL.IAUNET.TEST.TTA``; "none": one view)."""
+        return str(self.cfg.MODEL.IAUNET.TEST.TTA)
+
+    @property
+    def amodal(self) -> bool:
+        """Whether the objects come with whole outlines (``MODEL.IAUNET.AMODAL``)."""
+        return bool(self.cfg.MODEL.IAUNET.AMODAL)
+
+    @property
+    def one_piece(self) -> bool:
+        """Whether each mask keeps only its largest piece (``MODEL.IAUNET.TEST.ONE_PIECE``)."""
+        return bool(self.cfg.MODEL.IAUNET.TEST.ONE_PIECE)
+
+    @property
+    def min_area(self) -> float:
+        """Masks under this fraction of a disc of ``INPUT.OBJECT_DIAMETER`` model px are dropped
+        (``MODEL.IAUNET.TEST.MIN_AREA``; 0: none)."""
+        return float(self.cfg.MODEL.IAUNET.TEST.MIN_AREA)
+
     @classmethod
     def from_checkpoint(
         cls, weights: str, config_file: str = "", opts: Sequence[str] = (), **kwargs
@@ -190,9 +211,9 @@ class IAUNetPredictor:
         the file's config YAML when already read)."""
         if not model_file:
             raise ValueError(f"backend {self.backend} needs an exported model file (--model)")
-        if self.cfg.MODEL.IAUNET.TEST.TTA != "none":
+        if self.test_augmentation != "none":
             raise ConfigError(
-                f"MODEL.IAUNET.TEST.TTA {self.cfg.MODEL.IAUNET.TEST.TTA}: test-time augmentation "
+                f"MODEL.IAUNET.TEST.TTA {self.test_augmentation}: test-time augmentation "
                 f"runs in PyTorch only (an exported graph runs one view); use --backend pytorch "
                 "with the checkpoint, or MODEL.IAUNET.TEST.TTA none"
             )
@@ -298,7 +319,7 @@ class IAUNetPredictor:
         kept = stitch_detections(dets)
         logger.debug(f"{size}: {len(windows)} tiles, {len(dets)} detections, {len(kept)} kept")
         result = detections_to_instances(kept, size, full_masks)
-        if self.cfg.MODEL.IAUNET.AMODAL and not result.has("pred_amodal_masks"):  # none kept
+        if self.amodal and not result.has("pred_amodal_masks"):  # none kept
             result.pred_amodal_masks = result.pred_masks
         return result
 
