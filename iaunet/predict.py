@@ -37,7 +37,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .bigimage.big_image import predict_big
-from .bigimage.lazy_image import is_zarr, open_plane
+from .bigimage.lazy_image import is_zarr, open_plane, open_stack
 from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import read_image
@@ -46,6 +46,7 @@ from .inference.predictor import PredictorSpec
 from .outputs.coco import category_ids
 from .outputs.writer import PredictionWriter, image_prediction, parse_save
 from .predict_args import UsageError, build_parser, expand_inputs, flag_opts, output_stems
+from .predict_stack import check_link_flags, predict_stack
 from .utils.atomic import EXIT_WRITE_ERROR, describe_write_error, is_storage_error
 
 logger = logging.getLogger("iaunet.predict")
@@ -89,15 +90,18 @@ def predict_file(
     path: str,
     image_id: int,
     stem: str,
-    score_threshold: float,
-    force_tile: bool,
-    selection: Optional[Dict[str, Optional[int]]] = None,
+    args: argparse.Namespace,
 ) -> Dict:
-    """Predict one file and write its outputs; returns its ``images.json`` entry."""
+    """Predict one file (every plane of a z-stack or time-lapse: :mod:`iaunet.predict_stack`) and
+    write its outputs; returns its ``images.json`` entry."""
+    selection = {"channel": args.channel, "z": args.z, "t": args.t}
+    stack = None if is_zarr(path) else open_stack(path, selection)
+    if stack is not None:
+        return predict_stack(predictor, writer, stack, args, selection, image_id, stem)
     raw = read_input(path, selection)
-    instances = predictor.predict(raw, tiled=True if force_tile else None, full_masks=False)
+    instances = predictor.predict(raw, tiled=True if args.tile else None, full_masks=False)
     prediction = image_prediction(
-        instances, raw, score_threshold, image_id=image_id, path=path, stem=stem
+        instances, raw, args.score_threshold, image_id=image_id, path=path, stem=stem
     )
     return writer.write_image(prediction)
 
@@ -234,6 +238,7 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     files = expand_inputs(args.input)
+    check_link_flags(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} exists and is not a folder")
     predictor = build_predictor(args)
@@ -262,16 +267,7 @@ def run(args: argparse.Namespace, loggers: List[logging.Logger]) -> int:
             start=1,
         ):
             try:
-                predict_file(
-                    predictor,
-                    writer,
-                    path,
-                    image_id,
-                    stem,
-                    args.score_threshold,
-                    bool(args.tile),
-                    {"channel": args.channel, "z": args.z, "t": args.t},
-                )
+                predict_file(predictor, writer, path, image_id, stem, args)
             except Exception as e:  # one bad file must not stop the batch; the log names it
                 if is_storage_error(e):  # disk full, read-only, no permission: stop (main)
                     raise

@@ -70,6 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="I",
             help=f"the {axis} plane to predict, for TIFF / OME-Zarr images with a {axis} axis",
         )
+    s = p.add_argument_group("z-stacks and time-lapses (TIFF with a z or t axis; docs/predict.md)")
+    s.add_argument(
+        "--stitch-3d",
+        type=float,
+        default=None,
+        metavar="IOU",
+        help="link the objects of neighbouring planes of a z-stack into 3-D objects (one id "
+        "through the stack) where their masks overlap at IoU >= IOU, as Cellpose's "
+        "stitch_threshold (e.g. 0.5); without it every plane's objects get their own ids",
+    )
+    s.add_argument(
+        "--link-t",
+        type=float,
+        default=None,
+        metavar="IOU",
+        help="carry object ids from frame to frame of a time-lapse where masks overlap at IoU >= "
+        "IOU (the same linking as --stitch-3d)",
+    )
+    s.add_argument(
+        "--link-gap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="planes or frames an object may be missing from and keep its id (default 0)",
+    )
     p.add_argument(
         "--dask",
         nargs="?",

@@ -22,7 +22,7 @@ RANKS = [
     ["inference"],
     ["deploy", "bigimage"],
     ["engine"],
-    ["predict", "predict_args", "napari_plugin", "check", "bench", "__init__"],
+    ["predict", "predict_args", "predict_stack", "napari_plugin", "check", "bench", "__init__"],
 ]
 RANK = {part: k for k, parts in enumerate(RANKS) for part in parts}
 PACKAGE = os.path.join(ROOT, "iaunet")

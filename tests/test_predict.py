@@ -99,9 +99,12 @@ def test_cli_end_to_end(checkpoint, tmp_path):
     assert proc.returncode == 1, log
     assert "Traceback" not in log
     failures = [line for line in log.splitlines() if "failed: " in line]
-    for bad in ("empty.png", "notes.tif", "truncated.png", "stack.tif"):
+    for bad in ("empty.png", "notes.tif", "truncated.png"):
         assert any(bad in line for line in failures), log
-    assert "4 images processed, 4 failed" in log
+    assert "5 images processed, 3 failed" in log
+    # a (5, 16, 16) TIFF is a z-stack: every plane predicted, ids per plane without --stitch-3d
+    assert "stack.tif: 5 z planes" in log and "with ids per plane" in log
+    assert tifffile.imread(out / "stack_labels.tif").shape == (5, 16, 16)
 
     for stem, (h, w) in good.items():
         labels = tifffile.imread(out / f"{stem}_labels.tif")
@@ -112,9 +115,10 @@ def test_cli_end_to_end(checkpoint, tmp_path):
 
     gt = COCO(str(out / "images.json"))
     dt = gt.loadRes(str(out / "predictions.json"))
-    by_name = {os.path.basename(img["file_name"]): img for img in gt.dataset["images"]}
+    images = [img for img in gt.dataset["images"] if "axis" not in img]  # stacks: no COCO results
+    by_name = {os.path.basename(img["file_name"]): img for img in images}
     assert sorted(by_name) == sorted(f"{s}.{'tif' if s == 'a16' else 'png'}" for s in good)
-    for img in gt.dataset["images"]:
+    for img in images:
         anns = dt.loadAnns(dt.getAnnIds(imgIds=[img["id"]]))
         assert anns, img
         labels = tifffile.imread(out / img["labels"])
@@ -449,3 +453,43 @@ def test_stitching_keeps_the_most_confident_whole_view():
     b_piece = _det(1, b, 80, 60, 15, 0.7, partial=True, width=60)  # x 60..120
     (joined,) = stitch_detections([a_piece, b_piece])
     assert (joined.x0, joined.box[3], joined.score) == (50, 120, 0.8) and joined.crop.all()
+
+
+def test_predict_stack_end_to_end(checkpoint, tmp_path, capsys):
+    """A z-stack of three identical planes, linked at IoU 0.5: every plane's objects are the same,
+    so each object spans the three planes with one id; the label image keeps axes and sizes; the
+    table has one row per object. Without linking, ids are per plane."""
+    from iaunet.data.datasets.synthetic import render_scene
+
+    image = (render_scene(3, (64, 64))[0] * 255).astype(np.uint8)
+    stack = np.stack([image] * 3)
+    path = tmp_path / "cells.tif"
+    tifffile.imwrite(path, stack, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZYX", "spacing": 3.0, "unit": "micron"})  # fmt: skip
+    out = tmp_path / "out"
+    args = ["--weights", checkpoint[1], "--input", str(path), "--output", str(out)]
+    args += ["--score-threshold", "0", "--device", "cpu"]
+    assert main(args + ["--stitch-3d", "0.5"]) == 0
+    with tifffile.TiffFile(out / "cells_labels.tif") as tif:
+        labels = tif.asarray()
+        assert tif.series[0].axes == "ZYX" and tif.imagej_metadata["spacing"] == 3.0
+    assert labels.shape == (3, 64, 64)
+    np.testing.assert_array_equal(labels[0], labels[2])
+    rows = list(csv.DictReader(open(out / "cells_objects.csv")))
+    assert rows and len(rows) == len(np.unique(labels)) - 1
+    assert all(r["planes"] == "3" and r["z_first"] == "0" and r["z_last"] == "2" for r in rows)
+    assert all(
+        float(r["volume_um3"]) == pytest.approx(int(r["volume_voxels"]) * 0.75) for r in rows
+    )
+    for k in range(3):  # the overlap-preserving outputs per plane
+        assert (out / f"cells_z{k:03d}_masks.tif").is_file()
+        assert (out / f"cells_z{k:03d}_rois.zip").is_file()
+    assert not os.path.exists(out / "cells_z000_labels.tif")
+
+    out2 = tmp_path / "out2"
+    assert main(args[:5] + [str(out2)] + args[6:]) == 0
+    unlinked = tifffile.imread(out2 / "cells_labels.tif")
+    ids = [set(np.unique(p)) - {0} for p in unlinked]  # each plane its own objects
+    assert all(ids) and not (ids[0] & ids[1] or ids[1] & ids[2] or ids[0] & ids[2])
+    assert main(args + ["--stitch-3d", "1.5"]) == 2  # a bad IoU: one line, exit 2
+    assert "--stitch-3d is an IoU in (0, 1], got 1.5" in capsys.readouterr().err

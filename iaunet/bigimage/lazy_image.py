@@ -218,14 +218,8 @@ def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
             axes = series.axes.lower()
             levels = [lv.shape for lv in series.levels]
             dtype = series.dtype
-            ps = None
-            if tif.is_ome:  # OME-XML PhysicalSizeY/X
-                import re
-
-                meta = tif.ome_metadata or ""
-                y = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', meta)
-                x = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', meta)
-                ps = (float(y.group(1)), float(x.group(1))) if y and x else None
+            voxel = _tiff_sizes(tif)[0]  # OME-XML or ImageJ pixel sizes
+            ps = voxel[1:] if voxel else None
     except Exception as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if "y" not in axes or "x" not in axes:
@@ -277,6 +271,89 @@ def open_plane(
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         raise ImageReadError(f"{path}: not an image file ({', '.join(IMAGE_EXTENSIONS)}, .zarr)")
     return _in_memory(path, selection)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The planes of a z-stack or time-lapse that a selection leaves open: ``axis`` "z" or "t",
+    ``length`` planes; ``voxel_size`` (z, y, x) in ``unit`` and ``interval`` (T) where the file
+    declares them (ImageJ hyperstack or OME metadata)."""
+
+    path: str
+    axis: str
+    length: int
+    voxel_size: Optional[Tuple[float, float, float]] = None
+    unit: str = ""
+    interval: Optional[float] = None
+
+    def plane(self, k: int, selection: Dict[str, Optional[int]]) -> ImagePlane:
+        return open_plane(self.path, **{**selection, self.axis: k})
+
+
+def _tiff_axes(path: str):
+    """(axes, shape, sizes) of a TIFF's first series: tifffile's axis names in lower case, and
+    :func:`_tiff_sizes`."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return series.axes.lower(), tuple(series.shape), _tiff_sizes(tif)
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def _tiff_sizes(tif) -> Tuple[Optional[Tuple[float, float, float]], str, Optional[float]]:
+    """((z, y, x) voxel size, unit, frame interval) from OME-XML or ImageJ metadata; None where
+    the file declares none (a plane without a z size gets z = 1 in the unit of y and x)."""
+    import re
+
+    if tif.is_ome:
+        meta = tif.ome_metadata or ""
+
+        def number(key):
+            m = re.search(rf'{key}="([0-9.eE+-]+)"', meta)
+            return float(m.group(1)) if m else None
+
+        x, y, z = number("PhysicalSizeX"), number("PhysicalSizeY"), number("PhysicalSizeZ")
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', meta)
+        sizes = (z or 1.0, y, x) if x and y else None
+        return sizes, (unit.group(1) if unit else "µm") if sizes else "", number("TimeIncrement")
+    ij = tif.imagej_metadata or {}
+    tags = tif.pages[0].tags
+    calibrated = str(ij.get("unit", "")).lower() not in ("", "pixel", "pixels")
+    if "XResolution" in tags and "YResolution" in tags and calibrated:
+        (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
+        if xn and yn:  # pixels per unit
+            unit = str(ij["unit"]).replace("micron", "µm").replace("\\u00B5", "µ")
+            size = (float(ij.get("spacing", 1.0)), yd / yn, xd / xn)
+            return size, unit, ij.get("finterval")
+    return None, "", ij.get("finterval")
+
+
+def open_stack(path: str, selection: Dict[str, Optional[int]]) -> Optional[Stack]:
+    """The z or t axis of a TIFF that ``selection`` (``--channel``/``--z``/``--t``) leaves open
+    with more than one plane, or None (a 2-D image, another format, or every such axis chosen).
+    Both open is an error naming the flags. An unnamed leading axis of 3 or 4 is read as colour
+    channels (:func:`read_image`'s rule), not as a stack."""
+    if not path.lower().endswith(TIFF_EXTENSIONS) or not os.path.isfile(path):
+        return None
+    raw, shape, (size, unit, interval) = _tiff_axes(path)
+    if raw in ("qyx", "iyx") and shape[0] in (3, 4):
+        return None  # an unnamed leading axis of 3 or 4: colour channels (read_image's rule)
+    axes = "".join("z" if a in "qi" else a for a in raw)  # unnamed stack axes: z (as _open_tiff)
+    open_axes = {
+        a: n for a, n in zip(axes, shape) if a in "zt" and n > 1 and selection.get(a) is None
+    }
+    if len(open_axes) > 1:
+        raise ImageReadError(
+            f"{path}: both z ({open_axes['z']}) and t ({open_axes['t']}) have several planes; "
+            "choose a time point with --t (a z-stack) or a plane with --z (a time-lapse)"
+        )
+    if not open_axes:
+        return None
+    ((axis, n),) = open_axes.items()
+    return Stack(path, axis, n, size, unit, interval)
 
 
 _WHOLE: Dict[str, np.ndarray] = {}

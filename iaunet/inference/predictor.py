@@ -11,7 +11,7 @@ typical object diameter in the image's pixels, as Cellpose users give it).
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -273,17 +273,29 @@ class IAUNetPredictor:
     def will_tile(self, image_size: Tuple[int, int]) -> bool:
         return max(self.model_size(image_size)) > self.tile_size
 
+    def value_range(self, image: np.ndarray):
+        """The input values that become 0 and 255 for the model (``INPUT.INTENSITY_NORM``), or
+        None where the image is kept as it is (:func:`intensity_range`)."""
+        return intensity_range(
+            image, self.intensity_norm, self.percentiles, normalize_uint8=self.normalize_uint8
+        )
+
     def predict(
-        self, image: np.ndarray, tiled: Optional[bool] = None, full_masks: bool = True
+        self,
+        image: np.ndarray,
+        tiled: Optional[bool] = None,
+        full_masks: bool = True,
+        value_range: Union[Tuple[float, float], None, str] = "image",
     ) -> Instances:
         """Predict one image. ``tiled`` None: tiles when the image, resized to the model's scale, is
         larger than a tile (:meth:`will_tile`). ``full_masks`` False: ``pred_masks`` are
-        :class:`MaskCrops` (for images too large for N full-size masks)."""
+        :class:`MaskCrops` (for images too large for N full-size masks). ``value_range``: the
+        image's own (:meth:`value_range`, default), or that of what it is part of (the planes of a
+        stack are normalized as the stack)."""
         # The intensity range of the whole image; the model input (float32, 3 channels: 12 bytes
         # per pixel) is made per tile from the raw image, never for the whole of a large one.
-        value_range = intensity_range(
-            image, self.intensity_norm, self.percentiles, normalize_uint8=self.normalize_uint8
-        )
+        if isinstance(value_range, str):
+            value_range = self.value_range(image)
         size = image.shape[:2]
         if tiled or (tiled is None and self.will_tile(size)):
             return self._predict_tiled(image, value_range, full_masks)

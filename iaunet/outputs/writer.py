@@ -12,6 +12,10 @@ csv        ``<stem>_objects.csv`` and ``objects.csv`` for the run (:mod:`.table`
 coco       ``predictions.json`` (COCO results, RLE) and ``images.json`` (:mod:`.coco`)
 =========  ===================================================================================
 
+A z-stack or time-lapse (``PredictionWriter.write_stack``, :mod:`.stacks`): ``<stem>_labels.tif`` is
+the (N, H, W) label image of the linked objects, ``<stem>_objects.csv`` the stack's table; the
+overlay, ROI set and mask pages are written per plane (``<stem>_z000_*`` / ``<stem>_t000_*``).
+
 A model predicting whole outlines too (``MODEL.IAUNET.AMODAL``, docs/amodal.md): the label image,
 the overlay and the COCO results are the visible parts (one pixel, one cell); the masks TIFF and
 ``_rois.zip`` are the whole outlines (overlapping), ``<stem>_rois_visible.zip`` the visible parts
@@ -28,7 +32,7 @@ import numpy as np
 from ..data.image_io import to_uint8_rgb
 from ..structures import MaskCrops
 from ..utils.atomic import atomic_write
-from . import coco, table
+from . import coco, stacks, table
 from .masks import instance_overlaps, label_image, mask_pages, pages_tiff_bytes, tiff_bytes
 from .overlay import png_bytes, render_overlay
 from .rois import instance_rois, rois_zip_bytes
@@ -135,8 +139,13 @@ class PredictionWriter:
         atomic_write(os.path.join(self.out_dir, name), content)
         return name
 
-    def write_image(self, pred: ImagePrediction) -> Dict:
-        """Write one image's files; returns its ``images.json`` entry (with the file names)."""
+    def write_image(
+        self, pred: ImagePrediction, save: Optional[Sequence[str]] = None, record: bool = True
+    ) -> Dict:
+        """Write one image's files (``save``: those outputs only; default the writer's); returns
+        its ``images.json`` entry (with the file names), kept for the run files when
+        ``record``."""
+        save = self.save if save is None else tuple(save)
         masks, (h, w) = pred.masks, pred.masks.image_size
         scores = np.asarray(pred.scores, np.float64)
         names = [self.class_name(int(c)) for c in pred.classes]
@@ -147,29 +156,29 @@ class PredictionWriter:
             "width": w,
         }
         whole = pred.whole_masks if pred.whole_masks is not None else masks  # overlapping outputs
-        overlaps = instance_overlaps(whole) if {"masks", "csv"} & set(self.save) else None
+        overlaps = instance_overlaps(whole) if {"masks", "csv"} & set(save) else None
         stem = pred.stem
-        if "labels" in self.save:
+        if "labels" in save:
             entry["labels"] = self._write(
                 f"{stem}_labels.tif", tiff_bytes(label_image(masks, h, w))
             )
-        if "overlay" in self.save:
+        if "overlay" in save:
             image8 = to_uint8_rgb(
                 pred.image, self.intensity_norm, self.percentiles, self.normalize_uint8
             )
             overlay = render_overlay(image8, masks)
             entry["overlay"] = self._write(f"{stem}_overlay.png", png_bytes(overlay))
-        if "rois" in self.save:
+        if "rois" in save:
             rois = instance_rois(whole, scores, names)
             entry["rois"] = self._write(f"{stem}_rois.zip", rois_zip_bytes(rois))
             if pred.whole_masks is not None:
                 rois = instance_rois(masks, scores, names)
                 name = f"{stem}_rois_visible.zip"
                 entry["rois_visible"] = self._write(name, rois_zip_bytes(rois))
-        if "masks" in self.save:
+        if "masks" in save:
             pages = mask_pages(whole, h, w, overlaps)
             entry["masks"] = self._write(f"{stem}_masks.tif", pages_tiff_bytes(pages))
-        if "csv" in self.save:
+        if "csv" in save:
             rows = table.object_rows(whole, scores, names, pred.image, overlaps)
             if pred.whole_masks is not None:
                 for row, extra in zip(rows, table.amodal_rows(masks, pred.whole_masks)):
@@ -177,12 +186,45 @@ class PredictionWriter:
             columns = table.table_columns(pred.image, amodal=pred.whole_masks is not None)
             entry["objects"] = self._write(f"{stem}_objects.csv", table.csv_bytes(rows, columns))
             run_rows = [dict(r, image=pred.path, image_id=pred.image_id) for r in rows]
+            run_rows = run_rows if record else []
             self.rows.extend(run_rows)
             self.columns += [c for c in columns if c not in self.columns]
-        if "coco" in self.save:
+        if "coco" in save:
             self.results += coco.coco_results(
                 masks, scores, pred.classes, pred.image_id, self.cat_ids
             )
+        if record:
+            self.images.append(entry)
+        return entry
+
+    def write_stack(
+        self,
+        planes: Sequence[ImagePrediction],
+        ids: Sequence[np.ndarray],
+        info: stacks.StackInfo,
+        image_id: int,
+        path: str,
+        stem: str,
+    ) -> Dict:
+        """Write a z-stack's or time-lapse's files (:mod:`iaunet.outputs.stacks`): the (N, H, W)
+        label image and the stack's table with the object ``ids`` of every plane's instances;
+        per plane ``<stem>_z000_*`` (``_t000_``) the overlap-preserving outputs (overlay, ROI
+        set, mask pages; ids per plane). A COCO result has no plane: stacks are not in
+        predictions.json. Returns the file's ``images.json`` entry."""
+        h, w = planes[0].masks.image_size
+        entry = {"id": image_id, "file_name": os.path.abspath(path), "height": h, "width": w}
+        entry.update(axis=info.axis, planes=len(planes))
+        labels = stacks.stack_labels([p.masks for p in planes], ids)
+        if "labels" in self.save:
+            name = f"{stem}_labels.tif"
+            entry["labels"] = self._write(name, stacks.stack_tiff_bytes(labels, info))
+        if "csv" in self.save:
+            names = [[self.class_name(int(c)) for c in p.classes] for p in planes]
+            rows = stacks.stack_rows(labels, [p.scores for p in planes], ids, names, info)
+            columns = stacks.Z_COLUMNS if info.axis == "z" else stacks.T_COLUMNS
+            entry["objects"] = self._write(f"{stem}_objects.csv", table.csv_bytes(rows, columns))
+        per_plane = [s for s in self.save if s in ("overlay", "rois", "masks")]
+        entry["plane_files"] = [self.write_image(p, per_plane, record=False) for p in planes]
         self.images.append(entry)
         return entry
 

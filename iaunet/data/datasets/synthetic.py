@@ -112,16 +112,14 @@ def _field(rng: np.random.Generator, size: Tuple[int, int]):
     return yy, xx, illumination, 0.08 + 0.03 * _smooth_noise(rng, (h, w), 4)
 
 
-def render_scene(
-    seed: int, size: Tuple[int, int] = IMAGE_SIZE
-) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
-    (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
-    on ``polygons_to_bitmask([poly.ravel()], H, W)``, the pixels of its annotation."""
+def _scene_layers(seed: int, size: Tuple[int, int]):
+    """A scene before it is composed: (rng, illumination, background, cell polygons, each cell's
+    own signal), drawn from ``seed`` in the order :func:`render_scene` always drew them."""
     rng = np.random.default_rng(seed)
     h, w = size
-    yy, xx, illumination, image = _field(rng, size)
+    yy, xx, illumination, background = _field(rng, size)
     polygons: List[np.ndarray] = []
+    contents: List[np.ndarray] = []
     centers: List[Tuple[float, float, float]] = []
     for _ in range(rng.integers(4, 13)):
         radius = rng.uniform(6, 16)
@@ -140,11 +138,49 @@ def render_scene(
         mask = polygons_to_bitmask([poly.ravel()], h, w).astype(np.uint8)
         if mask.sum() < 12:
             continue
-        image += _cell_content(rng, mask, cx, cy, radius)
+        contents.append(_cell_content(rng, mask, cx, cy, radius))
         polygons.append(poly)
+    return rng, illumination, background, polygons, contents
+
+
+def render_scene(
+    seed: int, size: Tuple[int, int] = IMAGE_SIZE
+) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Render one scene. Returns a float image in [0, 1] of ``size`` (H, W) and the cell polygons
+    (P, 2 in x, y; clipped to the image and rounded to 0.01 px, as annotated); each cell is drawn
+    on ``polygons_to_bitmask([poly.ravel()], H, W)``, the pixels of its annotation."""
+    rng, illumination, image, polygons, contents = _scene_layers(seed, size)
+    for content in contents:
+        image += content  # in place: float32, as it always was
     image = cv2.GaussianBlur(image * illumination, (0, 0), rng.uniform(0.5, 1.2))
     image = image + rng.normal(0, 0.02, image.shape)
     return np.clip(image, 0, 1).astype(np.float32), polygons
+
+
+def render_scene_stack(
+    seed: int,
+    planes: int = 9,
+    span: Tuple[int, int] = (3, 5),
+    size: Tuple[int, int] = IMAGE_SIZE,
+) -> Tuple[np.ndarray, List[np.ndarray], List[Tuple[int, int]]]:
+    """A z-stack of the scene of ``seed``: each cell in ``span`` (min, max) consecutive planes,
+    absent from the others (the scene's background there); noise drawn per plane. Returns the
+    (planes, H, W) float stack in [0, 1], the cell polygons and each cell's (first, last) plane."""
+    rng, illumination, background, polygons, contents = _scene_layers(seed, size)
+    sigma = rng.uniform(0.5, 1.2)
+    ranges = []
+    for _ in polygons:
+        n = int(rng.integers(span[0], span[1] + 1))
+        first = int(rng.integers(0, planes - n + 1))
+        ranges.append((first, first + n - 1))
+    stack = np.empty((planes, *size), np.float32)
+    for k in range(planes):
+        image = background.copy()
+        for content in (c for c, (a, b) in zip(contents, ranges) if a <= k <= b):
+            image += content
+        image = cv2.GaussianBlur(image * illumination, (0, 0), sigma)
+        stack[k] = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
+    return stack, polygons, ranges
 
 
 def _cell_content(
