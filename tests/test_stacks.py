@@ -180,3 +180,17 @@ def test_benchmark_stacks_scoring():
     extra = labels.copy()
     extra[3][rect(30, 0, 38, 8)] = 4
     assert score(extra, masks, ranges)["fp"] == 1
+
+
+def test_napari_reader_opens_a_stack_in_3d(tmp_path):
+    from iaunet.napari_plugin.reader import get_reader
+
+    labels = np.zeros((4, H, W), np.uint16)
+    labels[1:3, 5:9, 5:9] = 1
+    path = str(tmp_path / "cells_labels.tif")
+    info = StackInfo("z", voxel_size=(2.0, 0.5, 0.5), unit="µm")
+    with open(path, "wb") as f:
+        f.write(stack_tiff_bytes(labels, info))
+    ((data, meta, kind),) = get_reader(path)(path)
+    assert kind == "labels" and data.shape == (4, H, W)
+    assert meta["scale"] == pytest.approx((2.0, 0.5, 0.5))
