@@ -52,10 +52,8 @@ def predict_stack(
     # background stretched to the cells' contrast), as tiles are normalized as their image
     value_range = predictor.value_range(np.concatenate(raws))
     planes = []
-    for k, raw in enumerate(raws):
-        instances = predictor.predict(
-            raw, tiled=True if args.tile else None, full_masks=False, value_range=value_range
-        )
+    predicted = predictor.predict_planes(raws, value_range, tiled=True if args.tile else None)
+    for k, (raw, instances) in enumerate(zip(raws, predicted)):
         planes.append(
             image_prediction(instances, raw, args.score_threshold, image_id=image_id, path=path,
                              stem=f"{stem}_{axis}{k:03d}")

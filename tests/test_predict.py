@@ -493,3 +493,18 @@ def test_predict_stack_end_to_end(checkpoint, tmp_path, capsys):
     assert all(ids) and not (ids[0] & ids[1] or ids[1] & ids[2] or ids[0] & ids[2])
     assert main(args + ["--stitch-3d", "1.5"]) == 2  # a bad IoU: one line, exit 2
     assert "--stitch-3d is an IoU in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_predict_planes_batched_equals_one_by_one(predictor):
+    """A stack's planes, TEST.TILE_BATCH per forward call, give each plane's own prediction."""
+    rng = np.random.default_rng(0)
+    planes = [rng.integers(0, 4000, (60, 50), dtype=np.uint16) for _ in range(5)]
+    value_range = predictor.value_range(np.concatenate(planes))
+    batched = predictor.predict_planes(planes, value_range)
+    assert len(batched) == 5
+    for plane, got in zip(planes, batched):
+        one = predictor.predict(plane, full_masks=False, value_range=value_range)
+        assert isinstance(got.pred_masks, MaskCrops) and len(got) == len(one) > 0
+        torch.testing.assert_close(got.scores, one.scores, atol=1e-4, rtol=0)
+        for (y0, x0, a), (y1, x1, b) in zip(got.pred_masks, one.pred_masks):
+            assert (y0, x0) == (y1, x1) and np.array_equal(a, b)

@@ -163,13 +163,11 @@ class IAUNetPredictor:
         return str(self.cfg.MODEL.IAUNET.TEST.TTA)
 
     @property
-    def amodal(self) -> bool:
-        """Whether the objects come with whole outlines (``MODEL.IAUNET.AMODAL``)."""
+    def amodal(self) -> bool:  # whole outlines too (MODEL.IAUNET.AMODAL)
         return bool(self.cfg.MODEL.IAUNET.AMODAL)
 
     @property
-    def one_piece(self) -> bool:
-        """Whether each mask keeps only its largest piece (``MODEL.IAUNET.TEST.ONE_PIECE``)."""
+    def one_piece(self) -> bool:  # the largest piece of each mask (MODEL.IAUNET.TEST.ONE_PIECE)
         return bool(self.cfg.MODEL.IAUNET.TEST.ONE_PIECE)
 
     @property
@@ -300,11 +298,22 @@ class IAUNetPredictor:
         if tiled or (tiled is None and self.will_tile(size)):
             return self._predict_tiled(image, value_range, full_masks)
         result = self._run_model(self._model_range(image, value_range), size)
-        if not full_masks:
-            for field in ("pred_masks", "pred_amodal_masks"):
-                if result.has(field):
-                    result.set(field, MaskCrops.from_bitmasks(result.get(field)))
-        return result
+        return result if full_masks else _as_crops(result)
+
+    def predict_planes(
+        self, images: Sequence[np.ndarray], value_range, tiled: Optional[bool] = None
+    ) -> List[Instances]:
+        """The planes of a stack (one size; normalized with the stack's ``value_range``), with
+        ``pred_masks`` as :class:`MaskCrops`: ``TEST.TILE_BATCH`` planes per forward call where
+        they are predicted whole, else plane by plane in tiles."""
+        size = images[0].shape[:2]
+        if tiled or (tiled is None and self.will_tile(size)):
+            return [self.predict(im, True, False, value_range) for im in images]
+        batch, out = max(1, int(self.cfg.TEST.TILE_BATCH)), []
+        for i in range(0, len(images), batch):
+            group = [self._model_range(im, value_range) for im in images[i : i + batch]]
+            out += [_as_crops(r) for r in self._run_model_batch(group, [size] * len(group))]
+        return out
 
     def _model_range(self, image: np.ndarray, value_range) -> np.ndarray:
         return to_model_range(
@@ -390,6 +399,13 @@ class IAUNetPredictor:
         with torch.inference_mode():
             out = self.model(inputs)
         return [o["instances"].to("cpu") for o in out]
+
+
+def _as_crops(result: Instances) -> Instances:
+    for field in ("pred_masks", "pred_amodal_masks"):
+        if result.has(field):
+            result.set(field, MaskCrops.from_bitmasks(result.get(field)))
+    return result
 
 
 @dataclass(frozen=True)
