@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import tifffile
-from conftest import ROOT, TINY_MODEL_OPTS
+from conftest import ROOT, TINY_MODEL_OPTS, load_tool
 
 from iaunet.bench import few_shot as fs
 
@@ -223,3 +223,43 @@ def test_benchmark_tool_smoke(tmp_path, monkeypatch, capsys):
     assert tool.main(["--collect", str(work)]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if "fold3 (bottom_right)" in r]
     assert len(rows) == 6 and rows[2].startswith("| Otsu + watershed |")
+
+
+def test_train_call_rows_equal_the_command_line(tmp_path, monkeypatch):
+    """``--train-call``: IAUNet trained through ``iaunet.train`` on the fold's arrays gives the
+    rows of the README command on the same fold (same seed: the same model, the same AP), named
+    ``[iaunet.train]``; the arrays are written in the folder layout under the run."""
+    image, labels = nuclei_image()
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "lab.tif", labels)
+    tool = load_tool("benchmark_few_shot")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    found = {}
+    for extra in ([], ["--train-call"]):
+        work = tmp_path / f"work{len(extra)}"
+        argv = [
+            "--work", str(work), "--image", str(tmp_path / "img.tif"),
+            "--labels", str(tmp_path / "lab.tif"), "--folds", "3", "--weights", "",
+            "--no-cellpose", "--no-stardist", *extra,
+            "--opts", "MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True", "SEED", "7",
+            "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            *TINY_MODEL_OPTS,
+        ]  # fmt: skip
+        assert tool.main(argv) == 0
+        found.update(json.loads((work / "results.json").read_text())["results"])
+    iaunet = tmp_path / "work1" / "fold3" / "iaunet"
+    assert (iaunet / "data" / "train" / "img_000_labels.tif").is_file()
+    assert (iaunet / "train_command.txt").is_file()
+    import torch
+
+    models = [
+        torch.load(tmp_path / w / "fold3" / "iaunet" / "model_final.pth", weights_only=True)
+        for w in ("work0", "work1")
+    ]
+    assert models[0]["iteration"] == models[1]["iteration"] == 4
+    for key, value in models[0]["model"].items():  # trained the same: the same weights
+        assert torch.equal(value, models[1]["model"][key]), key
+    for name in (tool.IAUNET, tool.IAUNET_1):
+        cli, call = found[name]["fold3"], found[name + " [iaunet.train]"]["fold3"]
+        for key in ("AP", "AP75", "F1", "count_ratio", "eval_AP"):
+            assert call[key] == pytest.approx(cli[key], abs=1e-6), (name, key)

@@ -30,6 +30,7 @@ method (IAUNet's iterations from two short probe runs, as the peers' epochs; met
     python tools/benchmark_few_shot.py                       # 4 folds, all methods (~3 h CPU)
     python tools/benchmark_few_shot.py --budget 600 --work output/fs600   # 600 CPU-s each
     python tools/benchmark_few_shot.py --folds 3 --no-cellpose --no-stardist
+    python tools/benchmark_few_shot.py --train-call --no-cellpose --no-stardist  # iaunet.train
     python tools/benchmark_few_shot.py --opts SOLVER.MAX_ITER 500
     python tools/benchmark_few_shot.py --variant scale=1.5,gamma=1.4 --work output/fs_v1  # another
     python tools/benchmark_few_shot.py --collect runA runB     # one table from several runs
@@ -79,9 +80,23 @@ def timed_predictions(predict: Callable, images: Sequence[np.ndarray]):
     return labels, (time.process_time() - c0) / len(images)
 
 
+# ``--train-call``: the fold's images as arrays through ``iaunet.train`` (notebooks, napari)
+TRAIN_CALL = """import sys, iaunet
+from iaunet.bench.few_shot import read_folder
+train, val = read_folder(sys.argv[1]), read_folder(sys.argv[2])
+iaunet.train([i for _, i, _ in train], [lab for _, _, lab in train], sys.argv[3],
+             weights=sys.argv[4], val_images=[i for _, i, _ in val],
+             val_labels=[lab for _, _, lab in val], opts=sys.argv[5:])"""
+
+
 def train_iaunet(args, fold: Dict, out: str, opts: Sequence[str]) -> float:
-    """README step 4 on one fold into ``out``; its CPU seconds."""
+    """README step 4 on one fold into ``out`` (``--train-call``: ``iaunet.train`` on the fold's
+    arrays, which writes them under ``out/data/``); its CPU seconds."""
     c0 = children_cpu()
+    if args.train_call:
+        cmd = [sys.executable, "-c", TRAIN_CALL, fold["train"], fold["val"], out, args.weights]
+        run([*cmd, *opts], out + "_train.log")
+        return children_cpu() - c0
     run(
         [sys.executable, "train_net.py", "--config-file", SMALL, "OUTPUT_DIR", out,
          "DATASETS.TRAIN", f'("folder:{fold["train"]}",)',
@@ -282,6 +297,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, metavar="S",
                    help="train every method for S CPU seconds (default: IAUNet's default run; "
                    "the peers get its CPU seconds on each fold)")  # fmt: skip
+    p.add_argument(
+        "--train-call",
+        action="store_true",
+        help="train IAUNet through iaunet.train on the fold's arrays instead of train_net.py "
+        "(rows gain [iaunet.train]; the same trainer, config and defaults)",
+    )
     p.add_argument("--no-cellpose", action="store_true", help="skip Cellpose")
     p.add_argument("--no-stardist", action="store_true", help="skip StarDist")
     p.add_argument("--reuse", action="store_true",
@@ -333,6 +354,7 @@ def main(argv=None) -> int:
             print(f"{name} is not installed (pip install -e '.[fewshot]'): skipped", flush=True)
             del peers[name]
     at = f" @{args.budget:g} CPU-s" if args.budget else ""
+    at += " [iaunet.train]" if args.train_call else ""
     results = earlier_results(args.work)  # rows of an earlier run in --work are kept
     for fold in folds:
         found = iaunet_fold(args, fold)
