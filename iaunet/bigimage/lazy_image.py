@@ -303,6 +303,11 @@ def _tiff_axes(path: str):
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+def _micron(unit: str) -> str:
+    """The spellings of micrometres in ImageJ / OME metadata as "µm"; other units unchanged."""
+    return "µm" if unit.lower() in ("micron", "microns", "um", "µm", "\\u00b5m") else unit
+
+
 def _tiff_sizes(tif) -> Tuple[Optional[Tuple[float, float, float]], str, Optional[float]]:
     """((z, y, x) voxel size, unit, frame interval) from OME-XML or ImageJ metadata; None where
     the file declares none (a plane without a z size gets z = 1 in the unit of y and x)."""
@@ -318,16 +323,19 @@ def _tiff_sizes(tif) -> Tuple[Optional[Tuple[float, float, float]], str, Optiona
         x, y, z = number("PhysicalSizeX"), number("PhysicalSizeY"), number("PhysicalSizeZ")
         unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', meta)
         sizes = (z or 1.0, y, x) if x and y else None
-        return sizes, (unit.group(1) if unit else "µm") if sizes else "", number("TimeIncrement")
+        return (
+            sizes,
+            _micron(unit.group(1) if unit else "µm") if sizes else "",
+            number("TimeIncrement"),
+        )
     ij = tif.imagej_metadata or {}
     tags = tif.pages[0].tags
     calibrated = str(ij.get("unit", "")).lower() not in ("", "pixel", "pixels")
     if "XResolution" in tags and "YResolution" in tags and calibrated:
         (xn, xd), (yn, yd) = tags["XResolution"].value, tags["YResolution"].value
         if xn and yn:  # pixels per unit
-            unit = str(ij["unit"]).replace("micron", "µm").replace("\\u00B5", "µ")
             size = (float(ij.get("spacing", 1.0)), yd / yn, xd / xn)
-            return size, unit, ij.get("finterval")
+            return size, _micron(str(ij["unit"])), ij.get("finterval")
     return None, "", ij.get("finterval")
 
 
