@@ -194,3 +194,82 @@ def test_napari_reader_opens_a_stack_in_3d(tmp_path):
     ((data, meta, kind),) = get_reader(path)(path)
     assert kind == "labels" and data.shape == (4, H, W)
     assert meta["scale"] == pytest.approx((2.0, 0.5, 0.5))
+
+
+def _stack_folder(d, planes=8):
+    """A folder with a 16-bit z-stack of a synthetic scene (cells in 3-5 planes) and its label
+    stack, and one 2-D image with its labels. Returns (stack, label stack)."""
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    from iaunet.data.datasets.synthetic import render_scene_stack
+
+    d.mkdir()
+    stack, polygons, ranges = render_scene_stack(11, planes=planes, span=(3, 3), size=(64, 64))
+    labels = np.zeros(stack.shape, np.uint16)
+    for i, (poly, (a, b)) in enumerate(zip(polygons, ranges), start=1):
+        labels[a : b + 1][:, polygons_to_bitmask([poly.ravel()], 64, 64)] = i
+    stack16 = np.round(stack * 4000).astype(np.uint16)
+    tifffile.imwrite(d / "stack.tif", stack16, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(d / "stack_labels.tif", labels, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(d / "flat.tif", stack16[ranges[0][0]])
+    tifffile.imwrite(d / "flat_labels.tif", labels[ranges[0][0]])
+    return stack16, labels
+
+
+def test_folder_stacks_train_one_image_per_plane(tmp_path, monkeypatch):
+    """A stack with a label stack: one record per plane with objects (its plane's labels), planes
+    without objects at EMPTY_PLANE_RATIO; the mapper normalizes a plane with the stack's range;
+    a label stack of other planes is an error naming both files."""
+    from conftest import tiny_cfg
+    from detectron2.data import DatasetCatalog
+
+    from iaunet.data import IAUNetDatasetMapper, to_model_range
+    from iaunet.data.annotations_io import DatasetError
+    from iaunet.data.datasets.folder import register_path_datasets
+    from iaunet.data.datasets.stack_planes import EMPTY_PLANE_RATIO
+
+    monkeypatch.setenv("IAUNET_DATASET_CACHE", str(tmp_path / "cache"))
+    stack, labels = _stack_folder(tmp_path / "data")
+    name = f"folder:{tmp_path / 'data'}"
+    register_path_datasets([name])
+    records = DatasetCatalog.get(name)
+    planes = [r for r in records if "plane" in r]
+    full = [k for k in range(len(labels)) if labels[k].any()]
+    empty = len(labels) - len(full)
+    assert len(records) == len(planes) + 1  # and the 2-D image
+    assert len(planes) == len(full) + min(empty, int(np.ceil(EMPTY_PLANE_RATIO * len(full))))
+    for r in planes:
+        axis, k = r["plane"]
+        assert axis == "z" and len(r["annotations"]) == len(np.unique(labels[k])) - 1
+
+    cfg = tiny_cfg(**{"INPUT.INTENSITY_NORM": "percentile"})
+    mapper = IAUNetDatasetMapper(cfg, is_train=False)
+    k = planes[0]["plane"][1]
+    got = mapper.load_image(planes[0])
+    lo, hi = np.percentile(stack.reshape(-1, 64), cfg.INPUT.PERCENTILES)
+    want = to_model_range(stack[k], value_range=(lo, hi), image_format=cfg.INPUT.FORMAT)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+    bad = tmp_path / "bad"
+    _stack_folder(bad)
+    tifffile.imwrite(bad / "stack_labels.tif", labels[:5], imagej=True, metadata={"axes": "ZYX"})
+    message = r"stack_labels\.tif: labels of shape \(5, 64, 64\) for a stack of 8 z planes"
+    with pytest.raises(DatasetError, match=message):
+        register_path_datasets([f"folder:{bad}"])
+        DatasetCatalog.get(f"folder:{bad}")
+
+
+def test_train_net_on_a_stack_folder(tmp_path):
+    """train_net.py trains on a folder holding a z-stack and evaluates its planes (each
+    predicted with the stack's intensity range, as iaunet-predict does)."""
+    from conftest import TINY_RUN_OPTS, run_train_net
+
+    _stack_folder(tmp_path / "data")
+    folder = f'("folder:{tmp_path / "data"}",)'
+    args = [*TINY_RUN_OPTS, "DATASETS.TRAIN", folder, "DATASETS.TEST", folder]
+    args += ["MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True", "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "2"]
+    args += ["OUTPUT_DIR", str(tmp_path / "run"), "INPUT.PIXEL_SCALE", "1.0"]
+    code, out = run_train_net(str(tmp_path), *args)
+    assert code == 0, out[-3000:]
+    assert (tmp_path / "run" / "model_final.pth").is_file()
+    assert "Evaluation results for segm" in out

@@ -17,7 +17,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..data.image_io import IMAGE_EXTENSIONS, TIFF_EXTENSIONS, ImageReadError, read_image
+from ..data.image_io import (
+    IMAGE_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    ImageReadError,
+    read_image,
+    stack_axis,
+)
 
 ZARR_EXTENSIONS = (".zarr",)
 # Axes that select a plane; y, x stay; s (tifffile) / rgb samples stay as colour channels.
@@ -290,19 +296,6 @@ class Stack:
         return open_plane(self.path, **{**selection, self.axis: k})
 
 
-def _tiff_axes(path: str):
-    """(axes, shape, sizes) of a TIFF's first series: tifffile's axis names in lower case, and
-    :func:`_tiff_sizes`."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            return series.axes.lower(), tuple(series.shape), _tiff_sizes(tif)
-    except Exception as e:
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-
-
 def _micron(unit: str) -> str:
     """The spellings of micrometres in ImageJ / OME metadata as "µm"; other units unchanged."""
     return "µm" if unit.lower() in ("micron", "microns", "um", "µm", "\\u00b5m") else unit
@@ -341,27 +334,16 @@ def _tiff_sizes(tif) -> Tuple[Optional[Tuple[float, float, float]], str, Optiona
 
 def open_stack(path: str, selection: Dict[str, Optional[int]]) -> Optional[Stack]:
     """The z or t axis of a TIFF that ``selection`` (``--channel``/``--z``/``--t``) leaves open
-    with more than one plane, or None (a 2-D image, another format, or every such axis chosen).
-    Both open is an error naming the flags. An unnamed leading axis of 3 or 4 is read as colour
-    channels (:func:`read_image`'s rule), not as a stack."""
-    if not path.lower().endswith(TIFF_EXTENSIONS) or not os.path.isfile(path):
+    with more than one plane (:func:`iaunet.data.image_io.stack_axis`), with the voxel size and
+    frame interval its metadata declares; None for a 2-D image."""
+    found = stack_axis(path, selection)
+    if found is None:
         return None
-    raw, shape, (size, unit, interval) = _tiff_axes(path)
-    if raw in ("qyx", "iyx") and shape[0] in (3, 4):
-        return None  # an unnamed leading axis of 3 or 4: colour channels (read_image's rule)
-    axes = "".join("z" if a in "qi" else a for a in raw)  # unnamed stack axes: z (as _open_tiff)
-    open_axes = {
-        a: n for a, n in zip(axes, shape) if a in "zt" and n > 1 and selection.get(a) is None
-    }
-    if len(open_axes) > 1:
-        raise ImageReadError(
-            f"{path}: both z ({open_axes['z']}) and t ({open_axes['t']}) have several planes; "
-            "choose a time point with --t (a z-stack) or a plane with --z (a time-lapse)"
-        )
-    if not open_axes:
-        return None
-    ((axis, n),) = open_axes.items()
-    return Stack(path, axis, n, size, unit, interval)
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        size, unit, interval = _tiff_sizes(tif)
+    return Stack(path, *found, size, unit, interval)
 
 
 _WHOLE: Dict[str, np.ndarray] = {}

@@ -142,7 +142,13 @@ def read_label_file(path: str, image_size: Tuple[int, int]) -> List[Instance]:
             f"{path}: labels of size {pages.shape[1]}x{pages.shape[2]} (HxW) but the image is "
             f"{h}x{w}"
         )
+    return pages_instances(pages)
+
+
+def pages_instances(pages: np.ndarray) -> List[Instance]:
+    """The instances of (P, H, W) label pages: one per id per page."""
     instances = []
+    h, w = pages.shape[1:]
     for page in pages:
         # Column-major nonzero: flat indices x * H + y ascend, as instance_from_pixels wants.
         xs, ys = np.nonzero(page.T)

@@ -15,6 +15,7 @@ from detectron2.structures import BitMasks, BoxMode
 
 from .augmentations import RandomIntensity, RandomRotation
 from .datasets.common import AMODAL_FIELD
+from .datasets.stack_planes import PLANE_KEY, stack_plane
 from .image_io import read_image, to_model_range
 from .statistics import objects, resize_mode
 
@@ -235,14 +236,23 @@ class IAUNetDatasetMapper:
             "fields": mask_fields(cfg),
         }
 
-    def load_image(self, file_name: str) -> np.ndarray:
-        """File -> float32 (H, W, 3) on the 0..255 scale, in ``INPUT.FORMAT`` order."""
+    def load_image(self, record: Dict) -> np.ndarray:
+        """A dataset record's image -> float32 (H, W, 3) on the 0..255 scale, in ``INPUT.FORMAT``
+        order; a plane of a stack is normalized with the stack's range."""
+        file_name, norm = record["file_name"], (self.intensity_norm, self.percentiles)
+        value_range = None
+        if record.get(PLANE_KEY):
+            image, value_range = stack_plane(
+                file_name, record[PLANE_KEY], *norm, self.normalize_uint8
+            )
+        else:
+            image = read_image(file_name)
         return to_model_range(
-            read_image(file_name),
-            self.intensity_norm,
-            self.percentiles,
+            image,
+            *norm,
             name=file_name,
             image_format=self.image_format,
+            value_range=value_range,
             normalize_uint8=self.normalize_uint8,
         )
 
@@ -260,7 +270,7 @@ class IAUNetDatasetMapper:
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
-        image = self.load_image(file_name)
+        image = self.load_image(dataset_dict)
         h, w = image.shape[:2]
         expected = (dataset_dict.get("height", h), dataset_dict.get("width", w))
         if expected != (h, w):

@@ -2,7 +2,7 @@
 range."""
 
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -36,11 +36,39 @@ def read_tiff(path: str) -> Tuple[np.ndarray, str]:
         return np.stack(pages), "QYXS" if pages[0].ndim == 3 else "QYX"
 
 
-def read_image(path: str) -> np.ndarray:
+def stack_axis(path: str, selection: Dict[str, Optional[int]]) -> Optional[Tuple[str, int]]:
+    """(axis, planes) of the z or t axis of a TIFF that ``selection`` (``{"channel"|"z"|"t":
+    index or None}``) leaves open with more than one plane, or None (a 2-D image, another format,
+    or every such axis chosen). Both open is an error naming the flags. tifffile's unnamed stack
+    axes (q, i) are z, except a leading one of 3 or 4 in a (3|4, H, W) file: colour channels, as
+    :func:`read_image` reads them."""
+    if not path.lower().endswith(TIFF_EXTENSIONS) or not os.path.isfile(path):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            raw, shape = tif.series[0].axes.lower(), tuple(tif.series[0].shape)
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if raw in ("qyx", "iyx") and shape[0] in (3, 4):
+        return None
+    axes = "".join("z" if a in "qi" else a for a in raw)
+    found = {a: n for a, n in zip(axes, shape) if a in "zt" and n > 1 and selection.get(a) is None}
+    if len(found) > 1:
+        raise ImageReadError(
+            f"{path}: both z ({found['z']}) and t ({found['t']}) have several planes; choose a "
+            "time point with --t (a z-stack) or a plane with --z (a time-lapse)"
+        )
+    return next(iter(found.items()), None)
+
+
+def read_image(path: str, plane: Optional[Tuple[str, int]] = None) -> np.ndarray:
     """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
 
-    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected: pick a plane
-    or project it first (the error says so). A stack is a TIFF whose metadata (ImageJ/OME) has a Z
+    TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected unless
+    ``plane`` (axis "z" or "t", index; :func:`stack_axis`) picks one of its planes (the error says
+    to pick a plane or project it). A stack is a TIFF whose metadata (ImageJ/OME) has a Z
     or T axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long
     (e.g. (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
     """
@@ -48,9 +76,19 @@ def read_image(path: str) -> np.ndarray:
         raise ImageReadError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:
         raise ImageReadError(f"image file is empty (0 bytes): {path}")
+    if plane is not None and not path.lower().endswith(TIFF_EXTENSIONS):
+        raise ImageReadError(f"{path}: {plane[0]} plane {plane[1]} asked of a file that is no TIFF")
     try:
         if path.lower().endswith(TIFF_EXTENSIONS):
             img, axes = read_tiff(path)
+            if plane is not None:
+                named = "".join("Z" if a in "QI" else a for a in axes)
+                k = named.find(plane[0].upper())
+                if k < 0 or not 0 <= plane[1] < img.shape[k]:
+                    raise ImageReadError(
+                        f"{path}: no {plane[0]} plane {plane[1]} ({axes} {img.shape})"
+                    )
+                img, axes = np.take(img, plane[1], axis=k), axes[:k] + axes[k + 1 :]
             stacked = [f"{a}={n}" for a, n in zip(axes, img.shape) if a in "ZT" and n > 1]
             if stacked:
                 raise ImageReadError(

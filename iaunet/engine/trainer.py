@@ -37,6 +37,7 @@ from ..checkpoint import AtomicCheckpointer
 from ..config import ConfigError, get_key, load_config, set_key
 from ..data import IAUNetDatasetMapper, read_image
 from ..data.auto_config import resolve_config_from_data
+from ..data.datasets.stack_planes import PLANE_KEY, stack_plane
 from ..data.samplers import SAMPLER_ATTR, build_resumable_train_loader
 from ..evaluation import InstanceMatchingEvaluator, VisualizationHook
 from ..evaluation.amodal import (
@@ -244,7 +245,19 @@ class PredictorModel(torch.nn.Module):
         self.predictor = IAUNetPredictor(cfg, model=self.model)
 
     def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
-        return [{"instances": self.predictor(read_image(x["file_name"]))} for x in batched_inputs]
+        return [{"instances": self._predict(x)} for x in batched_inputs]
+
+    def _predict(self, record: Dict):
+        """A record's image as ``iaunet-predict`` sees it (a plane of a stack: with the stack's
+        intensity range)."""
+        if not record.get(PLANE_KEY):
+            return self.predictor(read_image(record["file_name"]))
+        p = self.predictor
+        image, value_range = stack_plane(
+            record["file_name"], record[PLANE_KEY], p.intensity_norm, p.percentiles,
+            p.normalize_uint8,
+        )  # fmt: skip
+        return p.predict(image, value_range=value_range)
 
 
 POOR_F1 = 50.0  # matching F1@0.5 (%) below which the evaluation is flagged as poor

@@ -39,7 +39,7 @@ def render_prediction_and_gt(
     with torch.inference_mode():
         instances = model([inputs])[0]["instances"].to("cpu")
     instances = instances[instances.scores >= score_thresh]
-    image = mapper.load_image(dataset_dict["file_name"]).round().astype(np.uint8)
+    image = mapper.load_image(dataset_dict).round().astype(np.uint8)
     scale = min(4.0, max(1.0, 512 / max(image.shape[:2])))
     pred = Visualizer(
         image, metadata, scale=scale, instance_mode=ColorMode.IMAGE

@@ -18,6 +18,8 @@ are relative to the working directory (not ``$DETECTRON2_DATASETS``).
 * whole outlines and visible parts (docs/amodal.md): ``img_masks.tif`` (overlapping whole outlines)
   together with ``img_labels.tif|.png`` (the visible parts, one cell per pixel), read by
   :func:`~iaunet.data.annotations_io.read_whole_and_visible`; or
+* z-stacks and time-lapses: ``img.tif`` (a z or t axis) with ``img_labels.tif``, one label plane
+  per image plane: one training image per plane (:mod:`.stack_planes`); or
 * ``PATH/*.json``: one COCO instances file whose ``file_name`` s are relative to ``PATH`` (or
   ``PATH/images``); the same as ``coco:PATH/that.json``.
 
@@ -59,8 +61,9 @@ from ..annotations_io import (
     read_annotation_file,
     read_whole_and_visible,
 )
-from ..image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from ..image_io import IMAGE_EXTENSIONS, ImageReadError, read_image, stack_axis
 from .common import AMODAL_FIELD, CACHE_VERSION, cache_dir, load_coco_instances
+from .stack_planes import PLANE_KEY, plane_entries
 
 logger = logging.getLogger(__name__)
 
@@ -226,39 +229,47 @@ def _files_key(folder: str, files: Sequence[str]) -> str:
 
 
 def build_folder_coco(folder: str, pairs: Sequence[Tuple[str, str]]) -> Dict:
-    """Read every (image, annotation) pair into a COCO dict (RLE masks, category 1); the warnings
-    raised while reading are kept under ``info.warnings`` to be repeated from the cache."""
+    """Read every (image, annotation) pair into a COCO dict (RLE masks, category 1; a stack: one
+    image per plane, :mod:`.stack_planes`); the warnings raised while reading are kept under
+    ``info.warnings`` to be repeated from the cache."""
     images, annotations, warnings = [], [], []
-    for image_id, (image_path, ann_path) in enumerate(pairs, start=1):
+    for image_path, ann_path in pairs:
         try:
-            h, w = read_image(image_path).shape[:2]
+            stack = stack_axis(image_path, {})
+            image = read_image(image_path, plane=(stack[0], 0) if stack else None)
         except ImageReadError as e:
             raise DatasetError(str(e)) from None
+        h, w = image.shape[:2]
         files = _files(ann_path)
-        if len(files) == 2:  # whole outlines and visible parts
-            instances = read_whole_and_visible(*files, (h, w))
+        if stack:
+            entries = plane_entries(image_path, ann_path, (h, w), *stack)
+        elif len(files) == 2:  # whole outlines and visible parts
+            entries = [({}, read_whole_and_visible(*files, (h, w)))]
         else:
-            instances = read_annotation_file(ann_path, (h, w))
-        if not instances:
+            entries = [({}, read_annotation_file(ann_path, (h, w)))]
+        if not any(instances for _, instances in entries):
             warnings.append(
                 f"{ann_path}: no objects; {image_path} is kept as background only (dropped from "
                 "training while DATALOADER.FILTER_EMPTY_ANNOTATIONS is True)"
             )
-        images.append(
-            {
-                "id": image_id,
-                "file_name": os.path.relpath(image_path, folder),
-                "height": h,
-                "width": w,
-                "annotation_file": WHOLE_VISIBLE_SEP.join(
-                    os.path.relpath(f, folder) for f in files
-                ),
-            }
-        )
-        for inst in instances:
-            annotations.append(
-                dict(inst, id=len(annotations) + 1, image_id=image_id, category_id=1, iscrowd=0)
+        for extra, instances in entries:
+            image_id = len(images) + 1
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": os.path.relpath(image_path, folder),
+                    "height": h,
+                    "width": w,
+                    "annotation_file": WHOLE_VISIBLE_SEP.join(
+                        os.path.relpath(f, folder) for f in files
+                    ),
+                    **extra,
+                }
             )
+            for inst in instances:
+                annotations.append(
+                    dict(inst, id=len(annotations) + 1, image_id=image_id, category_id=1, iscrowd=0)
+                )
     if not annotations:
         raise DatasetError(f"{folder}: no objects in any of its {len(images)} annotation files")
     return {
@@ -290,6 +301,7 @@ def coco_to_dicts(coco: Dict, root: str) -> List[Dict]:
             "height": img["height"],
             "width": img["width"],
             "annotations": by_image[img["id"]],
+            **({PLANE_KEY: img[PLANE_KEY]} if PLANE_KEY in img else {}),
         }
         for img in coco["images"]
     ]
@@ -354,7 +366,7 @@ def holdout_files(file_names: Sequence[str], root: str = "") -> List[str]:
 def _select(ds: PathDataset, dicts: List[Dict], json_file: str) -> Tuple[List[Dict], str]:
     """The ``ds.split`` part of ``dicts`` and a COCO json of just that part."""
     root = ds.path if ds.kind == "folder" else ds.images
-    held = set(holdout_files([d["file_name"] for d in dicts], root))
+    held = set(holdout_files(sorted({d["file_name"] for d in dicts}), root))  # stacks: whole
     if not held:
         raise DatasetError(
             f"{ds.base}: {len(dicts)} image(s), too few to hold one out for validation; add "
