@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--link-gap",
         type=int,
-        default=0,
+        default=1,
         metavar="N",
-        help="planes or frames an object may be missing from and keep its id (default 0)",
+        help="planes or frames an object may be missing from and keep its id (default 1: a cell "
+        "missed in one plane is not split in two; 0 links neighbours only, as Cellpose)",
     )
     p.add_argument(
         "--dask",

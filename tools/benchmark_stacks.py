@@ -2,7 +2,8 @@
 """Z-stacks: ``iaunet-predict --stitch-3d`` on synthetic ZYX hyperstacks with 3-D ground truth.
 
     python tools/benchmark_stacks.py --weights output/synthetic_quick/model_final.pth \\
-        [--stitch 0.5] [--planes 9] [--span 3 5] [--scenes 32] [--work W] [--opts KEY VALUE ...]
+        [--stitch 0.5] [--gap 1] [--planes 9] [--span 3 5] [--scenes 32] [--work W] \\
+        [--opts KEY VALUE ...]
 
 Each synthetic validation scene (``synthetic_cells_val``: its seeds) is rendered as a
 ``--planes``-plane ImageJ hyperstack (:func:`render_scene_stack`): every cell in 3 to 5 consecutive
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--planes", type=int, default=9)
     p.add_argument("--span", type=int, nargs=2, default=(3, 5), metavar=("MIN", "MAX"))
     p.add_argument("--stitch", type=float, default=0.5, help="--stitch-3d IoU")
+    p.add_argument("--gap", type=int, default=1, help="--link-gap planes (its default)")
     p.add_argument("--scenes", type=int, default=0, help="first N scenes (default: all)")
     p.add_argument("--work", default="output/benchmark_stacks")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="iaunet-predict --opts")
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
         truth[name] = (masks, ranges)
     start = time.process_time()
     cmd = ["--weights", args.weights, "--input", stacks_dir, "--output", out, "--save",
-           "labels,csv", "--stitch-3d", str(args.stitch), "--device", "cpu"]  # fmt: skip
+           "labels,csv", "--stitch-3d", str(args.stitch), "--link-gap", str(args.gap),
+           "--device", "cpu"]  # fmt: skip
     cmd += ["--opts", *args.opts] if args.opts else []
     if predict_main(cmd) != 0:
         return 1
