@@ -1,6 +1,7 @@
 """IAUNetPredictor (whole image, tiled stitching) and the ``iaunet.predict`` CLI."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -532,3 +533,21 @@ def test_predict_time_lapse_end_to_end(checkpoint, tmp_path, capsys):
     assert frames[0] and frames[0] == frames[1] == frames[2]  # the same objects, the same ids
     assert len(rows) == sum(len(f) for f in frames)
     assert "3 t planes linked at IoU 0.5" in capsys.readouterr().err
+
+
+def test_benchmark_stacks_tool(checkpoint, tmp_path):
+    """tools/benchmark_stacks.py end to end on two small stacks: IAUNet through iaunet-predict
+    --stitch-3d and Cellpose 3 (one epoch) through its stitch_threshold, both scored in 3-D."""
+    from conftest import load_tool
+
+    work = tmp_path / "bench"
+    argv = ["--weights", checkpoint[1], "--work", str(work), "--scenes", "2", "--planes", "4"]
+    argv += ["--span", "2", "3", "--cellpose-cpu-s", "3", "--train-scenes", "2"]
+    argv += ["--peer-max-epochs", "1", "--opts", "MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH", "0.1"]
+    assert load_tool("benchmark_stacks").main(argv) == 0
+    saved = json.loads((work / "results.json").read_text())
+    assert saved["planes"] == 4 and set(saved["results"]) == {"IAUNet", "Cellpose 3 (scratch)"}
+    for method, r in saved["results"].items():
+        assert r["cells"] > 0 and 0 <= r["F1"] <= 100 and 0 <= r["split_percent"] <= 100, method
+    assert "--stitch-3d 0.5 --link-gap 1" in saved["results"]["IAUNet"]["command"]
+    assert tifffile.imread(work / "predictions" / "stack_001_labels.tif").shape == (4, 128, 128)

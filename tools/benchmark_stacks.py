@@ -13,7 +13,9 @@ predicted by the command line (``iaunet-predict --stitch-3d IOU --save labels,cs
 ``_labels.tif`` is scored in 3-D: each linked object against each true cell (a cell's voxels are its
 mask in each of its planes), one-to-one at 3-D IoU >= 0.5 (:func:`match_pairs`) -> precision,
 recall, F1; a cell is **split** when the objects that match it plane by plane (2-D IoU >= 0.5)
-carry more than one id. Results: ``<work>/results.json`` and a table on stdout.
+carry more than one id. ``--cellpose-cpu-s S``: Cellpose 3 trained from scratch on the quick
+model's training scenes for S CPU seconds, its planes stitched by its own ``stitch_threshold``,
+scored the same way. Results: ``<work>/results.json`` and a line per method on stdout.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import pycocotools.mask as mask_util
 import tifffile
 from detectron2.structures.masks import polygons_to_bitmask
 
-from iaunet.data.datasets.synthetic import SPLITS, render_scene_stack
+from iaunet.data.datasets.synthetic import SPLITS, render_scene, render_scene_stack
 from iaunet.evaluation.matching import match_pairs
 from iaunet.predict import main as predict_main
 
@@ -73,6 +75,13 @@ def main(argv=None) -> int:
     p.add_argument("--gap", type=int, default=1, help="--link-gap planes (its default)")
     p.add_argument("--scenes", type=int, default=0, help="first N scenes (default: all)")
     p.add_argument("--work", default="output/benchmark_stacks")
+    p.add_argument(
+        "--cellpose-cpu-s", type=float, default=0, metavar="S",
+        help="also Cellpose 3 from scratch on the same training scenes for S CPU seconds "
+        "(the quick model's training CPU), stitched with --stitch (the fewshot extra)",
+    )  # fmt: skip
+    p.add_argument("--train-scenes", type=int, default=0, help="Cellpose: first N (default all)")
+    p.add_argument("--peer-max-epochs", type=int, default=None, help="Cellpose: at most N epochs")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="iaunet-predict --opts")
     args = p.parse_args(argv)
     seed, count, _ = SPLITS["synthetic_cells_val"]
@@ -89,40 +98,76 @@ def main(argv=None) -> int:
         tifffile.imwrite(os.path.join(stacks_dir, f"{name}.tif"), np.round(stack * 255).astype(
             np.uint8), imagej=True, metadata={"axes": "ZYX"})  # fmt: skip
         truth[name] = (masks, ranges)
-    start = time.process_time()
     cmd = ["--weights", args.weights, "--input", stacks_dir, "--output", out, "--save",
            "labels,csv", "--stitch-3d", str(args.stitch), "--link-gap", str(args.gap),
            "--device", "cpu"]  # fmt: skip
     cmd += ["--opts", *args.opts] if args.opts else []
+    start = time.process_time()
     if predict_main(cmd) != 0:
         return 1
-    cpu = time.process_time() - start
+    labels = {n: tifffile.imread(os.path.join(out, f"{n}_labels.tif")) for n in truth}
+    results = {"IAUNet": summary(truth, labels, time.process_time() - start, args.planes)}
+    results["IAUNet"]["command"] = "iaunet-predict " + " ".join(cmd)
+    if args.cellpose_cpu_s:
+        results["Cellpose 3 (scratch)"] = cellpose_row(args, truth, stacks_dir)
+    with open(os.path.join(args.work, "results.json"), "w") as f:
+        json.dump({"stacks": len(truth), "planes": args.planes, "span": list(args.span),
+                   "stitch_3d": args.stitch, "results": results}, f, indent=1)  # fmt: skip
+    for method, r in results.items():
+        print(
+            f"{method}: {len(truth)} stacks of {args.planes} planes, {r['cells']} cells, stitch "
+            f"{args.stitch}: 3-D F1 {r['F1']:.1f} (precision {r['precision']:.1f}, recall "
+            f"{r['recall']:.1f}), split {r['split_percent']:.1f} % of the cells, count ratio "
+            f"{r['count_ratio']:.2f}, {r['cpu_s_per_plane']:.2f} CPU-s/plane"
+        )
+    return 0
+
+
+def summary(truth: Dict, labels: Dict[str, np.ndarray], cpu: float, planes: int) -> Dict:
+    """3-D precision / recall / F1, split cells and count ratio of the label stacks ``labels``
+    against ``truth`` ({name: (masks, ranges)}); ``cpu``: the prediction's CPU seconds."""
     total = dict.fromkeys(("tp", "fp", "fn", "split", "cells"), 0)
     for name, (masks, ranges) in truth.items():
-        labels = tifffile.imread(os.path.join(out, f"{name}_labels.tif"))
-        labels = labels.reshape(-1, *labels.shape[-2:])  # --planes 1: a 2-D image
-        for k, v in score_stack(labels, masks, ranges).items():
+        stack = labels[name].reshape(-1, *labels[name].shape[-2:])  # --planes 1: a 2-D image
+        for k, v in score_stack(stack, masks, ranges).items():
             total[k] += v
     tp, fp, fn = total["tp"], total["fp"], total["fn"]
-    result = {
-        "stacks": len(truth), "planes": args.planes, "span": list(args.span),
-        "stitch_3d": args.stitch, "cells": total["cells"],
+    return {
+        "cells": total["cells"],
         "precision": 100 * tp / max(tp + fp, 1), "recall": 100 * tp / max(tp + fn, 1),
         "F1": 100 * 2 * tp / max(2 * tp + fp + fn, 1),
         "split_percent": 100 * total["split"] / max(total["cells"], 1),
         "count_ratio": (tp + fp) / max(total["cells"], 1),
-        "cpu_s_per_plane": cpu / max(len(truth) * args.planes, 1),
-        "command": "iaunet-predict " + " ".join(cmd),
+        "cpu_s_per_plane": cpu / max(len(truth) * planes, 1),
     }  # fmt: skip
-    with open(os.path.join(args.work, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    print(
-        f"{len(truth)} stacks of {args.planes} planes, {total['cells']} cells, --stitch-3d "
-        f"{args.stitch}: 3-D F1 {result['F1']:.1f} (precision {result['precision']:.1f}, "
-        f"recall {result['recall']:.1f}), split {result['split_percent']:.1f} % of the cells, "
-        f"count ratio {result['count_ratio']:.2f}, {result['cpu_s_per_plane']:.2f} CPU-s/plane"
+
+
+def cellpose_row(args, truth: Dict, stacks_dir: str) -> Dict:
+    """Cellpose 3 trained from scratch on the quick model's training scenes (``synthetic_cells_
+    train``, as label images) for ``--cellpose-cpu-s``, each stack predicted plane by plane and
+    stitched with ``stitch_threshold`` = ``--stitch`` (Cellpose's own 3-D linking)."""
+    from iaunet.bench import few_shot as fs
+
+    seed, count, _ = SPLITS["synthetic_cells_train"]
+    images, label_images = [], []
+    for i in range(args.train_scenes or count):
+        image, polygons = render_scene(seed * 1_000_003 + i)
+        lab = np.zeros(image.shape, np.uint16)
+        for k, poly in enumerate(polygons, start=1):
+            lab[polygons_to_bitmask([poly.ravel()], *image.shape)] = k
+        images.append(np.round(image * 255).astype(np.uint8))
+        label_images.append(lab)
+    work = os.path.join(args.work, "cellpose")
+    model, info = fs.train_cellpose(
+        images, label_images, args.cellpose_cpu_s, work, max_epochs=args.peer_max_epochs
     )
-    return 0
+    start, labels = time.process_time(), {}
+    for name in truth:
+        stack = tifffile.imread(os.path.join(stacks_dir, f"{name}.tif")).astype(np.float32)
+        masks = model.eval(stack, channels=[0, 0], z_axis=0, do_3D=False,
+                           stitch_threshold=args.stitch)[0]  # fmt: skip
+        labels[name] = np.asarray(masks)
+    return {**summary(truth, labels, time.process_time() - start, args.planes), **info}
 
 
 if __name__ == "__main__":
