@@ -127,6 +127,44 @@ def transfer_query_rows(
     return changed
 
 
+# --- Another number of input channels (INPUT.CHANNELS) -----------------------------------------
+# A model of C channels fine-tunes from one trained on gray (replicated to 3) or RGB images: every
+# weight but the convolutions that read the image (the backbone's stem; the mask head's detail
+# stage at MASK_STRIDE 2) is shared. Their (O, 3, k, k) kernels become (O, C, k, k) by spreading
+# the sum over the old input channels evenly over the new ones: an image whose C channels all equal
+# the gray one gives the same response, and training tells the channels apart from there.
+
+
+def spread_input_channels(model: torch.nn.Module, state_dict: Dict[str, Any]) -> List[str]:
+    """Resize (in place) the image-reading kernels of checkpoint ``state_dict`` to ``model``'s
+    number of input channels (``len(MODEL.PIXEL_MEAN)``); returns the keys changed (logged)."""
+    mean = getattr(model, "pixel_mean", None)
+    if mean is None:
+        return []
+    channels, own, changed = int(mean.numel()), model.state_dict(), []
+    for key in list(state_dict):
+        name = key[len("module.") :] if key.startswith("module.") else key
+        old = state_dict[key]
+        if name not in own or not isinstance(old, torch.Tensor) or old.dim() != 4:
+            continue
+        new = own[name]
+        same_rest = old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]
+        if not same_rest or old.shape[1] not in (1, 3) or old.shape[1] == channels:
+            continue
+        if new.shape[1] != channels:
+            continue
+        total = old.float().sum(dim=1, keepdim=True)
+        state_dict[key] = (total / channels).repeat(1, channels, 1, 1).to(old.dtype)
+        changed.append(f"{name} ({old.shape[1]} -> {channels})")
+    if changed:
+        logger.warning(
+            f"The model reads {channels} image channel(s) (INPUT.CHANNELS), the checkpoint "
+            f"another number: spread the input kernels of {', '.join(changed)} evenly over the "
+            "model's channels"
+        )
+    return changed
+
+
 def checkpoint_queries(checkpoint: Optional[Mapping]) -> Optional[int]:
     """The number of queries of an IAUNet checkpoint dict (None: no checkpoint or no query
     table)."""
@@ -362,6 +400,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 self.config.MODEL.IAUNET.TRAIN.NEW_QUERIES if self.config is not None else "fresh"
             )  # another NUM_QUERIES: fine-tuning
             transfer_query_rows(self.model, checkpoint["model"], new_rows)
+            spread_input_channels(self.model, checkpoint["model"])
         return super()._load_model(checkpoint)
 
 

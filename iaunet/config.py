@@ -50,7 +50,35 @@ def merge_config(cfg: CN, config_file: str = "", opts: Sequence = ()) -> CN:
         raise ConfigError(
             f"invalid config override {' '.join(map(str, opts))}: {one_line(e)}"
         ) from None
+    if "CHANNELS" in cfg.INPUT:
+        fit_input_channels(cfg)
     return cfg
+
+
+def fit_input_channels(cfg: CN) -> None:
+    """Check ``INPUT.CHANNELS`` and give ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` one entry per channel:
+    three equal entries (a gray model's) become that many; other lengths are an error naming the
+    keys."""
+    channels = tuple(cfg.INPUT.CHANNELS)
+    for c in channels:
+        index = isinstance(c, int) and not isinstance(c, bool) and c >= 0
+        if not (index or (isinstance(c, str) and c.strip())):
+            raise ConfigError(
+                f"INPUT.CHANNELS entries are channel indices >= 0 or channel names, got {c!r}"
+            )
+    if len(set(map(str, channels))) != len(channels):
+        raise ConfigError(f"INPUT.CHANNELS names a channel twice: {channels}")
+    n = len(channels)
+    if not n or len(cfg.MODEL.PIXEL_MEAN) == n:
+        return
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        values = list(cfg.MODEL[key])
+        if len(values) != 3 or len(set(values)) != 1:
+            raise ConfigError(
+                f"INPUT.CHANNELS has {n} channel(s) but MODEL.{key} has {len(values)} entries "
+                f"{values}: give one per channel"
+            )
+        cfg.MODEL[key] = [values[0]] * n
 
 
 def load_config(config_file: str = "", opts: Sequence = ()) -> CN:
@@ -88,6 +116,7 @@ def trained_config(saved: str, source: str = "") -> CN:
         cfg.merge_from_other_cfg(loaded)
     except Exception as e:  # unknown key, wrong value type
         raise ConfigError(f"cannot use {where}: {one_line(e)}") from None
+    fit_input_channels(cfg)
     return cfg
 
 
@@ -272,6 +301,11 @@ def add_iaunet_config(cfg: CN) -> None:
     # "amodal" (its amodal_segmentation, the whole object; docs/amodal.md)
     cfg.INPUT.MASK_KIND = "visible"
     cfg.INPUT.MIN_INSTANCE_AREA = 1  # instances with fewer pixels after augmentation are dropped
+    # the channels of each file the model takes, in this order: indices or the names the file's
+    # OME / ImageJ / OME-Zarr metadata gives them, e.g. ("GFP", "DAPI"); each channel normalized on
+    # its own. Empty: gray replicated to 3 channels, RGB as is. The input layer has one channel per
+    # entry (len(MODEL.PIXEL_MEAN), as in detectron2; 3 equal entries are spread to the count).
+    cfg.INPUT.CHANNELS = ()
 
     # Optimizer, thesis §4.2.
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW | SGD

@@ -94,7 +94,7 @@ def predict_file(
 ) -> Dict:
     """Predict one file (every plane of a z-stack or time-lapse: :mod:`iaunet.predict_stack`) and
     write its outputs; returns its ``images.json`` entry."""
-    selection = {"channel": args.channel, "z": args.z, "t": args.t}
+    selection = file_selection(args, predictor)
     stack = None if is_zarr(path) else open_stack(path, selection)
     if stack is not None:
         return predict_stack(predictor, writer, stack, args, selection, image_id, stem)
@@ -106,11 +106,19 @@ def predict_file(
     return writer.write_image(prediction)
 
 
-def read_input(path: str, selection: Optional[Dict[str, Optional[int]]] = None):
+def file_selection(args: argparse.Namespace, predictor: IAUNetPredictor) -> Dict:
+    """What to read of each file: ``--channel`` / ``--z`` / ``--t`` and the channels the model
+    takes (``INPUT.CHANNELS``, saved with it: no flag)."""
+    return {"channel": args.channel, "z": args.z, "t": args.t, "channels": predictor.channels}
+
+
+def read_input(path: str, selection: Optional[Dict] = None):
     """The image of ``path`` as read today (:func:`read_image`), or its selected plane (level 0)
-    for an OME-Zarr image or when ``--channel`` / ``--z`` / ``--t`` is given."""
+    for an OME-Zarr image, when ``--channel`` / ``--z`` / ``--t`` is given or the model takes
+    channels (:func:`file_selection`)."""
     selection = selection or {}
-    if is_zarr(path) or any(v is not None for v in selection.values()):
+    chosen = [v for k, v in selection.items() if k != "channels" and v is not None]
+    if is_zarr(path) or chosen or selection.get("channels"):
         return open_plane(path, **selection).read()
     return read_image(path)
 
@@ -163,7 +171,7 @@ def run_dask(args: argparse.Namespace, files: List[str], predictor: IAUNetPredic
             f"--block must be >= 1 and a multiple of 1024 above 1024, got {args.block}"
         )
     spec = predictor_spec(args)
-    selection = {"channel": args.channel, "z": args.z, "t": args.t}
+    selection = file_selection(args, predictor)
     failed = []
     with dask_client(args.dask) as client:
         logger.info(f"Dask: {client.scheduler_info()['address']}, {len(client.nthreads())} workers")

@@ -222,6 +222,7 @@ def plane_intensity_range(plane: ImagePlane, predictor) -> Optional[Tuple[float,
         predictor.percentiles,
         name=plane.path,
         normalize_uint8=predictor.normalize_uint8,
+        channels=len(predictor.channels),
     )
 
 

@@ -13,16 +13,20 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..data.image_io import (
     IMAGE_EXTENSIONS,
+    MAX_UNNAMED_CHANNELS,
     TIFF_EXTENSIONS,
     ImageReadError,
     read_image,
+    read_tiff,
+    resolve_channels,
     stack_axis,
+    tiff_channel_names,
 )
 
 ZARR_EXTENSIONS = (".zarr",)
@@ -38,7 +42,8 @@ def is_zarr(path: str) -> bool:
     )
 
 
-def _zarr_multiscales(path: str, quiet: bool = False) -> Optional[dict]:
+def _zarr_attrs(path: str) -> dict:
+    """The NGFF attributes of an OME-Zarr image (0.4 ``.zattrs`` or 0.5 ``zarr.json``)."""
     for name in ("zarr.json", ".zattrs"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
@@ -47,7 +52,14 @@ def _zarr_multiscales(path: str, quiet: bool = False) -> Optional[dict]:
             attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
             attrs = attrs.get("ome", attrs)  # NGFF 0.5 keeps its metadata under "ome"
             if attrs.get("multiscales"):
-                return attrs["multiscales"][0]
+                return attrs
+    return {}
+
+
+def _zarr_multiscales(path: str, quiet: bool = False) -> Optional[dict]:
+    attrs = _zarr_attrs(path)
+    if attrs:
+        return attrs["multiscales"][0]
     if quiet:
         return None
     raise ImageReadError(f"{path}: not an OME-Zarr image (no NGFF 'multiscales' metadata)")
@@ -60,7 +72,8 @@ class ImagePlane:
     ``axes``: the file's axis names (lower case; ``s`` = RGB samples); ``index``: the fixed index of
     every axis but y, x, s; ``level``: the pyramid level read; ``downsample``: its (y, x) pixel
     size over level 0's; ``pixel_size``: (y, x) physical size of a pixel of this level and its
-    ``unit``, when the file declares one.
+    ``unit``, when the file declares one. ``channels``: the channels of ``channel_axis`` a model of
+    ``INPUT.CHANNELS`` takes, in its order (regions are then (h, w, len(channels))).
     """
 
     path: str
@@ -74,6 +87,8 @@ class ImagePlane:
     unit: str = ""
     shape: Tuple[int, ...] = ()
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint8))
+    channels: Tuple[int, ...] = ()
+    channel_axis: str = ""
 
     def __post_init__(self):
         self._array = None
@@ -94,7 +109,7 @@ class ImagePlane:
             import zarr
 
             if self.kind == "memory":
-                self._array = _read_whole(self.path)
+                self._array = _read_whole(self.path, bool(self.channels))
             elif self.kind == "zarr":
                 self._array = zarr.open_array(os.path.join(self.path, self.level_path), mode="r")
             else:
@@ -110,17 +125,21 @@ class ImagePlane:
         ys, xs = item
         array = self._open()
         if self.kind == "memory":
-            return array[ys, xs]
+            return array[ys, xs][:, :, list(self.channels)] if self.channels else array[ys, xs]
+        kept = "yxs" + self.channel_axis
         sel = tuple(
-            ys if a == "y" else xs if a == "x" else slice(None) if a == "s" else self.index[a]
+            ys if a == "y" else xs if a == "x" else slice(None) if a in kept else self.index[a]
             for a in self.axes
         )
         try:
             region = np.asarray(array[sel])
         except Exception as e:  # corrupt / missing chunks: name the file
             raise ImageReadError(f"cannot read {self.path} {sel}: {type(e).__name__}: {e}") from e
-        kept = [a for a in self.axes if a in "yxs"]
-        return region.transpose([kept.index(a) for a in "yxs" if a in kept])
+        kept = [a for a in self.axes if a in kept]
+        region = region.transpose([kept.index(a) for a in "yxs" + self.channel_axis if a in kept])
+        if not self.channels:
+            return region
+        return region[:, :, list(self.channels)] if self.channel_axis else region[:, :, None]
 
     def read(self) -> np.ndarray:
         """The whole plane (small images; the in-process path)."""
@@ -133,12 +152,15 @@ class ImagePlane:
         self._array = None
 
 
-def _select(path: str, axes: str, shape, selection: Dict[str, Optional[int]]) -> Dict[str, int]:
-    """The index of every plane axis: the one asked for, 0 when it has length 1; an axis longer
-    than 1 without a choice, a choice without its axis or out of range is an error naming both."""
+def _select(
+    path: str, axes: str, shape, selection: Dict[str, Optional[int]], keep: str = ""
+) -> Dict[str, int]:
+    """The index of every plane axis but ``keep`` (the model's channel axis): the one asked for, 0
+    when it has length 1; an axis longer than 1 without a choice, a choice without its axis or out
+    of range is an error naming both."""
     index = {}
     for a, n in zip(axes, shape):
-        if a in "yxs":
+        if a in "yxs" + keep:
             continue
         flag = PLANE_AXES.get(a)
         chosen = selection.get(flag) if flag else None
@@ -156,6 +178,8 @@ def _select(path: str, axes: str, shape, selection: Dict[str, Optional[int]]) ->
             )
         index[a] = int(chosen)
     for flag, value in selection.items():
+        if flag == "channels":
+            continue
         a = {v: k for k, v in PLANE_AXES.items()}[flag]
         if value is not None and a not in axes:
             raise ImageReadError(f"{path}: --{flag} given, but the image has no {a} axis ({axes})")
@@ -200,11 +224,14 @@ def _open_zarr(path: str, selection, model_scale) -> ImagePlane:
     level = _nearest_level(downs, model_scale)
     units = [a.get("unit", "") for a in ms.get("axes", []) if isinstance(a, dict)]
     shape = shapes[level]
+    omero = _zarr_attrs(path).get("omero") or {}
+    names = [str(c.get("label", "")) for c in omero.get("channels", [])]
+    axis, channels = _channel_choice(path, axes, shape, selection, names)
     return ImagePlane(
         path=path,
         kind="zarr",
         axes=axes,
-        index=_select(path, axes, shape, selection),
+        index=_select(path, axes, shape, selection, axis),
         level=level,
         level_path=ms["datasets"][level]["path"],
         downsample=(downs[level], shapes[0][yx[1]] / shape[yx[1]]),
@@ -212,7 +239,26 @@ def _open_zarr(path: str, selection, model_scale) -> ImagePlane:
         unit=units[yx[0]] if units else "",
         shape=(shape[yx[0]], shape[yx[1]]),
         dtype=np.dtype(zarr.open_array(os.path.join(path, ms["datasets"][level]["path"])).dtype),
+        channels=channels,
+        channel_axis=axis,
     )
+
+
+def _channel_choice(path: str, axes: str, shape, selection, names) -> Tuple[str, Tuple[int, ...]]:
+    """(the channel axis, the indices of the channels ``selection["channels"]``, a model's
+    ``INPUT.CHANNELS``, asks for); ("", ()) when it asks for none. An image without a channel axis
+    has one channel."""
+    wanted = selection.get("channels") or ()
+    if not wanted:
+        return "", ()
+    if selection.get("channel") is not None:
+        raise ImageReadError(
+            f"{path}: --channel picks one plane, but the model takes the channels "
+            f"{tuple(wanted)} (INPUT.CHANNELS, saved with it): leave --channel out"
+        )
+    axis = "c" if "c" in axes else "s" if "s" in axes else ""
+    count = shape[axes.index(axis)] if axis else 1
+    return axis, resolve_channels(path, wanted, count, names)
 
 
 def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
@@ -226,10 +272,14 @@ def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
             dtype = series.dtype
             voxel = _tiff_sizes(tif)[0]  # OME-XML or ImageJ pixel sizes
             ps = voxel[1:] if voxel else None
+            count = levels[0][axes.index("c")] if "c" in axes else 1
+            names = tiff_channel_names(tif, count) if "c" in axes else None
     except Exception as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if "y" not in axes or "x" not in axes:
         raise ImageReadError(f"{path}: the TIFF has no y and x axes ({axes})")
+    if selection.get("channels") and axes in ("qyx", "iyx"):
+        return _in_memory(path, selection)  # no metadata: the short axis is the channels
     # tifffile names an unknown leading axis q / i: treat it as a stack to choose from
     axes = "".join("z" if a in "qi" else a for a in axes)
     yx = axes.index("y"), axes.index("x")
@@ -237,16 +287,20 @@ def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
     level = _nearest_level(downs, model_scale)
     shape = levels[level]
     d = (downs[level], levels[0][yx[1]] / shape[yx[1]])
+    axis, channels = _channel_choice(path, axes, shape, selection, names)
     return ImagePlane(
         path=path,
         kind="tiff",
         axes=axes,
-        index=_select(path, axes, shape, selection),
+        index=_select(path, axes, shape, selection, axis),
         level=level,
         downsample=d,
         pixel_size=(ps[0] * d[0], ps[1] * d[1]) if ps else None,
-        shape=(shape[yx[0]], shape[yx[1]]) + ((shape[axes.index("s")],) if "s" in axes else ()),
+        shape=(shape[yx[0]], shape[yx[1]])
+        + ((len(channels),) if channels else (shape[axes.index("s")],) if "s" in axes else ()),
         dtype=np.dtype(dtype),
+        channels=channels,
+        channel_axis=axis,
     )
 
 
@@ -256,16 +310,19 @@ def open_plane(
     z: Optional[int] = None,
     t: Optional[int] = None,
     model_scale: Optional[float] = None,
+    channels: Sequence = (),
 ) -> ImagePlane:
     """The 2-D plane of ``path`` to predict: OME-Zarr and TIFF lazily (the pyramid level nearest
-    ``model_scale`` when they have several), other formats read whole. Errors are one line naming
-    the file (:class:`ImageReadError`)."""
-    selection = {"channel": channel, "z": z, "t": t}
+    ``model_scale`` when they have several), other formats read whole; with ``channels`` (a
+    model's ``INPUT.CHANNELS``: indices or the names of OME/ImageJ/OME-Zarr metadata) those
+    channels, in that order, as the last axis. Errors are one line naming the file
+    (:class:`ImageReadError`)."""
+    selection = {"channel": channel, "z": z, "t": t, "channels": tuple(channels)}
     if os.path.isdir(path):
         return _open_zarr(path.rstrip("/"), selection, model_scale)
     if path.lower().endswith(TIFF_EXTENSIONS):
         plane = _open_tiff(path, selection, model_scale)
-        if plane.ndim == 3 and plane.shape[2] not in (1, 3, 4):
+        if plane.ndim == 3 and plane.shape[2] not in (1, 3, 4) and not plane.channels:
             raise ImageReadError(f"{path}: unsupported samples per pixel {plane.shape}")
         try:
             plane[0:1, 0:1]
@@ -346,23 +403,40 @@ def open_stack(path: str, selection: Dict[str, Optional[int]]) -> Optional[Stack
     return Stack(path, *found, size, unit, interval)
 
 
-_WHOLE: Dict[str, np.ndarray] = {}
+_WHOLE: Dict[Tuple[str, bool], np.ndarray] = {}
 
 
-def _read_whole(path: str) -> np.ndarray:
-    """A file read whole, kept for the next call (the blocks of one image in one worker)."""
-    if path not in _WHOLE:
+def _read_whole(path: str, channels_last: bool = False) -> np.ndarray:
+    """A file read whole, kept for the next call (the blocks of one image in one worker);
+    ``channels_last``: as (H, W, C), a TIFF without metadata (C, H, W) or (H, W, C) by its short
+    axis."""
+    if (path, channels_last) not in _WHOLE:
         _WHOLE.clear()
-        _WHOLE[path] = read_image(path)
-    return _WHOLE[path]
+        if channels_last and path.lower().endswith(TIFF_EXTENSIONS):
+            image, axes = read_tiff(path)
+            unnamed = image.ndim == 3 and axes.upper() in ("QYX", "IYX")
+            long_last = image.shape[2] > MAX_UNNAMED_CHANNELS
+            if unnamed and (image.shape[0] < image.shape[2] or long_last):
+                image = np.moveaxis(image, 0, -1)
+            if image.ndim > 3 or min(image.shape) < 1:
+                raise ImageReadError(f"{path}: shape {image.shape} ({axes}) is no (C, H, W) image")
+        else:
+            image = read_image(path)
+        _WHOLE[(path, channels_last)] = (
+            image[:, :, None] if channels_last and image.ndim == 2 else image
+        )
+    return _WHOLE[(path, channels_last)]
 
 
 def _in_memory(path: str, selection) -> ImagePlane:
-    given = [f"--{k}" for k, v in selection.items() if v is not None]
+    given = [f"--{k}" for k, v in selection.items() if v is not None and k != "channels"]
     if given:
         raise ImageReadError(f"{path}: {', '.join(given)} need a TIFF or OME-Zarr image")
-    image = _read_whole(path)
-    plane = ImagePlane(path, "memory", "yx", {}, shape=image.shape, dtype=image.dtype)
+    wanted = selection.get("channels") or ()
+    image = _read_whole(path, bool(wanted))
+    channels = resolve_channels(path, wanted, image.shape[2], None) if wanted else ()
+    shape = (*image.shape[:2], len(channels)) if channels else image.shape
+    plane = ImagePlane(path, "memory", "yx", {}, shape=shape, dtype=image.dtype, channels=channels)
     plane._array = image
     return plane
 

@@ -3,7 +3,7 @@
 
 import copy
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -211,6 +211,7 @@ class IAUNetDatasetMapper:
         min_instance_area: int = 1,
         normalize_uint8: bool = False,
         fields: Tuple[str, ...] = ("segmentation",),
+        channels: Sequence = (),
     ):
         self.is_train = is_train
         self.fields = tuple(fields)
@@ -220,6 +221,7 @@ class IAUNetDatasetMapper:
         self.percentiles = tuple(percentiles)
         self.min_instance_area = min_instance_area
         self.normalize_uint8 = normalize_uint8
+        self.channels = tuple(channels)
         mode = "train" if is_train else "test"
         logger.info(f"[IAUNetDatasetMapper] {mode} augmentations: {augmentations}")
 
@@ -234,17 +236,23 @@ class IAUNetDatasetMapper:
             "min_instance_area": cfg.INPUT.MIN_INSTANCE_AREA,
             "normalize_uint8": cfg.INPUT.NORMALIZE_8BIT,
             "fields": mask_fields(cfg),
+            "channels": tuple(cfg.INPUT.CHANNELS),
         }
 
     def load_image(self, record: Dict) -> np.ndarray:
         """A dataset record's image -> float32 (H, W, 3) on the 0..255 scale, in ``INPUT.FORMAT``
-        order; a plane of a stack is normalized with the stack's range."""
+        order, or (H, W, C): the ``INPUT.CHANNELS`` of the file, each with its own range; a plane
+        of a stack is normalized with the stack's range."""
         file_name, norm = record["file_name"], (self.intensity_norm, self.percentiles)
         value_range = None
         if record.get(PLANE_KEY):
             image, value_range = stack_plane(
-                file_name, record[PLANE_KEY], *norm, self.normalize_uint8
+                file_name, record[PLANE_KEY], *norm, self.normalize_uint8, self.channels
             )
+        elif self.channels:
+            from ..bigimage.lazy_image import open_plane
+
+            image = open_plane(file_name, channels=self.channels).read()
         else:
             image = read_image(file_name)
         return to_model_range(
@@ -254,6 +262,7 @@ class IAUNetDatasetMapper:
             image_format=self.image_format,
             value_range=value_range,
             normalize_uint8=self.normalize_uint8,
+            channels=len(self.channels),
         )
 
     @staticmethod

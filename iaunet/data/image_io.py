@@ -2,7 +2,7 @@
 range."""
 
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -51,8 +51,8 @@ def stack_axis(path: str, selection: Dict[str, Optional[int]]) -> Optional[Tuple
             raw, shape = tif.series[0].axes.lower(), tuple(tif.series[0].shape)
     except Exception as e:
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-    if raw in ("qyx", "iyx") and shape[0] in (3, 4):
-        return None
+    if raw in ("qyx", "iyx") and (shape[0] in (3, 4) or selection.get("channels")):
+        return None  # colour, or the channels of a model of INPUT.CHANNELS
     axes = "".join("z" if a in "qi" else a for a in raw)
     found = {a: n for a, n in zip(axes, shape) if a in "zt" and n > 1 and selection.get(a) is None}
     if len(found) > 1:
@@ -61,6 +61,78 @@ def stack_axis(path: str, selection: Dict[str, Optional[int]]) -> Optional[Tuple
             "time point with --t (a z-stack) or a plane with --z (a time-lapse)"
         )
     return next(iter(found.items()), None)
+
+
+def tiff_channel_names(tif, count: int) -> Optional[List[str]]:
+    """The names of the ``count`` channels of an open ``tifffile.TiffFile``: OME-XML ``Channel
+    Name`` of the first image, or ImageJ slice labels (channel first in ImageJ's page order); None
+    where the file names none."""
+    names: List[str] = []
+    if tif.is_ome and tif.ome_metadata:
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+        except ET.ParseError:
+            return None
+        image = next((e for e in root.iter() if e.tag.endswith("}Image")), None)
+        if image is not None:
+            names = [e.get("Name", "") for e in image.iter() if e.tag.endswith("}Channel")]
+    elif tif.is_imagej:
+        labels = (tif.imagej_metadata or {}).get("Labels") or []
+        names = [str(v) for v in labels[:count]] if len(labels) >= count else []
+    return names[:count] if len(names) >= count and any(names[:count]) else None
+
+
+def resolve_channels(
+    path: str, wanted: Sequence, count: int, names: Optional[Sequence[str]]
+) -> Tuple[int, ...]:
+    """The indices of ``wanted`` (``INPUT.CHANNELS``: indices, or channel names as the file's
+    metadata gives them) among the file's ``count`` channels; an error naming the file, the
+    channel and what the file has."""
+    found = []
+    have = f"{count} channel(s)" + (f": {', '.join(map(repr, names))}" if names else "")
+    for w in wanted:
+        if isinstance(w, (int, np.integer)) or (isinstance(w, str) and w.isdigit()):
+            if not 0 <= int(w) < count:
+                raise ImageReadError(f"{path}: has {have}; INPUT.CHANNELS asks for channel {w}")
+            found.append(int(w))
+            continue
+        if not names:
+            raise ImageReadError(
+                f"{path}: INPUT.CHANNELS names channel {w!r}, but the file names no channels "
+                f"(OME or ImageJ metadata; it has {have}): give the channels as indices"
+            )
+        exact = [k for k, n in enumerate(names) if n == w]
+        loose = [k for k, n in enumerate(names) if n.lower() == str(w).lower()]
+        match = exact or loose
+        if len(match) != 1:
+            raise ImageReadError(
+                f"{path}: has {have}; INPUT.CHANNELS channel {w!r} is "
+                + ("not one of them" if not match else "ambiguous")
+            )
+        found.append(match[0])
+    return tuple(found)
+
+
+MAX_UNNAMED_CHANNELS = 16  # (H, W, C) without metadata: C at most this (else a z-stack)
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(H, W) of an image file, whatever its channels or planes: the y and x axes of a TIFF's
+    first series (an (H, W, C) TIFF without metadata by its short last axis), else as
+    :func:`read_image` reads it."""
+    if path.lower().endswith(TIFF_EXTENSIONS) and os.path.isfile(path):
+        try:  # read whole: a corrupt file is named here, not in training
+            array, axes = read_tiff(path)
+        except Exception as e:
+            raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        shape = array.shape
+        if axes in ("QYX", "IYX") and shape[2] < shape[0] and shape[2] <= MAX_UNNAMED_CHANNELS:
+            return shape[0], shape[1]
+        if "Y" in axes and "X" in axes:
+            return shape[axes.index("Y")], shape[axes.index("X")]
+    return read_image(path).shape[:2]
 
 
 def read_image(path: str, plane: Optional[Tuple[str, int]] = None) -> np.ndarray:
@@ -113,8 +185,9 @@ def read_image(path: str, plane: Optional[Tuple[str, int]] = None) -> np.ndarray
         img = np.moveaxis(img, 0, -1)  # channel-first TIFF
     if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
         raise ImageReadError(
-            f"{path}: shape {img.shape} looks like a 3-D stack; IAUNet takes 2-D images "
-            "(save one plane or a max-projection)"
+            f"{path}: shape {img.shape} looks like a 3-D stack or a multi-channel image; "
+            "IAUNet takes 2-D images (save one plane or a max-projection) or the channels "
+            "INPUT.CHANNELS selects"
         )
     if img.ndim not in (2, 3):
         raise ImageReadError(f"{path}: unsupported image shape {img.shape}")
@@ -137,26 +210,45 @@ def _rgb_channels(img: np.ndarray, name: str) -> np.ndarray:
     return img
 
 
+def _model_channels(img: np.ndarray, name: str, channels: int) -> np.ndarray:
+    """(H, W, ``channels``): the channels ``INPUT.CHANNELS`` selected, as :class:`ImagePlane`
+    reads them; anything else is an error naming the count."""
+    img = img[:, :, None] if img.ndim == 2 else img
+    if img.ndim != 3 or img.shape[2] != channels:
+        raise ImageReadError(
+            f"{name}: the model takes {channels} channel(s) (INPUT.CHANNELS), got an image of "
+            f"shape {img.shape}; read it with the model's channels (iaunet-predict does)"
+        )
+    return img
+
+
 def intensity_range(
     img: np.ndarray,
     rule: str = "percentile",
     percentiles: Sequence[float] = (0.5, 99.5),
     name: str = "image",
     normalize_uint8: bool = False,
-) -> Optional[Tuple[float, float]]:
+    channels: int = 0,
+):
     """The input values (lo, hi) that :func:`to_model_range` maps to 0 and 255, or None for uint8
     (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``) and bool images (kept as they are).
     Computed on the image as stored (gray is not replicated), so that a large image's range costs
     one copy of it; pass it to ``to_model_range(crop, value_range=...)`` to normalize the crops of a
-    large image as the whole (tiled prediction). Non-finite values are an error."""
+    large image as the whole (tiled prediction). Non-finite values are an error. ``channels`` > 0
+    (a model of ``INPUT.CHANNELS``): one (lo, hi) per channel of an (H, W, channels) image, each
+    channel normalized on its own (a dim nuclei channel next to a bright cytoplasm one)."""
     if rule not in INTENSITY_NORMS:
         raise ValueError(f"INPUT.INTENSITY_NORM must be one of {INTENSITY_NORMS}, got {rule!r}")
-    img = _rgb_channels(img, name)
+    img = _model_channels(img, name, channels) if channels else _rgb_channels(img, name)
     if img.dtype == np.bool_ or (img.dtype == np.uint8 and not normalize_uint8):
         return None
     if not np.issubdtype(img.dtype, np.number):
         raise ImageReadError(f"{name}: unsupported dtype {img.dtype}")
     _check_finite(img, name)
+    if channels:
+        return tuple(
+            intensity_range(img[:, :, c], rule, percentiles, name, True) for c in range(channels)
+        )
     if rule == "percentile":
         lo, hi = np.percentile(img, percentiles)
         return float(lo), float(hi)
@@ -170,11 +262,14 @@ def to_model_range(
     percentiles: Sequence[float] = (0.5, 99.5),
     name: str = "image",
     image_format: str = "RGB",
-    value_range: Optional[Tuple[float, float]] = None,
+    value_range=None,
     normalize_uint8: bool = False,
+    channels: int = 0,
 ) -> np.ndarray:
     """Any (H, W) / (H, W, 1|3|4) RGB(A) array -> float32 (H, W, 3) on the 0..255 scale, in
-    ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``).
+    ``image_format`` channel order ("RGB", or "BGR": detectron2's ``INPUT.FORMAT``). ``channels``
+    > 0 (a model of ``INPUT.CHANNELS``): an (H, W, channels) array -> float32 (H, W, channels),
+    each channel with its own range (:func:`intensity_range`), in the order selected.
 
     uint8 is kept as is (unless ``normalize_uint8``: ``INPUT.NORMALIZE_8BIT``). Other dtypes are
     rescaled (:func:`intensity_range`, or ``value_range`` when given, e.g. the whole image's for a
@@ -186,23 +281,33 @@ def to_model_range(
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {image_format!r}")
     if value_range is None:
-        value_range = intensity_range(img, rule, percentiles, name, normalize_uint8)
+        value_range = intensity_range(img, rule, percentiles, name, normalize_uint8, channels)
     else:
         _check_finite(img, name)
-    img = _rgb_channels(img, name)
-    if value_range is None and img.dtype == np.bool_:
-        x = img.astype(np.float32) * 255.0
-    elif value_range is None:
-        x = img.astype(np.float32)
-    else:
-        lo, hi = value_range
-        x = img.astype(np.float32)
-        x -= np.float32(lo)
-        x *= np.float32(255.0 / max(hi - lo, 1e-6))
-        np.clip(x, 0, 255, out=x)
+    if channels:
+        img = _model_channels(img, name, channels)
+        if value_range is None:
+            return _scaled(img, None)
+        out = np.empty(img.shape, np.float32)
+        for c, rng in enumerate(value_range):
+            out[:, :, c] = _scaled(img[:, :, c], rng)
+        return out
+    x = _scaled(_rgb_channels(img, name), value_range)
     if x.ndim == 2:
         return np.repeat(x[:, :, None], 3, axis=2)
     return np.ascontiguousarray(x[:, :, ::-1]) if image_format == "BGR" else x
+
+
+def _scaled(img: np.ndarray, value_range: Optional[Tuple[float, float]]) -> np.ndarray:
+    """float32 copy of ``img``: ``value_range`` (lo, hi) -> 0..255, clipped; None: as it is (bool:
+    0 / 255)."""
+    x = img.astype(np.float32)
+    if value_range is None:
+        return x * np.float32(255.0) if img.dtype == np.bool_ else x
+    lo, hi = value_range
+    x -= np.float32(lo)
+    x *= np.float32(255.0 / max(hi - lo, 1e-6))
+    return np.clip(x, 0, 255, out=x)
 
 
 def _check_finite(img: np.ndarray, name: str) -> None:

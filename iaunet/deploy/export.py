@@ -2,7 +2,8 @@
 
 The graph is the eager inference path up to the one data-dependent step:
 
-    images (B, 3, H, W) float32, 0..255, channel order INPUT.FORMAT, any H and W
+    images (B, C, H, W) float32, 0..255, channel order INPUT.FORMAT (C = 3), or the INPUT.CHANNELS
+      of the file (C = len(MODEL.PIXEL_MEAN)), any H and W
       -> normalize (MODEL.PIXEL_MEAN / PIXEL_STD), zero-pad to a multiple of 32 (inside the graph)
       -> IAUNet.forward_network
       -> postprocessing.topk_predictions (softmax x maskness, top-k, duplicate suppression)
@@ -61,7 +62,7 @@ class ExportableIAUNet(nn.Module):
         self.model = model.eval()
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """images (B, 3, H, W) float, 0..255 -> scores (B, k), classes (B, k), mask_logits
+        """images (B, C, H, W) float, 0..255 -> scores (B, k), classes (B, k), mask_logits
         (B, k, H, W) [, amodal_mask_logits (B, k, H, W)]."""
         model = self.model
         h, w = images.shape[-2:]
@@ -141,7 +142,7 @@ def export_model(
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
     module = ExportableIAUNet(model).cpu()
-    example = torch.rand(batch, 3, *size) * 255
+    example = torch.rand(batch, len(cfg.MODEL.PIXEL_MEAN), *size) * 255
     config = cfg.dump()
     if fmt == "torchscript":
         traced = trace(module, example)

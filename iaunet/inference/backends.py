@@ -2,7 +2,7 @@
 interface.
 
 ``load_backend(path, "onnxruntime" | "torchscript")`` returns an :class:`ExportedModel`: called with
-detectron2 inputs (``[{"image": (3, H, W) on the 0..255 scale, "height", "width"}]``) it returns
+detectron2 inputs (``[{"image": (C, H, W) on the 0..255 scale, "height", "width"}]``) it returns
 ``[{"instances": Instances}]`` like ``IAUNet.forward`` in eval mode. The exported graph gives the
 fixed-size top-k tensors; the score threshold and the resize to ``height`` x ``width`` are
 ``postprocessing.instances_from_topk``, the same code as the eager model's. So
@@ -46,7 +46,7 @@ Outputs = Tuple[torch.Tensor, ...]
 
 
 class ExportedModel:
-    """A runtime function ``images (B, 3, H, W) -> (scores, classes, mask_logits[,
+    """A runtime function ``images (B, C, H, W) -> (scores, classes, mask_logits[,
     amodal_mask_logits])`` (the exported graph's outputs) with the eager model's post-processing
     after it.
 
@@ -55,21 +55,27 @@ class ExportedModel:
         postprocessing: the settings; what is left after the graph uses the score and mask
             thresholds (``MODEL.IAUNET.TEST.SCORE_THRESH`` / ``MASK_THRESH``).
         name: the backend's name (logs, benchmark tables).
+        channels: C, the image channels the graph takes (``len(MODEL.PIXEL_MEAN)``).
     """
 
     def __init__(
-        self, run: Callable[[torch.Tensor], Outputs], postprocessing: PostProcessing, name: str
+        self,
+        run: Callable[[torch.Tensor], Outputs],
+        postprocessing: PostProcessing,
+        name: str,
+        channels: int = 3,
     ):
-        self.run, self.name = run, name
+        self.run, self.name, self.channels = run, name, channels
         self.postprocessing = postprocessing
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
         """Consecutive inputs of one size go through the graph as one batch (tiles of an image)."""
         for x in batched_inputs:
             image = x["image"]
-            if image.dim() != 3 or image.shape[0] != 3:
+            if image.dim() != 3 or image.shape[0] != self.channels:
                 raise ValueError(
-                    f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)} for "
+                    f"expected a ({self.channels}, H, W) image tensor, got shape "
+                    f"{tuple(image.shape)} for "
                     f"{x.get('file_name', 'an input')}"
                 )
         results = []
@@ -174,16 +180,18 @@ def load_backend(
     postprocessing: PostProcessing,
     device: str = "cpu",
     threads: Optional[int] = None,
+    channels: int = 3,
 ) -> ExportedModel:
-    """An :class:`ExportedModel` running exported file ``path`` with ``backend``
-    ("onnxruntime": CPU; "torchscript": on ``device``), finishing with ``postprocessing``."""
+    """An :class:`ExportedModel` running exported file ``path`` (a graph of ``channels`` input
+    channels) with ``backend`` ("onnxruntime": CPU; "torchscript": on ``device``), finishing with
+    ``postprocessing``."""
     if backend == "onnxruntime":
         run = onnxruntime_runner(onnxruntime_session(path, threads))
     elif backend == "torchscript":
         run = torchscript_runner(path, device)
     else:
         raise ValueError(f"an exported model runs with onnxruntime or torchscript, not {backend!r}")
-    return ExportedModel(run, postprocessing, backend)
+    return ExportedModel(run, postprocessing, backend, channels)
 
 
 def exported_config(path: str) -> str:

@@ -135,6 +135,8 @@ class IAUNetPredictor:
         self.percentiles = tuple(cfg.INPUT.PERCENTILES)
         self.image_format = cfg.INPUT.FORMAT
         self.normalize_uint8 = cfg.INPUT.NORMALIZE_8BIT
+        # the file channels the model takes (INPUT.CHANNELS, saved with it); () = gray / RGB
+        self.channels = tuple(cfg.INPUT.CHANNELS)
         self.scale = self._resolve_scale(scale, diameter)
         self.tile_size = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
         # Half a tile by default: F1 92 on the synthetic mosaics where 2 object diameters (40 px of
@@ -229,6 +231,7 @@ class IAUNetPredictor:
             PostProcessing.from_config(self.cfg),
             device=self.cfg.MODEL.DEVICE,
             threads=threads,
+            channels=len(self.cfg.MODEL.PIXEL_MEAN),
         )
 
     def _resolve_scale(self, scale: Optional[float], diameter: Optional[float]) -> Optional[float]:
@@ -275,7 +278,11 @@ class IAUNetPredictor:
         """The input values that become 0 and 255 for the model (``INPUT.INTENSITY_NORM``), or
         None where the image is kept as it is (:func:`intensity_range`)."""
         return intensity_range(
-            image, self.intensity_norm, self.percentiles, normalize_uint8=self.normalize_uint8
+            image,
+            self.intensity_norm,
+            self.percentiles,
+            normalize_uint8=self.normalize_uint8,
+            channels=len(self.channels),
         )
 
     def predict(
@@ -322,6 +329,7 @@ class IAUNetPredictor:
             self.percentiles,
             image_format=self.image_format,
             value_range=value_range,
+            channels=len(self.channels),
         )
 
     def tile_geometry(self) -> Tuple[float, int, int]:

@@ -59,9 +59,16 @@ from ..annotations_io import (
     LABEL_EXTENSIONS,
     DatasetError,
     read_annotation_file,
+    read_label_pages,
     read_whole_and_visible,
 )
-from ..image_io import IMAGE_EXTENSIONS, ImageReadError, read_image, stack_axis
+from ..image_io import (
+    IMAGE_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    ImageReadError,
+    image_size,
+    stack_axis,
+)
 from .common import AMODAL_FIELD, CACHE_VERSION, cache_dir, load_coco_instances
 from .stack_planes import PLANE_KEY, plane_entries
 
@@ -228,6 +235,16 @@ def _files_key(folder: str, files: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _flat(ann_path: str) -> bool:
+    """One label image (not a label stack): a 2-D label file, or ROIs."""
+    if not ann_path.lower().endswith(TIFF_EXTENSIONS):
+        return True
+    try:
+        return read_label_pages(ann_path).shape[0] == 1
+    except DatasetError:
+        return True  # the annotation's own error comes when it is read
+
+
 def build_folder_coco(folder: str, pairs: Sequence[Tuple[str, str]]) -> Dict:
     """Read every (image, annotation) pair into a COCO dict (RLE masks, category 1; a stack: one
     image per plane, :mod:`.stack_planes`); the warnings raised while reading are kept under
@@ -236,10 +253,11 @@ def build_folder_coco(folder: str, pairs: Sequence[Tuple[str, str]]) -> Dict:
     for image_path, ann_path in pairs:
         try:
             stack = stack_axis(image_path, {})
-            image = read_image(image_path, plane=(stack[0], 0) if stack else None)
+            if stack and not stack_axis(image_path, {"channels": (0,)}) and _flat(ann_path):
+                stack = None  # (C, H, W) without metadata, one label image: channels
+            h, w = image_size(image_path)
         except ImageReadError as e:
             raise DatasetError(str(e)) from None
-        h, w = image.shape[:2]
         files = _files(ann_path)
         if stack:
             entries = plane_entries(image_path, ann_path, (h, w), *stack)

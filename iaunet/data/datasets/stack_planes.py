@@ -8,7 +8,7 @@ read with the stack's intensity range, as ``iaunet-predict`` normalizes the plan
 
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -51,11 +51,32 @@ def _stack_range(path: str, rule: str, percentiles: tuple, normalize_uint8: bool
     return intensity_range(whole, rule, percentiles, path, normalize_uint8)
 
 
+@functools.lru_cache(maxsize=64)
+def _stack_channel_range(
+    path: str, axis: str, channels: tuple, rule: str, percentiles: tuple, normalize_uint8: bool
+):
+    from ...bigimage.lazy_image import open_plane, open_stack
+
+    planes = open_stack(path, {"channels": channels}).length
+    whole = np.concatenate(
+        [open_plane(path, **{axis: k}, channels=channels).read() for k in range(planes)]
+    )
+    return intensity_range(whole, rule, percentiles, path, normalize_uint8, len(channels))
+
+
 def stack_plane(
-    path: str, plane, rule: str, percentiles, normalize_uint8: bool
-) -> Tuple[np.ndarray, Optional[Tuple[float, float]]]:
+    path: str, plane, rule: str, percentiles, normalize_uint8: bool, channels: Sequence = ()
+):
     """(plane ``plane`` = (axis, index) of the stack ``path``, the stack's intensity range for
-    ``to_model_range``, computed once per file)."""
-    image = read_image(path, plane=(plane[0], int(plane[1])))
+    ``to_model_range``, computed once per file); with ``channels`` (``INPUT.CHANNELS``) those
+    channels of the plane, (H, W, C), and their ranges through the stack."""
+    axis, k = plane[0], int(plane[1])
+    if channels:
+        from ...bigimage.lazy_image import open_plane
+
+        image = open_plane(path, **{axis: k}, channels=channels).read()
+        norm = (rule, tuple(percentiles), bool(normalize_uint8))
+        return image, _stack_channel_range(path, axis, tuple(channels), *norm)
+    image = read_image(path, plane=(axis, k))
     rng = _stack_range(path, rule, tuple(percentiles), bool(normalize_uint8), image.shape)
     return image, rng

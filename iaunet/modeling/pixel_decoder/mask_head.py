@@ -33,6 +33,7 @@ class MaskHead(nn.Module):
         res2_channels: Optional[int] = None,
         norm: str = "BN",
         stride: int = 4,
+        image_channels: int = 3,
     ):
         super().__init__()
         if stride not in MASK_STRIDES:
@@ -50,7 +51,7 @@ class MaskHead(nn.Module):
         if stride == 2:
             c = max(mask_dim // 4, 8)
             first = Conv2d(
-                3,
+                image_channels,  # len(MODEL.PIXEL_MEAN): 3, or the INPUT.CHANNELS
                 c,
                 3,
                 stride=2,

@@ -40,6 +40,7 @@ class UNetPixelDecoder(nn.Module):
         light_mask_head: bool,
         align_corners: bool = False,
         mask_stride: int = 4,
+        image_channels: int = 3,
     ):
         super().__init__()
         if skip_fusion not in SKIP_FUSIONS:
@@ -99,6 +100,7 @@ class UNetPixelDecoder(nn.Module):
             res2_channels=input_shape[self.res2_name].channels if light_mask_head else None,
             norm=norm,
             stride=mask_stride,
+            image_channels=image_channels,
         )
 
     @property
@@ -122,6 +124,7 @@ class UNetPixelDecoder(nn.Module):
             "light_mask_head": m.LIGHT_MASK_HEAD,
             "align_corners": m.ALIGN_CORNERS,
             "mask_stride": m.MASK_STRIDE,
+            "image_channels": len(cfg.MODEL.PIXEL_MEAN),
         }
 
     def _up(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
