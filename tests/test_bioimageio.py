@@ -237,3 +237,48 @@ def test_amodal_package_carries_whole_outlines(tmp_path, one_thread):
         for r, m, w in zip(rows, masks, whole):
             assert abs(int(m.sum()) - int(r["area_visible"])) <= max(2, 0.01 * m.sum())
             assert abs(int(w.sum()) - int(r["area_whole"])) <= max(2, 0.01 * w.sum())
+
+
+def test_two_channel_package_declares_and_normalizes_its_channels(tmp_path, one_thread):
+    """A model of INPUT.CHANNELS ("nuclei", "cyto"): its package takes those two channels (named
+    in the rdf, each percentile-normalized on its own), passes bioimageio.core's test, and on an
+    unseen two-channel OME-TIFF gives iaunet-predict's label image (which reads the file's named
+    channels with no flag)."""
+    from iaunet.data.datasets.synthetic_channels import render_two_channel_scene
+
+    opts = {"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128}
+    cfg = tiny_cfg(**opts, **SWIN)
+    cfg.merge_from_list(["INPUT.CHANNELS", ("nuclei", "cyto")])
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [40.0, 40.0], [30.0, 30.0]
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # separate the scores, as in `package`
+        if hasattr(m, "class_embed"):
+            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
+    AtomicCheckpointer(model, str(tmp_path), config=cfg).save("model")
+    meta = {"axes": "CYX", "Channel": {"Name": ["cyto", "nuclei"]}}
+    for name, seed, size in (("test", 1, (48, 48)), ("unseen", 7, (101, 87))):
+        image = render_two_channel_scene(seed, size)[0]
+        tifffile.imwrite(tmp_path / f"{name}.tif", image, ome=True, metadata=meta)
+    weights, path = str(tmp_path / "model.pth"), str(tmp_path / "two.zip")
+    args = ["--weights", weights, "--format", "bioimageio", "--output", path, "--no-check"]
+    args += ["--author", "IAUNet tests", "--score-threshold", str(SCORE_THRESH)]
+    assert export_tool.main(args + ["--test-image", str(tmp_path / "test.tif")]) == 0
+    descr = load_description(path)
+    axis = descr.inputs[0].axes[1]
+    assert [str(n) for n in axis.channel_names] == ["nuclei", "cyto"]
+    (scale_range,) = [p for p in descr.inputs[0].preprocessing if p.id == "scale_range"]
+    assert [str(a) for a in scale_range.kwargs.axes] == ["y", "x"]  # per channel
+    summary = validate_package(path, weight_format="onnx")
+    assert summary.status == "passed", summary.format()
+
+    args = ["--weights", weights, "--input", str(tmp_path / "unseen.tif"), "--output"]
+    args += [str(tmp_path / "out"), "--save", "labels", "--score-threshold", str(SCORE_THRESH)]
+    assert iaunet_predict(args) == 0
+    expected = tifffile.imread(tmp_path / "out" / "unseen_labels.tif")
+    assert expected.max() >= 1
+    unseen = tifffile.imread(tmp_path / "unseen.tif")[::-1]  # the model's order: nuclei, cyto
+    pipeline = create_prediction_pipeline(descr, weight_format="torchscript", devices=["cpu"])
+    sample = predict(model=pipeline, inputs={"image": unseen[None]})
+    labels = sample.members["labels"].data.values[0, 0]
+    assert (labels == expected).mean() >= 0.999

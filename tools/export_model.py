@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from iaunet.bigimage.lazy_image import open_plane
 from iaunet.checkpoint import CheckpointError
 from iaunet.config import ConfigError, exit_on_config_error
 from iaunet.data.image_io import read_image
@@ -92,7 +93,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         f"MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH, as iaunet-predict's; {DEFAULT_SCORE_THRESH} "
         "unless tuned or changed)",
     )
-    b.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1: gray images; 3: RGB")
+    b.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="1: gray images (default); 3: RGB; a model of INPUT.CHANNELS takes its channels",
+    )
     b.add_argument(
         "--labels-only",
         action="store_true",
@@ -116,8 +123,9 @@ def check_export(model, path: str, fmt: str, size: Sequence[int]) -> dict:
     """Run the exported file and the eager module on one random image; max score difference and
     the fraction of mask pixels on the same side of the threshold."""
     backend = "onnxruntime" if fmt == "onnx" else "torchscript"
-    run = load_backend(path, backend, model.postprocessing).run  # the graph's outputs only
-    images = torch.rand(1, 3, *size) * 255
+    channels = int(model.pixel_mean.numel())
+    run = load_backend(path, backend, model.postprocessing, channels=channels).run  # graph only
+    images = torch.rand(1, channels, *size) * 255
     with torch.inference_mode():
         expected = ExportableIAUNet(model)(images)
     got = run(images)
@@ -141,7 +149,11 @@ def export_package(model, cfg, args: argparse.Namespace, score_thresh: float) ->
             'python -m pip install -e ".[bioimageio]"'
         ) from None
     try:
-        image = read_image(args.test_image) if args.test_image else None
+        image = None
+        if args.test_image and cfg.INPUT.CHANNELS:  # the channels the model takes
+            image = open_plane(args.test_image, channels=cfg.INPUT.CHANNELS).read()
+        elif args.test_image:
+            image = read_image(args.test_image)
         info = PackageInfo(
             name=args.name,
             authors=args.author,

@@ -325,6 +325,8 @@ def to_uint8_rgb(
     """The (H, W, 3) uint8 RGB rendering of ``img`` as the model sees it (:func:`to_model_range`
     with the whole image's intensity range, rounded), made ``rows`` rows at a time: the float32
     (H, W, 3) copy that one call would make is 3.2 GB for an 8192² image."""
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):  # the INPUT.CHANNELS of a model
+        return _composite(img, rule, percentiles, normalize_uint8)
     value_range = intensity_range(img, rule, percentiles, normalize_uint8=normalize_uint8)
     out = np.empty((*img.shape[:2], 3), np.uint8)
     for y in range(0, img.shape[0], rows):
@@ -332,3 +334,18 @@ def to_uint8_rgb(
         np.rint(part, out=part)
         out[y : y + rows] = part
     return out
+
+
+# colours of the channels of a composite, as in Fiji's "Composite" view: green, magenta, ...
+COMPOSITE_COLOURS = ((0, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0), (0, 0, 1))
+
+
+def _composite(img: np.ndarray, rule: str, percentiles, normalize_uint8: bool) -> np.ndarray:
+    """(H, W, C) channels, each normalized on its own, as one (H, W, 3) uint8 RGB picture: channel
+    k in ``COMPOSITE_COLOURS[k]`` (cycled), added and clipped."""
+    c = img.shape[2]
+    x = to_model_range(img, rule, percentiles, normalize_uint8=normalize_uint8, channels=c)
+    colours = np.array(
+        [COMPOSITE_COLOURS[k % len(COMPOSITE_COLOURS)] for k in range(c)], np.float32
+    )
+    return np.clip(np.rint(x @ colours), 0, 255).astype(np.uint8)

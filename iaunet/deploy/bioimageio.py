@@ -5,8 +5,9 @@ A package is a folder or zip with ``rdf.yaml`` (the model description, in the cu
 and ONNX weights converted from them, test tensors, sample images, a cover and a README. The
 graph, :class:`PackagedIAUNet`, is what ``iaunet-predict`` does to an image that fits in one tile:
 
-    image (1, C, H, W): C = 1 (gray) or 3 (RGB), after the rdf's pre-processing steps, which map
-        it to 0..255 as ``INPUT.INTENSITY_NORM`` does (:func:`preprocessing`)
+    image (1, C, H, W): C = 1 (gray) or 3 (RGB), or a model's ``INPUT.CHANNELS`` in its order,
+        after the rdf's pre-processing steps, which map it to 0..255 as ``INPUT.INTENSITY_NORM``
+        does (:func:`preprocessing`; each of the ``INPUT.CHANNELS`` on its own)
       -> channels as the model takes them (gray repeated), resize by ``INPUT.PIXEL_SCALE``
       -> :class:`~iaunet.deploy.export.ExportableIAUNet` (normalize, pad, network, top-k)
       -> masks resized back to H x W, detections scoring >= the score threshold
@@ -83,7 +84,8 @@ class PackagedIAUNet(nn.Module):
         scale: image px -> model px (``INPUT.PIXEL_SCALE``).
         score_thresh: detections scoring at least this are kept (``--score-threshold``).
         mask_thresh: ``MODEL.IAUNET.TEST.MASK_THRESH``.
-        channels: 1 (gray, repeated to the model's 3 channels) or 3 (RGB).
+        channels: 1 (gray, repeated to the model's 3 channels) or 3 (RGB); a model of
+            ``INPUT.CHANNELS`` takes its C channels (``len(MODEL.PIXEL_MEAN)``).
         image_format: ``INPUT.FORMAT``: the channel order the model was trained with.
         labels_only: return the label image only.
         whole_outlines: also return the whole outlines of a ``MODEL.IAUNET.AMODAL`` model.
@@ -104,7 +106,13 @@ class PackagedIAUNet(nn.Module):
         super().__init__()
         if labels_only and whole_outlines:
             raise ValueError("a labels-only package has no whole outlines")
-        if channels not in (1, 3):
+        self.model_channels = int(model.pixel_mean.numel())
+        if self.model_channels != 3 and channels != self.model_channels:
+            raise ValueError(
+                f"the model takes {self.model_channels} channel(s) (INPUT.CHANNELS): its package "
+                f"takes them, not {channels}"
+            )
+        if self.model_channels == 3 and channels not in (1, 3):
             raise ValueError(f"a package takes 1 (gray) or 3 (RGB) channels, not {channels}")
         self.net = ExportableIAUNet(model)
         self.scale, self.score_thresh = float(scale), float(score_thresh)
@@ -123,8 +131,9 @@ class PackagedIAUNet(nn.Module):
         """image (1, C, H, W) float, 0..255 -> labels (1, 1, H, W) int32[, masks (1, N, H, W)
         uint8, scores (1, N) float32[, whole_masks (1, N, H, W) uint8]]."""
         h, w = image.shape[-2:]
-        x = image.expand(-1, 3, -1, -1) if self.channels == 1 else image
-        x = x.flip(1) if self.bgr and self.channels == 3 else x
+        gray, rgb = self.channels == 1, self.channels == 3
+        x = image.expand(-1, 3, -1, -1) if gray and self.model_channels == 3 else image
+        x = x.flip(1) if self.bgr and rgb and self.model_channels == 3 else x
         if self.scale != 1.0:  # the predictor's resize (detectron2 ResizeTransform on floats)
             size = (_scaled(h, self.scale), _scaled(w, self.scale))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -170,14 +179,16 @@ def centre_crop(image: np.ndarray, max_size: int) -> np.ndarray:
 
 
 def package_input(image: np.ndarray, channels: int, dtype: str) -> np.ndarray:
-    """An (H, W) or (H, W, 3) image -> the package's (1, C, H, W) input tensor in ``dtype``."""
+    """An (H, W) or (H, W, C) image -> the package's (1, C, H, W) input tensor in ``dtype``."""
     if channels == 1 and image.ndim != 2:
         raise ValueError(
             f"a 1-channel package takes gray (H, W) images, got shape {image.shape} (RGB: "
             "--channels 3)"
         )
-    if channels == 3 and (image.ndim != 3 or image.shape[2] != 3):
-        raise ValueError(f"a 3-channel package takes (H, W, 3) RGB images, got {image.shape}")
+    if channels > 1 and (image.ndim != 3 or image.shape[2] != channels):
+        raise ValueError(
+            f"a {channels}-channel package takes (H, W, {channels}) images, got {image.shape}"
+        )
     if dtype == "uint8" and image.dtype != np.uint8:
         raise ValueError(
             f"this package takes 8-bit images (its config does not normalize), got {image.dtype}"
@@ -195,8 +206,9 @@ def model_input(image: np.ndarray, cfg: CfgNode, channels: int) -> torch.Tensor:
         cfg.INPUT.INTENSITY_NORM,
         cfg.INPUT.PERCENTILES,
         normalize_uint8=cfg.INPUT.NORMALIZE_8BIT,
+        channels=len(cfg.INPUT.CHANNELS),
     )
-    x = x[:, :, :1] if channels == 1 else x
+    x = x[:, :, :1] if channels == 1 and not cfg.INPUT.CHANNELS else x
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
 
 
@@ -322,7 +334,7 @@ def export_bioimageio(
     info: PackageInfo,
     *,
     score_thresh: float = 0.5,
-    channels: int = 1,
+    channels: Optional[int] = None,
     test_image: Optional[np.ndarray] = None,
     labels_only: bool = False,
 ) -> str:
@@ -331,11 +343,13 @@ def export_bioimageio(
 
     Args:
         score_thresh: detections scoring at least this are kept (in the graph).
-        channels: 1 (gray images) or 3 (RGB).
-        test_image: (H, W) or (H, W, 3) image whose prediction the package records as its test
-            (the centre of one tile at most); default a synthetic scene of half a training crop
-            (``INPUT.IMAGE_SIZE`` model px). Its size is the smallest input the rdf describes: the
-            package and ``iaunet-predict`` agree from there up to one tile.
+        channels: 1 (gray images, the default) or 3 (RGB); a model of ``INPUT.CHANNELS`` takes
+            its channels (the default; another count is an error).
+        test_image: (H, W), (H, W, 3) or (H, W, C: the ``INPUT.CHANNELS``) image whose
+            prediction the package records as its test (the centre of one tile at most); default
+            a synthetic scene of half a training crop (``INPUT.IMAGE_SIZE`` model px). Its size is
+            the smallest input the rdf describes: the package and ``iaunet-predict`` agree from
+            there up to one tile.
         labels_only: only the label image as output (no data-dependent axes).
     A ``MODEL.IAUNET.AMODAL`` model's package also gives the whole outlines (``whole_masks``),
     unless ``labels_only``.
@@ -351,11 +365,15 @@ def export_bioimageio(
             "--opts INPUT.PIXEL_SCALE S (image px -> model px)"
         )
     dtype = input_kind(cfg)[0]
+    if channels is None:
+        channels = len(cfg.INPUT.CHANNELS) or 1
     if test_image is None:
         side = max(1, round(cfg.INPUT.IMAGE_SIZE / scale / 2))
         test_image = synthetic_test_image((side, side), dtype)
-        if channels == 3:
-            test_image = np.repeat(test_image[:, :, None], 3, axis=2)
+        if channels > 1:
+            test_image = np.repeat(test_image[:, :, None], channels, axis=2)
+    elif cfg.INPUT.CHANNELS:
+        pass  # read with the model's channels (tools/export_model.py)
     elif test_image.ndim == 3 and test_image.shape[2] in (1, 4):  # one channel; RGBA
         test_image = test_image[:, :, 0] if test_image.shape[2] == 1 else test_image[:, :, :3]
     tile = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)

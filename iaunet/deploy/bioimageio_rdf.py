@@ -103,9 +103,9 @@ def input_kind(cfg: CfgNode) -> Tuple[str, bool]:
 
 def preprocessing(cfg: CfgNode) -> List[Any]:
     """The rdf's pre-processing steps: ``iaunet.data.image_io.to_model_range`` in spec terms.
-    Percentiles of the whole image (all channels, as ``intensity_range``) to 0 and 1, clipped,
-    times 255; then float32, which the graph takes (without a last ``ensure_dtype`` the spec casts
-    back to the input's dtype)."""
+    Percentiles of the whole image (all channels, as ``intensity_range``; each channel on its own
+    for a model of ``INPUT.CHANNELS``) to 0 and 1, clipped, times 255; then float32, which the
+    graph takes (without a last ``ensure_dtype`` the spec casts back to the input's dtype)."""
     from bioimageio.spec.model import v0_5
 
     steps: List[Any] = []
@@ -114,7 +114,9 @@ def preprocessing(cfg: CfgNode) -> List[Any]:
         steps += [
             v0_5.ScaleRangeDescr(
                 kwargs=v0_5.ScaleRangeKwargs(
-                    axes=[v0_5.AxisId(a) for a in ("channel", "y", "x")],
+                    axes=[v0_5.AxisId(a) for a in ("y", "x")]
+                    if cfg.INPUT.CHANNELS
+                    else [v0_5.AxisId(a) for a in ("channel", "y", "x")],
                     min_percentile=float(lo),
                     max_percentile=float(hi),
                 )
@@ -148,16 +150,40 @@ def _rdf_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_+\- ()]", "-", text)
 
 
+def channel_names(cfg: CfgNode, module: "PackagedIAUNet") -> List[str]:
+    """The input's channel names: the model's ``INPUT.CHANNELS`` (an index as ``channelK``;
+    characters other than letters, digits and ``_`` as ``_``), or gray / red, green, blue."""
+    if not cfg.INPUT.CHANNELS:
+        return ["gray"] if module.channels == 1 else ["red", "green", "blue"]
+    names = [
+        f"channel{c}" if str(c).isdigit() else re.sub(r"\W", "_", str(c))
+        for c in cfg.INPUT.CHANNELS
+    ]
+    return [n if n[0].isalpha() else f"c{n}" for n in names]
+
+
 def _model_text(cfg: CfgNode, module: "PackagedIAUNet") -> Dict[str, str]:
     """Phrases shared by the rdf and the README."""
     dtype, normalized = input_kind(cfg)
     lo, hi = cfg.INPUT.PERCENTILES
     diameter = cfg.INPUT.OBJECT_DIAMETER / module.scale if cfg.INPUT.OBJECT_DIAMETER > 0 else 0
     return {
-        "channels": "gray (1 channel)" if module.channels == 1 else "RGB (3 channels)",
+        "channels": (
+            f"{module.channels}-channel ({', '.join(channel_names(cfg, module))})"
+            if cfg.INPUT.CHANNELS
+            else "gray (1 channel)"
+            if module.channels == 1
+            else "RGB (3 channels)"
+        ),
         "dtype": dtype,
+        "inside": (
+            "the channels as the model takes them"
+            if cfg.INPUT.CHANNELS
+            else "gray repeated to the model's 3 channels"
+        ),
         "norm": (
-            f"each image's {lo:g}th and {hi:g}th percentiles (all channels) mapped to 0 and 255, "
+            f"each image's {lo:g}th and {hi:g}th percentiles "
+            f"({'of each channel' if cfg.INPUT.CHANNELS else 'all channels'}) mapped to 0 and 255, "
             "clipped (rdf steps scale_range, clip, scale_linear)"
             if normalized
             else "8-bit images used as they are (0..255)"
@@ -213,7 +239,7 @@ written by IAUNet for detectron2 {__version__} (`tools/export_model.py --format 
 ## Input
 
 `{INPUT_ID}` (batch 1, channel, y, x): {t["channels"]} images with {t["size"]}, {t["dtype"]}.
-Pre-processing: {t["norm"]}. Inside the model: gray repeated to the model's 3 channels, a resize by
+Pre-processing: {t["norm"]}. Inside the model: {t["inside"]}, a resize by
 {module.scale:g} (the training pixel scale, `INPUT.PIXEL_SCALE`), normalization, padding, and the
 masks resized back to the input size.
 
@@ -282,7 +308,7 @@ def model_description(
     y, x = spec.AxisId("y"), spec.AxisId("x")
     image = spec.TensorId(INPUT_ID)
     batch = spec.BatchAxis(size=1)  # N differs per image: no batch of several
-    names = ["gray"] if module.channels == 1 else ["red", "green", "blue"]
+    names = channel_names(cfg, module)
     inputs = [
         spec.InputTensorDescr(
             id=image,
