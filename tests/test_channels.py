@@ -212,3 +212,33 @@ def test_predict_and_export_take_the_saved_channels(two_channel_run, tmp_path):
         main(["--weights", weights, "--output", str(tmp_path / "bad"), "--input", str(plain)]) == 1
     )
     assert not os.path.exists(tmp_path / "bad" / "plain_labels.tif")
+
+
+def test_dask_blocks_take_the_saved_channels(two_channel_run, tmp_path):
+    """``iaunet-predict --dask`` on a two-channel OME-TIFF read block by block (the named
+    channels, the whole image's range per channel): the objects of the in-process run."""
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from iaunet.predict import main
+
+    d, _ = two_channel_run
+    weights = str(d / "run" / "model_final.pth")
+    image = np.concatenate([render_two_channel_scene(s, (96, 128))[0] for s in (5, 6)], axis=2)
+    path = str(tmp_path / "big.tif")
+    meta = {"axes": "CYX", "Channel": {"Name": list(CHANNEL_NAMES)}}
+    tifffile.imwrite(path, image, ome=True, metadata=meta, tile=(32, 32))
+    base = ["--weights", weights, "--input", path, "--score-threshold", "0.0"]
+    assert (
+        main([*base, "--output", str(tmp_path / "local"), "--save", "labels", "--tile", "64"]) == 0
+    )
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None
+    ) as cluster, Client(cluster) as client:
+        dask = ["--dask", client.scheduler.address, "--block", "128"]
+        assert main([*base, "--output", str(tmp_path / "dask"), *dask]) == 0
+    local = tifffile.imread(tmp_path / "local" / "big_labels.tif")
+    blocks = zarr.open_array(str(tmp_path / "dask" / "big.ome.zarr" / "labels" / "cells" / "0"))[:]
+    assert blocks.shape == local.shape == (96, 256)
+    pairs = {(int(a), int(b)) for a, b in zip(local.ravel(), blocks.ravel())}
+

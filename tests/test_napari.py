@@ -261,3 +261,43 @@ def test_training_widget_reports_bad_layers(make_napari_viewer, tmp_path):
     assert not os.path.exists(tmp_path / "train")
     widget.run()
     assert widget.worker is None and "training folder is empty" in widget.status.value
+
+
+def test_widget_gives_a_channel_model_its_channels(make_napari_viewer, qtbot, tmp_path, plugin):
+    """A model of INPUT.CHANNELS ("nuclei", "cyto"): a (C, H, W) layer with channel names in its
+    metadata and the same channels opened as layers named by them give the same prediction; a
+    2-D layer without them is one line naming the channels."""
+    from detectron2.modeling import build_model
+
+    from iaunet.data.datasets.synthetic_channels import render_two_channel_scene
+
+    cfg = tiny_cfg(**{"MODEL.IAUNET.TEST.SCORE_THRESH": 0.0, "INPUT.PIXEL_SCALE": 1.0})
+    cfg.merge_from_list(["INPUT.CHANNELS", ("nuclei", "cyto")])
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [40.0, 40.0], [30.0, 30.0]
+    torch.manual_seed(0)
+    AtomicCheckpointer(build_model(cfg), str(tmp_path), config=cfg).save("model")
+    image = render_two_channel_scene(2, (64, 80))[0]
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="scene", metadata={"channel_names": ["cyto", "nuclei"]})
+    widget = PredictWidget(viewer)
+    widget.weights.value = str(tmp_path / "model.pth")
+    widget.score_threshold.value = 0.0
+    widget.device.value = "cpu"
+    results = []
+    for layer in ("scene", "cyto"):
+        if layer == "cyto":  # the file opened channel by channel
+            viewer.add_image(image[0], name="cyto")
+            viewer.add_image(image[1], name="nuclei")
+        widget.image.value = layer
+        widget.run()
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+        assert widget.status.value.endswith("mask page(s)"), widget.status.value
+        results.append(viewer.layers[f"{layer} labels"].data.copy())
+    assert results[0].shape == (64, 80) and results[0].max() >= 1
+    np.testing.assert_array_equal(results[0], results[1])
+    viewer.layers.remove("nuclei")
+    widget.image.value = "cyto"
+    widget.run()
+    assert widget.worker is None and "open the channels as image layers named 'nuclei', 'cyto'" in (
+        widget.status.value
+    )

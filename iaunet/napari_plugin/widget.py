@@ -27,6 +27,7 @@ from napari.qt.threading import thread_worker
 
 from ..checkpoint import read_checkpoint
 from ..config import trained_config
+from ..data.image_io import resolve_channels
 from ..inference import IAUNetPredictor
 from ..inference.predictor import PredictorSpec
 from ..modeling.tta import VIEWS
@@ -99,6 +100,10 @@ class PredictWidget(Container):
         # the last prediction, every instance above the model's SCORE_THRESH: (layer name, image,
         # placement, predictor key, instances, class names); moving the slider filters it again
         self._last: Optional[Tuple] = None
+        # the file channels the chosen model takes (INPUT.CHANNELS) and the last (H, W, C) image
+        # made of them (the same array while its layers are unchanged)
+        self._channels: Tuple = ()
+        self._stacked: Tuple = ((), None)
         self.score_threshold.changed.connect(self._refilter)
 
     def _threshold_of_model(self, *_) -> None:
@@ -108,11 +113,13 @@ class PredictWidget(Container):
         weights = _path(self.weights.value)
         if not os.path.isfile(weights):
             return
+        self._channels = ()
         try:
             saved = trained_config(read_checkpoint(weights).get("config"), weights)
             value = float(saved.MODEL.IAUNET.TEST.OUTPUT_SCORE_THRESH)
         except Exception:  # not a checkpoint, no config, an older config: Run reports problems
             return
+        self._channels = tuple(saved.INPUT.CHANNELS)
         self.score_threshold.value = value
 
     def _image_layers(self, *_) -> List[str]:
@@ -144,7 +151,9 @@ class PredictWidget(Container):
         layer = self.viewer.layers[name]
         data = layer.data[0] if layer.multiscale else layer.data
         image = np.asarray(data)
-        if not (image.ndim == 2 or (layer.rgb and image.ndim == 3)):
+        if self._channels:
+            image = self._channel_image(layer, image)
+        elif not (image.ndim == 2 or (layer.rgb and image.ndim == 3)):
             raise ValueError(f"IAUNet predicts 2-D images; layer '{name}' has shape {image.shape}")
         weights = _path(self.weights.value)
         if not os.path.isfile(weights):
@@ -159,6 +168,37 @@ class PredictWidget(Container):
         )
         placement = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
         return image, name, placement, key
+
+    def _channel_image(self, layer, data: np.ndarray) -> np.ndarray:
+        """(H, W, C): the channels the model takes (``INPUT.CHANNELS``) of a (C, H, W) image
+        layer (by index, or by the names in its ``metadata["channel_names"]``), or the image
+        layers named as the channels (a file opened channel by channel); a 2-D layer for a
+        one-channel model. ValueError naming what is missing."""
+        channels = self._channels
+        if data.ndim == 3 and not layer.rgb:
+            names = layer.metadata.get("channel_names")
+            where = f"layer '{layer.name}'"
+            sources = [(layer, k) for k in resolve_channels(where, channels, len(data), names)]
+        elif data.ndim == 2 and all(str(c) in self.viewer.layers for c in channels):
+            sources = [(self.viewer.layers[str(c)], None) for c in channels]
+        elif data.ndim == 2 and len(channels) == 1:
+            sources = [(layer, None)]
+        else:
+            raise ValueError(
+                f"the model takes the channels {channels} (INPUT.CHANNELS): select a (C, H, W) "
+                f"image layer, or open the channels as image layers named "
+                f"{', '.join(map(repr, map(str, channels)))}"
+            )
+        key = tuple((id(src.data), k) for src, k in sources)
+        if key != self._stacked[0]:
+            planes = [np.asarray(src.data if k is None else src.data[k]) for src, k in sources]
+            if len({p.shape for p in planes}) != 1 or planes[0].ndim != 2:
+                shapes = ", ".join(
+                    f"'{src.name}' {p.shape}" for (src, _), p in zip(sources, planes)
+                )
+                raise ValueError(f"the channels are not 2-D images of one size: {shapes}")
+            self._stacked = (key, np.stack(planes, axis=-1))
+        return self._stacked[1]
 
     def run(self, *_) -> None:
         """Start a prediction on the selected layer (no-op while one is running)."""
