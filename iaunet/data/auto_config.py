@@ -45,6 +45,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..checkpoint import checkpoint_queries, read_checkpoint
 from ..config import ConfigError, get_key, set_key, trained_config
 from .datasets.folder import hold_out_validation, register_path_datasets
+from .datasets.stack_planes import PLANE_KEY
+from .image_io import ImageReadError
 from .statistics import object_diameters, objects, resolve_data_keys
 
 logger = logging.getLogger(__name__)
@@ -161,6 +163,29 @@ def _load(names: Sequence[str]) -> List[Dict]:
     return dicts
 
 
+def check_channels(channels: Sequence, names: Sequence[str]) -> None:
+    """Every image of the datasets ``names`` has the channels ``INPUT.CHANNELS`` asks for (by
+    index or name; TIFF and OME-Zarr headers only): a ConfigError naming the first file that has
+    not, before training starts."""
+    if not channels:
+        return
+    from ..bigimage.lazy_image import open_plane
+
+    seen = set()
+    for name in names:
+        for record in DatasetCatalog.get(name):
+            plane = record.get(PLANE_KEY) or ()
+            key = (record["file_name"], tuple(plane[:1]))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                where = {plane[0]: int(plane[1])} if plane else {}
+                open_plane(record["file_name"], **where, channels=channels)
+            except ImageReadError as e:
+                raise ConfigError(f"{e} (DATASETS {name})") from None
+
+
 def resolve_config_from_data(
     cfg: CfgNode, *, eval_only: bool = False, resume: bool = False
 ) -> Dict[str, object]:
@@ -201,6 +226,7 @@ def resolve_config_from_data(
     for name in cfg.DATASETS.TEST:  # check the validation files now, not after training
         if name.startswith(("folder:", "coco:")):
             DatasetCatalog.get(name)
+    check_channels(cfg.INPUT.CHANNELS, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
     if eval_only and not auto:
         return filled
     dicts = _load(cfg.DATASETS.TRAIN)

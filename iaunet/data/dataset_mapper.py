@@ -249,12 +249,8 @@ class IAUNetDatasetMapper:
             image, value_range = stack_plane(
                 file_name, record[PLANE_KEY], *norm, self.normalize_uint8, self.channels
             )
-        elif self.channels:
-            from ..bigimage.lazy_image import open_plane
-
-            image = open_plane(file_name, channels=self.channels).read()
         else:
-            image = read_image(file_name)
+            image = read_image(file_name, channels=self.channels)
         return to_model_range(
             image,
             *norm,
@@ -291,6 +287,8 @@ class IAUNetDatasetMapper:
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
+        if image.ndim == 2:  # OpenCV drops the axis of a one-channel image (INPUT.CHANNELS)
+            image = image[:, :, None]
         dataset_dict["image"] = torch.as_tensor(
             np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
         )

@@ -135,7 +135,9 @@ def image_size(path: str) -> Tuple[int, int]:
     return read_image(path).shape[:2]
 
 
-def read_image(path: str, plane: Optional[Tuple[str, int]] = None) -> np.ndarray:
+def read_image(
+    path: str, plane: Optional[Tuple[str, int]] = None, channels: Sequence = ()
+) -> np.ndarray:
     """Read an image file as stored: (H, W) or (H, W, C), dtype unchanged, channels in RGB(A) order.
 
     TIFF goes through tifffile; other formats through OpenCV. A 3-D stack is rejected unless
@@ -143,7 +145,14 @@ def read_image(path: str, plane: Optional[Tuple[str, int]] = None) -> np.ndarray
     to pick a plane or project it). A stack is a TIFF whose metadata (ImageJ/OME) has a Z
     or T axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long
     (e.g. (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
+    ``channels`` (a model's ``INPUT.CHANNELS``): those channels, (H, W, C), as
+    :func:`iaunet.bigimage.lazy_image.open_plane` reads them (by index or metadata name).
     """
+    if channels:
+        from ..bigimage.lazy_image import open_plane
+
+        where = {plane[0]: int(plane[1])} if plane else {}
+        return open_plane(path, **where, channels=channels).read()
     if not os.path.isfile(path):
         raise ImageReadError(f"image file not found: {path}")
     if os.path.getsize(path) == 0:

@@ -251,11 +251,11 @@ class PredictorModel(torch.nn.Module):
         """A record's image as ``iaunet-predict`` sees it (a plane of a stack: with the stack's
         intensity range)."""
         if not record.get(PLANE_KEY):
-            return self.predictor(read_image(record["file_name"]))
+            return self.predictor(read_image(record["file_name"], channels=self.predictor.channels))
         p = self.predictor
         image, value_range = stack_plane(
             record["file_name"], record[PLANE_KEY], p.intensity_norm, p.percentiles,
-            p.normalize_uint8,
+            p.normalize_uint8, p.channels,
         )  # fmt: skip
         return p.predict(image, value_range=value_range)
 

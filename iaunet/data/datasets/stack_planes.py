@@ -55,12 +55,10 @@ def _stack_range(path: str, rule: str, percentiles: tuple, normalize_uint8: bool
 def _stack_channel_range(
     path: str, axis: str, channels: tuple, rule: str, percentiles: tuple, normalize_uint8: bool
 ):
-    from ...bigimage.lazy_image import open_plane, open_stack
+    from ...bigimage.lazy_image import open_stack
 
     planes = open_stack(path, {"channels": channels}).length
-    whole = np.concatenate(
-        [open_plane(path, **{axis: k}, channels=channels).read() for k in range(planes)]
-    )
+    whole = np.concatenate([read_image(path, (axis, k), channels) for k in range(planes)])
     return intensity_range(whole, rule, percentiles, path, normalize_uint8, len(channels))
 
 
@@ -71,12 +69,9 @@ def stack_plane(
     ``to_model_range``, computed once per file); with ``channels`` (``INPUT.CHANNELS``) those
     channels of the plane, (H, W, C), and their ranges through the stack."""
     axis, k = plane[0], int(plane[1])
+    image = read_image(path, plane=(axis, k), channels=channels)
     if channels:
-        from ...bigimage.lazy_image import open_plane
-
-        image = open_plane(path, **{axis: k}, channels=channels).read()
         norm = (rule, tuple(percentiles), bool(normalize_uint8))
         return image, _stack_channel_range(path, axis, tuple(channels), *norm)
-    image = read_image(path, plane=(axis, k))
     rng = _stack_range(path, rule, tuple(percentiles), bool(normalize_uint8), image.shape)
     return image, rng

@@ -1,9 +1,9 @@
-"""Two-channel synthetic fluorescence scenes: a cytoplasm channel where cells touch in clusters with
-no visible border between them, and a nuclei channel with one nucleus per cell. The nuclei channel
-is what tells touching cells apart (as a DAPI stain next to a cytoplasm stain does in Cellpose's
-two-channel models); the cytoplasm channel is what gives each cell its outline. A model that sees
-both channels (``INPUT.CHANNELS ("cyto", "nuclei")``) can do what neither channel alone allows
-(``tools/benchmark_channels.py``).
+"""Two-channel synthetic fluorescence scenes: a cytoplasm channel where cells fill round patches
+with no visible border between them, and a nuclei channel with one nucleus per cell. The nuclei
+channel is what tells touching cells apart (as a DAPI stain next to a cytoplasm stain does in
+Cellpose's two-channel models); the cytoplasm channel is what gives each cell its outline. A model
+that sees both channels (``INPUT.CHANNELS ("cyto", "nuclei")``) can do what neither channel alone
+allows (``tools/benchmark_channels.py``).
 
 Scenes are written as OME-TIFF ``CYX`` files with their channel names and ``<stem>_labels.tif``
 label images: the folder layout ``folder:PATH`` datasets and ``iaunet-predict`` read.
@@ -25,34 +25,43 @@ def render_two_channel_scene(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """((2, H, W) uint16 image: cytoplasm, nuclei; (H, W) int32 labels) of scene ``seed``.
 
-    Cells are clusters of 2-5 touching cells of one radius (9-13 px) per scene, each pixel owned
-    by the nearest cell centre (a Voronoi partition of the discs): neighbours share a straight
-    border. The cytoplasm of every cell has nearly the same brightness (+-7 %) under one smooth
-    texture, so the border between touching cells is not visible; each nucleus is an ellipse
-    around its cell's centre, inside its cell, of its own brightness."""
+    Cells (radius 8-11 px per scene) sit in 2-4 patches: a round patch of 1-6 cells, each pixel of
+    the patch owned by the nearest cell centre (a Voronoi partition), so that neighbours share a
+    straight border inside a convex outline. The cytoplasm of every cell has nearly the same
+    brightness (+-3 %) under one smooth texture: a patch looks like one object there. Each nucleus
+    is an ellipse around its cell's centre, inside its cell, of its own brightness."""
     rng = np.random.default_rng(seed)
     h, w = size
-    radius = rng.uniform(9, 13)
-    centres = []
-    for _ in range(int(rng.integers(2, 5))):
-        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
-        for j in range(int(rng.integers(2, 6))):
-            d, a = (rng.uniform(1.35, 1.6) * radius * np.sqrt(j) if j else 0.0), rng.uniform(0, 7)
-            y, x = cy + d * np.sin(a), cx + d * np.cos(a)
-            near = any(np.hypot(y - p, x - q) < 1.3 * radius for p, q in centres)
-            if 0 <= y < h and 0 <= x < w and not near:
-                centres.append((y, x))
+    radius = rng.uniform(8, 11)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dist = np.stack([np.hypot(yy - y, xx - x) for y, x in centres])
-    wobble = 1 + 0.12 * cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 4)
-    owner, inside = dist.argmin(0), dist.min(0) < radius * wobble
-    labels = np.where(inside, owner + 1, 0).astype(np.int32)
+    labels = np.zeros((h, w), np.int32)
+    centres: list = []
+    for _ in range(int(rng.integers(2, 5))):
+        patch = radius * rng.uniform(1.0, 2.6)
+        cy, cx = rng.uniform(patch, h - patch), rng.uniform(patch, w - patch)
+        points: list = []
+        for _ in range(200):  # centres at least 1.6 radii apart, inside the patch
+            a, d = rng.uniform(0, 2 * np.pi), (patch - 0.6 * radius) * np.sqrt(rng.uniform())
+            y, x = cy + d * np.sin(a), cx + d * np.cos(a)
+            if all(np.hypot(y - p, x - q) >= 1.6 * radius for p, q in points):
+                points.append((y, x))
+        free = labels == 0
+        dist = np.stack([np.hypot(yy - y, xx - x) for y, x in points])
+        inside = (np.hypot(yy - cy, xx - cx) < patch) & free & (dist.min(0) < 2.4 * radius)
+        if inside.sum() < np.pi * radius**2 * 0.5 * len(points):
+            continue  # a patch mostly on another: drop it
+        owner = dist.argmin(0)
+        for k in range(len(points)):
+            cell = inside & (owner == k)
+            if cell.sum() >= 0.3 * np.pi * radius**2:
+                centres.append(points[k])
+                labels[cell] = len(centres)
     texture = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 2)
     cyto = np.zeros((h, w), np.float32)
     nuclei = np.zeros((h, w), np.float32)
     for i, (y, x) in enumerate(centres):
         cell = labels == i + 1
-        cyto[cell] = rng.uniform(0.93, 1.07)
+        cyto[cell] = rng.uniform(0.97, 1.03)
         ry, rx = radius * rng.uniform(0.3, 0.45, size=2)
         angle = rng.uniform(0, np.pi)
         c, s = np.cos(angle), np.sin(angle)
