@@ -182,6 +182,19 @@ def test_train_net_trains_a_two_channel_model(two_channel_run):
     assert "Evaluation results for segm" in out
 
 
+def test_train_net_names_an_image_without_the_channels(two_channel_run):
+    """A channel name that an image of the training folder lacks: one line naming the file and
+    its channels, exit status 2, before training."""
+    d, _ = two_channel_run
+    folder = f'("folder:{d / "data"}",)'
+    args = [*TINY_RUN_OPTS, "DATASETS.TRAIN", folder, "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "2"]
+    args += ["MODEL.IAUNET.TRAIN.FROM_SCRATCH", "True", "OUTPUT_DIR", str(d / "bad")]
+    code, out = run_train_net(str(d), *args, "INPUT.CHANNELS", '("GFP", "cyto")')
+    assert code == 2, out[-2000:]
+    assert "has 2 channel(s): 'cyto', 'nuclei'; INPUT.CHANNELS channel 'GFP' is not one" in out
+    assert "Traceback" not in out
+
+
 def test_predict_and_export_take_the_saved_channels(two_channel_run, tmp_path):
     """iaunet-predict on a two-channel file with no flag; the ONNX export of the model gives the
     same label image; a file without the named channels is one line naming it."""
@@ -216,7 +229,8 @@ def test_predict_and_export_take_the_saved_channels(two_channel_run, tmp_path):
 
 def test_dask_blocks_take_the_saved_channels(two_channel_run, tmp_path):
     """``iaunet-predict --dask`` on a two-channel OME-TIFF read block by block (the named
-    channels, the whole image's range per channel): the objects of the in-process run."""
+    channels, the whole image's range per channel): the objects of the in-process run, and the
+    same objects from a file that stores the channels in the other order under their names."""
     import zarr
     from distributed import Client, LocalCluster
 
@@ -225,20 +239,24 @@ def test_dask_blocks_take_the_saved_channels(two_channel_run, tmp_path):
     d, _ = two_channel_run
     weights = str(d / "run" / "model_final.pth")
     image = np.concatenate([render_two_channel_scene(s, (96, 128))[0] for s in (5, 6)], axis=2)
-    path = str(tmp_path / "big.tif")
-    meta = {"axes": "CYX", "Channel": {"Name": list(CHANNEL_NAMES)}}
-    tifffile.imwrite(path, image, ome=True, metadata=meta, tile=(32, 32))
-    base = ["--weights", weights, "--input", path, "--score-threshold", "0.0"]
-    assert (
-        main([*base, "--output", str(tmp_path / "local"), "--save", "labels", "--tile", "64"]) == 0
-    )
+    for name, order in (("big", CHANNEL_NAMES), ("swapped", CHANNEL_NAMES[::-1])):
+        data = image if name == "big" else image[::-1]
+        meta = {"axes": "CYX", "Channel": {"Name": list(order)}}
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, ome=True, metadata=meta, tile=(32, 32))
+    base = ["--weights", weights, "--score-threshold", "0.0"]
+    local = ["--input", str(tmp_path / "big.tif"), "--output", str(tmp_path / "local")]
+    assert main([*base, *local, "--save", "labels", "--tile", "64"]) == 0
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None
     ) as cluster, Client(cluster) as client:
+        files = [str(tmp_path / "big.tif"), str(tmp_path / "swapped.tif")]
         dask = ["--dask", client.scheduler.address, "--block", "128"]
-        assert main([*base, "--output", str(tmp_path / "dask"), *dask]) == 0
+        assert main([*base, "--input", *files, "--output", str(tmp_path / "dask"), *dask]) == 0
     local = tifffile.imread(tmp_path / "local" / "big_labels.tif")
-    blocks = zarr.open_array(str(tmp_path / "dask" / "big.ome.zarr" / "labels" / "cells" / "0"))[:]
-    assert blocks.shape == local.shape == (96, 256)
-    pairs = {(int(a), int(b)) for a, b in zip(local.ravel(), blocks.ravel())}
-
+    blocks, swapped = (
+        zarr.open_array(str(tmp_path / "dask" / f"{n}.ome.zarr" / "labels" / "cells" / "0"))[:]
+        for n in ("big", "swapped")
+    )
+    assert blocks.shape == local.shape == (96, 256) and local.max() >= 1
+    assert ((local > 0) == (blocks > 0)).mean() >= 0.99
+    np.testing.assert_array_equal(blocks, swapped)
