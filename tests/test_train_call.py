@@ -122,3 +122,30 @@ def test_bad_arrays_name_the_image(tmp_path, images, labels, message):
     with pytest.raises(ValueError, match=message):
         iaunet.train(images, labels, str(tmp_path / "run"), opts=OPTS)
     assert not os.path.exists(tmp_path / "run" / "model_final.pth")
+
+
+def test_two_channel_arrays_train_a_model_of_those_channels(tmp_path):
+    """(H, W, 2) arrays with ``channels=`` names: written as named OME-TIFFs, the model takes
+    those channels (INPUT.CHANNELS) and iaunet-predict's reader gives it them from such a file."""
+    from iaunet.checkpoint import read_checkpoint
+    from iaunet.config import trained_config
+    from iaunet.data.datasets.synthetic_channels import render_two_channel_scene
+    from iaunet.data.image_io import read_image
+
+    scenes = [render_two_channel_scene(s, (96, 96)) for s in (0, 1)]
+    images = [np.moveaxis(image, 0, -1) for image, _ in scenes]
+    out = str(tmp_path / "run")
+    path = iaunet.train(
+        images, [lab for _, lab in scenes], out, weights="", max_iter=2,
+        opts=[*OPTS, "INPUT.PIXEL_SCALE", "1.0"], channels=("cyto", "nuclei"),
+    )  # fmt: skip
+    cfg = trained_config(read_checkpoint(path)["config"])
+    assert tuple(cfg.INPUT.CHANNELS) == ("cyto", "nuclei") and len(cfg.MODEL.PIXEL_MEAN) == 2
+    written = os.path.join(out, "data", "train", "img_001.tif")
+    np.testing.assert_array_equal(
+        read_image(written, channels=("nuclei",))[..., 0], images[1][..., 1]
+    )
+    predictor = IAUNetPredictor.from_checkpoint(path)
+    assert predictor(read_image(written, channels=predictor.channels)).image_size == (96, 96)
+    with pytest.raises(ValueError, match=r"image 0: shape \(96, 96\); expected \(H, W, 2\)"):
+        iaunet.train([images[0][..., 0]], [scenes[0][1]], str(tmp_path / "b"), channels=("a", "b"))

@@ -40,9 +40,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL_CONFIG = os.path.join(REPO, "configs", "custom", "iaunet_small.yaml")
 
 
-def _check_image(name: str, image: np.ndarray) -> np.ndarray:
+def _check_image(name: str, image: np.ndarray, channels: Sequence[str] = ()) -> np.ndarray:
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+    if channels and (image.ndim != 3 or image.shape[2] != len(channels)):
+        raise ValueError(
+            f"{name}: shape {image.shape}; expected (H, W, {len(channels)}): the channels "
+            f"{tuple(channels)}, last"
+        )
+    if image.ndim == 3 and (image.shape[2] in (1, 3, 4) or channels):
         return image
     if image.ndim != 2 or image.dtype == bool or not np.issubdtype(image.dtype, np.number):
         raise ValueError(
@@ -71,23 +76,31 @@ def _check_labels(name: str, labels: np.ndarray, size) -> np.ndarray:
 
 
 def write_training_folder(
-    images: Sequence[np.ndarray], labels: Sequence[np.ndarray], folder: str, what: str = "image"
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    folder: str,
+    what: str = "image",
+    channels: Sequence[str] = (),
 ) -> List[str]:
     """Write ``images`` and their ``labels`` (label images (H, W), or label pages (P, H, W) of
     overlapping objects, as ``iaunet-predict`` writes ``_masks.tif``) into ``folder`` in the
-    README's layout; the paths of the images. ValueError naming the image at fault (sizes, types, no
-    object in any of them)."""
+    README's layout; the paths of the images. With ``channels`` (names), (H, W, C) images are
+    written as OME-TIFF ``CYX`` with those channel names. ValueError naming the image at fault
+    (sizes, types, no object in any of them)."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} {what}s but {len(labels)} label images")
     if not len(images):
         raise ValueError(f"no {what}s to train on")
     checked = []
     for i, (image, lab) in enumerate(zip(images, labels)):
-        image = _check_image(f"{what} {i}", image)
+        image = _check_image(f"{what} {i}", image, channels)
         checked.append((image, _check_labels(f"{what} {i}", lab, image.shape[:2])))
     if not any(lab.any() for _, lab in checked):
         raise ValueError(f"no object in any label image of the {what}s: annotate some first")
-    return [_write(folder, f"img_{i:03d}", image, lab) for i, (image, lab) in enumerate(checked)]
+    return [
+        _write(folder, f"img_{i:03d}", image, lab, channels)
+        for i, (image, lab) in enumerate(checked)
+    ]
 
 
 def write_pair(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) -> str:
@@ -98,10 +111,17 @@ def write_pair(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) ->
     return _write(folder, stem, image, _check_labels(stem, labels, image.shape[:2]))
 
 
-def _write(folder: str, stem: str, image: np.ndarray, labels: np.ndarray) -> str:
+def _write(
+    folder: str, stem: str, image: np.ndarray, labels: np.ndarray, channels: Sequence[str] = ()
+) -> str:
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, stem)
-    atomic_write(path + ".tif", lambda f: tifffile.imwrite(f, image))
+    if channels:
+        meta = {"axes": "CYX", "Channel": {"Name": [str(c) for c in channels]}}
+        cyx = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+        atomic_write(path + ".tif", lambda f: tifffile.imwrite(f, cyx, ome=True, metadata=meta))
+    else:
+        atomic_write(path + ".tif", lambda f: tifffile.imwrite(f, image))
     if labels.ndim == 3:
         atomic_write(path + "_masks.tif", pages_tiff_bytes(labels))
     else:
@@ -149,6 +169,7 @@ def train(
     stop=None,
     config_file: str = SMALL_CONFIG,
     opts: Sequence[str] = (),
+    channels: Sequence[str] = (),
 ) -> str:
     """Train IAUNet on ``images`` and their ``labels`` (module docstring) into ``output_dir``; the
     path of the checkpoint, which loads wherever a checkpoint loads (``iaunet-predict``,
@@ -162,18 +183,23 @@ def train(
     ``{"iteration", "max_iter", "eta_s", "loss"}``. ``stop``: a ``threading.Event`` (or a callable)
     that, once set, ends training after the current step with a checkpoint, whose path is
     returned. ``config_file`` / ``opts``: the config and ``KEY VALUE`` overrides, as on the command
-    line. Raises ValueError (bad arrays), ConfigError (bad key, missing starting model) or
-    CheckpointError, each naming what is at fault."""
+    line. ``channels``: the names of the channels of (H, W, C) images, in order (e.g. ``("cyto",
+    "nuclei")``): the images are written with those names and the model takes them
+    (``INPUT.CHANNELS``), from any file that names its channels so. Raises ValueError (bad
+    arrays), ConfigError (bad key, missing starting model) or CheckpointError, each naming what is
+    at fault."""
     output_dir = os.path.abspath(output_dir)
     data = os.path.join(output_dir, "data")
     if os.path.isdir(data) and os.listdir(data):
         raise ValueError(f"{output_dir} already holds training data ({data}): give a new folder")
     if (val_images is None) != (val_labels is None):
         raise ValueError("val_images and val_labels go together")
-    write_training_folder(images, labels, os.path.join(data, "train"))
+    channels = tuple(str(c) for c in channels)
+    write_training_folder(images, labels, os.path.join(data, "train"), channels=channels)
     names = [f"folder:{os.path.join(data, 'train')}"]
     if val_images is not None:
-        write_training_folder(val_images, val_labels, os.path.join(data, "val"), "val image")
+        val = os.path.join(data, "val")
+        write_training_folder(val_images, val_labels, val, "val image", channels)
         tests = [f"folder:{os.path.join(data, 'val')}"]
     else:
         tests = []
@@ -183,6 +209,8 @@ def train(
         overrides += ["MODEL.WEIGHTS", weights]
     if max_iter:
         overrides += ["SOLVER.MAX_ITER", str(int(max_iter))]
+    if channels:
+        overrides += ["INPUT.CHANNELS", repr(channels)]
     args = argparse.Namespace(
         config_file=config_file, opts=[*opts, *overrides], eval_only=False, resume=False,
         num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto",
