@@ -59,7 +59,8 @@ def score_stack(labels: np.ndarray, masks: np.ndarray, ranges) -> Dict[str, int]
         matched = set()
         for k in range(a, b + 1):
             for i in np.unique(labels[k][m]):
-                if i and (labels[k] == i)[m].sum() / ((labels[k] == i) | m).sum() >= 0.5:
+                obj = labels[k] == i
+                if i and (obj & m).sum() / (obj | m).sum() >= 0.5:
                     matched.add(int(i))
         split += len(matched) > 1
     return {"tp": tp, "fp": len(pred) - tp, "fn": len(truth) - tp, "split": split,

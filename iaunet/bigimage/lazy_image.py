@@ -22,6 +22,7 @@ from ..data.image_io import (
     MAX_UNNAMED_CHANNELS,
     TIFF_EXTENSIONS,
     ImageReadError,
+    named_axes,
     read_image,
     read_tiff,
     resolve_channels,
@@ -281,7 +282,7 @@ def _open_tiff(path: str, selection, model_scale) -> ImagePlane:
     if selection.get("channels") and axes in ("qyx", "iyx"):
         return _in_memory(path, selection)  # no metadata: the short axis is the channels
     # tifffile names an unknown leading axis q / i: treat it as a stack to choose from
-    axes = "".join("z" if a in "qi" else a for a in axes)
+    axes = named_axes(axes)
     yx = axes.index("y"), axes.index("x")
     downs = [levels[0][yx[0]] / s[yx[0]] for s in levels]
     level = _nearest_level(downs, model_scale)

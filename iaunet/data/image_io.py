@@ -36,6 +36,13 @@ def read_tiff(path: str) -> Tuple[np.ndarray, str]:
         return np.stack(pages), "QYXS" if pages[0].ndim == 3 else "QYX"
 
 
+def named_axes(axes: str) -> str:
+    """tifffile's axes with its unnamed stack axes (Q, I) as Z (lower case kept): an unknown
+    leading axis is a stack of planes (except where :func:`stack_axis` reads it as colour or as
+    a model's channels)."""
+    return "".join(("z" if a.islower() else "Z") if a in "qiQI" else a for a in axes)
+
+
 def stack_axis(path: str, selection: Dict[str, Optional[int]]) -> Optional[Tuple[str, int]]:
     """(axis, planes) of the z or t axis of a TIFF that ``selection`` (``{"channel"|"z"|"t":
     index or None}``) leaves open with more than one plane, or None (a 2-D image, another format,
@@ -53,7 +60,7 @@ def stack_axis(path: str, selection: Dict[str, Optional[int]]) -> Optional[Tuple
         raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     if raw in ("qyx", "iyx") and (shape[0] in (3, 4) or selection.get("channels")):
         return None  # colour, or the channels of a model of INPUT.CHANNELS
-    axes = "".join("z" if a in "qi" else a for a in raw)
+    axes = named_axes(raw)
     found = {a: n for a, n in zip(axes, shape) if a in "zt" and n > 1 and selection.get(a) is None}
     if len(found) > 1:
         raise ImageReadError(
@@ -163,8 +170,7 @@ def read_image(
         if path.lower().endswith(TIFF_EXTENSIONS):
             img, axes = read_tiff(path)
             if plane is not None:
-                named = "".join("Z" if a in "QI" else a for a in axes)
-                k = named.find(plane[0].upper())
+                k = named_axes(axes).find(plane[0].upper())
                 if k < 0 or not 0 <= plane[1] < img.shape[k]:
                     raise ImageReadError(
                         f"{path}: no {plane[0]} plane {plane[1]} ({axes} {img.shape})"

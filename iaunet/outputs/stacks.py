@@ -104,7 +104,7 @@ def stack_tiff_bytes(labels: np.ndarray, info: StackInfo) -> bytes:
     axes = STACK_AXES[info.axis]
     buf = io.BytesIO()
     size = info.voxel_size
-    if labels.dtype.itemsize * 8 <= 16 and int(labels.max(initial=0)) <= UINT16_MAX:
+    if int(labels.max(initial=0)) <= UINT16_MAX:  # ImageJ: 16-bit ids
         meta = {"axes": axes}
         if size:
             meta["unit"] = "micron" if info.unit in ("µm", "um", "micron") else info.unit
