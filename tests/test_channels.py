@@ -260,3 +260,29 @@ def test_dask_blocks_take_the_saved_channels(two_channel_run, tmp_path):
     assert blocks.shape == local.shape == (96, 256) and local.max() >= 1
     assert ((local > 0) == (blocks > 0)).mean() >= 0.99
     np.testing.assert_array_equal(blocks, swapped)
+
+
+def test_ome_zarr_and_rgb_tiff_channels(tmp_path):
+    """OME-Zarr channels by their omero labels (regions read lazily, pickled for Dask workers),
+    and the samples of an RGB TIFF by index."""
+    import pickle
+
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    path = str(tmp_path / "two.ome.zarr")
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "yx"]
+    write_image(CYX, root, axes=axes, fmt=FormatV04(), scale_factors=())
+    root.attrs["omero"] = {"channels": [{"label": "GFP"}, {"label": "DAPI"}]}
+    plane = pickle.loads(pickle.dumps(open_plane(path, channels=("DAPI", "GFP"))))
+    assert plane.shape == (24, 32, 2)
+    np.testing.assert_array_equal(plane[2:10, 3:20], np.moveaxis(CYX[::-1, 2:10, 3:20], 0, -1))
+    with pytest.raises(ImageReadError, match=r"two\.ome\.zarr: has 2 channel.*'FITC'"):
+        open_plane(path, channels=("FITC",))
+
+    rgb = np.stack([CYX[0], CYX[1], CYX[1] // 2], -1).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    got = open_plane(str(tmp_path / "rgb.tif"), channels=(2, 0)).read()
+    np.testing.assert_array_equal(got, rgb[:, :, [2, 0]])

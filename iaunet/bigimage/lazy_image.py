@@ -137,7 +137,8 @@ class ImagePlane:
         except Exception as e:  # corrupt / missing chunks: name the file
             raise ImageReadError(f"cannot read {self.path} {sel}: {type(e).__name__}: {e}") from e
         kept = [a for a in self.axes if a in kept]
-        region = region.transpose([kept.index(a) for a in "yxs" + self.channel_axis if a in kept])
+        order = "yxs" + self.channel_axis.replace("s", "")
+        region = region.transpose([kept.index(a) for a in order if a in kept])
         if not self.channels:
             return region
         return region[:, :, list(self.channels)] if self.channel_axis else region[:, :, None]
@@ -238,7 +239,7 @@ def _open_zarr(path: str, selection, model_scale) -> ImagePlane:
         downsample=(downs[level], shapes[0][yx[1]] / shape[yx[1]]),
         pixel_size=tuple(scales[level]) if scales[level] is not None else None,
         unit=units[yx[0]] if units else "",
-        shape=(shape[yx[0]], shape[yx[1]]),
+        shape=(shape[yx[0]], shape[yx[1]]) + ((len(channels),) if channels else ()),
         dtype=np.dtype(zarr.open_array(os.path.join(path, ms["datasets"][level]["path"])).dtype),
         channels=channels,
         channel_axis=axis,
