@@ -37,26 +37,35 @@ SWIN = {
 SCORE_THRESH = 0.3
 
 
+def _saved_model(folder, **overrides) -> str:
+    """A random tiny model (pixel scale 0.8, percentile-normalized inputs, ``overrides``) saved as
+    a checkpoint in ``folder``; its path. Class logits of a random model hardly differ between
+    queries (std 0.01): all scores would tie; a larger std separates the queries that are kept
+    from those that are not."""
+    opts = {"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128}
+    cfg = tiny_cfg(**opts, **SWIN)
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    for m in model.modules():
+        if hasattr(m, "class_embed"):
+            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
+    AtomicCheckpointer(model, str(folder), config=cfg).save("model")
+    return str(folder / "model.pth")
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, one_thread):
     """A random tiny model (pixel scale 0.8, percentile-normalized inputs) saved as a checkpoint
     and exported by the tool as a zip package. Returns (checkpoint, package)."""
     d = tmp_path_factory.mktemp("bioimageio")
-    opts = {"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128}
-    cfg = tiny_cfg(**opts, **SWIN)
-    torch.manual_seed(3)
-    model = build_model(cfg).eval()
-    # Class logits of a random model hardly differ between queries (std 0.01): all scores would
-    # tie. A larger std separates the queries that are kept from those that are not.
-    for m in model.modules():
-        if hasattr(m, "class_embed"):
-            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
-    AtomicCheckpointer(model, str(d), config=cfg).save("model")
+    weights = _saved_model(d)
     out = str(d / "iaunet.zip")
-    args = ["--weights", str(d / "model.pth"), "--format", "bioimageio", "--output", out]
+    args = ["--weights", weights, "--format", "bioimageio", "--output", out]
     args += ["--author", "IAUNet tests", "--project-url", "https://example.com/iaunet-d2"]
     assert export_tool.main(args + ["--score-threshold", str(SCORE_THRESH), "--no-check"]) == 0
-    return str(d / "model.pth"), out
+    return weights, out
 
 
 def test_package_contents(package):
@@ -197,18 +206,8 @@ def test_amodal_package_carries_whole_outlines(tmp_path, one_thread):
     whole outlines, with the areas iaunet-predict's table reports (area_visible, area_whole)."""
     import csv
 
-    cfg = tiny_cfg(
-        **{"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128},
-        **SWIN,
-        **{"MODEL.IAUNET.AMODAL": True},
-    )
-    torch.manual_seed(3)
-    model = build_model(cfg).eval()
-    for m in model.modules():  # separate the scores, as in `package`
-        if hasattr(m, "class_embed"):
-            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
-    AtomicCheckpointer(model, str(tmp_path), config=cfg).save("model")
-    weights, path = str(tmp_path / "model.pth"), str(tmp_path / "amodal.zip")
+    weights = _saved_model(tmp_path, **{"MODEL.IAUNET.AMODAL": True})
+    path = str(tmp_path / "amodal.zip")
     args = ["--weights", weights, "--format", "bioimageio", "--output", path, "--no-check"]
     args += ["--author", "IAUNet tests", "--score-threshold", str(SCORE_THRESH)]
     assert export_tool.main(args) == 0
@@ -246,21 +245,13 @@ def test_two_channel_package_declares_and_normalizes_its_channels(tmp_path, one_
     channels with no flag)."""
     from iaunet.data.datasets.synthetic_channels import render_two_channel_scene
 
-    opts = {"INPUT.PIXEL_SCALE": 0.8, "INPUT.NORMALIZE_8BIT": True, "TEST.TILE_SIZE": 128}
-    cfg = tiny_cfg(**opts, **SWIN)
-    cfg.merge_from_list(["INPUT.CHANNELS", ("nuclei", "cyto")])
-    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [40.0, 40.0], [30.0, 30.0]
-    torch.manual_seed(3)
-    model = build_model(cfg).eval()
-    for m in model.modules():  # separate the scores, as in `package`
-        if hasattr(m, "class_embed"):
-            torch.nn.init.normal_(m.class_embed.weight, std=3.0)
-    AtomicCheckpointer(model, str(tmp_path), config=cfg).save("model")
+    two = {"INPUT.CHANNELS": ("nuclei", "cyto"), "MODEL.PIXEL_MEAN": [40.0] * 2}
+    weights = _saved_model(tmp_path, **two, **{"MODEL.PIXEL_STD": [30.0] * 2})
     meta = {"axes": "CYX", "Channel": {"Name": ["cyto", "nuclei"]}}
     for name, seed, size in (("test", 1, (48, 48)), ("unseen", 7, (101, 87))):
         image = render_two_channel_scene(seed, size)[0]
         tifffile.imwrite(tmp_path / f"{name}.tif", image, ome=True, metadata=meta)
-    weights, path = str(tmp_path / "model.pth"), str(tmp_path / "two.zip")
+    path = str(tmp_path / "two.zip")
     args = ["--weights", weights, "--format", "bioimageio", "--output", path, "--no-check"]
     args += ["--author", "IAUNet tests", "--score-threshold", str(SCORE_THRESH)]
     assert export_tool.main(args + ["--test-image", str(tmp_path / "test.tif")]) == 0
