@@ -286,3 +286,38 @@ def test_ome_zarr_and_rgb_tiff_channels(tmp_path):
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     got = open_plane(str(tmp_path / "rgb.tif"), channels=(2, 0)).read()
     np.testing.assert_array_equal(got, rgb[:, :, [2, 0]])
+
+
+def test_folder_of_ome_zarr_images_trains_with_their_channels(tmp_path):
+    """OME-Zarr images in a training folder (``a.ome.zarr`` + ``a_labels.tif``): registered with
+    their size, read by the mapper with the model's channels by their omero labels."""
+    import zarr
+    from detectron2.data import DatasetCatalog
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    from iaunet.data.dataset_mapper import IAUNetDatasetMapper
+    from iaunet.data.datasets.folder import register_path_datasets
+
+    folder = tmp_path / "zarrs"
+    folder.mkdir()
+    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "yx"]
+    for k in range(2):
+        image, labels = render_two_channel_scene(k, (64, 64))
+        root = zarr.open_group(str(folder / f"s{k}.ome.zarr"), mode="w", zarr_format=2)
+        write_image(image, root, axes=axes, fmt=FormatV04(), scale_factors=())
+        root.attrs["omero"] = {"channels": [{"label": n} for n in CHANNEL_NAMES]}
+        tifffile.imwrite(folder / f"s{k}_labels.tif", labels)
+    (name,) = register_path_datasets([f"folder:{folder}"])
+    records = DatasetCatalog.get(name)
+    assert [(os.path.basename(r["file_name"]), r["height"], r["width"]) for r in records] == [
+        ("s0.ome.zarr", 64, 64),
+        ("s1.ome.zarr", 64, 64),
+    ]
+    cfg = tiny_cfg(**{"INPUT.PIXEL_SCALE": 1.0})
+    cfg.merge_from_list(["INPUT.CHANNELS", ("nuclei", "cyto"), "MODEL.PIXEL_MEAN", [40.0] * 2])
+    mapper = IAUNetDatasetMapper(cfg, is_train=False)
+    x = mapper(records[1])["image"]
+    nuclei = render_two_channel_scene(1, (64, 64))[0][1]
+    assert x.shape == (2, 64, 64)
+    np.testing.assert_allclose(x[0].numpy(), to_model_range(nuclei[:, :, None], channels=1)[..., 0])

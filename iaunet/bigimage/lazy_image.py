@@ -188,6 +188,21 @@ def _select(
     return index
 
 
+def zarr_size(path: str) -> Tuple[int, int]:
+    """(H, W) of an OME-Zarr image at full resolution (its metadata and level 0's header)."""
+    import zarr
+
+    ms = _zarr_multiscales(path)
+    axes = "".join(
+        (a["name"] if isinstance(a, dict) else a).lower() for a in ms.get("axes", "tczyx")
+    )
+    try:
+        shape = zarr.open_array(os.path.join(path, ms["datasets"][0]["path"]), mode="r").shape
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot open level 0: {e}") from None
+    return shape[axes.index("y")], shape[axes.index("x")]
+
+
 def _nearest_level(downsamples: List[float], model_scale: Optional[float]) -> int:
     """The coarsest level not coarser than the model needs: the model resizes a full-resolution
     image by ``model_scale`` (image px -> model px), so level k, ``downsamples[k]`` times coarser,

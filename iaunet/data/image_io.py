@@ -127,8 +127,12 @@ MAX_UNNAMED_CHANNELS = 16  # (H, W, C) without metadata: C at most this (else a 
 
 def image_size(path: str) -> Tuple[int, int]:
     """(H, W) of an image file, whatever its channels or planes: the y and x axes of a TIFF's
-    first series (an (H, W, C) TIFF without metadata by its short last axis), else as
-    :func:`read_image` reads it."""
+    first series (an (H, W, C) TIFF without metadata by its short last axis) or of an OME-Zarr
+    image's full resolution, else as :func:`read_image` reads it."""
+    if os.path.isdir(path):
+        from ..bigimage.lazy_image import zarr_size
+
+        return zarr_size(path)
     if path.lower().endswith(TIFF_EXTENSIONS) and os.path.isfile(path):
         try:  # read whole: a corrupt file is named here, not in training
             array, axes = read_tiff(path)
@@ -155,7 +159,7 @@ def read_image(
     ``channels`` (a model's ``INPUT.CHANNELS``): those channels, (H, W, C), as
     :func:`iaunet.bigimage.lazy_image.open_plane` reads them (by index or metadata name).
     """
-    if channels:
+    if channels or os.path.isdir(path):  # the channels of a model; an OME-Zarr image
         from ..bigimage.lazy_image import open_plane
 
         where = {plane[0]: int(plane[1])} if plane else {}

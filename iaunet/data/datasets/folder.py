@@ -133,12 +133,20 @@ def _candidates(stem: str, own_dir: bool) -> List[str]:
     return names
 
 
+def _image_stem(name: str) -> str:
+    """The name an image's annotations start with: ``a`` of ``a.tif`` and of ``a.ome.zarr``."""
+    if name.lower().endswith(".zarr"):
+        stem = name[: -len(".zarr")]
+        return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
+    return os.path.splitext(name)[0]
+
+
 def _is_image(name: str) -> bool:
-    stem, ext = os.path.splitext(name)
+    ext = ".zarr" if name.lower().endswith(".zarr") else os.path.splitext(name)[1].lower()
     return (
         not name.startswith(".")
-        and ext.lower() in IMAGE_EXTENSIONS
-        and not stem.endswith(_SUFFIXES)  # annotations, not images
+        and ext in IMAGE_EXTENSIONS + (".zarr",)
+        and not _image_stem(name).endswith(_SUFFIXES)  # annotations, not images
     )
 
 
@@ -164,12 +172,12 @@ def scan_folder(folder: str) -> Tuple[List[Tuple[str, str]], Optional[str]]:
     images = sorted(f for f in listing[image_dir] if _is_image(f))
     if not images:
         raise DatasetError(
-            f"{folder}: no images (PNG/JPEG/TIFF) in {image_dir}; see README, 'Train on your own "
-            "images' for the layout"
+            f"{folder}: no images (PNG/JPEG/TIFF/OME-Zarr) in {image_dir}; see README, 'Train on "
+            "your own images' for the layout"
         )
     pairs, stems = [], {}
     for name in images:
-        stem = os.path.splitext(name)[0]
+        stem = _image_stem(name)
         if stem in stems:
             raise DatasetError(
                 f"{os.path.join(image_dir, name)}: two images named {stem!r} ({stems[stem]}); "
