@@ -37,10 +37,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .bigimage.big_image import predict_big
-from .bigimage.lazy_image import is_zarr, open_plane, open_stack
 from .checkpoint import CheckpointError
 from .config import ConfigError, one_line
 from .data.image_io import read_image
+from .data.lazy_image import is_zarr, open_plane, open_stack
 from .inference import IAUNetPredictor
 from .inference.predictor import PredictorSpec
 from .outputs.coco import category_ids

@@ -7,8 +7,8 @@ import logging
 import os
 from typing import List, Sequence
 
-from .bigimage.lazy_image import is_zarr
 from .data.image_io import IMAGE_EXTENSIONS
+from .data.lazy_image import is_zarr
 from .evaluation.matching import DEFAULT_SCORE_THRESH
 from .inference.backends import BACKENDS
 from .modeling.tta import VIEWS

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .bigimage.lazy_image import Stack
+from .data.lazy_image import Stack
 from .inference import IAUNetPredictor
 from .outputs.stacks import StackInfo, link_planes, plane_ids
 from .outputs.writer import PredictionWriter, image_prediction

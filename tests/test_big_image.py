@@ -44,9 +44,9 @@ from iaunet.bigimage.blocks import (
     save_detections,
     stitch_block,
 )
-from iaunet.bigimage.lazy_image import open_plane
 from iaunet.checkpoint import AtomicCheckpointer
 from iaunet.data.image_io import ImageReadError
+from iaunet.data.lazy_image import open_plane
 from iaunet.inference.tiling import Detection, tile_windows
 from iaunet.outputs.masks import label_image
 

@@ -11,7 +11,6 @@ import tifffile
 import torch
 from conftest import TINY_RUN_OPTS, run_train_net, tiny_cfg
 
-from iaunet.bigimage.lazy_image import open_plane, open_stack
 from iaunet.config import ConfigError, load_config
 from iaunet.data.datasets.synthetic_channels import (
     CHANNEL_NAMES,
@@ -19,6 +18,7 @@ from iaunet.data.datasets.synthetic_channels import (
     write_two_channel_folder,
 )
 from iaunet.data.image_io import ImageReadError, intensity_range, to_model_range
+from iaunet.data.lazy_image import open_plane, open_stack
 
 CYX = np.stack(
     [np.full((24, 32), 100, np.uint16), np.arange(24 * 32, dtype=np.uint16).reshape(24, 32)]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from iaunet.bigimage.lazy_image import open_stack
 from iaunet.data.image_io import ImageReadError
+from iaunet.data.lazy_image import open_stack
 from iaunet.outputs.stacks import (
     StackInfo,
     link_planes,

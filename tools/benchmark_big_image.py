@@ -38,8 +38,8 @@ from detectron2.data import DatasetCatalog
 
 from iaunet.bench.measure import rss_mb
 from iaunet.bigimage.big_image import PredictorSpec, predict_big, read_objects, worker_predictor
-from iaunet.bigimage.lazy_image import open_plane
 from iaunet.data import read_image
+from iaunet.data.lazy_image import open_plane
 from iaunet.evaluation.matching import InstanceMatchingEvaluator, match_pairs
 
 Crops = List[Tuple[int, int, np.ndarray]]  # (y0, x0, bool crop) per instance

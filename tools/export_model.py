@@ -28,10 +28,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from iaunet.bigimage.lazy_image import open_plane
 from iaunet.checkpoint import CheckpointError
 from iaunet.config import ConfigError, exit_on_config_error
 from iaunet.data.image_io import read_image
+from iaunet.data.lazy_image import open_plane
 from iaunet.deploy.bioimageio_rdf import PackageInfo
 from iaunet.deploy.export import FORMATS, ExportableIAUNet, export_model, graph_config
 from iaunet.evaluation.matching import DEFAULT_SCORE_THRESH

@@ -1,6 +1,6 @@
 """Block-wise prediction of one large image on Dask (``iaunet-predict --dask``), resumable.
 
-The image plane (:class:`~iaunet.bigimage.lazy_image.ImagePlane`, read region by region) is cut into
+The image plane (:class:`~iaunet.data.lazy_image.ImagePlane`, read region by region) is cut into
 blocks (:mod:`.blocks`). Each block is two Dask tasks: *detect* runs the model on the block's tiles
 (the predictor is built once per worker process and kept; tiles go through the model
 ``TEST.TILE_BATCH`` at a time) and saves the detections; *write* stitches the detections of the
@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..data.image_io import intensity_range
+from ..data.lazy_image import ImagePlane, subsample_step
 from ..inference.predictor import PredictorSpec
 from ..outputs.table import AMODAL_COLUMNS
 from ..utils.atomic import atomic_write
@@ -49,7 +50,6 @@ from .blocks import (
     unpack_crops,
     write_npz,
 )
-from .lazy_image import ImagePlane, subsample_step
 from .ome_zarr import create_ome_zarr, write_block
 
 logger = logging.getLogger(__name__)

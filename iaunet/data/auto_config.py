@@ -169,7 +169,7 @@ def check_channels(channels: Sequence, names: Sequence[str]) -> None:
     not, before training starts."""
     if not channels:
         return
-    from ..bigimage.lazy_image import open_plane
+    from .lazy_image import open_plane
 
     seen = set()
     for name in names:

@@ -130,7 +130,7 @@ def image_size(path: str) -> Tuple[int, int]:
     first series (an (H, W, C) TIFF without metadata by its short last axis) or of an OME-Zarr
     image's full resolution, else as :func:`read_image` reads it."""
     if os.path.isdir(path):
-        from ..bigimage.lazy_image import zarr_size
+        from .lazy_image import zarr_size
 
         return zarr_size(path)
     if path.lower().endswith(TIFF_EXTENSIONS) and os.path.isfile(path):
@@ -157,10 +157,10 @@ def read_image(
     or T axis longer than 1, or a 3-D array whose first and last axes are both not 1, 3 or 4 long
     (e.g. (5, H, W)); a (3|4, H, W) TIFF without such metadata is read as channel-first RGB(A).
     ``channels`` (a model's ``INPUT.CHANNELS``): those channels, (H, W, C), as
-    :func:`iaunet.bigimage.lazy_image.open_plane` reads them (by index or metadata name).
+    :func:`iaunet.data.lazy_image.open_plane` reads them (by index or metadata name).
     """
     if channels or os.path.isdir(path):  # the channels of a model; an OME-Zarr image
-        from ..bigimage.lazy_image import open_plane
+        from .lazy_image import open_plane
 
         where = {plane[0]: int(plane[1])} if plane else {}
         return open_plane(path, **where, channels=channels).read()

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Union
 import numpy as np
 import tifffile
 
-from ..bigimage.lazy_image import open_stack
+from ..data.lazy_image import open_stack
 from .layers import LayerData, page_layers
 
 SUFFIXES = ("_masks.tif", "_labels.tif")

@@ -55,7 +55,7 @@ def _stack_range(path: str, rule: str, percentiles: tuple, normalize_uint8: bool
 def _stack_channel_range(
     path: str, axis: str, channels: tuple, rule: str, percentiles: tuple, normalize_uint8: bool
 ):
-    from ...bigimage.lazy_image import open_stack
+    from ..lazy_image import open_stack
 
     planes = open_stack(path, {"channels": channels}).length
     whole = np.concatenate([read_image(path, (axis, k), channels) for k in range(planes)])

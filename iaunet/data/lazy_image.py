@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data.image_io import (
+from .image_io import (
     IMAGE_EXTENSIONS,
     MAX_UNNAMED_CHANNELS,
     TIFF_EXTENSIONS,
