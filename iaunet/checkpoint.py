@@ -149,9 +149,8 @@ def spread_input_channels(model: torch.nn.Module, state_dict: Dict[str, Any]) ->
             continue
         new = own[name]
         same_rest = old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]
-        if not same_rest or old.shape[1] not in (1, 3) or old.shape[1] == channels:
-            continue
-        if new.shape[1] != channels:
+        reads_image = old.shape[1] in (1, 3) and new.shape[1] == channels != old.shape[1]
+        if not (same_rest and reads_image):
             continue
         total = old.float().sum(dim=1, keepdim=True)
         state_dict[key] = (total / channels).repeat(1, channels, 1, 1).to(old.dtype)

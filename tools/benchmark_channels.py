@@ -6,15 +6,16 @@
         [--opts KEY VALUE ...]
 
 Synthetic two-channel fluorescence scenes (:mod:`iaunet.data.datasets.synthetic_channels`:
-cells touching in clusters with no visible border in the cytoplasm channel, one nucleus per cell in
-the nuclei channel) are written as OME-TIFF ``CYX`` files with named channels, ``--train`` for
-training and ``--val`` (other seeds) for testing. Each arm fine-tunes the starting model with the
-README's command (``train_net.py --config-file configs/custom/iaunet_small.yaml``) and
-``INPUT.CHANNELS`` set to its channels, for ``--iters`` iterations, then predicts the test scenes
-with ``iaunet-predict`` (no channel flag: the model's saved channels) and scores the label images
-against the truth: AP / AP50 / AP75 (every object score 1), precision, recall, F1 at IoU 0.5 and
-the predicted / true count (:func:`iaunet.bench.few_shot.score_label_images`). Results:
-``<work>/results.json`` and a table on stdout.
+cells filling round patches with no visible border between them in the cytoplasm channel, one
+nucleus per cell in the nuclei channel) are written as OME-TIFF ``CYX`` files with named channels,
+``--train`` for training and ``--val`` (other seeds) for testing. Each arm fine-tunes the
+starting model with the README's command (``train_net.py --config-file
+configs/custom/iaunet_small.yaml``) and ``INPUT.CHANNELS`` set to its channels, for ``--iters``
+iterations, then predicts the test scenes with ``iaunet-predict`` (no channel flag: the model's
+saved channels) and scores the label images against the truth: AP / AP50 / AP75 (every object
+score 1), precision, recall, F1 at IoU 0.5 and the predicted / true count
+(:func:`iaunet.bench.few_shot.score_label_images`). Results: ``<work>/results.json`` and a table
+on stdout.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import time
 
 import tifffile
 
-from iaunet.bench.commands import run_logged
+from iaunet.bench.commands import children_cpu, run_logged
 from iaunet.bench.few_shot import score_label_images
 from iaunet.data.datasets.synthetic_channels import write_two_channel_folder
 
@@ -34,13 +35,6 @@ SMALL = os.path.join(ROOT, "configs", "custom", "iaunet_small.yaml")
 ARMS = {"cyto": ("cyto",), "nuclei": ("nuclei",), "both": ("cyto", "nuclei")}
 COLUMNS = ("AP", "AP50", "AP75", "precision", "recall", "F1", "count_ratio", "train_cpu_s")
 TRAIN_SEED, VAL_SEED = 1000, 5000
-
-
-def children_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def run_arm(args, name: str, train: str, val: str) -> dict:

@@ -40,7 +40,6 @@ method (IAUNet's iterations from two short probe runs, as the peers' epochs; met
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from typing import Callable, Dict, List, Sequence
@@ -49,7 +48,7 @@ import numpy as np
 import tifffile
 
 from iaunet.bench import few_shot as fs
-from iaunet.bench.commands import last_segm_ap, run_logged
+from iaunet.bench.commands import children_cpu, last_segm_ap, run_logged
 from iaunet.utils.atomic import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,11 +59,6 @@ OTSU = "Otsu + watershed"
 CELLPOSE, CELLPOSE_AUG = "Cellpose 3 (scratch)", "Cellpose 3 (scratch, augment)"
 STARDIST = "StarDist 2D (scratch)"
 IAUNET_PROBE = (20, 60)  # iterations of the two probe runs that time an iteration (--budget)
-
-
-def children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def run(cmd: List[str], log: str) -> str:

@@ -3,9 +3,17 @@ repository with its output in a log, and the figures read back from detectron2's
 
 import os
 import re
+import resource
 import subprocess
 import sys
 from typing import Dict, List
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes: a command's CPU time is the
+    difference around :func:`run_logged`."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_logged(cmd: List[str], log: str, root: str) -> str:

@@ -125,6 +125,15 @@ def resolve_channels(
 MAX_UNNAMED_CHANNELS = 16  # (H, W, C) without metadata: C at most this (else a z-stack)
 
 
+def unnamed_channel_axis(axes: str, shape: Sequence[int]) -> Optional[int]:
+    """The channel axis of a 3-D TIFF without metadata (tifffile's ``QYX``): 2 for (H, W, C) when
+    the last axis is the shorter end and at most ``MAX_UNNAMED_CHANNELS`` long, else 0 (C, H, W);
+    None for any other file."""
+    if axes.upper() not in ("QYX", "IYX") or len(shape) != 3:
+        return None
+    return 2 if shape[2] < shape[0] and shape[2] <= MAX_UNNAMED_CHANNELS else 0
+
+
 def image_size(path: str) -> Tuple[int, int]:
     """(H, W) of an image file, whatever its channels or planes: the y and x axes of a TIFF's
     first series (an (H, W, C) TIFF without metadata by its short last axis) or of an OME-Zarr
@@ -139,7 +148,7 @@ def image_size(path: str) -> Tuple[int, int]:
         except Exception as e:
             raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         shape = array.shape
-        if axes in ("QYX", "IYX") and shape[2] < shape[0] and shape[2] <= MAX_UNNAMED_CHANNELS:
+        if unnamed_channel_axis(axes, shape) == 2:
             return shape[0], shape[1]
         if "Y" in axes and "X" in axes:
             return shape[axes.index("Y")], shape[axes.index("X")]
@@ -344,12 +353,18 @@ def to_uint8_rgb(
     """The (H, W, 3) uint8 RGB rendering of ``img`` as the model sees it (:func:`to_model_range`
     with the whole image's intensity range, rounded), made ``rows`` rows at a time: the float32
     (H, W, 3) copy that one call would make is 3.2 GB for an 8192² image."""
-    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):  # the INPUT.CHANNELS of a model
-        return _composite(img, rule, percentiles, normalize_uint8)
-    value_range = intensity_range(img, rule, percentiles, normalize_uint8=normalize_uint8)
+    # the INPUT.CHANNELS of a model: a composite, each channel normalized on its own
+    c = img.shape[2] if img.ndim == 3 and img.shape[2] not in (1, 3, 4) else 0
+    value_range = intensity_range(
+        img, rule, percentiles, normalize_uint8=normalize_uint8, channels=c
+    )
     out = np.empty((*img.shape[:2], 3), np.uint8)
     for y in range(0, img.shape[0], rows):
-        part = to_model_range(img[y : y + rows], rule, percentiles, value_range=value_range)
+        part = to_model_range(
+            img[y : y + rows], rule, percentiles, value_range=value_range, channels=c
+        )
+        if c:
+            part = np.clip(part @ composite_colours(c), 0, 255)
         np.rint(part, out=part)
         out[y : y + rows] = part
     return out
@@ -359,12 +374,6 @@ def to_uint8_rgb(
 COMPOSITE_COLOURS = ((0, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0), (0, 0, 1))
 
 
-def _composite(img: np.ndarray, rule: str, percentiles, normalize_uint8: bool) -> np.ndarray:
-    """(H, W, C) channels, each normalized on its own, as one (H, W, 3) uint8 RGB picture: channel
-    k in ``COMPOSITE_COLOURS[k]`` (cycled), added and clipped."""
-    c = img.shape[2]
-    x = to_model_range(img, rule, percentiles, normalize_uint8=normalize_uint8, channels=c)
-    colours = np.array(
-        [COMPOSITE_COLOURS[k % len(COMPOSITE_COLOURS)] for k in range(c)], np.float32
-    )
-    return np.clip(np.rint(x @ colours), 0, 255).astype(np.uint8)
+def composite_colours(c: int) -> np.ndarray:
+    """(C, 3): channel k in ``COMPOSITE_COLOURS[k]`` (cycled); added and clipped to one RGB."""
+    return np.array([COMPOSITE_COLOURS[k % len(COMPOSITE_COLOURS)] for k in range(c)], np.float32)

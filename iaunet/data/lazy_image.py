@@ -19,7 +19,6 @@ import numpy as np
 
 from .image_io import (
     IMAGE_EXTENSIONS,
-    MAX_UNNAMED_CHANNELS,
     TIFF_EXTENSIONS,
     ImageReadError,
     named_axes,
@@ -28,6 +27,7 @@ from .image_io import (
     resolve_channels,
     stack_axis,
     tiff_channel_names,
+    unnamed_channel_axis,
 )
 
 ZARR_EXTENSIONS = (".zarr",)
@@ -188,14 +188,18 @@ def _select(
     return index
 
 
+def _zarr_axes(multiscales: dict) -> str:
+    """The axis names of NGFF ``multiscales`` metadata, lower case (0.3's default "tczyx")."""
+    axes = multiscales.get("axes", "tczyx")
+    return "".join((a["name"] if isinstance(a, dict) else a).lower() for a in axes)
+
+
 def zarr_size(path: str) -> Tuple[int, int]:
     """(H, W) of an OME-Zarr image at full resolution (its metadata and level 0's header)."""
     import zarr
 
     ms = _zarr_multiscales(path)
-    axes = "".join(
-        (a["name"] if isinstance(a, dict) else a).lower() for a in ms.get("axes", "tczyx")
-    )
+    axes = _zarr_axes(ms)
     try:
         shape = zarr.open_array(os.path.join(path, ms["datasets"][0]["path"]), mode="r").shape
     except Exception as e:
@@ -218,9 +222,7 @@ def _open_zarr(path: str, selection, model_scale) -> ImagePlane:
     import zarr
 
     ms = _zarr_multiscales(path)
-    axes = "".join(
-        (a["name"] if isinstance(a, dict) else a).lower() for a in ms.get("axes", "tczyx")
-    )
+    axes = _zarr_axes(ms)
     if "y" not in axes or "x" not in axes:
         raise ImageReadError(f"{path}: the OME-Zarr image has no y and x axes ({axes})")
     yx = axes.index("y"), axes.index("x")
@@ -431,10 +433,8 @@ def _read_whole(path: str, channels_last: bool = False) -> np.ndarray:
         _WHOLE.clear()
         if channels_last and path.lower().endswith(TIFF_EXTENSIONS):
             image, axes = read_tiff(path)
-            unnamed = image.ndim == 3 and axes.upper() in ("QYX", "IYX")
-            long_last = image.shape[2] > MAX_UNNAMED_CHANNELS
-            if unnamed and (image.shape[0] < image.shape[2] or long_last):
-                image = np.moveaxis(image, 0, -1)
+            if unnamed_channel_axis(axes, image.shape) == 0:
+                image = np.moveaxis(image, 0, -1)  # (C, H, W)
             if image.ndim > 3 or min(image.shape) < 1:
                 raise ImageReadError(f"{path}: shape {image.shape} ({axes}) is no (C, H, W) image")
         else:

@@ -372,9 +372,8 @@ def export_bioimageio(
         test_image = synthetic_test_image((side, side), dtype)
         if channels > 1:
             test_image = np.repeat(test_image[:, :, None], channels, axis=2)
-    elif cfg.INPUT.CHANNELS:
-        pass  # read with the model's channels (tools/export_model.py)
-    elif test_image.ndim == 3 and test_image.shape[2] in (1, 4):  # one channel; RGBA
+    elif not cfg.INPUT.CHANNELS and test_image.ndim == 3 and test_image.shape[2] in (1, 4):
+        # one channel; RGBA (a model of INPUT.CHANNELS: read with them, tools/export_model.py)
         test_image = test_image[:, :, 0] if test_image.shape[2] == 1 else test_image[:, :, :3]
     tile = int(cfg.TEST.TILE_SIZE) or int(cfg.INPUT.IMAGE_SIZE)
     test_image = centre_crop(test_image, max(1, round(tile / scale)))
